@@ -1,0 +1,191 @@
+"""Delivery into Maildir, before the 250: the domain tier's sink.
+
+Hosted domains, users and aliases come from the ``[mailboxes]`` section.  A
+recipient is looked up when RCPT arrives: an alias expands to its users, an
+unknown address gets 550 5.1.1 while the sender is still connected (no bounce
+later).  The message streams into one file under ``MAILDIR_ROOT/.tmp``; at end
+of data a thread of the bounded pool fsyncs it, hard-links it into each
+mailbox's ``new/`` (copying when the mailbox is on another file system), fsyncs
+each ``new/`` directory and only then is 250 sent.
+
+TRUST: addresses reaching this module were parsed by the SMTP core; a local
+part is used in a path only after it matched a configured user exactly, so no
+client string ever names a file.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from itertools import count
+from pathlib import Path
+
+from twisted.logger import Logger
+
+from shared.smtp.reply import TEMPFAIL_LOCAL, UNKNOWN_USER, Reply
+
+log = Logger(namespace="smarthost.maildir")
+_seq = count(1)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_maildir(path: Path) -> None:
+    for sub in ("tmp", "new", "cur"):
+        (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+class Mailboxes:
+    """Hosted domains, users and aliases: address -> Maildir paths."""
+
+    def __init__(self, root: str, domains: list[str], users: list[str], aliases: dict[str, list[str]]) -> None:
+        self.root = Path(root)
+        self.domains = frozenset(domains)
+        self.users = {u.lower(): u for u in users}
+        self.aliases = {a.lower(): [t.lower() for t in ts] for a, ts in aliases.items()}
+
+    def maildir(self, user: str) -> Path:
+        local, _, domain = self.users[user].rpartition("@")
+        return self.root / domain / local / "Maildir"
+
+    def resolve(self, address: str) -> list[Path] | None:
+        """The mailboxes `address` delivers to, or None when it is unknown."""
+        key = address.lower()
+        if "@" not in key and key == "postmaster":
+            key = next((a for a in self.aliases if a.startswith("postmaster@")), key)
+        targets = self.aliases.get(key, [key])
+        if not all(t in self.users for t in targets):
+            return None
+        return [self.maildir(t) for t in targets]
+
+
+class MaildirSink:
+    def __init__(self, mailboxes: Mailboxes, *, pool, hostname: str, fsync: bool = True) -> None:
+        self.mailboxes = mailboxes
+        self.pool = pool
+        self.hostname = hostname.replace("/", "\\057").replace(":", "\\072")
+        self.fsync = fsync
+        self.spool = mailboxes.root / ".tmp"
+        self.spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def session(self, engine_session) -> "MaildirSession":
+        return MaildirSession(self)
+
+    def unique_name(self, size: int) -> str:
+        now = time.time()
+        sec = int(now)
+        usec = int((now - sec) * 1_000_000)
+        return f"{sec}.M{usec}P{os.getpid()}Q{next(_seq)}.{self.hostname},S={size}"
+
+    def deliver(self, tmp_path: str, fd: int, size: int, mailboxes: list[Path]) -> list[str]:
+        """Runs in the pool: make `tmp_path` durable and link it into every mailbox."""
+        try:
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        delivered = []
+        try:
+            for mbox in mailboxes:
+                ensure_maildir(mbox)
+                name = self.unique_name(size)
+                target = mbox / "new" / name
+                try:
+                    os.link(tmp_path, target)
+                except OSError as e:
+                    if e.errno != errno.EXDEV:
+                        raise
+                    self._copy(tmp_path, mbox, name)
+                if self.fsync:
+                    _fsync_dir(str(mbox / "new"))
+                delivered.append(str(target))
+        finally:
+            os.unlink(tmp_path)
+        return delivered
+
+    def _copy(self, src: str, mbox: Path, name: str) -> None:
+        tmp = mbox / "tmp" / name
+        with open(src, "rb") as fin, open(tmp, "xb") as fout:
+            while chunk := fin.read(1 << 20):
+                fout.write(chunk)
+            fout.flush()
+            if self.fsync:
+                os.fsync(fout.fileno())
+        os.rename(tmp, mbox / "new" / name)
+
+
+class MaildirSession:
+    def __init__(self, sink: MaildirSink) -> None:
+        self.sink = sink
+        self.targets: list[Path] = []
+        self.fd: int | None = None
+        self.path: str | None = None
+        self.size = 0
+
+    def begin(self, txn):
+        self.targets = []
+        return None
+
+    def rcpt(self, txn, recipient):
+        boxes = self.sink.mailboxes.resolve(recipient.address)
+        if boxes is None:
+            return UNKNOWN_USER
+        for b in boxes:
+            if b not in self.targets:
+                self.targets.append(b)
+        return None
+
+    def data_start(self, txn):
+        self.path = str(self.sink.spool / f"{txn.queue_id}.{socket.gethostname()}")
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            log.error("{qid}: cannot create {path}: {err}", qid=txn.queue_id, path=self.path, err=e)
+            return TEMPFAIL_LOCAL
+        self.size = 0
+        self.write(f"Return-Path: <{txn.envelope.sender}>\r\n".encode("utf-8"))
+        return None
+
+    def write(self, chunk: bytes) -> None:
+        if self.fd is None:
+            return
+        view = memoryview(chunk)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.size += len(chunk)
+
+    def data_end(self, txn):
+        fd, path, targets = self.fd, self.path, list(self.targets)
+        self.fd = self.path = None
+        d = self.sink.pool.run(self.sink.deliver, path, fd, self.size, targets)
+
+        def done(files):
+            for f in files:
+                log.info("{qid}: delivered to maildir {file}", qid=txn.queue_id, file=f)
+            return Reply(250, "2.0.0", f"Ok: delivered as {txn.queue_id}")
+
+        def failed(failure):
+            log.failure("{qid}: maildir delivery failed", failure, qid=txn.queue_id)
+            return Reply(451, "4.3.0", "Error: cannot write to mailbox, try again later")
+        return d.addCallbacks(done, failed)
+
+    def abort(self, txn) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.fd = self.path = None
+        self.targets = []
+
+    def close(self) -> None:
+        self.abort(None)

@@ -1,0 +1,59 @@
+"""The filter tier: email control, then the durable queue.
+
+Trusts: XCLIENT/XFORWARD from ``server.upstream_hosts`` (the edge tier), so
+its checks see the original client.  Exposes: an SMTP listener whose 250 after
+DATA means the message is fsynced in its queue; the queue manager delivers to
+the domain tier with retries and bounces (RFC 3464) on 5xx or expiry.
+Recipients are verified with the domain tier at RCPT time
+(:mod:`filter.verify`) so an unknown user is refused, not bounced.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared.checks.core import Check
+from shared.daemon import TierParts
+from shared.engine.nexthop import relay_client
+from shared.engine.queued import QueueSink
+from shared.queue.manager import QueueManager, QueueSettings
+from shared.queue.store import Spool
+from filter.verify import RecipientVerifier
+
+
+def queue_settings(settings) -> QueueSettings:
+    q, nh = settings["queue"], settings["next_hop"]
+    return QueueSettings(retry_min=q["retry_min"], retry_max=q["retry_max"], lifetime=q["lifetime"],
+                         concurrency=q["concurrency"], batch_size=nh["max_messages_per_connection"],
+                         scan_interval=q["scan_interval"], bounce_notice_hostname=settings.hostname)
+
+
+def checks(settings, verifier) -> list[Check]:
+    out = []
+    if settings["verify"]["recipients"]:
+        out.append(Check("verify_recipient", "rcpt", verifier, timeout=settings["next_hop"]["command_timeout"] + 5))
+    return out
+
+
+def build(settings, reactor, pool, dry_run: bool = False) -> TierParts:
+    if dry_run:
+        return TierParts(sink=None, checks=checks(settings, lambda r: None))
+    client = relay_client(settings, reactor)
+    v = settings["verify"]
+    verifier = RecipientVerifier(client, reactor=reactor, positive_ttl=v["positive_ttl"],
+                                 negative_ttl=v["negative_ttl"])
+    spool = Spool(Path(settings["queue"]["directory"]), reactor=reactor, fsync=settings["queue"]["fsync"])
+    manager = QueueManager(spool, client.deliver_batch, queue_settings(settings), reactor=reactor)
+    sink = QueueSink(spool, manager)
+
+    def start():
+        spool.start()
+        spool.recover()
+        manager.start()
+
+    def stop():
+        verifier.close()
+        d = manager.stop()
+        d.addBoth(lambda r: (spool.stop(), r)[1])
+        return d
+
+    return TierParts(sink=sink, checks=checks(settings, verifier), start=start, stop=stop)

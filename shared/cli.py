@@ -1,0 +1,93 @@
+"""The `smarthost` command.
+
+    smarthost edge|filter|domain --config FILE    run one tier in the foreground
+    smarthost check-config FILE [--tier T]        validate a config, print the effective settings
+    smarthost demo --dir DIR [--base-port N]      all three tiers on 127.0.0.1, mail into Maildir
+    smarthost queue ACTION [QID...] --config FILE list|show|flush|hold|release|delete
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shared.config import ConfigError, load, render
+
+
+def _check_config(args) -> int:
+    try:
+        settings = load(args.tier, args.file)
+    except ConfigError as e:
+        print(f"smarthost check-config: {e}", file=sys.stderr)
+        return 2
+    from shared.daemon import build_check_order
+    sys.stdout.write(render(settings))
+    print("\n# check order")
+    for line in build_check_order(settings).splitlines():
+        print(f"#   {line}")
+    return 0
+
+
+def _queue(args) -> int:
+    try:
+        settings = load(None, args.config)
+    except ConfigError as e:
+        print(f"smarthost queue: {e}", file=sys.stderr)
+        return 2
+    root = settings["queue"]["directory"]
+    if not root:
+        print(f"smarthost queue: the {settings.tier} tier of {settings.path} keeps no queue "
+              f"(queue.directory is not set)", file=sys.stderr)
+        return 1 if args.action != "list" else 0
+    from shared.queue import admin
+    if args.action in ("show", "hold", "release", "delete") and not args.qids:
+        print(f"smarthost queue {args.action}: name at least one queue id (or ALL)", file=sys.stderr)
+        return 2
+    try:
+        return admin.main(root, args.action, args.qids)
+    except admin.AdminError as e:
+        print(f"smarthost queue {args.action}: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
+    from shared.daemon import run
+    return run(args.command, args.config)
+
+
+def _demo(args) -> int:
+    from shared.demo import run_demo
+    return run_demo(args.dir, args.base_port)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smarthost", description="smart-host mail relay: edge, filter and domain tiers")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for tier, what in (("edge", "the Internet-facing tier"), ("filter", "the email-control tier"),
+                       ("domain", "the mailbox tier")):
+        t = sub.add_parser(tier, help=f"run {what} in the foreground")
+        t.add_argument("--config", required=True, metavar="FILE", help="the tier's TOML configuration")
+        t.set_defaults(func=_run)
+    c = sub.add_parser("check-config", help="validate a configuration file and print the effective settings")
+    c.add_argument("file", metavar="FILE")
+    c.add_argument("--tier", choices=("edge", "filter", "domain"), help="default: the file's tier key")
+    c.set_defaults(func=_check_config)
+    d = sub.add_parser("demo", help="run all three tiers on 127.0.0.1, delivering into Maildir under DIR")
+    d.add_argument("--dir", required=True, metavar="DIR")
+    d.add_argument("--base-port", type=int, default=2525, metavar="N",
+                   help="edge on N, filter on N+1, domain on N+2 (default 2525)")
+    d.set_defaults(func=_demo)
+    q = sub.add_parser("queue", help="list or change a tier's queue (safe while it runs)")
+    q.add_argument("action", choices=("list", "show", "flush", "hold", "release", "delete"))
+    q.add_argument("qids", nargs="*", metavar="QID")
+    q.add_argument("--config", required=True, metavar="FILE")
+    q.set_defaults(func=_queue)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Running one tier: listeners, the engine, the tier's parts, signals.
+
+A tier module (``edge.service``, ``filter.service``, ``domain.service``)
+provides ``build(settings, reactor, pool) -> TierParts``: its sink, its checks
+in order, and what it must start and stop (the filter's queue manager).  This
+module does the rest, identically for every tier.
+
+Signals: SIGTERM and SIGINT stop accepting connections, give open transactions
+``server.shutdown_timeout`` seconds to finish (idle sessions get 421 at once),
+stop the tier's parts and exit 0.  SIGHUP reloads the configuration file; a
+file that does not validate is logged with its error and the running settings
+stay.  Listen addresses are bound once: a change to them needs a restart.
+"""
+from __future__ import annotations
+
+import grp
+import importlib
+import os
+import pwd
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from shared.blocking import BlockingPool
+from shared.checks.core import Chain, Check
+from shared.checks.relay import RelayPolicy
+from shared.config import ConfigError, Settings, load
+from shared.engine.session import EngineConfig, EngineSession
+from shared.smtp.server import ServerConfig
+from shared.transport.server import SMTPServerFactory
+
+log = Logger(namespace="smarthost.daemon")
+
+TIER_MODULES = {"edge": "edge.service", "filter": "filter.service", "domain": "domain.service"}
+
+
+@dataclass
+class TierParts:
+    sink: object
+    checks: list[Check] = field(default_factory=list)
+    start: Callable[[], object] | None = None
+    stop: Callable[[], object] | None = None
+    reload: Callable[[Settings], None] | None = None
+
+
+def server_config(settings: Settings) -> ServerConfig:
+    s = settings["server"]
+    return ServerConfig(hostname=s["hostname"], max_message_size=s["max_message_size"],
+                        max_recipients=s["max_recipients"], hard_error_limit=s["max_errors"])
+
+
+def tls_context(settings: Settings):
+    s = settings["server"]
+    if not s["tls_cert"]:
+        return None
+    from twisted.internet import ssl
+    with open(s["tls_cert"], "rb") as f:
+        cert_pem = f.read()
+    with open(s["tls_key"], "rb") as f:
+        key_pem = f.read()
+    try:
+        cert = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+    except Exception as e:
+        raise ConfigError(settings.path, "server.tls_cert", f"cannot load certificate/key: {e}") from None
+    return cert.options()
+
+
+def build_parts(settings: Settings, reactor, pool, dry_run: bool = False) -> TierParts:
+    """The tier's parts; `dry_run` builds them without touching disk or network."""
+    module = importlib.import_module(TIER_MODULES[settings.tier])
+    return module.build(settings, reactor, pool, dry_run=dry_run)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, reactor) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.pool = BlockingPool(reactor, size=8, name=f"{settings.tier}-blocking")
+        self.ports = []
+        self.factories: list[SMTPServerFactory] = []
+        self.parts: TierParts | None = None
+        self._configure(settings)
+
+    def _configure(self, settings: Settings) -> None:
+        """Everything a reload may change without rebinding sockets."""
+        self.engine_config = EngineConfig(hostname=settings.hostname,
+                                          max_received_headers=settings["server"]["max_received_headers"],
+                                          tier=settings.tier)
+        self.relay = RelayPolicy(settings["relay"]["relay_domains"], settings["relay"]["mynetworks"])
+        self.server_config = server_config(settings)
+
+    def _new_session(self, protocol):
+        return EngineSession(protocol, config=self.engine_config, chain=self.chain, relay=self.relay,
+                             sink=self.parts.sink, reactor=self.reactor)
+
+    def start(self) -> None:
+        s = self.settings["server"]
+        self.pool.start()
+        self.parts = build_parts(self.settings, self.reactor, self.pool)
+        self.chain = Chain(self.parts.checks, reactor=self.reactor)
+        tls = tls_context(self.settings)
+        for host, port in s["listen"]:
+            factory = SMTPServerFactory(
+                reactor=self.reactor, server_config=self.server_config, handler_factory=self._new_session,
+                tls_context=tls, upstream_hosts=s["upstream_hosts"], command_timeout=s["command_timeout"],
+                session_timeout=s["session_timeout"], max_connections=s["max_connections"],
+                max_connections_per_client=s["max_connections_per_client"])
+            self.ports.append(self.reactor.listenTCP(port, factory, interface=host, backlog=511))
+            self.factories.append(factory)
+            log.info("listening on {host}:{port}", host=host, port=port)
+        if s["user"]:
+            drop_privileges(s["user"])
+        if self.parts.start:
+            self.parts.start()
+        log.info("{tier} started: hostname={h}, next hop={nh}", tier=self.settings.tier,
+                 h=self.settings.hostname, nh=self.settings["next_hop"]["hosts"] or "-")
+
+    @defer.inlineCallbacks
+    def stop(self):
+        log.info("stopping: no new connections")
+        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
+        grace = self.settings["server"]["shutdown_timeout"]
+        yield defer.gatherResults([f.shutdown(grace) for f in self.factories])
+        if self.parts and self.parts.stop:
+            yield defer.maybeDeferred(self.parts.stop)
+        self.pool.stop()
+        log.info("stopped")
+
+    def reload(self) -> bool:
+        try:
+            new = load(self.settings.tier, self.settings.path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration: {err}", err=str(e))
+            return False
+        if new["server"]["listen"] != self.settings["server"]["listen"]:
+            log.warn("server.listen changed: takes effect at the next restart")
+        self.settings = new
+        self._configure(new)
+        for f in self.factories:
+            f.server_config = self.server_config
+            f.max_connections = new["server"]["max_connections"]
+            f.max_connections_per_client = new["server"]["max_connections_per_client"]
+            f.command_timeout = new["server"]["command_timeout"]
+            f.upstream_hosts = tuple(new["server"]["upstream_hosts"])
+        if self.parts and self.parts.reload:
+            self.parts.reload(new)
+        log.info("configuration reloaded from {path}", path=new.path)
+        return True
+
+
+def drop_privileges(user: str) -> None:
+    if os.getuid() != 0:
+        return
+    pw = pwd.getpwnam(user)
+    os.setgroups([g.gr_gid for g in grp.getgrall() if user in g.gr_mem])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    log.info("running as {user}", user=user)
+
+
+def run(tier: str, config_path: str) -> int:
+    """The foreground daemon: `smarthost TIER --config FILE`."""
+    try:
+        settings = load(tier, config_path)
+    except ConfigError as e:
+        print(f"smarthost {tier}: configuration error: {e}", file=sys.stderr)
+        return 2
+    from twisted.internet import reactor
+    from shared.logging import start_logging
+    start_logging(tier, settings["log"]["level"], settings["log"]["file"], os.getpid())
+    daemon = Daemon(settings, reactor)
+    status = {"code": 0}
+
+    def startup():
+        try:
+            daemon.start()
+        except Exception as e:
+            log.error("cannot start: {err}", err=str(e))
+            status["code"] = 1
+            reactor.stop()
+
+    stopping = []
+
+    def on_term(signum, frame):
+        if stopping:
+            return
+        stopping.append(signum)
+
+        def go():
+            daemon.stop().addErrback(lambda f: log.failure("error while stopping", f)) \
+                .addBoth(lambda _: reactor.stop())
+        reactor.callFromThread(go)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, lambda n, f: reactor.callFromThread(daemon.reload))
+    reactor.callWhenRunning(startup)
+    reactor.run(installSignalHandlers=False)
+    return status["code"]
+
+
+def build_check_order(settings: Settings) -> str:
+    """The order of checks, as `check-config` prints it, without starting anything."""
+    from twisted.internet.task import Clock
+    from shared.blocking import InlinePool
+    parts = build_parts(settings, Clock(), InlinePool(), dry_run=True)
+    lines = ["rcpt      0. relay control: relay_domains from anyone, other destinations from mynetworks only"]
+    return "\n".join(lines + Chain(parts.checks, reactor=Clock()).describe().splitlines())

@@ -1,0 +1,194 @@
+"""`smarthost demo`: the whole pipeline on one machine, with embedded defaults.
+
+Writes three tier configurations under DIR, starts each tier as its own child
+process (exactly as they run on separate machines), waits until all three
+listen, writes DIR/demo.json and prints how to send a test message.  Ctrl-C
+or SIGTERM stops the three children with SIGTERM and waits for them.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DOMAIN = "example.test"
+USERS = ("alice", "bob")
+
+
+def _self_signed(tls_dir: Path, hostname: str) -> tuple[str, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    cert_path, key_path = tls_dir / "cert.pem", tls_dir / "key.pem"
+    if cert_path.exists() and key_path.exists():
+        return str(cert_path), str(key_path)
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=365))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    os.chmod(key_path, 0o600)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(cert_path), str(key_path)
+
+
+def _toml_list(items) -> str:
+    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+
+def write_configs(root: Path, base_port: int) -> dict[str, Path]:
+    """The three tiers' configuration files for a one-machine pipeline."""
+    root.mkdir(parents=True, exist_ok=True)
+    cert, key = _self_signed(root / "tls", "edge.example.test")
+    ports = {"edge": base_port, "filter": base_port + 1, "domain": base_port + 2}
+    users = [f"{u}@{DOMAIN}" for u in USERS]
+    texts = {
+        "edge": f'''tier = "edge"
+[server]
+hostname = "edge.example.test"
+listen = ["127.0.0.1:{ports['edge']}"]
+tls_cert = "{cert}"
+tls_key = "{key}"
+shutdown_timeout = 10
+[relay]
+relay_domains = ["{DOMAIN}"]
+[next_hop]
+hosts = ["127.0.0.1:{ports['filter']}"]
+tls = "none"
+[log]
+file = "{root / 'log' / 'edge.log'}"
+''',
+        "filter": f'''tier = "filter"
+[server]
+hostname = "filter.example.test"
+listen = ["127.0.0.1:{ports['filter']}"]
+upstream_hosts = ["127.0.0.1"]
+shutdown_timeout = 10
+[relay]
+relay_domains = ["{DOMAIN}"]
+[next_hop]
+hosts = ["127.0.0.1:{ports['domain']}"]
+tls = "none"
+[queue]
+directory = "{root / 'spool' / 'filter'}"
+retry_min = 60
+retry_max = 600
+[log]
+file = "{root / 'log' / 'filter.log'}"
+''',
+        "domain": f'''tier = "domain"
+[server]
+hostname = "domain.example.test"
+listen = ["127.0.0.1:{ports['domain']}"]
+upstream_hosts = ["127.0.0.1"]
+shutdown_timeout = 10
+[mailboxes]
+domains = ["{DOMAIN}"]
+maildir_root = "{root / 'mail'}"
+users = {_toml_list(users)}
+aliases = {{ "postmaster@{DOMAIN}" = ["{users[0]}"] }}
+[log]
+file = "{root / 'log' / 'domain.log'}"
+''',
+    }
+    (root / "log").mkdir(exist_ok=True)
+    paths = {}
+    for tier, text in texts.items():
+        p = root / f"{tier}.toml"
+        p.write_text(text)
+        paths[tier] = p
+    return paths
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def run_demo(directory: str, base_port: int) -> int:
+    root = Path(directory).resolve()
+    ports = {"edge": base_port, "filter": base_port + 1, "domain": base_port + 2}
+    busy = [f"{t} {p}" for t, p in ports.items() if _port_open(p)]
+    if busy:
+        print(f"smarthost demo: port in use on 127.0.0.1 ({', '.join(busy)}); choose another --base-port",
+              file=sys.stderr)
+        return 1
+    configs = write_configs(root, base_port)
+    from shared.config import load
+    children: dict[str, subprocess.Popen] = {}
+    for tier in ("domain", "filter", "edge"):        # start downstream first
+        load(tier, configs[tier])                    # fail early, with the file and key, if invalid
+        children[tier] = subprocess.Popen([sys.executable, "-m", "shared.cli", tier, "--config", str(configs[tier])])
+
+    def stop_all(*_):
+        for p in children.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in children.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    deadline = time.monotonic() + 20
+    while not all(_port_open(p) for p in ports.values()):
+        dead = [t for t, p in children.items() if p.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            stop_all()
+            why = f"{', '.join(dead)} exited" if dead else "tiers did not start listening in time"
+            print(f"smarthost demo: {why}; see {root / 'log'}", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+
+    mailboxes = {f"{u}@{DOMAIN}": str(root / "mail" / DOMAIN / u / "Maildir") for u in USERS}
+    info = {
+        "tiers": {t: {"smtp": f"127.0.0.1:{ports[t]}", "pid": children[t].pid, "config": str(configs[t])}
+                  for t in ("edge", "filter", "domain")},
+        "domain": DOMAIN,
+        "mailboxes": mailboxes,
+    }
+    (root / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"""smarthost demo running: edge 127.0.0.1:{ports['edge']} -> filter :{ports['filter']} -> domain :{ports['domain']}
+hosted domain {DOMAIN}, users {', '.join(mailboxes)}; logs in {root / 'log'}; details in {root / 'demo.json'}
+
+Send a test message:
+  swaks --server 127.0.0.1:{ports['edge']} --from you@example.net --to alice@{DOMAIN}
+or
+  python3 -c "import smtplib; s=smtplib.SMTP('127.0.0.1', {ports['edge']}); s.starttls(); \\
+s.sendmail('you@example.net', ['alice@{DOMAIN}'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n'); s.quit()"
+Then look in {mailboxes[f'alice@{DOMAIN}']}/new/
+Press Ctrl-C to stop.""", flush=True)
+
+    stopping = []
+
+    def on_signal(signum, frame):
+        stopping.append(signum)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        while not stopping:
+            dead = [t for t, p in children.items() if p.poll() is not None]
+            if dead:
+                print(f"smarthost demo: {', '.join(dead)} exited; stopping; see {root / 'log'}", file=sys.stderr)
+                stop_all()
+                return 1
+            time.sleep(0.2)
+    finally:
+        stop_all()
+    print("smarthost demo stopped", flush=True)
+    return 0

@@ -1,0 +1,157 @@
+"""Before-queue proxy: the edge's sink.
+
+Each client session gets, at its first MAIL, one connection to the next tier
+(tried in the configured order), opened with XCLIENT so the next tier sees the
+original client.  Every MAIL, RCPT, DATA and end of data is forwarded and the
+client is answered with the next tier's reply: a greylist 451, a virus 550 or
+an unknown-user 550 reaches the original client while it is still connected,
+and nothing accepted here can bounce later.  The edge's queue id goes along as
+XFORWARD IDENT so the next tier's logs name it.
+
+When the next tier cannot be reached or the connection fails mid-transaction
+the client gets 451 4.4.x and will retry: a message is either acknowledged by
+the next tier's durable queue or not acknowledged at all.
+"""
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from shared.smtp.reply import Reply
+
+log = Logger(namespace="smarthost.proxy")
+
+NEXT_HOP_DOWN = Reply(451, "4.4.1", "Next hop not reachable, try again later")
+NEXT_HOP_LOST = Reply(451, "4.4.2", "Lost connection with next hop, try again later")
+
+
+class ProxySink:
+    def __init__(self, relay_client) -> None:
+        self.relay_client = relay_client
+
+    def session(self, engine_session) -> "ProxySession":
+        return ProxySession(self, engine_session)
+
+
+class ProxySession:
+    def __init__(self, sink: ProxySink, engine_session) -> None:
+        self.sink = sink
+        self.engine = engine_session
+        self.upstream = None          # the open next-hop session, if any
+        self.in_data = False
+        self.failed = False           # the current transaction's forward connection broke
+
+    def _drop(self) -> None:
+        if self.upstream is not None:
+            up, self.upstream = self.upstream, None
+            up.abort_connection()
+
+    def _failed(self, failure, what: str):
+        log.warn("{qid}: next hop failed during {what}: {err}", qid=self._qid, what=what,
+                 err=failure.getErrorMessage())
+        self._drop()
+        self.failed = True
+        return NEXT_HOP_LOST
+
+    @property
+    def _qid(self) -> str:
+        txn = self.engine.txn
+        return txn.queue_id if txn else "-"
+
+    @defer.inlineCallbacks
+    def _connected(self):
+        if self.upstream is not None and self.upstream.usable:
+            return self.upstream
+        self._drop()
+        self.upstream = yield self.sink.relay_client.open_session(self.engine.client)
+        return self.upstream
+
+    @defer.inlineCallbacks
+    def begin(self, txn):
+        self.failed = False
+        try:
+            up = yield self._connected()
+        except Exception as e:
+            log.warn("{qid}: next hop not reachable: {err}", qid=txn.queue_id, err=str(e))
+            self.upstream = None
+            return NEXT_HOP_DOWN
+        try:
+            if up.offers("XFORWARD"):
+                yield up.xforward({"IDENT": txn.queue_id})
+            env = txn.envelope
+            reply = yield up.mail(env.sender, size=None, body=env.body, smtputf8=env.smtputf8,
+                                  ret=env.ret, envid=env.envid)
+        except Exception:
+            return self._failed(_current_failure(), "MAIL")
+        return reply if not reply.positive else None
+
+    @defer.inlineCallbacks
+    def rcpt(self, txn, recipient):
+        if self.failed or self.upstream is None:
+            return NEXT_HOP_LOST
+        try:
+            reply = yield self.upstream.rcpt(recipient.address, notify=recipient.notify, orcpt=recipient.orcpt)
+        except Exception:
+            return self._failed(_current_failure(), "RCPT")
+        return reply if not reply.positive else None
+
+    @defer.inlineCallbacks
+    def data_start(self, txn):
+        if self.failed or self.upstream is None:
+            return NEXT_HOP_LOST
+        try:
+            reply = yield self.upstream.data()
+        except Exception:
+            return self._failed(_current_failure(), "DATA")
+        if reply.code != 354:
+            return reply if not reply.positive else Reply(451, "4.3.0", "Next hop refused DATA")
+        self.in_data = True
+        self.upstream.set_flow_target(self.engine.protocol)
+        return None
+
+    def write(self, chunk: bytes) -> None:
+        if self.in_data and not self.failed and self.upstream is not None:
+            self.upstream.send_data(chunk)
+
+    @defer.inlineCallbacks
+    def data_end(self, txn):
+        self.in_data = False
+        if self.failed or self.upstream is None:
+            return NEXT_HOP_LOST
+        up = self.upstream
+        try:
+            reply = yield up.end_data()
+        except Exception:
+            return self._failed(_current_failure(), "end of data")
+        finally:
+            if self.upstream is not None:
+                self.upstream.set_flow_target(None)
+        log.info("{qid}: relay={relay}, status={status} ({reply})", qid=txn.queue_id, relay=up.peer_name,
+                 status="sent" if reply.positive else "rejected", reply=str(reply))
+        if reply.positive:
+            return Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}")
+        return reply
+
+    def abort(self, txn) -> None:
+        if self.upstream is None:
+            return
+        if self.in_data:
+            # The message must not be completed downstream: drop the connection
+            # instead of sending the final dot.
+            self.in_data = False
+            self._drop()
+        else:
+            self.upstream.rset().addErrback(lambda f: self._drop())
+
+    def close(self) -> None:
+        if self.upstream is not None:
+            up, self.upstream = self.upstream, None
+            if self.in_data:
+                up.abort_connection()
+            else:
+                up.close()
+
+
+def _current_failure():
+    from twisted.python.failure import Failure
+    return Failure()

@@ -1,0 +1,70 @@
+"""Queue sink: the filter's way of accepting mail.
+
+The message streams into a new queue file while DATA arrives; at end of data
+the envelope and the completion trailer are appended, the file and its
+directory entry are fsynced (directory fsyncs shared by concurrent
+transactions), and only then is 250 sent.  The queue manager is told at once
+and delivers to the next tier with retries.
+"""
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+from shared.smtp.reply import TEMPFAIL_LOCAL, Reply
+
+log = Logger(namespace="smarthost.queue")
+
+
+class QueueSink:
+    def __init__(self, spool, manager) -> None:
+        self.spool = spool
+        self.manager = manager
+
+    def session(self, engine_session) -> "QueueSession":
+        return QueueSession(self)
+
+
+class QueueSession:
+    def __init__(self, sink: QueueSink) -> None:
+        self.sink = sink
+        self.message = None
+
+    def begin(self, txn):
+        return None
+
+    def rcpt(self, txn, recipient):
+        return None
+
+    def data_start(self, txn):
+        try:
+            self.message = self.sink.spool.new_message(qid=txn.queue_id)
+        except OSError as e:
+            log.error("{qid}: cannot create queue file: {err}", qid=txn.queue_id, err=str(e))
+            return TEMPFAIL_LOCAL
+        return None
+
+    def write(self, chunk: bytes) -> None:
+        if self.message is not None:
+            self.message.write(chunk)
+
+    def data_end(self, txn):
+        message, self.message = self.message, None
+        d = message.commit(txn.envelope)
+
+        def durable(_):
+            self.sink.manager.notify(message.qid)
+            return Reply(250, "2.0.0", f"Ok: queued as {message.qid}")
+
+        def failed(failure):
+            log.failure("{qid}: queue file write failed", failure, qid=txn.queue_id)
+            message.abort()
+            return TEMPFAIL_LOCAL
+        return d.addCallbacks(durable, failed)
+
+    def abort(self, txn) -> None:
+        if self.message is not None:
+            self.message.abort()
+            self.message = None
+
+    def close(self) -> None:
+        self.abort(None)

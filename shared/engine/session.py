@@ -1,0 +1,291 @@
+"""One SMTP session as the engine sees it: checks at each phase, then the sink.
+
+:class:`EngineSession` is the handler the Twisted adapter
+(:mod:`shared.transport.server`) calls for each decision event.  For every
+phase it builds a frozen :class:`~shared.checks.Request`, runs the configured
+checks, and maps the verdict to a reply; what passes goes to the tier's *sink*:
+
+- the edge's sink proxies each command to the filter inside the client's
+  transaction (:mod:`shared.engine.proxy`), so the filter's verdict is the
+  client's answer;
+- the filter's sink writes the message to its durable queue
+  (:mod:`shared.engine.queued`);
+- the domain tier's sink delivers into Maildir (:mod:`domain.maildir`).
+
+A sink session implements::
+
+    begin(txn) -> Reply | None | Deferred      after MAIL passed the checks
+    rcpt(txn, recipient) -> Reply | None | Deferred
+    data_start(txn) -> Reply | None | Deferred
+    write(chunk: bytes) -> None                 message bytes, Received header first
+    data_end(txn) -> Reply | Deferred           the final answer (250 only when durable)
+    abort(txn) -> None                          transaction abandoned
+    close() -> None                             session over
+
+TRUST: the peer's address comes from the socket, or from XCLIENT when the peer
+is a configured upstream host (the core refuses XCLIENT from anyone else).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from shared.checks.core import Action, Chain, Request, Verdict
+from shared.checks.relay import RelayPolicy
+from shared.engine.received import HeaderScanner, received_header, with_protocol
+from shared.envelope import ClientInfo, Envelope, Recipient
+from shared.ids import new_queue_id
+from shared.smtp import events as ev
+from shared.smtp.reply import TOO_MANY_HOPS, Reply
+from shared.transport.server import CloseAfter
+
+log = Logger(namespace="smarthost.session")
+
+_UNAVAILABLE = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
+
+
+@dataclass
+class Transaction:
+    queue_id: str
+    envelope: Envelope
+    rcpt_count: int = 0
+    size: int = 0
+    scanner: HeaderScanner = field(default_factory=HeaderScanner)
+    in_data: bool = False
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    hostname: str
+    max_received_headers: int = 50
+    tier: str = "smtp"
+
+
+class EngineSession:
+    def __init__(self, protocol, *, config: EngineConfig, chain: Chain, relay: RelayPolicy,
+                 sink, reactor) -> None:
+        self.protocol = protocol
+        self.config = config
+        self.chain = chain
+        self.relay = relay
+        self.reactor = reactor
+        self.client = ClientInfo(addr=protocol.peer_host, port=protocol.peer_port)
+        self.sink_session = sink.session(self)
+        self.txn: Transaction | None = None
+        self.upstream_id: str | None = None
+        self.session_id = new_queue_id()
+        self.xclient_set = False
+
+    # -- helpers ---------------------------------------------------------------
+    def _request(self, phase: str, **kw) -> Request:
+        c = self.client
+        return Request(phase=phase, client_address=c.addr or "", client_port=c.port,
+                       client_name=c.name, helo=c.helo, protocol=c.proto,
+                       tls=self.protocol.conn.tls_active if self.protocol.conn else False,
+                       login=c.login, **kw)
+
+    def _log(self, fmt: str, **kw) -> None:
+        qid = self.txn.queue_id if self.txn else self.session_id
+        up = f" upstream={self.upstream_id}" if self.upstream_id else ""
+        log.info(f"{qid}: " + fmt + up, **kw)
+
+    @staticmethod
+    def _reply_for(verdict: Verdict):
+        """Verdict -> what the adapter gives the core."""
+        if verdict.action is Action.DISCONNECT:
+            return CloseAfter(verdict.reply or Reply(421, "4.7.0", "Closing connection"))
+        if verdict.action in (Action.REJECT, Action.TEMPFAIL):
+            return verdict.reply
+        return verdict.reply if verdict.action is Action.ACCEPT else None
+
+    def _run(self, request: Request):
+        """Run the phase's checks; Deferred of a Verdict (skips the Deferred when none)."""
+        if not self.chain.has(request.phase):
+            return defer.succeed(Verdict(Action.CONTINUE))
+        return self.chain.run(request)
+
+    # -- phases ----------------------------------------------------------------
+    def on_connect(self):
+        self._log("connect from {name}[{addr}]", name=self.client.name or "unknown", addr=self.client.addr)
+        d = self._run(self._request("connect"))
+        return d.addCallback(lambda v: self._reply_for(v) if v.final and v.action is not Action.ACCEPT else None)
+
+    def on_hello(self, e: ev.Hello):
+        self._abandon()
+        if not self.xclient_set:     # XCLIENT's HELO and PROTO outrank the upstream's own EHLO
+            self.client.helo = e.domain
+            self.client.proto = "ESMTP" if e.verb == "EHLO" else "SMTP"
+        d = self._run(self._request("helo"))
+        return d.addCallback(lambda v: self._reply_for(v) if v.action is not Action.ACCEPT else None)
+
+    def on_xclient(self, e: ev.XClient):
+        self._abandon()
+        a = e.attrs
+        def val(key):
+            v = a.get(key)
+            return None if v is None or v in _UNAVAILABLE else v
+        if "ADDR" in a:
+            addr = val("ADDR")
+            self.client.addr = addr[5:] if addr and addr.upper().startswith("IPV6:") else addr
+        if "PORT" in a:
+            p = val("PORT")
+            self.client.port = int(p) if p and p.isdigit() else None
+        for key, attr in (("NAME", "name"), ("HELO", "helo"), ("PROTO", "proto"), ("LOGIN", "login")):
+            if key in a:
+                setattr(self.client, attr, val(key))
+        self.xclient_set = True
+        self._log("xclient from {peer}: client={name}[{addr}] helo={helo}", peer=self.protocol.peer_host,
+                  name=self.client.name or "unknown", addr=self.client.addr, helo=self.client.helo)
+        return None
+
+    def on_xforward(self, e: ev.XForward):
+        ident = e.attrs.get("IDENT")
+        if ident and ident not in _UNAVAILABLE:
+            self.upstream_id = ident
+        return None
+
+    def on_mail_from(self, e: ev.MailFrom):
+        self.txn = Transaction(new_queue_id(), Envelope(
+            sender=e.sender, recipients=[], ret=e.ret, envid=e.envid, body=e.body,
+            smtputf8=e.smtputf8, client=_copy_client(self.client), upstream_id=self.upstream_id))
+        self.protocol.in_transaction = True
+        req = self._request("mail", queue_id=self.txn.queue_id, sender=e.sender, size=e.size)
+
+        @defer.inlineCallbacks
+        def decide():
+            v = yield self._run(req)
+            if v.final and v.action is not Action.ACCEPT:
+                self._log("reject: MAIL from <{sender}>: {reply}", sender=e.sender, reply=str(v.reply))
+                self._end_txn()
+                return self._reply_for(v)
+            answer = yield defer.maybeDeferred(self.sink_session.begin, self.txn)
+            if isinstance(answer, Reply) and not answer.positive:
+                self._log("reject: MAIL from <{sender}>: {reply}", sender=e.sender, reply=str(answer))
+                self._end_txn()
+            return answer
+        return decide()
+
+    def on_rcpt_to(self, e: ev.RcptTo):
+        txn = self.txn
+        req = self._request("rcpt", queue_id=txn.queue_id, sender=txn.envelope.sender,
+                            recipient=e.recipient)
+        relay_verdict = self.relay(req)
+        if relay_verdict.final:
+            self._log("reject: RCPT from {name}[{addr}]: {reply}; from=<{sender}> to=<{rcpt}>",
+                      name=self.client.name or "unknown", addr=self.client.addr,
+                      reply=str(relay_verdict.reply), sender=txn.envelope.sender, rcpt=e.recipient)
+            return relay_verdict.reply
+        recipient = Recipient(e.recipient, e.notify, e.orcpt)
+
+        @defer.inlineCallbacks
+        def decide():
+            v = yield self._run(req)
+            if v.final and v.action is not Action.ACCEPT:
+                self._log("reject: RCPT to=<{rcpt}>: {reply}", rcpt=e.recipient, reply=str(v.reply))
+                return self._reply_for(v)
+            answer = yield defer.maybeDeferred(self.sink_session.rcpt, txn, recipient)
+            if answer is None or (isinstance(answer, Reply) and answer.positive):
+                txn.envelope.recipients.append(recipient)
+            else:
+                self._log("reject: RCPT to=<{rcpt}>: {reply}", rcpt=e.recipient, reply=str(answer))
+            return answer
+        return decide()
+
+    def on_data_start(self, e: ev.DataStart):
+        txn = self.txn
+        d = defer.maybeDeferred(self.sink_session.data_start, txn)
+
+        def started(answer):
+            if answer is None or (isinstance(answer, Reply) and answer.positive):
+                txn.in_data = True
+                c = txn.envelope.client
+                self.sink_session.write(received_header(
+                    helo=c.helo, client_name=c.name, client_addr=c.addr,
+                    hostname=self.config.hostname,
+                    protocol=with_protocol(c.proto != "SMTP", self.protocol.conn.tls_active,
+                                           bool(c.login), txn.envelope.smtputf8),
+                    queue_id=txn.queue_id, recipients=[r.address for r in txn.envelope.recipients],
+                    now=self.reactor.seconds()))
+            return answer
+        return d.addCallback(started)
+
+    def on_data_chunk(self, e: ev.DataChunk) -> None:
+        txn = self.txn
+        txn.size += len(e.data)
+        if not txn.scanner.done:
+            txn.scanner.feed(e.data)
+        self.sink_session.write(e.data)
+
+    def on_data_end(self, e: ev.DataEnd):
+        txn = self.txn
+        count = txn.scanner.received_count()
+        if count > self.config.max_received_headers:
+            self._log("reject: END-OF-MESSAGE: {reply} ({n} Received headers)", reply=str(TOO_MANY_HOPS), n=count)
+            self._abandon()
+            return self._after_txn(TOO_MANY_HOPS)
+        req = self._request("data", queue_id=txn.queue_id, sender=txn.envelope.sender,
+                            recipients=tuple(r.address for r in txn.envelope.recipients),
+                            size=txn.size, received_count=count)
+
+        @defer.inlineCallbacks
+        def decide():
+            v = yield self._run(req)
+            if v.final and v.action is not Action.ACCEPT:
+                self._log("reject: END-OF-MESSAGE: {reply}", reply=str(v.reply))
+                self._abandon()
+                return self._after_txn(self._reply_for(v))
+            txn.envelope.received_at = self.reactor.seconds()
+            answer = yield defer.maybeDeferred(self.sink_session.data_end, txn)
+            self._log("from=<{sender}>, size={size}, nrcpt={n}: {reply}", sender=txn.envelope.sender,
+                      size=txn.size, n=len(txn.envelope.recipients), reply=str(answer))
+            self._end_txn()
+            return self._after_txn(answer)
+        return decide()
+
+    def on_data_aborted(self, e: ev.DataAborted) -> None:
+        self._log("reject: END-OF-MESSAGE: {reply}", reply=str(e.reply))
+        self._abandon()
+
+    def on_reset(self, e: ev.Reset) -> None:
+        self._abandon()
+
+    def on_starttls(self, e: ev.StartTLS) -> None:
+        self._abandon()
+        self.client.helo = None
+
+    def on_quit(self, e: ev.Quit) -> None:
+        self._abandon()
+
+    def on_too_many_errors(self, e: ev.TooManyErrors) -> None:
+        self._log("too many errors from {name}[{addr}]", name=self.client.name or "unknown", addr=self.client.addr)
+        self._abandon()
+
+    def on_connection_closed(self, e) -> None:
+        if self.txn is not None:
+            self._log("lost connection from {addr} during the transaction", addr=self.client.addr)
+        self._abandon()
+        self.sink_session.close()
+        self._log("disconnect from {name}[{addr}]", name=self.client.name or "unknown", addr=self.client.addr)
+
+    # -- transaction end ---------------------------------------------------------
+    def _after_txn(self, answer):
+        """After end of data: during a shutdown, answer and then close."""
+        if not self.protocol.factory.accepting and answer is not None and not isinstance(answer, CloseAfter):
+            return CloseAfter(answer)
+        return answer
+
+    def _end_txn(self) -> None:
+        self.txn = None
+        self.protocol.in_transaction = False
+
+    def _abandon(self) -> None:
+        if self.txn is not None:
+            self.sink_session.abort(self.txn)
+            self._end_txn()
+
+
+def _copy_client(c: ClientInfo) -> ClientInfo:
+    return ClientInfo(addr=c.addr, port=c.port, name=c.name, helo=c.helo, proto=c.proto,
+                      login=c.login, tls=c.tls)

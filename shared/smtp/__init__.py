@@ -1,0 +1,1 @@
+"""SMTP without I/O: server and client state machines, replies and address syntax."""

@@ -1,0 +1,305 @@
+"""The Twisted adapter of the SMTP server core.
+
+:class:`SMTPServerProtocol` moves bytes between a transport and a
+:class:`shared.smtp.server.ServerConnection`, and hands every decision event to
+a *handler* (one per session, see :mod:`shared.engine.session`).  It adds what
+the sans-I/O core cannot do: timeouts, TLS, back-pressure and connection
+limits.
+
+The pump: after input arrives, events are taken from the core until it needs
+more data or waits on a decision.  A decision goes to the handler, whose answer
+(a Reply, None for the standard positive reply, or a Deferred of either) is
+given back to the core, and pumping resumes.  Because the core parses nothing
+further while a decision is pending, pipelined replies stay in order whatever
+the handler's latency.  Replies are flushed each time the pump stops.
+
+SECURITY: everything read from the peer is untrusted and is only ever parsed by
+the core; a handler failure becomes 451 4.3.0, never a traceback on the wire.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from shared.smtp import events as ev
+from shared.smtp.reply import SHUTTING_DOWN, TEMPFAIL_CHECK, Reply
+from shared.smtp.server import NEED_DATA, PAUSED, ServerConfig, ServerConnection
+
+log = Logger(namespace="smarthost.smtpd")
+
+
+@dataclass(frozen=True)
+class CloseAfter:
+    """A handler's answer meaning: send this reply, then close the session."""
+    reply: Reply
+
+
+_HANDLER_NAMES = {
+    ev.Hello: "on_hello", ev.MailFrom: "on_mail_from", ev.RcptTo: "on_rcpt_to",
+    ev.DataStart: "on_data_start", ev.DataChunk: "on_data_chunk", ev.DataEnd: "on_data_end",
+    ev.DataAborted: "on_data_aborted", ev.XClient: "on_xclient", ev.XForward: "on_xforward",
+    ev.Reset: "on_reset", ev.StartTLS: "on_starttls", ev.Quit: "on_quit",
+    ev.ConnectionClosed: "on_connection_closed", ev.TooManyErrors: "on_too_many_errors",
+}
+
+
+class SMTPServerProtocol(protocol.Protocol):
+    def __init__(self, factory: "SMTPServerFactory") -> None:
+        self.factory = factory
+        self.reactor = factory.reactor
+        self.conn: ServerConnection | None = None
+        self.handler = None
+        self.peer_host: str = ""
+        self.peer_port: int | None = None
+        self._pumping = False
+        self._waiting = False          # a decision is out with the handler
+        self._paused_input = False
+        self._paused_by_handler = False
+        self._idle_timer = None
+        self._session_timer = None
+        self._closed = False
+        self.in_transaction = False
+
+    # -- connection life ------------------------------------------------------
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer_host = getattr(peer, "host", "") or ""
+        self.peer_port = getattr(peer, "port", None)
+        f = self.factory
+        self.conn = ServerConnection(
+            f.server_config,
+            tls_available=f.tls_context is not None and not f.implicit_tls,
+            tls_active=f.implicit_tls,
+            xclient_allowed=f.upstream_allowed(self.peer_host),
+        )
+        f.opened(self)
+        limit = f.admission(self)
+        if limit is not None:
+            self.conn.send_greeting(limit)
+            self._flush()
+            return
+        self.handler = f.handler_factory(self)
+        self._session_timer = self.reactor.callLater(f.session_timeout, self._session_expired)
+        self._reset_idle()
+        self._answer_later(self.handler.on_connect(), self.conn.send_greeting)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for t in (self._idle_timer, self._session_timer):
+            if t is not None and t.active():
+                t.cancel()
+        if self.handler is not None:
+            try:
+                self.handler.on_connection_closed(None)
+            except Exception:
+                log.failure("handler failed while closing the session")
+        self.factory.closed(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.conn is None or self._closed:
+            return
+        self._reset_idle()
+        self.conn.receive_data(data)
+        self._pump()
+
+    # -- timers ---------------------------------------------------------------
+    def _reset_idle(self) -> None:
+        t = self.factory.command_timeout
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(t)
+        else:
+            self._idle_timer = self.reactor.callLater(t, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self.abort_session(Reply(421, "4.4.2", f"{self.factory.server_config.hostname} Error: timeout exceeded"))
+
+    def _session_expired(self) -> None:
+        self.abort_session(Reply(421, "4.4.2", f"{self.factory.server_config.hostname} Error: session too long"))
+
+    def abort_session(self, reply: Reply) -> None:
+        """Say `reply` (a 421) out of turn and close: timeouts and shutdown."""
+        if self._closed:
+            return
+        log.info("{peer}: disconnect: {reply}", peer=self.peer_host, reply=str(reply))
+        self.transport.write(self.conn.data_to_send() + reply.to_bytes())
+        self.transport.loseConnection()
+        self.connectionLost()
+
+    # -- pumping --------------------------------------------------------------
+    def _pump(self) -> None:
+        if self._pumping or self._closed:
+            return
+        self._pumping = True
+        try:
+            while not self._waiting and not self._closed:
+                event = self.conn.next_event()
+                if event is NEED_DATA or event is PAUSED:
+                    break
+                self._dispatch(event)
+        except Exception:
+            # A bug in the core or the handler: never a traceback to the peer.
+            log.failure("internal error in SMTP session with {peer}", peer=self.peer_host)
+            self.abort_session(Reply(421, "4.3.0", "Internal error, closing connection"))
+            return
+        finally:
+            self._pumping = False
+        self._flush()
+        self._apply_backpressure()
+
+    def _dispatch(self, event) -> None:
+        method = getattr(self.handler, _HANDLER_NAMES[type(event)])
+        if isinstance(event, ev.StartTLS):
+            self._flush()        # the 220 must go out in plaintext before TLS starts
+            self.transport.startTLS(self.factory.tls_context)
+            self.conn.tls_started()
+            method(event)
+            return
+        result = method(event)
+        if event.needs_reply:
+            self._answer_later(result, self.conn.respond)
+
+    def _answer_later(self, result, respond) -> None:
+        """Give the handler's answer to the core now or when its Deferred fires."""
+        if not isinstance(result, defer.Deferred):
+            self._give(result, respond)
+            return
+        self._waiting = True
+
+        def failed(failure: Failure):
+            log.failure("session handler failed; answering tempfail", failure)
+            return TEMPFAIL_CHECK
+
+        def answered(answer):
+            self._waiting = False
+            if self._closed:
+                return
+            try:
+                self._give(answer, respond)
+            except Exception:
+                log.failure("internal error answering {peer}", peer=self.peer_host)
+                self.abort_session(Reply(421, "4.3.0", "Internal error, closing connection"))
+                return
+            self._pump()
+
+        result.addErrback(failed).addCallback(answered)
+
+    def _give(self, answer, respond) -> None:
+        if isinstance(answer, CloseAfter):
+            respond(answer.reply)
+            self._flush()
+            self.transport.loseConnection()
+            return
+        respond(answer)
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out:
+            self.transport.write(out)
+        if self.conn.closing and not self._closed:
+            self.transport.loseConnection()
+
+    # -- back-pressure --------------------------------------------------------
+    def _apply_backpressure(self) -> None:
+        if self._closed:
+            return
+        want_pause = self._paused_by_handler or self.conn.buffered > self.factory.server_config.max_buffered_input
+        if want_pause and not self._paused_input:
+            self._paused_input = True
+            self.transport.pauseProducing()
+        elif not want_pause and self._paused_input:
+            self._paused_input = False
+            self.transport.resumeProducing()
+
+    def pause_input(self) -> None:
+        """The handler's sink is full (e.g. a slow next hop): stop reading."""
+        self._paused_by_handler = True
+        self._apply_backpressure()
+
+    def resume_input(self) -> None:
+        self._paused_by_handler = False
+        self._apply_backpressure()
+
+
+class SMTPServerFactory(protocol.ServerFactory):
+    """One listener's sessions: limits, upstream trust, TLS, graceful shutdown."""
+
+    def __init__(self, *, reactor, server_config: ServerConfig, handler_factory,
+                 tls_context=None, implicit_tls: bool = False, upstream_hosts=(),
+                 command_timeout: float = 300, session_timeout: float = 3600,
+                 max_connections: int = 1000, max_connections_per_client: int = 50) -> None:
+        self.reactor = reactor
+        self.server_config = server_config
+        self.handler_factory = handler_factory
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        self.upstream_hosts = tuple(ipaddress.ip_network(n) if isinstance(n, str) else n
+                                    for n in upstream_hosts)
+        self.command_timeout = command_timeout
+        self.session_timeout = session_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client
+        self.sessions: set[SMTPServerProtocol] = set()
+        self._per_client: dict[str, int] = {}
+        self.accepting = True
+        self._drained: defer.Deferred | None = None
+
+    def buildProtocol(self, addr):
+        p = SMTPServerProtocol(self)
+        p.factory = self
+        return p
+
+    def upstream_allowed(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.upstream_hosts)
+
+    def opened(self, p: SMTPServerProtocol) -> None:
+        self.sessions.add(p)
+        self._per_client[p.peer_host] = self._per_client.get(p.peer_host, 0) + 1
+
+    def closed(self, p: SMTPServerProtocol) -> None:
+        self.sessions.discard(p)
+        n = self._per_client.get(p.peer_host, 1) - 1
+        if n:
+            self._per_client[p.peer_host] = n
+        else:
+            self._per_client.pop(p.peer_host, None)
+        if self._drained is not None and not self.sessions:
+            d, self._drained = self._drained, None
+            d.callback(None)
+
+    def admission(self, p: SMTPServerProtocol) -> Reply | None:
+        """A refusal greeting when a limit is reached, else None."""
+        host = self.server_config.hostname
+        if not self.accepting:
+            return SHUTTING_DOWN
+        if len(self.sessions) > self.max_connections:
+            return Reply(421, "4.7.0", f"{host} Error: too many connections")
+        if self._per_client.get(p.peer_host, 0) > self.max_connections_per_client:
+            return Reply(421, "4.7.0", f"{host} Error: too many connections from {p.peer_host}")
+        return None
+
+    def shutdown(self, grace: float) -> defer.Deferred:
+        """Stop accepting; idle sessions get 421 now, the others `grace` seconds to finish."""
+        self.accepting = False
+        for p in list(self.sessions):
+            if not p.in_transaction:
+                p.abort_session(SHUTTING_DOWN)
+        if not self.sessions:
+            return defer.succeed(None)
+        self._drained = defer.Deferred()
+
+        def force():
+            for p in list(self.sessions):
+                p.abort_session(SHUTTING_DOWN)
+        timer = self.reactor.callLater(grace, force)
+        self._drained.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        return self._drained

@@ -1,0 +1,90 @@
+import os
+
+import pytest
+
+from domain.maildir import Mailboxes, MaildirSink
+from shared.blocking import InlinePool
+from shared.envelope import Envelope, Recipient
+from shared.smtp.reply import UNKNOWN_USER
+
+
+class Txn:
+    def __init__(self, qid="Q1", sender="s@example.net"):
+        self.queue_id = qid
+        self.envelope = Envelope(sender=sender, recipients=[])
+
+
+def result(d):
+    out = []
+    d.addBoth(out.append)
+    return out[0]
+
+
+@pytest.fixture
+def sink(tmp_path):
+    boxes = Mailboxes(str(tmp_path / "mail"), ["example.org"], ["alice@example.org", "bob@example.org"],
+                      {"team@example.org": ["alice@example.org", "bob@example.org"],
+                       "postmaster@example.org": ["alice@example.org"]})
+    return MaildirSink(boxes, pool=InlinePool(), hostname="mx:1/x")
+
+
+def deliver(sink, rcpts, chunks, qid="Q1"):
+    s = sink.session(None)
+    txn = Txn(qid)
+    s.begin(txn)
+    answers = [s.rcpt(txn, Recipient(r)) for r in rcpts]
+    assert s.data_start(txn) is None
+    for c in chunks:
+        s.write(c)
+    return answers, result(s.data_end(txn))
+
+
+def new_files(tmp_path, user):
+    d = tmp_path / "mail" / "example.org" / user / "Maildir" / "new"
+    return sorted(d.iterdir()) if d.exists() else []
+
+
+def test_delivers_once_per_mailbox_and_cleans_up(tmp_path, sink):
+    answers, reply = deliver(sink, ["team@example.org", "Alice@Example.org"], [b"Subject: x\r\n\r\n", b"hi\r\n"])
+    assert answers == [None, None]
+    assert (reply.code, reply.enhanced) == (250, "2.0.0") and "Q1" in reply.text
+    a, b = new_files(tmp_path, "alice"), new_files(tmp_path, "bob")
+    assert len(a) == 1 and len(b) == 1          # alias + direct address: one copy for alice
+    body = b"Return-Path: <s@example.net>\r\nSubject: x\r\n\r\nhi\r\n"
+    assert a[0].read_bytes() == body and b[0].read_bytes() == body
+    assert a[0].name.endswith(f",S={len(body)}") and "/" not in a[0].name and ":" not in a[0].name
+    assert os.listdir(tmp_path / "mail" / ".tmp") == []
+    for sub in ("cur", "tmp"):
+        assert (tmp_path / "mail" / "example.org" / "alice" / "Maildir" / sub).is_dir()
+
+
+def test_unknown_user_and_postmaster(tmp_path, sink):
+    s = sink.session(None)
+    assert s.rcpt(Txn(), Recipient("carol@example.org")) is UNKNOWN_USER
+    assert s.rcpt(Txn(), Recipient("alice@other.org")) is UNKNOWN_USER
+    assert s.rcpt(Txn(), Recipient("Postmaster")) is None
+
+
+def test_abort_leaves_nothing(tmp_path, sink):
+    s = sink.session(None)
+    txn = Txn()
+    s.rcpt(txn, Recipient("alice@example.org"))
+    s.data_start(txn)
+    s.write(b"partial")
+    s.abort(txn)
+    assert os.listdir(tmp_path / "mail" / ".tmp") == []
+    assert new_files(tmp_path, "alice") == []
+
+
+def test_write_failure_is_tempfail_not_250(tmp_path, sink):
+    s = sink.session(None)
+    txn = Txn()
+    s.rcpt(txn, Recipient("alice@example.org"))
+    s.data_start(txn)
+    s.write(b"x\r\n")
+    # the mailbox path is taken by a file: delivery must fail and say 451
+    (tmp_path / "mail" / "example.org").mkdir(parents=True)
+    (tmp_path / "mail" / "example.org" / "alice").write_text("not a dir")
+    reply = result(s.data_end(txn))
+    assert (reply.code, reply.enhanced) == (451, "4.3.0")
+    assert os.listdir(tmp_path / "mail" / ".tmp") == []

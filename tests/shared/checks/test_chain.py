@@ -1,0 +1,72 @@
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from shared.checks import CONTINUE, Chain, Check, Request, reject
+from shared.checks.core import Action
+from shared.checks.relay import RelayPolicy
+
+
+def result(d):
+    out = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    return out[0]
+
+
+REQ = Request(phase="rcpt", client_address="192.0.2.7", recipient="u@example.org")
+
+
+def test_first_final_verdict_wins_in_configured_order():
+    seen = []
+    def mk(name, verdict):
+        def fn(req):
+            seen.append(name)
+            return verdict
+        return Check(name, "rcpt", fn)
+    chain = Chain([mk("a", CONTINUE), mk("b", reject(550, "5.7.1", "no")), mk("c", CONTINUE)], reactor=Clock())
+    v = result(chain.run(REQ))
+    assert v.action is Action.REJECT and v.check == "b" and v.reply.code == 550
+    assert seen == ["a", "b"]
+    assert chain.describe().splitlines() == ["rcpt      1. a (timeout 30s)", "rcpt      2. b (timeout 30s)",
+                                             "rcpt      3. c (timeout 30s)"]
+
+
+def test_exception_is_tempfail_not_continue():
+    def boom(req):
+        raise RuntimeError("bug")
+    chain = Chain([Check("boom", "rcpt", boom)], reactor=Clock())
+    v = result(chain.run(REQ))
+    assert v.action is Action.TEMPFAIL and v.reply.code == 451 and v.reply.enhanced == "4.3.0"
+
+
+def test_timeout_is_tempfail():
+    clock = Clock()
+    chain = Chain([Check("slow", "rcpt", lambda r: defer.Deferred(), timeout=5)], reactor=clock)
+    d = chain.run(REQ)
+    out = []
+    d.addBoth(out.append)
+    clock.advance(4.9)
+    assert out == []
+    clock.advance(0.2)
+    assert out[0].action is Action.TEMPFAIL and out[0].check == "slow"
+
+
+def test_non_verdict_is_tempfail():
+    chain = Chain([Check("sloppy", "rcpt", lambda r: "OK")], reactor=Clock())
+    assert result(chain.run(REQ)).action is Action.TEMPFAIL
+
+
+def test_other_phases_do_not_run():
+    chain = Chain([Check("m", "mail", lambda r: reject(550, "5.0.0", "x"))], reactor=Clock())
+    assert result(chain.run(REQ)) is CONTINUE
+
+
+def test_relay_denied_unless_permitted():
+    policy = RelayPolicy(["example.org"], ["192.0.2.0/28"])
+    assert not policy(REQ.at("rcpt", recipient="x@Example.ORG.")).final
+    assert not policy(REQ.at("rcpt", recipient="x@elsewhere.net")).final     # 192.0.2.7 in mynetworks
+    outsider = Request(phase="rcpt", client_address="198.51.100.1", recipient="x@elsewhere.net")
+    v = policy(outsider)
+    assert v.action is Action.REJECT and (v.reply.code, v.reply.enhanced) == (554, "5.7.1")
+    assert policy(Request(phase="rcpt", client_address="", recipient="x@elsewhere.net")).final
+    assert RelayPolicy(["example.org"], [])(REQ.at("rcpt", recipient="x@sub.example.org")).final

@@ -1,0 +1,45 @@
+from shared.engine.received import HEADER_SCAN_LIMIT, HeaderScanner, received_header, with_protocol
+
+
+def scan(chunks):
+    h = HeaderScanner()
+    for c in chunks:
+        h.feed(c)
+    return h
+
+
+def test_counts_only_the_header_section_across_chunk_splits():
+    msg = b"Received: a\r\nX: 1\r\nRECEIVED : b\r\n\r\nReceived: in the body\r\n"
+    for i in range(len(msg)):
+        h = scan([msg[:i], msg[i:]])
+        assert h.done and h.received_count() == 2, i
+
+
+def test_folded_and_lookalike_lines():
+    h = scan([b"X-Received: no\r\n\tReceived: folded continuation\r\nReceived: yes\r\n\r\n"])
+    assert h.received_count() == 1
+
+
+def test_no_header_section():
+    h = scan([b"\r\nReceived: body only\r\n"])
+    assert h.done and h.received_count() == 0
+
+
+def test_scan_is_bounded():
+    h = scan([b"Received: x\r\n" * (HEADER_SCAN_LIMIT // 13 + 10)])
+    assert h.done and len(h.buf) <= HEADER_SCAN_LIMIT
+    h.feed(b"Received: more\r\n")
+    assert len(h.buf) <= HEADER_SCAN_LIMIT
+
+
+def test_received_header_shape():
+    one = received_header(helo="mx.example.net", client_name=None, client_addr="2001:db8::1",
+                          hostname="edge.example.org", protocol=with_protocol(True, True, False, False),
+                          queue_id="QID", recipients=["a@example.org"], now=0).decode()
+    assert one.startswith("Received: from mx.example.net (unknown [IPv6:2001:db8::1])\r\n"
+                          "\tby edge.example.org (smarthost) with ESMTPS id QID\r\n"
+                          "\tfor <a@example.org>; Thu, 01 Jan 1970 00:00:00 -0000\r\n")
+    two = received_header(helo=None, client_name="c.example", client_addr="192.0.2.1", hostname="h",
+                          protocol="SMTP", queue_id="Q", recipients=["a@x", "b@x"], now=0).decode()
+    assert "for <" not in two and "with SMTP id Q;\r\n\tThu, 01 Jan 1970" in two
+    assert with_protocol(True, True, True, True) == "UTF8SMTPSA"
