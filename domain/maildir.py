@@ -136,7 +136,8 @@ class MaildirSession:
     def rcpt(self, txn, recipient):
         boxes = self.sink.mailboxes.resolve(recipient.address)
         if boxes is None:
-            return UNKNOWN_USER
+            return Reply(UNKNOWN_USER.code, UNKNOWN_USER.enhanced,
+                         f"<{recipient.address}>: Recipient address rejected: User unknown in virtual mailbox table")
         for b in boxes:
             if b not in self.targets:
                 self.targets.append(b)

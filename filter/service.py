@@ -42,13 +42,13 @@ def build(settings, reactor, pool, dry_run: bool = False) -> TierParts:
     verifier = RecipientVerifier(client, reactor=reactor, positive_ttl=v["positive_ttl"],
                                  negative_ttl=v["negative_ttl"])
     spool = Spool(Path(settings["queue"]["directory"]), reactor=reactor, fsync=settings["queue"]["fsync"])
-    manager = QueueManager(spool, client.deliver_batch, queue_settings(settings), reactor=reactor)
+    manager = QueueManager(spool, client.deliver_batch, queue_settings(settings), reactor=reactor,
+                           relay=",".join(f"{h}:{p}" for h, p in settings["next_hop"]["hosts"]))
     sink = QueueSink(spool, manager)
 
     def start():
         spool.start()
-        spool.recover()
-        manager.start()
+        manager.start()     # recovers the spool first: tmp/ cleaned, active/ re-queued, corrupt/ set apart
 
     def stop():
         verifier.close()

@@ -96,12 +96,9 @@ class RecipientVerifier:
         if reply.positive:
             self._remember(key, None, self.positive_ttl)
             return None
-        if reply.permanent:
-            result = Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: {reply.text}")
-            if reply.enhanced and reply.enhanced != "5.1.1":
-                result = Reply(reply.code, reply.enhanced, f"<{address}>: Recipient address rejected: {reply.text}")
-            self._remember(key, result, self.negative_ttl)
-            return result
+        if reply.permanent:       # the next tier's own words reach the client
+            self._remember(key, reply, self.negative_ttl)
+            return reply
         return Reply(450, "4.1.1", f"<{address}>: Recipient address rejected: unverified address: {reply.text}")
 
     def _acquire(self):
@@ -125,7 +122,8 @@ class RecipientVerifier:
 
     def _release(self, session, broken: bool = False) -> None:
         if broken or not session.usable:
-            session.abort_connection()
+            if session.protocol.transport is not None:
+                session.protocol.transport.abortConnection()
             self.open_count -= 1
         else:
             self.idle.append(session)

@@ -1,7 +1,7 @@
 """Queue ids: unique across nodes and restarts, sortable by time, safe as file names.
 
-An id is 20 characters of Crockford base32: 10 for the time in microseconds
-(good until the year 36812), 10 for 50 random bits.  Sorting ids sorts by
+An id is 21 characters of Crockford base32: 11 for the time in microseconds
+(55 bits: good for over a thousand years), 10 for 50 random bits.  Sorting ids sorts by
 arrival; two nodes sharing a spool name space cannot realistically collide.
 """
 from __future__ import annotations
@@ -23,4 +23,4 @@ def _b32(n: int, width: int) -> str:
 def new_queue_id(now: float | None = None) -> str:
     micros = int((time.time() if now is None else now) * 1_000_000)
     rand = int.from_bytes(os.urandom(7), "big") >> 6
-    return _b32(micros, 10) + _b32(rand, 10)
+    return _b32(micros, 11) + _b32(rand, 10)

@@ -44,7 +44,9 @@ class ProxySession:
     def _drop(self) -> None:
         if self.upstream is not None:
             up, self.upstream = self.upstream, None
-            up.abort_connection()
+            if up.protocol.transport is not None:
+                up.protocol.transport.abortConnection()
+        self.engine.protocol.resume_input()
 
     def _failed(self, failure, what: str):
         log.warn("{qid}: next hop failed during {what}: {err}", qid=self._qid, what=what,
@@ -76,8 +78,7 @@ class ProxySession:
             self.upstream = None
             return NEXT_HOP_DOWN
         try:
-            if up.offers("XFORWARD"):
-                yield up.xforward({"IDENT": txn.queue_id})
+            yield up.xforward({"IDENT": txn.queue_id})      # a no-op unless XFORWARD is offered
             env = txn.envelope
             reply = yield up.mail(env.sender, size=None, body=env.body, smtputf8=env.smtputf8,
                                   ret=env.ret, envid=env.envid)
@@ -106,12 +107,22 @@ class ProxySession:
         if reply.code != 354:
             return reply if not reply.positive else Reply(451, "4.3.0", "Next hop refused DATA")
         self.in_data = True
-        self.upstream.set_flow_target(self.engine.protocol)
         return None
 
     def write(self, chunk: bytes) -> None:
-        if self.in_data and not self.failed and self.upstream is not None:
-            self.upstream.send_data(chunk)
+        """Forward message bytes; a full next-hop buffer pauses reading from the client."""
+        up = self.upstream
+        if not self.in_data or self.failed or up is None:
+            return
+        try:
+            up.send_data(chunk)
+        except Exception:
+            self._failed(_current_failure(), "DATA")
+            return
+        if not up.is_writable():
+            self.engine.protocol.pause_input()
+            up.wait_writable().addCallbacks(lambda _: self.engine.protocol.resume_input(),
+                                            lambda f: self._failed(f, "DATA"))
 
     @defer.inlineCallbacks
     def data_end(self, txn):
@@ -123,10 +134,7 @@ class ProxySession:
             reply = yield up.end_data()
         except Exception:
             return self._failed(_current_failure(), "end of data")
-        finally:
-            if self.upstream is not None:
-                self.upstream.set_flow_target(None)
-        log.info("{qid}: relay={relay}, status={status} ({reply})", qid=txn.queue_id, relay=up.peer_name,
+        log.info("{qid}: relay={relay}, status={status} ({reply})", qid=txn.queue_id, relay=up.relay,
                  status="sent" if reply.positive else "rejected", reply=str(reply))
         if reply.positive:
             return Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}")
@@ -144,12 +152,11 @@ class ProxySession:
             self.upstream.rset().addErrback(lambda f: self._drop())
 
     def close(self) -> None:
-        if self.upstream is not None:
+        if self.in_data:
+            self._drop()
+        elif self.upstream is not None:
             up, self.upstream = self.upstream, None
-            if self.in_data:
-                up.abort_connection()
-            else:
-                up.close()
+            up.close()
 
 
 def _current_failure():

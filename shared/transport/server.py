@@ -62,6 +62,7 @@ class SMTPServerProtocol(protocol.Protocol):
         self._idle_timer = None
         self._session_timer = None
         self._closed = False
+        self._closing = False
         self.in_transaction = False
 
     # -- connection life ------------------------------------------------------
@@ -102,7 +103,7 @@ class SMTPServerProtocol(protocol.Protocol):
         self.factory.closed(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.conn is None or self._closed:
+        if self.conn is None or self._closed or self._closing:
             return
         self._reset_idle()
         self.conn.receive_data(data)
@@ -137,7 +138,7 @@ class SMTPServerProtocol(protocol.Protocol):
             return
         self._pumping = True
         try:
-            while not self._waiting and not self._closed:
+            while not self._waiting and not self._closed and not self._closing:
                 event = self.conn.next_event()
                 if event is NEED_DATA or event is PAUSED:
                     break
@@ -168,6 +169,7 @@ class SMTPServerProtocol(protocol.Protocol):
         """Give the handler's answer to the core now or when its Deferred fires."""
         if not isinstance(result, defer.Deferred):
             self._give(result, respond)
+            self._pump()          # flushes; a no-op when called from inside the pump
             return
         self._waiting = True
 
@@ -193,6 +195,7 @@ class SMTPServerProtocol(protocol.Protocol):
         if isinstance(answer, CloseAfter):
             respond(answer.reply)
             self._flush()
+            self._closing = True          # nothing more is read or answered
             self.transport.loseConnection()
             return
         respond(answer)
@@ -228,6 +231,8 @@ class SMTPServerProtocol(protocol.Protocol):
 
 class SMTPServerFactory(protocol.ServerFactory):
     """One listener's sessions: limits, upstream trust, TLS, graceful shutdown."""
+
+    noisy = False
 
     def __init__(self, *, reactor, server_config: ServerConfig, handler_factory,
                  tls_context=None, implicit_tls: bool = False, upstream_hosts=(),

@@ -60,8 +60,10 @@ def test_delivers_once_per_mailbox_and_cleans_up(tmp_path, sink):
 
 def test_unknown_user_and_postmaster(tmp_path, sink):
     s = sink.session(None)
-    assert s.rcpt(Txn(), Recipient("carol@example.org")) is UNKNOWN_USER
-    assert s.rcpt(Txn(), Recipient("alice@other.org")) is UNKNOWN_USER
+    for addr in ("carol@example.org", "alice@other.org"):
+        r = s.rcpt(Txn(), Recipient(addr))
+        assert (r.code, r.enhanced) == (UNKNOWN_USER.code, UNKNOWN_USER.enhanced) == (550, "5.1.1")
+        assert r.text == f"<{addr}>: Recipient address rejected: User unknown in virtual mailbox table"
     assert s.rcpt(Txn(), Recipient("Postmaster")) is None
 
 

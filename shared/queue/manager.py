@@ -1,0 +1,590 @@
+"""The queue manager: decides which queued message is delivered when.
+
+STRATEGIES
+
+Sources of work.  A message reaches the scheduler in three ways: notify(qid)
+right after the SMTP server committed it to incoming/; a timer that fires at
+the earliest next-attempt time of the deferred messages it knows; and a
+periodic scan (``scan_interval``, 300 s like Postfix's queue_run_delay) of
+incoming/ and deferred/, which finds what the other two missed (messages left
+by an earlier run, admin releases, clock jumps).  A deferred file's mtime *is*
+its next-attempt time (as in Postfix), so a scan costs one stat per file and
+an admin "flush" only has to touch mtimes.  Messages in hold/ are never
+scheduled.
+
+Pick-up.  A message is picked up by moving it incoming|deferred -> active
+(renames and the small reads of trailer, envelope and status happen on the
+reactor thread, like Postfix's single-threaded qmgr; fsyncs never do).
+If the move fails, somebody (an admin command) moved or deleted the file
+first: the message is skipped without error.  A file that fails validation at
+pick-up goes to corrupt/ and is logged.  The recipients still to do come from
+the status file (R/status/<qid>) when it exists, else from the envelope; a
+recipient address that appears twice is delivered once.
+
+Batching and concurrency.  At most ``concurrency`` delivery batches run at
+once; one batch is one call of the delivery function, which uses one
+connection to the next hop for up to ``batch_size`` messages.  A batch is
+formed as soon as a slot is free, from what is ready then (coalescing the
+notifications of one reactor turn): under light load messages go out one by
+one without waiting, under heavy load they queue up while all slots are busy
+and go out in full batches.
+
+Fairness.  Two ready queues, new mail (incoming) and retries (deferred), both
+FIFO; a batch takes from them alternately, so a flood of new mail cannot
+starve retries and a large backlog of retries cannot delay new mail by more
+than half.
+
+Retry schedule.  After a transient result (a 4xx reply, or a connection
+failure, which the delivery function reports as a 4xx reply) the message goes
+to deferred/ with next attempt = now + min(retry_max, retry_min * 2**(n-1))
+where n is the number of attempts so far: 300, 600, 1200, 2400, 4000, 4000 s
+... with the defaults (Postfix's minimal/maximal_backoff_time).
+
+Expiry.  When an attempt fails transiently and the message is older than
+``lifetime`` (5 days; measured from envelope.received_at), the remaining
+recipients are bounced with status 4.4.7 "delivery time expired", quoting the
+last reply.  An expired message therefore gets one last attempt, as in Postfix.
+
+Partial failure.  Each recipient is final on its own: 2xx -> done, 5xx ->
+bounced, 4xx -> still pending.  The status file records the pending ones, the
+number of attempts and the last reply of each, and the file moves to
+deferred/; when no recipient is pending, file and status are removed.  The
+status is written (tmp + fsync + rename) before the file leaves active/, so a
+crash at any point repeats at most the last attempt, never skips a recipient.
+
+Bounces.  All failed recipients of one attempt get one RFC 3464 report to
+the envelope sender (shared.queue.bounce; never to the null sender, and only
+for recipients whose NOTIFY asks for failures).  The report is committed to
+this same spool and delivered like any message.  If committing it fails, the
+failures stay in the status file and the report is tried again at the next
+attempt time.
+
+Admin requests.  hold/delete of a message in active/ cannot be done by the
+admin process without racing the delivery, so it leaves R/requests/<qid>.hold
+or .delete; the manager applies it when the attempt ends (delete: file and
+status removed, no bounce; hold: the pending rest goes to hold/ instead of
+deferred/).  R/requests/ is polled every ``request_interval`` (1 s) with one
+os.scandir; that poll also applies requests for messages no longer in flight,
+R/requests/<qid>.release (schedule a released message now) and
+R/requests/flush (every deferred message is due now).
+
+Trust.  The delivery function is ours but its results are checked: a missing
+or malformed result for a recipient counts as a transient failure (451
+4.3.0), a failed call defers the whole batch.  Queue files are validated again
+at pick-up; admin requests are file names checked against the queue id syntax.
+
+Shutdown.  stop() takes no new work and waits for the batches in flight (at
+most ``stop_timeout``); files are left where they are, and whatever is still
+in active/ goes back to incoming/ at the next start (recovery).
+"""
+from __future__ import annotations
+
+import functools
+import heapq
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any, BinaryIO, Callable
+
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from shared.envelope import Envelope, Recipient
+from shared.queue.bounce import RETURN_LIMIT, make_bounce
+from shared.queue.store import CorruptFile, QueuedMessage, RecoveryReport, Spool, valid_qid
+from shared.smtp.reply import Reply
+
+log = Logger(namespace="smarthost.queue.manager")
+
+DeliverItem = tuple[str, Envelope, Callable[[], BinaryIO], int]
+DeliverFn = Callable[[list[DeliverItem]], "Deferred[list[dict[str, Reply]]]"]
+
+# Given to a recipient the delivery function said nothing about, or when it failed.
+NO_REPLY = Reply(451, "4.3.0", "Delivery agent gave no result, will retry")
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    retry_min: float = 300
+    retry_max: float = 4000
+    lifetime: float = 5 * 86400
+    concurrency: int = 20             # concurrent delivery batches (connections) to the next hop
+    batch_size: int = 100             # messages per connection
+    scan_interval: float = 300        # periodic rescan of incoming/ and deferred/
+    bounce_notice_hostname: str = "localhost"
+    request_interval: float = 1.0     # poll of R/requests/
+    stop_timeout: float = 30.0        # stop() waits at most this long for batches in flight
+    return_limit: int = RETURN_LIMIT  # RET=FULL bounces return messages up to this size
+
+    def __post_init__(self) -> None:
+        for name in ("retry_min", "retry_max", "lifetime", "scan_interval",
+                     "request_interval", "stop_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"queue setting {name} must be > 0")
+        if self.retry_max < self.retry_min:
+            raise ValueError("queue setting retry_max must be >= retry_min")
+        for name in ("concurrency", "batch_size"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"queue setting {name} must be an integer >= 1")
+
+    def backoff(self, attempts: int) -> float:
+        """Delay before the next attempt after ``attempts`` attempts (>= 1)."""
+        return min(self.retry_max, self.retry_min * 2.0 ** min(max(attempts - 1, 0), 64))
+
+
+@dataclass
+class Job:
+    """One message picked up for one attempt."""
+    qid: str
+    message: QueuedMessage
+    pending: list[Recipient]
+    status: dict[str, Any]
+
+
+class QueueManager:
+    def __init__(self, spool: Spool, deliver: DeliverFn, settings: QueueSettings = QueueSettings(),
+                 *, reactor, log_prefix: str = "", relay: str = "next-hop"):
+        """``relay`` names the next hop in log lines; ``log_prefix`` (e.g. "edge: ")
+        starts each log line of this manager."""
+        self.spool = spool
+        self.deliver = deliver
+        self.settings = settings
+        self.reactor = reactor
+        self.log_prefix = log_prefix
+        self.relay = relay
+        self.running = False
+        self.ready_incoming: deque[str] = deque()
+        self.ready_deferred: deque[str] = deque()
+        self.scheduled: set[str] = set()       # in a ready queue
+        self.inflight: set[str] = set()        # in active/, owned by a batch
+        self.wakeups: dict[str, float] = {}    # deferred qid -> next attempt (timer heap)
+        self.heap: list[tuple[float, str]] = []
+        self.timer = None
+        self.pump_call = None
+        self.batches = 0
+        self.prefer_deferred = False
+        self.stop_waiters: list[Deferred] = []
+        self.stop_timer = None
+        self.scan_loop = LoopingCall(self.scan)
+        self.scan_loop.clock = reactor
+        self.request_loop = LoopingCall(self.check_requests)
+        self.request_loop.clock = reactor
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self, *, recover: bool = True) -> RecoveryReport | None:
+        """Recover the spool, then schedule everything; returns the recovery report.
+
+        Recovery (skipped if ``recover=False`` or already done on this Spool)
+        moves active/ back to incoming/ and deletes tmp/ files that this process
+        is not receiving, so start the manager before, or in the same process
+        as, the SMTP server that writes to this spool.
+        """
+        report = self.spool.recovery
+        if recover and report is None:
+            report = self.spool.recover()
+        self.running = True
+        self.check_requests()
+        self.scan()
+        self.scan_loop.start(self.settings.scan_interval, now=False)
+        self.request_loop.start(self.settings.request_interval, now=False)
+        return report
+
+    def stop(self) -> Deferred:
+        """Take no new work; fire when the batches in flight are done (or at stop_timeout)."""
+        self.running = False
+        for loop in (self.scan_loop, self.request_loop):
+            if loop.running:
+                loop.stop()
+        for call in (self.timer, self.pump_call):
+            if call is not None and call.active():
+                call.cancel()
+        self.timer = self.pump_call = None
+        if self.batches == 0:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self.stop_waiters.append(d)
+        if self.stop_timer is None:
+            self.stop_timer = self.reactor.callLater(self.settings.stop_timeout,
+                                                     self.release_stop_waiters, True)
+        return d
+
+    def release_stop_waiters(self, timed_out: bool = False) -> None:
+        if timed_out:
+            log.warn("{prefix}stop: {n} delivery batch(es) still running; their messages "
+                     "stay in active/ and are recovered at the next start",
+                     prefix=self.log_prefix, n=self.batches)
+        elif self.stop_timer is not None and self.stop_timer.active():
+            self.stop_timer.cancel()
+        self.stop_timer = None
+        waiters, self.stop_waiters = self.stop_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def notify(self, qid: str) -> None:
+        """A message was just committed to incoming/: schedule it now."""
+        if not valid_qid(qid):
+            log.error("{prefix}notify: invalid queue id {qid!r} ignored",
+                      prefix=self.log_prefix, qid=qid)
+            return
+        if self.enqueue(qid, "incoming"):
+            self.pump_soon()
+
+    # -- finding work -----------------------------------------------------------
+
+    def enqueue(self, qid: str, src: str) -> bool:
+        if qid in self.scheduled or qid in self.inflight:
+            return False
+        self.wakeups.pop(qid, None)
+        self.scheduled.add(qid)
+        (self.ready_incoming if src == "incoming" else self.ready_deferred).append(qid)
+        return True
+
+    def scan(self, *, flush: bool = False) -> None:
+        """Enqueue incoming/ and the deferred/ files that are due (all of them if
+        ``flush``); arm the timer for the rest."""
+        try:
+            now = self.reactor.seconds()
+            for qid, _ in self.spool.scan("incoming"):
+                if qid not in self.spool.open_tmp:      # still being committed
+                    self.enqueue(qid, "incoming")
+            for qid, when in self.spool.scan("deferred"):
+                if qid in self.scheduled or qid in self.inflight:
+                    continue
+                if flush or when <= now:
+                    self.enqueue(qid, "deferred")
+                elif self.wakeups.get(qid) != when:
+                    self.wake_at(qid, when)
+        except Exception:
+            log.failure("{prefix}queue scan failed", prefix=self.log_prefix)
+        self.pump_soon()
+
+    def wake_at(self, qid: str, when: float) -> None:
+        self.wakeups[qid] = when
+        heapq.heappush(self.heap, (when, qid))
+        self.arm_timer()
+
+    def arm_timer(self) -> None:
+        heap = self.heap
+        while heap and self.wakeups.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)                  # stale: rescheduled or picked up
+        if not heap or not self.running:
+            return
+        when = heap[0][0]
+        if self.timer is not None and self.timer.active():
+            if self.timer.getTime() <= when:
+                return
+            self.timer.cancel()
+        self.timer = self.reactor.callLater(max(0.0, when - self.reactor.seconds()),
+                                            self.on_timer)
+
+    def on_timer(self) -> None:
+        self.timer = None
+        now = self.reactor.seconds()
+        while self.heap and self.heap[0][0] <= now:
+            when, qid = heapq.heappop(self.heap)
+            if self.wakeups.get(qid) == when:
+                del self.wakeups[qid]
+                self.enqueue(qid, "deferred")
+        self.arm_timer()
+        self.pump_soon()
+
+    def check_requests(self) -> None:
+        """Apply admin requests left in R/requests/ (see STRATEGIES)."""
+        try:
+            names = self.spool.requests()
+            flush = False
+            for name in names:
+                if name == "flush":
+                    flush = True
+                    self.spool.clear_request(name)
+                    continue
+                qid, _, kind = name.partition(".")
+                if not valid_qid(qid) or kind not in ("hold", "delete", "release"):
+                    log.warn("{prefix}ignoring unknown admin request {name!r}",
+                             prefix=self.log_prefix, name=name)
+                    self.spool.clear_request(name)
+                    continue
+                if qid in self.inflight:
+                    continue                     # applied when its attempt ends
+                self.apply_request(qid, kind)
+                self.spool.clear_request(name)
+            if flush:
+                log.info("{prefix}flush requested", prefix=self.log_prefix)
+                self.scan(flush=True)
+        except Exception:
+            log.failure("{prefix}checking admin requests failed", prefix=self.log_prefix)
+        self.pump_soon()
+
+    def apply_request(self, qid: str, kind: str) -> None:
+        if kind == "delete":
+            if self.spool.remove(qid):
+                log.info("{prefix}{qid}: removed by admin request", prefix=self.log_prefix, qid=qid)
+            self.spool.clear_request(f"{qid}.hold")
+        elif kind == "hold":
+            for src in ("incoming", "deferred"):
+                if self.spool.move(qid, src, "hold"):
+                    log.info("{prefix}{qid}: put on hold by admin request",
+                             prefix=self.log_prefix, qid=qid)
+                    break
+        elif kind == "release":
+            self.enqueue(qid, "deferred")
+
+    # -- delivering -------------------------------------------------------------
+
+    def pump_soon(self) -> None:
+        if self.running and self.pump_call is None:
+            self.pump_call = self.reactor.callLater(0, self.pump)
+
+    def pump(self) -> None:
+        self.pump_call = None
+        while (self.running and self.batches < self.settings.concurrency
+               and (self.ready_incoming or self.ready_deferred)):
+            jobs = self.take_batch()
+            if jobs:
+                self.batches += 1
+                self.run_batch(jobs)
+
+    def next_ready(self) -> tuple[str, str] | None:
+        order = [(self.ready_incoming, "incoming"), (self.ready_deferred, "deferred")]
+        if self.prefer_deferred:
+            order.reverse()
+        self.prefer_deferred = not self.prefer_deferred
+        for queue, src in order:
+            if queue:
+                qid = queue.popleft()
+                self.scheduled.discard(qid)
+                return qid, src
+        return None
+
+    def take_batch(self) -> list[Job]:
+        jobs: list[Job] = []
+        while len(jobs) < self.settings.batch_size:
+            item = self.next_ready()
+            if item is None:
+                break
+            job = self.pick_up(*item)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def pick_up(self, qid: str, src: str) -> Job | None:
+        spool = self.spool
+        if not spool.move(qid, src, "active"):
+            return None                          # moved or deleted by an admin command
+        try:
+            message = spool.open(qid, "active")
+        except FileNotFoundError:
+            return None
+        except CorruptFile as e:
+            spool.move(qid, "active", "corrupt")
+            log.error("{prefix}{qid}: corrupt queue file ({reason}); moved to corrupt/",
+                      prefix=self.log_prefix, qid=qid, reason=e.reason)
+            return None
+        except OSError as e:                     # EIO, EMFILE...: not the file's fault
+            log.error("{prefix}{qid}: cannot read queue file ({err}); will retry",
+                      prefix=self.log_prefix, qid=qid, err=e)
+            when = self.reactor.seconds() + self.settings.retry_min
+            spool.set_next_attempt(qid, "active", when)
+            if spool.move(qid, "active", "deferred"):
+                self.wake_at(qid, when)
+            return None
+        status = spool.read_status(qid) or {}
+        wanted = status.get("pending")
+        wanted = set(wanted) if isinstance(wanted, list) else None
+        seen: set[str] = set()
+        pending = []
+        for rcpt in message.envelope.recipients:
+            if rcpt.address in seen:
+                continue
+            seen.add(rcpt.address)
+            if wanted is None or rcpt.address in wanted:
+                pending.append(rcpt)
+        self.inflight.add(qid)
+        env = message.envelope
+        log.info("{prefix}{qid}: from=<{sender}>, size={size}, nrcpt={nrcpt}, "
+                 "upstream={upstream} (queue active)", prefix=self.log_prefix, qid=qid,
+                 sender=env.sender, size=message.body_len, nrcpt=len(pending),
+                 upstream=env.upstream_id or "-")
+        return Job(qid, message, pending, status)
+
+    def run_batch(self, jobs: list[Job]) -> None:
+        deliverable = [j for j in jobs if j.pending]
+        if deliverable:
+            items = [(j.qid, replace(j.message.envelope, recipients=list(j.pending)),
+                      j.message.open_body, j.message.body_len) for j in deliverable]
+            d = maybeDeferred(self.deliver, items)
+            d.addCallback(self.check_results, len(deliverable))
+            d.addErrback(self.delivery_failed, len(deliverable))
+        else:
+            d = succeed([])
+        d.addCallback(lambda results: self.finish_batch(jobs, deliverable, results))
+        d.addErrback(lambda f: log.failure("{prefix}finishing a delivery batch failed", f,
+                                           prefix=self.log_prefix))
+        d.addBoth(self.batch_done)
+
+    @staticmethod
+    def check_results(results: Any, n: int) -> list[dict[str, Reply]]:
+        if not isinstance(results, list) or len(results) != n:
+            raise TypeError(f"delivery function returned {type(results).__name__} "
+                            f"for {n} messages")
+        return [r if isinstance(r, dict) else {} for r in results]
+
+    def delivery_failed(self, failure: Failure, n: int) -> list[dict[str, Reply]]:
+        log.failure("{prefix}delivery function failed; {n} message(s) will be retried",
+                    failure, prefix=self.log_prefix, n=n)
+        return [{} for _ in range(n)]
+
+    def finish_batch(self, jobs: list[Job], deliverable: list[Job],
+                     results: list[dict[str, Reply]]) -> Deferred:
+        by_qid = {j.qid: r for j, r in zip(deliverable, results)}
+        requests = set(self.spool.requests()) if jobs else set()
+        return gatherResults([self.finish(j, by_qid.get(j.qid, {}), requests) for j in jobs],
+                             consumeErrors=True)
+
+    def batch_done(self, _: Any) -> None:
+        self.batches -= 1
+        if self.running:
+            self.pump_soon()
+        elif self.batches == 0 and self.stop_waiters:
+            self.release_stop_waiters()
+
+    def finish(self, job: Job, replies: dict[str, Reply], requests: set[str]) -> Deferred:
+        d = Deferred.fromCoroutine(self.settle(job, replies, requests))
+        d.addErrback(self.settle_failed, job)
+        d.addBoth(lambda _: self.inflight.discard(job.qid))
+        return d
+
+    async def settle(self, job: Job, replies: dict[str, Reply], requests: set[str]) -> None:
+        """Act on one message's results: log, bounce, defer or remove it."""
+        spool, qid = self.spool, job.qid
+        env = job.message.envelope
+        now = self.reactor.seconds()
+        expired_now = now - env.received_at > self.settings.lifetime
+        failed = {a: reply_from_json(v) for a, v in job.status.get("failed", {}).items()}
+        expired = set(job.status.get("expired", ()))
+        deferred: list[Recipient] = []
+        last: dict[str, str] = {}
+        for rcpt in job.pending:
+            reply = replies.get(rcpt.address)
+            if not isinstance(reply, Reply):
+                reply = NO_REPLY
+            if reply.positive:
+                self.log_result(job, rcpt, reply, "sent", now)
+            elif reply.permanent:
+                failed[rcpt.address] = reply
+                self.log_result(job, rcpt, reply, "bounced", now)
+            elif expired_now:
+                failed[rcpt.address] = reply
+                expired.add(rcpt.address)
+                self.log_result(job, rcpt, reply, "bounced", now, "delivery time expired; ")
+            else:
+                deferred.append(rcpt)
+                last[rcpt.address] = str(reply)
+                self.log_result(job, rcpt, reply, "deferred", now)
+
+        if f"{qid}.delete" in requests:
+            spool.remove(qid, "active")
+            spool.clear_request(f"{qid}.delete")
+            spool.clear_request(f"{qid}.hold")
+            log.info("{prefix}{qid}: removed by admin request", prefix=self.log_prefix, qid=qid)
+            return
+        hold = f"{qid}.hold" in requests
+
+        if failed:
+            if env.sender == "":
+                log.info("{prefix}{qid}: no bounce for the null sender ({n} failed)",
+                         prefix=self.log_prefix, qid=qid, n=len(failed))
+                failed, expired = {}, set()
+            else:
+                try:
+                    bounce_qid = await self.send_bounce(job, failed, expired, now)
+                except Exception:
+                    log.failure("{prefix}{qid}: could not queue the bounce; will retry",
+                                prefix=self.log_prefix, qid=qid)
+                else:
+                    if bounce_qid:
+                        log.info("{prefix}{qid}: sender non-delivery notification: {bqid}",
+                                 prefix=self.log_prefix, qid=qid, bqid=bounce_qid)
+                    else:
+                        log.info("{prefix}{qid}: no bounce: NOTIFY excludes FAILURE",
+                                 prefix=self.log_prefix, qid=qid)
+                    failed, expired = {}, set()
+
+        if not deferred and not failed:
+            spool.remove(qid, "active")
+            if hold:
+                spool.clear_request(f"{qid}.hold")
+            log.info("{prefix}{qid}: removed", prefix=self.log_prefix, qid=qid)
+            return
+
+        attempts = int(job.status.get("attempts", 0)) + 1
+        next_attempt = now + self.settings.backoff(attempts)
+        status = {
+            "pending": [r.address for r in deferred],
+            "attempts": attempts,
+            "first_attempt": job.status.get("first_attempt", now),
+            "last_attempt": now,
+            "last_reply": last,
+            "failed": {a: reply_to_json(r) for a, r in failed.items()},
+            "expired": sorted(expired & failed.keys()),
+        }
+        await spool.write_status_async(qid, status)
+        spool.set_next_attempt(qid, "active", next_attempt)
+        if hold:
+            spool.move(qid, "active", "hold")
+            spool.clear_request(f"{qid}.hold")
+            log.info("{prefix}{qid}: put on hold by admin request", prefix=self.log_prefix, qid=qid)
+        elif spool.move(qid, "active", "deferred") and self.running:
+            self.wake_at(qid, next_attempt)
+
+    def settle_failed(self, failure: Failure, job: Job) -> None:
+        """Could not record the outcome (disk full?): retry the message later."""
+        log.failure("{prefix}{qid}: could not record delivery results; will retry",
+                    failure, prefix=self.log_prefix, qid=job.qid)
+        when = self.reactor.seconds() + self.settings.retry_min
+        self.spool.set_next_attempt(job.qid, "active", when)
+        if self.spool.move(job.qid, "active", "deferred") and self.running:
+            self.wake_at(job.qid, when)
+
+    async def send_bounce(self, job: Job, failed: dict[str, Reply], expired: set[str],
+                          now: float) -> str | None:
+        env = job.message.envelope
+        build = functools.partial(
+            make_bounce, env, job.qid, failed, self.settings.bounce_notice_hostname,
+            env.received_at, job.message.read_prefix, expired=frozenset(expired), now=now,
+            return_limit=self.settings.return_limit)
+        result = await self.spool.run(build)
+        if result is None:
+            return None
+        bounce_env, data = result
+        incoming = self.spool.new_message()
+        try:
+            incoming.write(data)
+        except BaseException:
+            incoming.abort()
+            raise
+        await incoming.commit(bounce_env)
+        self.notify(incoming.qid)
+        return incoming.qid
+
+    def log_result(self, job: Job, rcpt: Recipient, reply: Reply, status: str, now: float,
+                   note: str = "") -> None:
+        env = job.message.envelope
+        log.info("{prefix}{qid}: to=<{rcpt}>, relay={relay}, delay={delay}, upstream={upstream}, "
+                 "status={status} ({note}{reply})", prefix=self.log_prefix, qid=job.qid,
+                 rcpt=rcpt.address, relay=self.relay, delay=f"{max(0.0, now - env.received_at):.1f}",
+                 upstream=env.upstream_id or "-", status=status, note=note, reply=str(reply))
+
+
+def reply_to_json(reply: Reply) -> list[Any]:
+    return [reply.code, reply.enhanced, reply.text]
+
+
+def reply_from_json(value: Any) -> Reply:
+    try:
+        code, enhanced, text = value
+        return Reply(int(code), enhanced, str(text))
+    except (TypeError, ValueError):
+        return Reply(550, "5.0.0", "delivery failed (reply not recorded)")

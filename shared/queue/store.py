@@ -1,0 +1,629 @@
+"""The durable spool: queue files, state directories and group-committed fsync.
+
+Layout of a spool root ``R`` (every directory mode 0700)::
+
+    R/tmp/        being received; never acknowledged, deleted at start-up
+    R/incoming/   committed (fsynced, 250 sent), waiting for the queue manager
+    R/active/     picked up by the queue manager, delivery in progress
+    R/deferred/   waiting for a retry; the file's mtime is the next attempt time
+    R/hold/       parked by an administrator, never scheduled
+    R/corrupt/    damaged files, kept for inspection and never deleted by us
+    R/status/     per-message delivery status (JSON), owned by the queue manager
+    R/requests/   admin requests to the running daemon (see shared.queue.admin)
+    R/pid         pid of the daemon, exclusively flock()ed while it runs
+
+A message's state is the directory its file is in, and exactly one function
+changes it: :meth:`SpoolFiles.move`, a ``rename(2)`` between two directories
+of the same file system, which is atomic.  When two processes race to move a
+file (the daemon picks it up while an admin holds it) exactly one rename wins
+and the other sees ENOENT.
+
+Queue file format::
+
+    [message bytes][envelope JSON, UTF-8][trailer]
+    trailer = b"SMQ1END\\n" + u64 message length + u64 envelope length
+              + u32 crc32(envelope JSON)          (big endian, 28 bytes)
+
+The message is written first, in chunks, while DATA streams in (so a large
+message never sits in memory); the envelope and trailer are appended at
+commit.  The trailer proves the file is complete: a file whose trailer is
+missing, whose lengths disagree with the file size, whose checksum fails or
+whose envelope does not parse is corrupt.
+
+Durability: :meth:`IncomingMessage.commit` appends the trailer, fsyncs the
+file, renames it from tmp/ to incoming/ and fsyncs incoming/ before its
+Deferred fires -- only then may the SMTP server say 250.  Directory fsyncs are
+group-committed: concurrent commits share one.  Blocking calls (fsync, and the
+writes that precede it at commit) run in a bounded thread pool, never on the
+reactor thread.  Renames between state directories after that are not
+fsynced (as in Postfix): a crash can at worst undo a state change, which
+means a message is tried again, never that it is lost.
+
+Trust: everything under R is written by this process or by the admin CLI
+running as the same user; file names are still checked against the queue id
+syntax before they are used in a path.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from shared.envelope import Envelope
+from shared.ids import new_queue_id
+
+log = Logger(namespace="smarthost.queue.store")
+
+STATES = ("incoming", "active", "deferred", "hold", "corrupt")
+TMP = "tmp"
+STATUS = "status"
+REQUESTS = "requests"
+
+MAGIC = b"SMQ1END\n"
+_TRAILER = struct.Struct(">8sQQI")
+TRAILER_SIZE = _TRAILER.size
+HEADER_READ_LIMIT = 64_000     # how much of a message admin tools read to show its header
+
+# Queue ids come from shared.ids (time-sortable, unique across nodes); any
+# 12-32 ASCII letters and digits are accepted, which keeps them safe as file
+# names (no "/", no ".", no "..").
+QID_RE = re.compile(r"^[0-9A-Za-z]{12,32}$")
+
+
+def valid_qid(qid: str) -> bool:
+    return isinstance(qid, str) and QID_RE.match(qid) is not None
+
+
+class CorruptFile(ValueError):
+    """A queue file that does not prove itself complete; ``reason`` says why."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class SpoolLocked(RuntimeError):
+    """Another daemon already runs on this spool."""
+
+
+def encode_envelope(envelope: Envelope) -> bytes:
+    return json.dumps(envelope.to_json(), ensure_ascii=False,
+                      separators=(",", ":")).encode("utf-8")
+
+
+def make_trailer(body_len: int, envelope_json: bytes) -> bytes:
+    return _TRAILER.pack(MAGIC, body_len, len(envelope_json), zlib.crc32(envelope_json))
+
+
+def read_queue_file(path: Path) -> tuple[Envelope, int, int]:
+    """Validate a queue file: return (envelope, message length, file size).
+
+    Raises :class:`CorruptFile` naming the reason, FileNotFoundError if it is gone.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < TRAILER_SIZE:
+            raise CorruptFile(path, f"truncated: {size} bytes, no end record")
+        f.seek(size - TRAILER_SIZE)
+        magic, body_len, env_len, crc = _TRAILER.unpack(f.read(TRAILER_SIZE))
+        if magic != MAGIC:
+            raise CorruptFile(path, "no end record (truncated or not a queue file)")
+        if body_len + env_len + TRAILER_SIZE != size:
+            raise CorruptFile(path, f"length mismatch: record says {body_len}+{env_len}, "
+                                    f"file has {size - TRAILER_SIZE} bytes")
+        f.seek(body_len)
+        raw = f.read(env_len)
+    if zlib.crc32(raw) != crc:
+        raise CorruptFile(path, "envelope checksum mismatch")
+    try:
+        envelope = Envelope.from_json(json.loads(raw.decode("utf-8")))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptFile(path, f"bad envelope: {type(e).__name__}: {e}") from None
+    return envelope, body_len, size
+
+
+@dataclass
+class QueuedMessage:
+    """A validated queue file: its envelope and where its message bytes are."""
+    qid: str
+    state: str
+    envelope: Envelope
+    body_len: int
+    path: Path
+
+    def open_body(self) -> BinaryIO:
+        """The queue file opened for reading at offset 0; read ``body_len`` bytes.
+
+        The caller closes it.  The open file stays valid if the queue file is
+        later renamed to another state directory.
+        """
+        return open(self.path, "rb")
+
+    def read_prefix(self, limit: int) -> bytes:
+        """At most ``limit`` bytes from the start of the message (never past it)."""
+        with self.open_body() as f:
+            return f.read(min(limit, self.body_len))
+
+
+@dataclass
+class RecoveryReport:
+    removed_tmp: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)         # active -> incoming
+    corrupt: list[tuple[str, str, str]] = field(default_factory=list)   # (name, state, reason)
+    removed_status: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)     # valid files per state
+
+
+class SpoolFiles:
+    """Synchronous access to a spool directory: what the daemon and the admin CLI share.
+
+    Nothing here blocks for long (renames, small reads, directory scans), except
+    :meth:`write_status` which fsyncs: the daemon calls it in its thread pool.
+    """
+
+    def __init__(self, root: Path | str, *, create: bool = False):
+        self.root = Path(root)
+        if create:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for name in (TMP, *STATES, STATUS, REQUESTS):
+                (self.root / name).mkdir(mode=0o700, exist_ok=True)
+        else:
+            for name in (TMP, *STATES, STATUS, REQUESTS):
+                if not (self.root / name).is_dir():
+                    raise FileNotFoundError(f"{self.root}: not a spool directory "
+                                            f"(missing {name}/)")
+
+    # -- paths and states -------------------------------------------------
+
+    def path(self, qid: str, state: str) -> Path:
+        if state not in STATES and state != TMP:
+            raise ValueError(f"unknown queue state {state!r}")
+        if not valid_qid(qid):
+            raise ValueError(f"invalid queue id {qid!r}")
+        return self.root / state / qid
+
+    def move(self, qid: str, src: str, dst: str) -> bool:
+        """Change a message's state.  False if the file is not in ``src`` (any more)."""
+        try:
+            os.rename(self.path(qid, src), self.path(qid, dst))
+        except FileNotFoundError:
+            log.debug("{qid}: not in {src}/, not moved to {dst}/", qid=qid, src=src, dst=dst)
+            return False
+        log.debug("{qid}: {src} -> {dst}", qid=qid, src=src, dst=dst)
+        return True
+
+    def list(self, state: str) -> list[str]:
+        """Queue ids in ``state``, oldest first (ids sort by time)."""
+        return sorted(name for name, _ in self.scan(state))
+
+    def scan(self, state: str) -> Iterator[tuple[str, float]]:
+        """(qid, mtime) of each well-named file in ``state``; one stat per file."""
+        try:
+            it = os.scandir(self.root / state)
+        except FileNotFoundError:
+            return
+        with it:
+            for entry in it:
+                if not valid_qid(entry.name):
+                    continue
+                try:
+                    yield entry.name, entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue
+
+    def locate(self, qid: str) -> str | None:
+        """The state a message is in now, or None.  Racy by nature: advisory."""
+        for state in STATES:
+            if os.path.lexists(self.path(qid, state)):
+                return state
+        return None
+
+    def open(self, qid: str, state: str) -> QueuedMessage:
+        """Validate and parse a queue file; CorruptFile or FileNotFoundError."""
+        path = self.path(qid, state)
+        envelope, body_len, _ = read_queue_file(path)
+        return QueuedMessage(qid, state, envelope, body_len, path)
+
+    def set_next_attempt(self, qid: str, state: str, when: float) -> bool:
+        """Record the next attempt time as the file's mtime (the scheduler's clock)."""
+        try:
+            os.utime(self.path(qid, state), (when, when))
+        except FileNotFoundError:
+            return False
+        return True
+
+    # -- status -------------------------------------------------------------
+
+    def status_path(self, qid: str) -> Path:
+        if not valid_qid(qid):
+            raise ValueError(f"invalid queue id {qid!r}")
+        return self.root / STATUS / qid
+
+    def read_status(self, qid: str) -> dict[str, Any] | None:
+        """The message's delivery status, or None if it has none (first attempt)."""
+        try:
+            raw = self.status_path(qid).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except ValueError as e:
+            log.error("{qid}: unreadable status file ignored: {err}", qid=qid, err=e)
+            return None
+        return data if isinstance(data, dict) else None
+
+    def write_status(self, qid: str, status: dict[str, Any], *, fsync: bool = True) -> None:
+        """Replace the status atomically: write a temporary file, fsync, rename."""
+        final = self.status_path(qid)
+        tmp = final.with_name(qid + ".tmp")
+        data = json.dumps(status, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, data)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+
+    def remove(self, qid: str, state: str | None = None) -> bool:
+        """Delete a message (from ``state``, or wherever it is) and its status.
+
+        True if a queue file was removed.
+        """
+        removed = False
+        for st in ([state] if state else STATES):
+            try:
+                os.unlink(self.path(qid, st))
+                removed = True
+                break
+            except FileNotFoundError:
+                continue
+        if removed:
+            _unlink_quiet(self.status_path(qid))
+        return removed
+
+    # -- admin requests -------------------------------------------------------
+
+    def request(self, name: str) -> None:
+        """Leave a request for the daemon: ``<qid>.hold``, ``<qid>.delete``,
+        ``<qid>.release`` or ``flush``."""
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"bad request name {name!r}")
+        fd = os.open(self.root / REQUESTS / name, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+
+    def requests(self) -> list[str]:
+        try:
+            with os.scandir(self.root / REQUESTS) as it:
+                return [e.name for e in it]
+        except FileNotFoundError:
+            return []
+
+    def clear_request(self, name: str) -> None:
+        _unlink_quiet(self.root / REQUESTS / name)
+
+
+class Spool(SpoolFiles):
+    """The daemon's view of the spool: receiving, recovery and fsync in a thread pool.
+
+    ``runner`` (tests only) replaces the thread pool: a callable
+    ``runner(f, *args) -> Deferred`` that runs ``f`` somewhere.  ``fsync=False``
+    disables every fsync and is only for tests and benchmarks that say so.
+    """
+
+    def __init__(self, root: Path | str, *, reactor, threadpool_size: int = 8,
+                 fsync: bool = True, runner: Callable[..., Deferred] | None = None):
+        super().__init__(root, create=True)
+        self.reactor = reactor
+        self.fsync = fsync
+        self.threadpool = None if runner else ThreadPool(
+            minthreads=0, maxthreads=threadpool_size, name="smarthost-spool")
+        self.runner = runner
+        self.dir_syncs = 0                       # directory fsyncs done (instrumentation)
+        self.open_tmp: set[str] = set()          # tmp files of this process, not yet committed
+        self.group_sync = GroupSync(self.run, self.fsync_dir_blocking, self.root / "incoming")
+        self.lock_fd: int | None = None
+        self.recovery: RecoveryReport | None = None   # set by recover()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Lock the spool against a second daemon (R/pid) and start the thread pool."""
+        fd = os.open(self.root / "pid", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLocked(f"{self.root}: another daemon holds the spool lock") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.lock_fd = fd
+        if self.threadpool is not None and not self.threadpool.started:
+            self.threadpool.start()
+
+    def stop(self) -> None:
+        """Stop the thread pool (waits for running jobs) and release the lock."""
+        if self.threadpool is not None and self.threadpool.started:
+            self.threadpool.stop()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def run(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        """Run a blocking call off the reactor thread; a Deferred of its result."""
+        if self.runner is not None:
+            return self.runner(f, *args)
+        if not self.threadpool.started:
+            return fail(RuntimeError(f"{self.root}: spool not started (call Spool.start())"))
+        return deferToThreadPool(self.reactor, self.threadpool, f, *args)
+
+    def fsync_dir_blocking(self, path: Path) -> None:
+        self.dir_syncs += 1
+        if not self.fsync:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- receiving ------------------------------------------------------------
+
+    def new_message(self, qid: str | None = None) -> "IncomingMessage":
+        """Create tmp/<qid> (exclusive create) for a message being received.
+
+        ``qid`` lets the SMTP session use its transaction id as the queue id
+        (one id in every log line); FileExistsError if that id is taken,
+        ValueError if it is malformed.  By default a new id is made.
+        """
+        if qid is not None and not valid_qid(qid):
+            raise ValueError(f"invalid queue id {qid!r}")
+        for _ in range(1 if qid else 5):
+            qid_try = qid or new_queue_id()
+            if qid and self.locate(qid) is not None:
+                raise FileExistsError(errno.EEXIST, "queue id already in use", qid)
+            try:
+                fd = os.open(self.root / TMP / qid_try,
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                             0o600)
+            except FileExistsError:
+                if qid:
+                    raise
+                continue
+            self.open_tmp.add(qid_try)
+            return IncomingMessage(self, qid_try, fd)
+        raise OSError(errno.EEXIST, "could not create a unique queue file")
+
+    def write_status_async(self, qid: str, status: dict[str, Any]) -> Deferred:
+        """write_status in the thread pool (it fsyncs)."""
+        return self.run(self._write_status_blocking, qid, status)
+
+    def _write_status_blocking(self, qid: str, status: dict[str, Any]) -> None:
+        self.write_status(qid, status, fsync=self.fsync)
+
+    # -- start-up ---------------------------------------------------------------
+
+    def recover(self) -> RecoveryReport:
+        """Bring the spool to a consistent state after a restart (or a crash).
+
+        - tmp/*: never acknowledged -> deleted and logged (except files this
+          process is receiving right now);
+        - active/*: an interrupted delivery -> back to incoming/;
+        - every file in incoming/, deferred/ and hold/ is validated by its
+          trailer; a bad one goes to corrupt/ with a log line naming it and why;
+        - status files without a queue file are removed.
+
+        Call it once at start-up, before the queue manager schedules anything
+        (QueueManager.start() does, unless it has been done on this Spool).
+        """
+        report = RecoveryReport()
+        with os.scandir(self.root / TMP) as it:
+            names = [e.name for e in it]
+        for name in names:
+            if name in self.open_tmp:
+                continue
+            _unlink_quiet(self.root / TMP / name)
+            report.removed_tmp.append(name)
+            log.warn("tmp/{name}: removed: never acknowledged (interrupted receive)", name=name)
+        for qid in self.list("active"):
+            if self.move(qid, "active", "incoming"):
+                report.requeued.append(qid)
+                log.info("{qid}: interrupted delivery, back to incoming/", qid=qid)
+        for state in ("incoming", "deferred", "hold"):
+            count = 0
+            with os.scandir(self.root / state) as it:
+                names = sorted(e.name for e in it)
+            for name in names:
+                path = self.root / state / name
+                if not valid_qid(name):
+                    reason = "unexpected file name"
+                else:
+                    try:
+                        read_queue_file(path)
+                        count += 1
+                        continue
+                    except FileNotFoundError:
+                        continue
+                    except CorruptFile as e:
+                        reason = e.reason
+                    except OSError as e:
+                        reason = f"unreadable: {e.strerror}"
+                try:
+                    os.rename(path, self.root / "corrupt" / name)
+                except FileNotFoundError:
+                    continue
+                report.corrupt.append((name, state, reason))
+                log.error("{state}/{name}: corrupt queue file ({reason}); moved to corrupt/",
+                          state=state, name=name, reason=reason)
+            report.counts[state] = count
+        known = set()
+        for state in STATES:
+            with os.scandir(self.root / state) as it:
+                known.update(e.name for e in it)
+        with os.scandir(self.root / STATUS) as it:
+            names = [e.name for e in it]
+        for name in names:
+            base = name[:-4] if name.endswith(".tmp") else name
+            if name.endswith(".tmp") or base not in known:
+                _unlink_quiet(self.root / STATUS / name)
+                report.removed_status.append(name)
+        self.recovery = report
+        return report
+
+
+class IncomingMessage:
+    """A message being received into tmp/<qid>.
+
+    ``write`` appends a chunk synchronously (it lands in the page cache; fine
+    on the reactor thread).  ``commit`` makes it durable in incoming/;
+    ``abort`` throws it away.  OSError from ``write`` (disk full) is the
+    caller's to turn into a 4xx reply, after calling ``abort``.
+    """
+
+    def __init__(self, spool: Spool, qid: str, fd: int):
+        self.spool = spool
+        self.qid = qid
+        self.size = 0
+        self.fd: int | None = fd
+        self.state = "open"          # open -> committing -> committed | aborted
+
+    @property
+    def tmp_path(self) -> Path:
+        return self.spool.root / TMP / self.qid
+
+    def write(self, data: bytes) -> None:
+        if self.state != "open":
+            raise ValueError(f"{self.qid}: write after {self.state}")
+        _write_all(self.fd, data)
+        self.size += len(data)
+
+    def commit(self, envelope: Envelope) -> Deferred:
+        """Fire (with None) once the file and its incoming/ entry are durable.
+
+        ``envelope.received_at`` is set to the reactor's time if it is 0.
+        Errors (disk full, I/O error) errback; the file is then removed.
+        """
+        if self.state != "open":
+            return fail(ValueError(f"{self.qid}: commit after {self.state}"))
+        self.state = "committing"
+        if not envelope.received_at:
+            envelope = replace(envelope, received_at=self.spool.reactor.seconds())
+        env_json = encode_envelope(envelope)
+        tail = env_json + make_trailer(self.size, env_json)
+        spool = self.spool
+        d = spool.run(self._finish_file, tail)
+        if spool.fsync:
+            d.addCallback(lambda _: spool.group_sync.request())
+        d.addCallbacks(self._committed, self._failed)
+        return d
+
+    def _finish_file(self, tail: bytes) -> None:      # in the thread pool
+        fd, self.fd = self.fd, None
+        try:
+            _write_all(fd, tail)
+            if self.spool.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(self.tmp_path, self.spool.path(self.qid, "incoming"))
+
+    def _committed(self, _: Any) -> None:
+        self.state = "committed"
+        self.spool.open_tmp.discard(self.qid)
+        return None
+
+    def _failed(self, failure: Failure) -> Failure:
+        self.state = "aborted"
+        self.spool.open_tmp.discard(self.qid)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        _unlink_quiet(self.tmp_path)
+        # The rename may have happened before the directory fsync failed: the
+        # client gets a 4xx and will send again, so do not deliver this copy.
+        _unlink_quiet(self.spool.path(self.qid, "incoming"))
+        log.failure("{qid}: queue file commit failed", failure, qid=self.qid)
+        return failure
+
+    def abort(self) -> None:
+        """Close and delete the tmp file.  Idempotent; no effect once committing."""
+        if self.state != "open":
+            return
+        self.state = "aborted"
+        self.spool.open_tmp.discard(self.qid)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        _unlink_quiet(self.tmp_path)
+
+
+class GroupSync:
+    """Group commit of one directory's fsync.
+
+    ``request()`` returns a Deferred that fires after a directory fsync that
+    *started* after the request.  While a round runs, new requests wait for
+    the next round; one round serves every request queued before it started.
+    So N concurrent commits cost about two fsyncs, not N.
+    """
+
+    def __init__(self, run: Callable[..., Deferred], fsync_dir: Callable[[Path], None],
+                 path: Path):
+        self.run = run
+        self.fsync_dir = fsync_dir
+        self.path = path
+        self.waiting: list[Deferred] = []
+        self.running = False
+        self.rounds = 0
+
+    def request(self) -> Deferred:
+        d: Deferred = Deferred()
+        self.waiting.append(d)
+        if not self.running:
+            self._round()
+        return d
+
+    def _round(self) -> None:
+        batch, self.waiting = self.waiting, []
+        self.running = True
+        self.rounds += 1
+
+        def done(result: Any) -> None:
+            self.running = False
+            for d in batch:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(None)
+            if self.waiting:
+                self._round()
+
+        maybeDeferred(self.run, self.fsync_dir, self.path).addBoth(done)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _unlink_quiet(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

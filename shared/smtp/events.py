@@ -1,0 +1,156 @@
+"""Events the SMTP server core hands to the application, and the core's sentinels.
+
+The core (:mod:`shared.smtp.server`) turns bytes from the peer into these
+events.  Two kinds:
+
+* *decision* events (``needs_reply = True``): the core has stopped parsing and
+  waits for the application to call ``ServerConnection.respond()`` with a
+  :class:`~shared.smtp.reply.Reply` (or ``None`` for the standard positive
+  reply).  Nothing further is parsed until then, which keeps pipelined replies
+  in order.
+* *information* events (``needs_reply = False``): the core has already written
+  whatever reply was due; the application only takes note.
+
+Every value in an event has been checked by the core: syntax, sequence and
+parameter values.  Nothing in an event has been checked for *policy* (is the
+sender allowed, does the recipient exist): that is the application's job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .reply import Reply
+
+
+class Sentinel(type):
+    """Metaclass of the sentinels: a class that prints as its own name."""
+
+    def __repr__(cls) -> str:
+        return cls.__name__
+
+
+class NEED_DATA(metaclass=Sentinel):
+    """``next_event()`` result: all buffered input is used up; call ``receive_data()``."""
+
+
+class PAUSED(metaclass=Sentinel):
+    """``next_event()`` result: nothing will be parsed until the application acts.
+
+    Returned while a decision event waits for ``respond()``, before
+    ``send_greeting()``, between a :class:`StartTLS` event and
+    ``tls_started()``, and for good once the connection is closing.
+    """
+
+
+class LocalProtocolError(Exception):
+    """The application used the core wrongly (a programming error, never the peer's fault)."""
+
+
+class Event:
+    """Base class of all events."""
+    needs_reply: ClassVar[bool] = False
+
+
+# -- decisions -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hello(Event):
+    """HELO or EHLO.  On a positive answer the session has a HELO name."""
+    needs_reply: ClassVar[bool] = True
+    verb: str            # "HELO" or "EHLO"
+    domain: str          # as the client sent it (one token, not validated further)
+
+
+@dataclass(frozen=True)
+class MailFrom(Event):
+    """MAIL FROM with its RFC 1870 / 6152 / 6531 / 3461 parameters."""
+    needs_reply: ClassVar[bool] = True
+    sender: str                  # "" is the null sender; source route stripped
+    size: int | None = None      # SIZE=, already checked against the limit
+    body: str | None = None      # "7BIT" or "8BITMIME"
+    smtputf8: bool = False
+    ret: str | None = None       # "FULL" or "HDRS"
+    envid: str | None = None     # xtext-decoded
+
+
+@dataclass(frozen=True)
+class RcptTo(Event):
+    """RCPT TO with its RFC 3461 parameters."""
+    needs_reply: ClassVar[bool] = True
+    recipient: str                        # "local@domain", or "postmaster"
+    notify: tuple[str, ...] | None = None  # ("NEVER",) or a subset of SUCCESS, FAILURE, DELAY
+    orcpt: str | None = None              # decoded, e.g. "rfc822;user@example.org"
+
+
+@dataclass(frozen=True)
+class DataStart(Event):
+    """DATA, with at least one recipient accepted.  Positive answer: 354."""
+    needs_reply: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class DataEnd(Event):
+    """The real end of data arrived and nothing was wrong with the content.
+
+    There is no standard positive reply: the application must answer with its
+    own (250 with a queue id once the message is safely stored, or a verdict).
+    """
+    needs_reply: ClassVar[bool] = True
+    size: int            # octets of content after dot-unstuffing
+
+
+@dataclass(frozen=True)
+class XClient(Event):
+    """XCLIENT from a trusted upstream.  Positive answer: the session starts over."""
+    needs_reply: ClassVar[bool] = True
+    attrs: dict[str, str]    # upper-case names, xtext-decoded values
+
+
+@dataclass(frozen=True)
+class XForward(Event):
+    """XFORWARD from a trusted upstream.  Positive answer: 250 2.0.0 Ok."""
+    needs_reply: ClassVar[bool] = True
+    attrs: dict[str, str]
+
+
+# -- information ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataChunk(Event):
+    """A piece of message content: dot-unstuffed, line endings as received."""
+    data: bytes
+
+
+@dataclass(frozen=True)
+class DataAborted(Event):
+    """The content was unacceptable; ``reply`` was already sent after the end of data."""
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class Reset(Event):
+    """Forget the mail transaction (RSET, or HELO/EHLO during a transaction)."""
+
+
+@dataclass(frozen=True)
+class StartTLS(Event):
+    """The core said 220 to STARTTLS: switch the transport, then call ``tls_started()``."""
+
+
+@dataclass(frozen=True)
+class Quit(Event):
+    """The client said QUIT; the core answered 221 and is closing."""
+
+
+@dataclass(frozen=True)
+class ConnectionClosed(Event):
+    """The peer closed the connection; any open transaction is abandoned."""
+
+
+@dataclass(frozen=True)
+class TooManyErrors(Event):
+    """The client reached the error limit; the core answered 421 and is closing."""
+
+
+DECISIONS = (Hello, MailFrom, RcptTo, DataStart, DataEnd, XClient, XForward)

@@ -1,0 +1,279 @@
+"""Spool: queue file format, commit durability, group commit, recovery."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+
+import pytest
+from twisted.internet.defer import gatherResults
+from twisted.logger import capturedLogs
+
+from shared.queue.store import (
+    MAGIC, QID_RE, TRAILER_SIZE, CorruptFile, Spool, SpoolFiles, SpoolLocked, read_queue_file,
+)
+from tests.shared.queue.helpers import BODY, StepRunner, envelope, messages, queue_message
+
+
+def test_layout_created_private(spool, root):
+    for name in ("tmp", "incoming", "active", "deferred", "hold", "corrupt", "status", "requests"):
+        st = os.stat(root / name)
+        assert stat.S_ISDIR(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o700
+
+
+def test_commit_writes_body_envelope_trailer(spool, root, clock):
+    env = envelope(rcpts=("b@example.net", "c@example.net"), envid="E1", upstream_id="UP1")
+    qid = queue_message(spool, env)
+    assert QID_RE.match(qid)
+    assert os.listdir(root / "tmp") == []
+    raw = (root / "incoming" / qid).read_bytes()
+    assert raw.startswith(BODY)
+    magic, body_len, env_len, _ = struct.unpack(">8sQQI", raw[-TRAILER_SIZE:])
+    assert magic == MAGIC and body_len == len(BODY)
+    assert len(raw) == body_len + env_len + TRAILER_SIZE
+    stored = json.loads(raw[body_len:body_len + env_len])
+    assert stored["envid"] == "E1" and stored["upstream_id"] == "UP1"
+    assert stored["received_at"] == clock.seconds()      # filled in at commit
+    msg = spool.open(qid, "incoming")
+    assert [r.address for r in msg.envelope.recipients] == ["b@example.net", "c@example.net"]
+    with msg.open_body() as f:
+        assert f.read(msg.body_len) == BODY
+    assert msg.read_prefix(10) == BODY[:10]
+    assert msg.read_prefix(10**6) == BODY            # never reads past the message
+    assert stat.S_IMODE(os.stat(root / "incoming" / qid).st_mode) == 0o600
+
+
+def test_qid_from_caller_and_unique(spool):
+    m = spool.new_message(qid="01ABCDEFGHJKMNPQRSTV")
+    assert m.qid == "01ABCDEFGHJKMNPQRSTV"
+    with pytest.raises(FileExistsError):
+        spool.new_message(qid="01ABCDEFGHJKMNPQRSTV")
+    with pytest.raises(ValueError):
+        spool.new_message(qid="../../etc/passwd")
+    ids = {spool.new_message().qid for _ in range(200)}
+    assert len(ids) == 200
+
+
+def test_abort_is_idempotent_and_removes_tmp(spool, root):
+    m = spool.new_message()
+    m.write(b"partial")
+    m.abort()
+    m.abort()
+    assert os.listdir(root / "tmp") == []
+    with pytest.raises(ValueError):
+        m.write(b"more")
+    failures = []
+    m.commit(envelope()).addErrback(failures.append)
+    assert failures and failures[0].check(ValueError)
+
+
+def test_commit_fires_only_after_file_and_directory_fsync(root, clock):
+    runner = StepRunner()
+    spool = Spool(root, reactor=clock, runner=runner)     # fsync on
+    m = spool.new_message()
+    m.write(BODY)
+    done = []
+    m.commit(envelope()).addBoth(done.append)
+    assert done == [] and len(runner.jobs) == 1            # file write + fsync + rename
+    runner.run_one()
+    assert (root / "incoming" / m.qid).exists()
+    assert done == [] and spool.dir_syncs == 0             # renamed, directory not yet synced
+    runner.run_one()                                       # the directory fsync
+    assert spool.dir_syncs == 1 and done == [None]
+
+
+def test_group_commit_shares_directory_fsyncs(root, clock):
+    runner = StepRunner()
+    spool = Spool(root, reactor=clock, runner=runner)
+    n = 10
+    msgs = [spool.new_message() for _ in range(n)]
+    fired = []
+    for i, m in enumerate(msgs):
+        m.write(BODY)
+        m.commit(envelope()).addCallback(lambda _, i=i: fired.append(i))
+    # The first file finishes and starts a directory fsync round at once...
+    runner.run_one()
+    assert [f.__name__ for f, _, _ in runner.jobs][-1] == "fsync_dir_blocking"
+    # ...the other nine finish while that round is running: they wait for the next one.
+    for _ in range(n - 1):
+        runner.run_one()
+    assert fired == []
+    runner.run_one()                         # round 1: serves the first commit only
+    assert fired == [0]
+    assert len(runner.jobs) == 1             # round 2 started for the nine waiters
+    runner.run_one()
+    assert sorted(fired) == list(range(n))
+    assert spool.dir_syncs == 2 < n
+    assert sorted(spool.list("incoming")) == sorted(m.qid for m in msgs)
+
+
+def test_directory_fsync_failure_errbacks_and_removes(root, clock):
+    runner = StepRunner()
+    spool = Spool(root, reactor=clock, runner=runner)
+
+    def broken_fsync(path):
+        raise OSError(5, "Input/output error")
+    spool.group_sync.fsync_dir = broken_fsync
+    m = spool.new_message()
+    m.write(BODY)
+    failures = []
+    m.commit(envelope()).addErrback(failures.append)
+    with capturedLogs():
+        runner.run_all()
+    assert failures and failures[0].check(OSError)
+    assert spool.list("incoming") == [] and os.listdir(root / "tmp") == []
+
+
+def test_commit_with_real_threadpool_and_reactor(tmp_path):
+    """A fresh (not installed) reactor and the spool's own bounded thread pool."""
+    from twisted.internet.selectreactor import SelectReactor
+    reactor = SelectReactor()
+    spool = Spool(tmp_path / "spool", reactor=reactor, threadpool_size=3)
+    spool.start()
+    results = []
+
+    def go():
+        ds = []
+        for i in range(12):
+            m = spool.new_message()
+            m.write(BODY * (i + 1))
+            ds.append(m.commit(envelope()))
+        gatherResults(ds).addBoth(results.append).addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(go)
+    reactor.callLater(20, reactor.stop)
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        spool.stop()
+    assert results and results[0] == [None] * 12
+    assert len(spool.list("incoming")) == 12
+    assert 1 <= spool.dir_syncs <= 12
+    assert spool.threadpool.max == 3
+
+
+def test_spool_lock_excludes_second_daemon(root, clock):
+    a = Spool(root, reactor=clock, fsync=False, runner=lambda f, *a: None)
+    b = Spool(root, reactor=clock, fsync=False, runner=lambda f, *a: None)
+    a.start()
+    try:
+        with pytest.raises(SpoolLocked):
+            b.start()
+        assert (root / "pid").read_text().strip() == str(os.getpid())
+    finally:
+        a.stop()
+    b.start()
+    b.stop()
+
+
+def test_move_is_the_state_change(spool, root):
+    qid = queue_message(spool, envelope())
+    assert spool.move(qid, "incoming", "hold")
+    assert spool.list("hold") == [qid] and spool.list("incoming") == []
+    assert spool.move(qid, "incoming", "active") is False       # someone moved it already
+    assert spool.locate(qid) == "hold"
+    with pytest.raises(ValueError):
+        spool.move("../x", "hold", "incoming")
+
+
+def test_status_atomic_roundtrip(spool, root):
+    qid = queue_message(spool, envelope())
+    assert spool.read_status(qid) is None
+    spool.write_status(qid, {"pending": ["b@example.net"], "attempts": 1})
+    assert spool.read_status(qid) == {"pending": ["b@example.net"], "attempts": 1}
+    assert sorted(os.listdir(root / "status")) == [qid]          # no tmp left behind
+    assert spool.remove(qid)
+    assert spool.read_status(qid) is None and spool.locate(qid) is None
+
+
+# -- corrupt files --------------------------------------------------------------
+
+def _corruptions(raw: bytes, body_len: int):
+    yield "truncated", raw[:-5], "no end record"
+    yield "tiny", raw[:10], "truncated"
+    yield "appended", raw + b"x", "no end record"
+    flipped = bytearray(raw)
+    flipped[body_len + 3] ^= 0x20                       # inside the envelope JSON
+    yield "flipped", bytes(flipped), "checksum"
+    bad_len = raw[:-TRAILER_SIZE] + struct.pack(">8sQQI", MAGIC, body_len + 1,
+                                                len(raw) - TRAILER_SIZE - body_len, 0)
+    yield "lengths", bad_len, "length mismatch"
+
+
+@pytest.mark.parametrize("case", ["truncated", "tiny", "appended", "flipped", "lengths"])
+def test_read_queue_file_rejects_damage(spool, root, case):
+    qid = queue_message(spool, envelope())
+    path = root / "incoming" / qid
+    raw = path.read_bytes()
+    damaged = {name: (data, reason) for name, data, reason in _corruptions(raw, len(BODY))}
+    data, reason = damaged[case]
+    path.write_bytes(data)
+    with pytest.raises(CorruptFile) as e:
+        read_queue_file(path)
+    assert reason in e.value.reason
+
+
+def test_bad_envelope_json_is_corrupt(spool, root):
+    from shared.queue.store import make_trailer
+    env_json = b'{"sender": "a@example.org"}'               # no recipients
+    path = root / "incoming" / "01AAAAAAAAAAAAAAAAAA"
+    path.write_bytes(BODY + env_json + make_trailer(len(BODY), env_json))
+    with pytest.raises(CorruptFile) as e:
+        read_queue_file(path)
+    assert "bad envelope" in e.value.reason
+
+
+# -- recovery ---------------------------------------------------------------------
+
+def test_recover(spool, root):
+    good_incoming = queue_message(spool, envelope())
+    good_deferred = queue_message(spool, envelope())
+    spool.move(good_deferred, "incoming", "deferred")
+    interrupted = queue_message(spool, envelope())
+    spool.move(interrupted, "incoming", "active")
+    truncated = queue_message(spool, envelope())
+    spool.move(truncated, "incoming", "deferred")
+    path = root / "deferred" / truncated
+    path.write_bytes(path.read_bytes()[:-7])
+    held_bad = queue_message(spool, envelope())
+    spool.move(held_bad, "incoming", "hold")
+    (root / "hold" / held_bad).write_bytes(b"")
+    (root / "incoming" / "junk.swp").write_bytes(b"x")
+    unacked = spool.new_message()
+    unacked.write(b"half a message")
+    os.close(unacked.fd)
+    unacked.fd = None
+    spool.open_tmp.discard(unacked.qid)                      # as after a restart
+    receiving = spool.new_message()                           # this process, still receiving
+    receiving.write(b"in progress")
+    spool.write_status(good_deferred, {"pending": ["bob@example.net"], "attempts": 1})
+    spool.write_status("01ZZZZZZZZZZZZZZZZZZ", {"pending": [], "attempts": 3})   # orphan
+    (root / "status" / (good_incoming + ".tmp")).write_bytes(b"{")                # leftover
+
+    with capturedLogs() as events:
+        report = spool.recover()
+    text = "\n".join(messages(events))
+
+    assert report.removed_tmp == [unacked.qid]
+    assert os.listdir(root / "tmp") == [receiving.qid]
+    assert report.requeued == [interrupted]
+    assert sorted(spool.list("incoming")) == sorted([good_incoming, interrupted])
+    assert spool.list("deferred") == [good_deferred]
+    assert spool.list("active") == []
+    corrupt = {name: (state, reason) for name, state, reason in report.corrupt}
+    assert corrupt[truncated][0] == "deferred" and "no end record" in corrupt[truncated][1]
+    assert corrupt[held_bad][0] == "hold" and "truncated" in corrupt[held_bad][1]
+    assert corrupt["junk.swp"] == ("incoming", "unexpected file name")
+    assert sorted(os.listdir(root / "corrupt")) == sorted([truncated, held_bad, "junk.swp"])
+    assert f"deferred/{truncated}: corrupt queue file (no end record" in text
+    assert f"hold/{held_bad}: corrupt queue file" in text
+    assert f"tmp/{unacked.qid}: removed" in text
+    assert sorted(os.listdir(root / "status")) == [good_deferred]
+    assert report.counts == {"incoming": 2, "deferred": 1, "hold": 0}
+
+
+def test_admin_view_refuses_non_spool(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        SpoolFiles(tmp_path / "nothing")

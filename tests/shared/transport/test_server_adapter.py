@@ -1,0 +1,157 @@
+"""The Twisted adapter around the server core, with StringTransport and Clock."""
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from shared.smtp.reply import Reply
+from shared.smtp.server import ServerConfig
+from shared.transport.server import CloseAfter, SMTPServerFactory
+
+
+class TLSStringTransport(StringTransport):
+    def __init__(self, host="192.0.2.10"):
+        super().__init__(peerAddress=IPv4Address("TCP", host, 40000))
+        self.tls_started_with = None
+
+    def startTLS(self, ctx):
+        self.tls_started_with = ctx
+
+
+class Handler:
+    """Answers decisions from a script; records every event."""
+
+    def __init__(self, proto, answers=None):
+        self.proto = proto
+        self.events = []
+        self.answers = answers or {}
+        self.pending = []
+
+    def _answer(self, name, event):
+        self.events.append((name, event))
+        a = self.answers.get(name)
+        if a == "defer":
+            d = defer.Deferred()
+            self.pending.append(d)
+            return d
+        if a == "boom":
+            raise RuntimeError("handler bug")
+        if a == "defer-fail":
+            return defer.fail(RuntimeError("async bug"))
+        return a
+
+    def on_connect(self):
+        return None
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda event=None: self._answer(name, event)
+        raise AttributeError(name)
+
+
+def make(answers=None, **kw):
+    clock = Clock()
+    handlers = []
+
+    def handler_factory(proto):
+        h = Handler(proto, answers)
+        handlers.append(h)
+        return h
+    opts = dict(reactor=clock, server_config=ServerConfig(hostname="mx.test"), handler_factory=handler_factory,
+                command_timeout=300, session_timeout=3600)
+    opts.update(kw)
+    factory = SMTPServerFactory(**opts)
+    proto = factory.buildProtocol(None)
+    transport = TLSStringTransport()
+    proto.makeConnection(transport)
+    return clock, factory, proto, transport, handlers
+
+
+def lines(transport):
+    return transport.value().decode().split("\r\n")
+
+
+def test_greeting_and_pipelined_replies_stay_in_order_with_slow_answers():
+    clock, factory, proto, t, [h] = make({"on_mail_from": "defer", "on_rcpt_to": "defer"})
+    assert t.value().startswith(b"220 mx.test")
+    t.clear()
+    proto.dataReceived(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nNOOP\r\n")
+    out = t.value()
+    assert out.startswith(b"250-mx.test") and b"250 2.1.0" not in out
+    t.clear()
+    # MAIL pending: RCPT must not have been parsed yet
+    assert [n for n, _ in h.events] == ["on_hello", "on_mail_from"]
+    h.pending.pop(0).callback(None)
+    assert [n for n, _ in h.events][-1] == "on_rcpt_to"
+    assert t.value().startswith(b"250 2.1.0")
+    t.clear()
+    h.pending.pop(0).callback(Reply(550, "5.1.1", "no such user"))
+    assert lines(t)[:2] == ["550 5.1.1 no such user", "250 2.0.0 Ok"]
+
+
+def test_handler_errors_become_tempfail_not_tracebacks():
+    for how in ("boom", "defer-fail"):
+        clock, factory, proto, t, [h] = make({"on_mail_from": how})
+        t.clear()
+        proto.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+        text = t.value().decode()
+        if how == "boom":   # a synchronous bug closes the session with 421
+            assert "421 4.3.0" in text and t.disconnecting
+        else:
+            assert "451 4.3.0" in text and not t.disconnecting
+        assert "Traceback" not in text
+
+
+def test_idle_timeout_says_421_and_closes():
+    clock, factory, proto, t, _ = make()
+    t.clear()
+    clock.advance(299)
+    proto.dataReceived(b"NOOP\r\n")
+    clock.advance(299)
+    assert not t.disconnecting
+    clock.advance(2)
+    assert b"421 4.4.2 mx.test Error: timeout exceeded" in t.value() and t.disconnecting
+    assert proto not in factory.sessions
+
+
+def test_starttls_discards_pipelined_plaintext():
+    clock, factory, proto, t, [h] = make(tls_context=object())
+    proto.dataReceived(b"EHLO c\r\n")
+    assert b"STARTTLS" in t.value()
+    t.clear()
+    proto.dataReceived(b"STARTTLS\r\nMAIL FROM:<evil@x.test>\r\n")
+    assert t.tls_started_with is not None
+    assert t.value() == b"220 2.0.0 Ready to start TLS\r\n"
+    assert "on_mail_from" not in [n for n, _ in h.events]
+    t.clear()
+    proto.dataReceived(b"MAIL FROM:<a@b.test>\r\n")   # EHLO needed again after TLS
+    assert t.value().startswith(b"503")
+
+
+def test_connection_limits_and_shutdown():
+    clock, factory, proto, t, _ = make(max_connections=1)
+    p2 = factory.buildProtocol(None)
+    t2 = TLSStringTransport()
+    p2.makeConnection(t2)
+    assert t2.value().startswith(b"421 4.7.0") and t2.disconnecting
+    p2.connectionLost()
+    t.clear()
+    d = factory.shutdown(10)
+    assert b"421 4.3.2" in t.value() and t.disconnecting
+    assert d.called
+
+
+def test_close_after_reply():
+    clock, factory, proto, t, _ = make({"on_hello": CloseAfter(Reply(554, "5.7.1", "go away"))})
+    t.clear()
+    proto.dataReceived(b"EHLO c\r\nNOOP\r\n")
+    assert t.value() == b"554 5.7.1 go away\r\n" and t.disconnecting
+
+
+def test_backpressure_pauses_reading_while_a_decision_waits():
+    clock, factory, proto, t, [h] = make({"on_mail_from": "defer"})
+    proto.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+    proto.dataReceived(b"NOOP\r\n" * 20000)        # 120 kB pipelined behind a pending MAIL
+    assert t.producerState == "paused"
+    h.pending.pop(0).callback(None)
+    assert t.producerState == "producing"
