@@ -50,7 +50,8 @@ class TierParts:
 def server_config(settings: Settings) -> ServerConfig:
     s = settings["server"]
     return ServerConfig(hostname=s["hostname"], max_message_size=s["max_message_size"],
-                        max_recipients=s["max_recipients"], hard_error_limit=s["max_errors"])
+                        max_recipients=s["max_recipients"], max_data_line=s["max_line_length"],
+                        hard_error_limit=s["max_errors"])
 
 
 def tls_context(settings: Settings):

@@ -108,6 +108,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "listen": Key(list, ["127.0.0.1:25"], "addresses to listen on, host:port", _hostport),
         "max_message_size": Key(int, 10_240_000, "largest message accepted, bytes (0: no limit)", _non_negative),
         "max_recipients": Key(int, 1000, "recipients per message", _positive),
+        "max_line_length": Key(int, 1000, "longest line in a message, octets with CRLF (RFC 5321: 1000; 0: no limit)",
+                               _non_negative),
         "max_connections": Key(int, 1000, "simultaneous client sessions", _positive),
         "max_connections_per_client": Key(int, 50, "simultaneous sessions from one client address", _positive),
         "max_errors": Key(int, 20, "client errors before the session is closed with 421", _positive),

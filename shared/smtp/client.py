@@ -63,6 +63,7 @@ import re
 from collections import deque
 from typing import Final, Iterable, Mapping
 
+from shared.smtp.syntax import xtext_encode
 from shared.smtp.reply import Reply
 
 __all__ = [
@@ -114,19 +115,8 @@ _REPLY_LINE = re.compile(rb"([2-5][0-5][0-9])([ -]|\Z)")
 _EHLO_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DOMAIN_ARG = re.compile(r"[\x21-\x7e]+\Z")
-_XTEXT_SAFE = re.compile(rb"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*\Z")   # "!".."~" minus "+" and "="
 _NOTIFY: Final = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 UNAVAILABLE: Final = "[UNAVAILABLE]"
-
-
-def _xtext(value: str) -> str:
-    """Encode ``value`` (as UTF-8) in RFC 3461 xtext: "+", "=" and octets
-    outside "!".."~" become "+HH"."""
-    raw = value.encode("utf-8")
-    if _XTEXT_SAFE.match(raw):
-        return value
-    return "".join(chr(c) if 0x21 <= c <= 0x7e and c not in (0x2b, 0x3d) else f"+{c:02X}"
-                   for c in raw)
 
 
 def _check_text(what: str, value: str) -> None:
@@ -337,7 +327,7 @@ class ClientConnection:
             name = name.upper()
             if name not in offered:
                 continue
-            item = len(name) + 2 + len(_xtext(value))            # " NAME=value"
+            item = len(name) + 2 + len(xtext_encode(value))            # " NAME=value"
             if len(verb) + item + 2 > MAX_COMMAND_LINE:
                 value = UNAVAILABLE
                 item = len(name) + 2 + len(value)
@@ -350,7 +340,7 @@ class ClientConnection:
 
     def _attribute_command(self, verb: str, attrs: Mapping[str, str]) -> str:
         offered = self.attributes_offered(verb)
-        items = [f"{name.upper()}={_xtext(value)}" for name, value in attrs.items()
+        items = [f"{name.upper()}={xtext_encode(value)}" for name, value in attrs.items()
                  if name.upper() in offered]
         if not items:
             raise LocalProtocolError(f"no {verb} attribute that the server accepts")
@@ -414,7 +404,7 @@ class ClientConnection:
                     raise LocalProtocolError(f"bad RET value: {ret!r}")
                 params.append(f"RET={ret}")
             if envid is not None:
-                params.append(f"ENVID={_xtext(envid)}")
+                params.append(f"ENVID={xtext_encode(envid)}")
         line = " ".join([f"MAIL FROM:<{sender}>", *params])
         data = self._emit("MAIL", line)
         self.state = State.MAIL
@@ -446,7 +436,7 @@ class ClientConnection:
                     addr_type, original = "rfc822", orcpt
                 if not _EHLO_KEYWORD.match(addr_type):
                     raise LocalProtocolError(f"bad ORCPT address type: {orcpt!r}")
-                params.append(f"ORCPT={addr_type};{_xtext(original)}")
+                params.append(f"ORCPT={addr_type};{xtext_encode(original)}")
         data = self._emit("RCPT", " ".join([f"RCPT TO:<{address}>", *params]))
         self._rcpts_sent += 1
         return data

@@ -36,7 +36,7 @@ States and commands (the transition table)
     any but DATA --RSET-------------->  READY, or CONNECTED without HELO
     CONNECTED, READY --STARTTLS------>  TLS  --tls_started()-->  CONNECTED
     CONNECTED, READY --XCLIENT ok---->  CONNECTED   (fresh 220 greeting)
-    any        --QUIT, EOF, error limit, HTTP verb-->  CLOSED
+    any        --QUIT, EOF, error limit, HTTP verb, a 421 answer-->  CLOSED
 
     command      needs                         else
     MAIL         HELO/EHLO, no transaction     503 5.5.1
@@ -244,6 +244,7 @@ class ServerConnection:
             self._eof = True
             return
         if self._skip_line:
+            data = bytes(data)
             nl = data.find(b"\n")
             if nl < 0:
                 return
@@ -293,6 +294,9 @@ class ServerConnection:
         self._write(reply)
         if reply.code < 400:
             self._accepted(event)
+        elif reply.code == 421:                  # "closing transmission channel" (RFC 5321 4.2.2)
+            self._clear_transaction()
+            self._close()
         else:
             self._count_error()
 

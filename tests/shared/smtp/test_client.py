@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from shared.smtp.client import (MAX_LINE, MAX_REPLY_LINES, NEED_DATA, ClientConnection,
-                                DataEncoder, LocalProtocolError, RemoteProtocolError, State,
-                                _xtext)
+                                DataEncoder, LocalProtocolError, RemoteProtocolError, State)
 from shared.smtp.reply import Reply
+from shared.smtp.syntax import xtext_encode
 
 EHLO_FULL = (b"250-mx.example.org Hello\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n"
              b"250-8BITMIME\r\n250-SMTPUTF8\r\n250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n"
@@ -390,7 +390,7 @@ def test_xforward_pipelines_with_mail():
 
 @given(st.text(max_size=30))
 def test_xtext_is_printable_and_reversible(value):
-    encoded = _xtext(value)
+    encoded = xtext_encode(value)
     assert re.fullmatch(r"[\x21-\x7e]*", encoded)
     assert "=" not in encoded
     decoded = re.sub(rb"\+([0-9A-F]{2})", lambda m: bytes.fromhex(m.group(1).decode()),

@@ -654,6 +654,12 @@ def test_app_rejections_count_and_delivery_resets_the_count():
     assert t.names[-1] == "TooManyErrors"
 
 
+def test_a_421_answer_closes_the_session():
+    t = talk(TXN + b"NOOP\r\n", answers={ev.RcptTo: Reply(421, "4.7.0", "mx.test closing")})
+    assert t.lines[-1] == "421 4.7.0 mx.test closing" and t.conn.closing
+    assert t.names == ["Hello", "MailFrom", "RcptTo"]
+
+
 def test_aborted_data_counts_as_an_error():
     t = talk(message(b"a\nb\r\n.\r\n"), hard_error_limit=1)
     assert t.names[-2:] == ["DataAborted", "TooManyErrors"]

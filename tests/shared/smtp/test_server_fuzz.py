@@ -35,8 +35,9 @@ PREFIXES = [b"", b"EHLO client.test\r\n", b"EHLO client.test\r\nMAIL FROM:<a@b.t
             b"EHLO client.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n"]
 fragment = st.one_of(st.sampled_from(FRAGMENTS), st.binary(max_size=40))
 # A valid start often, so that the later states (DATA above all) are reached.
-session_input = st.tuples(st.sampled_from(PREFIXES), st.lists(fragment, max_size=40)).map(
-    lambda t: t[0] + b"".join(t[1]))
+SUFFIXES = [b"", b"\r\n.\r\n", b"\r\n.\r\nQUIT\r\n"]
+session_input = st.tuples(st.sampled_from(PREFIXES), st.lists(fragment, max_size=40),
+                          st.sampled_from(SUFFIXES)).map(lambda t: t[0] + b"".join(t[1]) + t[2])
 sizes = st.lists(st.integers(1, 300), max_size=30)
 
 
@@ -122,7 +123,7 @@ def check_output(out: bytes) -> None:
        eof=st.booleans(), rnd=st.randoms(use_true_random=False))
 def test_any_input_gives_only_events_and_replies(data, lengths, config, tls, xclient, eof, rnd):
     def answer(event):
-        if rnd.random() < 0.7:
+        if rnd.random() < 0.85:
             return rnd.choice(POSITIVE[type(event)])
         return rnd.choice(NEGATIVE)
 
@@ -156,7 +157,12 @@ def test_how_input_is_split_does_not_matter(data, lengths, config, xclient, eof)
         conn.send_greeting()
         driver = Driver(conn, fixed_answer)
         driver.feed(pieces, eof)
-        runs.append((merge_chunks(driver.events), bytes(driver.out), conn.state))
+        events = merge_chunks(driver.events)
+        # Content of a message that never ends well is handed out up to a point that
+        # depends on the split (the application drops it); keep only delivered content.
+        events = [e for i, e in enumerate(events) if not isinstance(e, ev.DataChunk)
+                  or (i + 1 < len(events) and isinstance(events[i + 1], ev.DataEnd))]
+        runs.append((events, bytes(driver.out), conn.state))
     assert runs[0] == runs[1]
 
 
