@@ -18,5 +18,9 @@ from shared.engine.proxy import ProxySink
 def build(settings, reactor, pool, dry_run: bool = False) -> TierParts:
     if dry_run:
         return TierParts(sink=None, checks=[])
-    client = relay_client(settings, reactor)
-    return TierParts(sink=ProxySink(client), checks=[])
+    sink = ProxySink(relay_client(settings, reactor))
+
+    def reload(new) -> None:
+        sink.relay_client = relay_client(new, reactor)     # new sessions use the new next hops
+
+    return TierParts(sink=sink, checks=[], reload=reload)

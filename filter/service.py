@@ -56,4 +56,19 @@ def build(settings, reactor, pool, dry_run: bool = False) -> TierParts:
         d.addBoth(lambda r: (spool.stop(), r)[1])
         return d
 
-    return TierParts(sink=sink, checks=checks(settings, verifier), start=start, stop=stop)
+    parts = TierParts(sink=sink, checks=checks(settings, verifier), start=start, stop=stop)
+
+    def reload(new) -> None:
+        """Next hops, verification and retry settings change live; the spool directory does not."""
+        client = relay_client(new, reactor)
+        v = new["verify"]
+        verifier.close()
+        verifier.relay_client = client
+        verifier.positive_ttl, verifier.negative_ttl = v["positive_ttl"], v["negative_ttl"]
+        verifier.cache.clear()
+        manager.deliver = client.deliver_batch
+        manager.settings = queue_settings(new)
+        parts.checks = checks(new, verifier)
+
+    parts.reload = reload
+    return parts

@@ -44,7 +44,7 @@ class TierParts:
     checks: list[Check] = field(default_factory=list)
     start: Callable[[], object] | None = None
     stop: Callable[[], object] | None = None
-    reload: Callable[[Settings], None] | None = None
+    reload: Callable[[Settings], None] | None = None   # may replace `checks`
 
 
 def server_config(settings: Settings) -> ServerConfig:
@@ -149,6 +149,7 @@ class Daemon:
             f.upstream_hosts = tuple(new["server"]["upstream_hosts"])
         if self.parts and self.parts.reload:
             self.parts.reload(new)
+            self.chain = Chain(self.parts.checks, reactor=self.reactor)
         log.info("configuration reloaded from {path}", path=new.path)
         return True
 
