@@ -9,6 +9,9 @@ import re
 from email.utils import formatdate
 
 _RECEIVED = re.compile(rb"(?:^|\n)received[ \t]*:", re.IGNORECASE)
+# A whole header: its first line and any folded continuation lines.
+_HEADER = re.compile(rb"\n([^\r\n]*)((?:\r?\n[ \t][^\r\n]*)*)")
+_OURS = re.compile(rb"^received[ \t]*:.*\sby\s+\S+\s+\(smarthost\)", re.IGNORECASE | re.DOTALL)
 HEADER_SCAN_LIMIT = 256 * 1024
 
 
@@ -67,3 +70,17 @@ class HeaderScanner:
 
     def received_count(self) -> int:
         return len(_RECEIVED.findall(self.buf))
+
+    def pipeline_hops(self) -> int:
+        """How many Received headers at the top were added by smarthost tiers.
+
+        Only meaningful from a trusted upstream tier: the loop limit is enforced
+        on the full count where mail enters the pipeline, and the tiers behind
+        it do not count the pipeline's own hops again.
+        """
+        n = 0
+        for m in _HEADER.finditer(self.buf):
+            if not _OURS.match(m.group(1) + m.group(2)):
+                break
+            n += 1
+        return n

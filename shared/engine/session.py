@@ -77,6 +77,7 @@ class EngineSession:
         self.upstream_id: str | None = None
         self.session_id = new_queue_id()
         self.xclient_set = False
+        self.trusted_upstream = protocol.factory.upstream_allowed(protocol.peer_host)
 
     # -- helpers ---------------------------------------------------------------
     def _request(self, phase: str, **kw) -> Request:
@@ -221,6 +222,8 @@ class EngineSession:
     def on_data_end(self, e: ev.DataEnd):
         txn = self.txn
         count = txn.scanner.received_count()
+        if self.trusted_upstream:      # the pipeline's own hops were counted where mail entered
+            count -= txn.scanner.pipeline_hops()
         if count > self.config.max_received_headers:
             self._log("reject: END-OF-MESSAGE: {reply} ({n} Received headers)", reply=str(TOO_MANY_HOPS), n=count)
             self._abandon()

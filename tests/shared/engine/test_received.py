@@ -43,3 +43,13 @@ def test_received_header_shape():
                           protocol="SMTP", queue_id="Q", recipients=["a@x", "b@x"], now=0).decode()
     assert "for <" not in two and "with SMTP id Q;\r\n\tThu, 01 Jan 1970" in two
     assert with_protocol(True, True, True, True) == "UTF8SMTPSA"
+
+
+def test_pipeline_hops_counts_only_leading_smarthost_headers():
+    ours = (b"Received: from a (b [192.0.2.1])\r\n\tby filter.example (smarthost) with ESMTP id Q;\r\n"
+            b"\tMon, 1 Jan 2026 00:00:00 -0000\r\n")
+    theirs = b"Received: from x by mx.example.net (Postfix) with ESMTP id Z\r\n"
+    h = scan([ours, ours, theirs, ours, b"Subject: s\r\n\r\n"])
+    assert h.received_count() == 4
+    assert h.pipeline_hops() == 2
+    assert scan([theirs, ours, b"\r\n"]).pipeline_hops() == 0
