@@ -29,6 +29,7 @@ from shared.blocking import BlockingPool
 from shared.checks.core import Chain, Check
 from shared.checks.relay import RelayPolicy
 from shared.config import ConfigError, Settings, load
+from shared.netlist import NetworkList
 from shared.engine.session import EngineConfig, EngineSession
 from shared.smtp.server import ServerConfig
 from shared.transport.server import SMTPServerFactory
@@ -146,7 +147,7 @@ class Daemon:
             f.max_connections = new["server"]["max_connections"]
             f.max_connections_per_client = new["server"]["max_connections_per_client"]
             f.command_timeout = new["server"]["command_timeout"]
-            f.upstream_hosts = tuple(new["server"]["upstream_hosts"])
+            f.upstream_hosts = NetworkList(new["server"]["upstream_hosts"])
         if self.parts and self.parts.reload:
             self.parts.reload(new)
             self.chain = Chain(self.parts.checks, reactor=self.reactor)

@@ -7,9 +7,8 @@ no other way to relay: everything else is 554 5.7.1.
 """
 from __future__ import annotations
 
-import ipaddress
-
 from shared.checks.core import CONTINUE, Action, Request, Verdict
+from shared.netlist import NetworkList
 from shared.smtp.reply import RELAY_DENIED
 
 
@@ -20,17 +19,7 @@ def domain_of(address: str) -> str:
 class RelayPolicy:
     def __init__(self, relay_domains: list[str], mynetworks: list) -> None:
         self.relay_domains = frozenset(d.lower() for d in relay_domains)
-        self.mynetworks = tuple(ipaddress.ip_network(n) if isinstance(n, str) else n
-                                for n in mynetworks)
-
-    def client_trusted(self, address: str | None) -> bool:
-        if not address or not self.mynetworks:
-            return False
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.mynetworks)
+        self.mynetworks = NetworkList(mynetworks)
 
     def __call__(self, request: Request) -> Verdict:
         rcpt = request.recipient or ""
@@ -38,6 +27,6 @@ class RelayPolicy:
             return CONTINUE       # RFC 5321: postmaster must be accepted (local postmaster)
         if domain_of(rcpt) in self.relay_domains:
             return CONTINUE
-        if self.client_trusted(request.client_address):
+        if request.client_address in self.mynetworks:
             return CONTINUE
         return Verdict(Action.REJECT, RELAY_DENIED, "relay")

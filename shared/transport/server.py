@@ -18,13 +18,13 @@ the core; a handler failure becomes 451 4.3.0, never a traceback on the wire.
 """
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from shared.netlist import NetworkList
 from shared.smtp import events as ev
 from shared.smtp.reply import SHUTTING_DOWN, TEMPFAIL_CHECK, Reply
 from shared.smtp.server import NEED_DATA, PAUSED, ServerConfig, ServerConnection
@@ -243,8 +243,7 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.handler_factory = handler_factory
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
-        self.upstream_hosts = tuple(ipaddress.ip_network(n) if isinstance(n, str) else n
-                                    for n in upstream_hosts)
+        self.upstream_hosts = NetworkList(upstream_hosts)
         self.command_timeout = command_timeout
         self.session_timeout = session_timeout
         self.max_connections = max_connections
@@ -260,11 +259,7 @@ class SMTPServerFactory(protocol.ServerFactory):
         return p
 
     def upstream_allowed(self, host: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.upstream_hosts)
+        return host in self.upstream_hosts
 
     def opened(self, p: SMTPServerProtocol) -> None:
         self.sessions.add(p)

@@ -70,3 +70,12 @@ def test_relay_denied_unless_permitted():
     assert v.action is Action.REJECT and (v.reply.code, v.reply.enhanced) == (554, "5.7.1")
     assert policy(Request(phase="rcpt", client_address="", recipient="x@elsewhere.net")).final
     assert RelayPolicy(["example.org"], [])(REQ.at("rcpt", recipient="x@sub.example.org")).final
+
+
+def test_network_list_membership():
+    from shared.netlist import NetworkList
+    nets = NetworkList(["192.0.2.0/24", "2001:db8::/32"])
+    assert "192.0.2.200" in nets and "2001:db8::5" in nets
+    assert "::ffff:192.0.2.9" in nets          # IPv4-mapped IPv6 from a dual-stack socket
+    assert "198.51.100.1" not in nets and "not-an-ip" not in nets and "" not in nets
+    assert "192.0.2.1" not in NetworkList() and not NetworkList()
