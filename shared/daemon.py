@@ -100,24 +100,38 @@ class Daemon:
                              sink=self.parts.sink, reactor=self.reactor)
 
     def start(self) -> None:
+        """Bind every listener, drop privileges, then start the tier's parts.
+
+        Raises (with nothing left running) when a listener cannot be bound.
+        """
         s = self.settings["server"]
-        self.pool.start()
         self.parts = build_parts(self.settings, self.reactor, self.pool)
         self.chain = Chain(self.parts.checks, reactor=self.reactor)
         tls = tls_context(self.settings)
-        for host, port in s["listen"]:
-            factory = SMTPServerFactory(
-                reactor=self.reactor, server_config=self.server_config, handler_factory=self._new_session,
-                tls_context=tls, upstream_hosts=s["upstream_hosts"], command_timeout=s["command_timeout"],
-                session_timeout=s["session_timeout"], max_connections=s["max_connections"],
-                max_connections_per_client=s["max_connections_per_client"])
-            self.ports.append(self.reactor.listenTCP(port, factory, interface=host, backlog=511))
-            self.factories.append(factory)
-            log.info("listening on {host}:{port}", host=host, port=port)
+        try:
+            for host, port in s["listen"]:
+                factory = SMTPServerFactory(
+                    reactor=self.reactor, server_config=self.server_config,
+                    handler_factory=self._new_session, tls_context=tls,
+                    upstream_hosts=s["upstream_hosts"], command_timeout=s["command_timeout"],
+                    session_timeout=s["session_timeout"], max_connections=s["max_connections"],
+                    max_connections_per_client=s["max_connections_per_client"])
+                self.ports.append(self.reactor.listenTCP(port, factory, interface=host, backlog=511))
+                self.factories.append(factory)
+                log.info("listening on {host}:{port}", host=host, port=port)
+        except Exception:
+            for p in self.ports:
+                p.stopListening()
+            raise
         if s["user"]:
             drop_privileges(s["user"])
-        if self.parts.start:
-            self.parts.start()
+        self.pool.start()
+        try:
+            if self.parts.start:
+                self.parts.start()
+        except Exception:
+            self.pool.stop()
+            raise
         log.info("{tier} started: hostname={h}, next hop={nh}", tier=self.settings.tier,
                  h=self.settings.hostname, nh=self.settings["next_hop"]["hosts"] or "-")
 

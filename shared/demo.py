@@ -131,6 +131,10 @@ def run_demo(directory: str, base_port: int) -> int:
     configs = write_configs(root, base_port)
     from shared.config import load
     children: dict[str, subprocess.Popen] = {}
+    stopping: list[int] = []
+    # Installed before any child exists, so an early Ctrl-C still stops them all.
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     for tier in ("domain", "filter", "edge"):        # start downstream first
         load(tier, configs[tier])                    # fail early, with the file and key, if invalid
         children[tier] = subprocess.Popen([sys.executable, "-m", "shared.cli", tier, "--config", str(configs[tier])])
@@ -148,8 +152,10 @@ def run_demo(directory: str, base_port: int) -> int:
     deadline = time.monotonic() + 20
     while not all(_port_open(p) for p in ports.values()):
         dead = [t for t, p in children.items() if p.poll() is not None]
-        if dead or time.monotonic() > deadline:
+        if dead or stopping or time.monotonic() > deadline:
             stop_all()
+            if stopping and not dead:
+                return 0
             why = f"{', '.join(dead)} exited" if dead else "tiers did not start listening in time"
             print(f"smarthost demo: {why}; see {root / 'log'}", file=sys.stderr)
             return 1
@@ -174,12 +180,6 @@ s.sendmail('you@example.net', ['alice@{DOMAIN}'], 'Subject: hi\\r\\n\\r\\nhello\
 Then look in {mailboxes[f'alice@{DOMAIN}']}/new/
 Press Ctrl-C to stop.""", flush=True)
 
-    stopping = []
-
-    def on_signal(signum, frame):
-        stopping.append(signum)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     try:
         while not stopping:
             dead = [t for t, p in children.items() if p.poll() is not None]

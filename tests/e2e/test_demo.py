@@ -1,0 +1,199 @@
+"""`smarthost demo` end to end: real clients (swaks, smtplib) against the three tiers.
+
+The demo runs as an administrator would run it, as a subprocess; the tests read
+its demo.json, send through the edge and find each message in the Maildir byte
+for byte, apart from the trace fields the tiers put on top.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import smtp_send
+from tests.e2e.harness import (DOMAIN, PYTHON, REPO, check_delivered, child_env, children_of, compose,
+                               find_by_message_id, free_port_block, pid_alive, received_by, swaks,
+                               swaks_replies, tail, wait_for_message, wait_until)
+
+pytestmark = pytest.mark.slow
+
+SENDER = "sender@example.net"
+ALICE, BOB = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
+
+
+class Demo:
+    def __init__(self, root: Path, proc: subprocess.Popen, info: dict) -> None:
+        self.root, self.proc, self.info = root, proc, info
+        host, port = info["tiers"]["edge"]["smtp"].rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        self.cert = root / "tls" / "cert.pem"
+
+    def maildir(self, user: str) -> Path:
+        return Path(self.info["mailboxes"][user])
+
+    def child_pids(self) -> dict[str, int]:
+        return {t: v["pid"] for t, v in self.info["tiers"].items()}
+
+    def describe(self) -> str:
+        logs = "\n".join(f"--- {t} log ---\n{tail(self.root / 'log' / f'{t}.log')}"
+                         for t in ("edge", "filter", "domain"))
+        return f"--- demo output ---\n{tail(self.root / 'demo.out')}\n{logs}"
+
+
+def _ours(pid: int, config: str) -> bool:
+    """`pid` is still the tier we started (not a recycled pid)."""
+    try:
+        return config.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def running_demo(root: Path):
+    """Start `smarthost demo` on a free block of ports; stop it and its children on exit."""
+    root.mkdir(parents=True, exist_ok=True)
+    proc = demo = None
+    try:
+        for _ in range(3):                       # another process may take the ports meanwhile
+            base = free_port_block(3)
+            with open(root / "demo.out", "ab") as out:
+                proc = subprocess.Popen([PYTHON, "-m", "shared.cli", "demo", "--dir", str(root),
+                                         "--base-port", str(base)], cwd=REPO, env=child_env(),
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            ready = root / "demo.json"
+            wait_until(lambda: ready.exists() or proc.poll() is not None, 30, "demo.json")
+            if ready.exists():
+                break
+            if b"port in use" not in (root / "demo.out").read_bytes():
+                raise AssertionError(f"demo exited with {proc.returncode}\n{tail(root / 'demo.out')}")
+        else:
+            raise AssertionError(f"demo could not find free ports\n{tail(root / 'demo.out')}")
+        wait_until(lambda: _json(ready), 5, "complete demo.json")
+        demo = Demo(root, proc, _json(ready))
+        yield demo
+    finally:
+        tiers: dict[int, str] = {}          # pid -> its config file, to recognise it later
+        if demo is not None:
+            tiers = {v["pid"]: v["config"] for v in demo.info["tiers"].values()}
+        if proc is not None and proc.poll() is None:
+            tiers.update({pid: str(root) for pid in children_of(proc.pid)})
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for pid, config in tiers.items():   # whatever the demo left behind
+            if pid_alive(pid) and _ours(pid, config):
+                os.kill(pid, signal.SIGKILL)
+        print(demo.describe() if demo else tail(root / "demo.out"))
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    with running_demo(tmp_path_factory.mktemp("demo")) as d:
+        yield d
+
+
+def test_demo_json_describes_three_tiers(demo):
+    assert set(demo.info["tiers"]) == {"edge", "filter", "domain"}
+    assert demo.info["domain"] == DOMAIN
+    assert set(demo.info["mailboxes"]) >= {ALICE, BOB}
+    for tier, pid in demo.child_pids().items():
+        assert pid_alive(pid), f"{tier} (pid {pid}) is not running"
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "starttls"])
+def test_swaks_message_arrives_intact(demo, tmp_path, tls):
+    tag = f"demo-swaks-{'tls' if tls else 'plain'}-{os.getpid()}"
+    message = compose(tag, SENDER, ALICE)
+    data = tmp_path / "message.eml"
+    data.write_bytes(message[:-2])               # swaks adds the final CRLF itself
+    r = swaks(demo.host, demo.port, SENDER, ALICE, data, tls=tls, ca_file=demo.cert if tls else None)
+    assert r.returncode == 0, f"swaks failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+    in_tls, end_of_data = swaks_replies(r.stdout)[-2]      # the last reply is QUIT's 221
+    assert end_of_data.startswith("250"), r.stdout
+    assert in_tls == tls, r.stdout
+
+    fields = check_delivered(wait_for_message(demo.maildir(ALICE), f"<{tag}@e2e.test>"), message, SENDER)
+    edge = received_by(fields, "edge")
+    assert "[127.0.0.1]" in edge and "client.e2e.test" in edge, edge
+    assert (" with ESMTPS " in edge) == tls and " with ESMTP" in edge, edge
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "starttls"])
+def test_smtplib_message_arrives_intact(demo, tls):
+    tag = f"demo-smtplib-{'tls' if tls else 'plain'}-{os.getpid()}"
+    message = compose(tag, SENDER, BOB)
+    # The demo's certificate names edge.example.test; we connect to 127.0.0.1,
+    # so verify the chain against it but not the name.
+    r = smtp_send.send(demo.host, demo.port, SENDER, [BOB], message, starttls=tls,
+                       cafile=str(demo.cert), check_hostname=False)
+    assert r["starttls_offered"] is True, r
+    if tls:
+        assert r["tls"] and r["tls"].startswith("TLS"), r
+        assert r["starttls_offered_after"] is False, "STARTTLS offered again inside TLS (RFC 3207 4.2)"
+    assert r["mail"][0] == 250 and [c for c, _ in r["rcpt"]] == [250], r
+    assert r["data"][0] == 250, r
+
+    fields = check_delivered(wait_for_message(demo.maildir(BOB), f"<{tag}@e2e.test>"), message, SENDER)
+    edge = received_by(fields, "edge")
+    assert (" with ESMTPS " in edge) == tls, edge
+    assert not find_by_message_id(demo.maildir(ALICE), f"<{tag}@e2e.test>"), "bob's message reached alice"
+
+
+def test_unknown_user_is_refused_at_rcpt_and_the_rest_delivered(demo):
+    tag = f"demo-unknown-{os.getpid()}"
+    message = compose(tag, SENDER, ALICE)
+    r = smtp_send.send(demo.host, demo.port, SENDER, [f"nobody@{DOMAIN}", ALICE], message)
+    (code_unknown, text_unknown), (code_alice, _) = r["rcpt"]
+    assert code_unknown == 550 and text_unknown.startswith("5.1.1"), r
+    assert code_alice == 250, r
+    assert r["data"][0] == 250, r
+    check_delivered(wait_for_message(demo.maildir(ALICE), f"<{tag}@e2e.test>"), message, SENDER)
+    assert not (demo.root / "mail" / DOMAIN / "nobody").exists()
+
+
+def test_relay_to_another_domain_is_denied(demo):
+    r = smtp_send.send(demo.host, demo.port, SENDER, ["someone@elsewhere.example"],
+                       compose("relay", SENDER, "someone@elsewhere.example"))
+    assert r["mail"][0] == 250, r
+    [(code, text)] = r["rcpt"]
+    assert code == 554 and text.startswith("5.7.1"), r
+    assert r["data"] is None
+
+
+def test_sigint_stops_the_demo_and_its_tiers(tmp_path):
+    with running_demo(tmp_path / "demo") as demo:
+        tag = f"demo-sigint-{os.getpid()}"
+        message = compose(tag, SENDER, ALICE)
+        r = smtp_send.send(demo.host, demo.port, SENDER, [ALICE], message)
+        assert r["data"][0] == 250, r
+        check_delivered(wait_for_message(demo.maildir(ALICE), f"<{tag}@e2e.test>"), message, SENDER)
+
+        children = demo.child_pids()
+        demo.proc.send_signal(signal.SIGINT)
+        try:
+            status = demo.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"demo still running 30 s after SIGINT\n{demo.describe()}")
+        assert status == 0, f"demo exited with {status}\n{demo.describe()}"
+        still = {t: pid for t, pid in children.items() if pid_alive(pid)}
+        assert not still, f"tiers still running after the demo stopped: {still}"
+        out = (demo.root / "demo.out").read_text(errors="replace")
+        assert "Traceback" not in out, out
+        for tier in children:
+            log = (demo.root / "log" / f"{tier}.log").read_text(errors="replace")
+            assert "Traceback" not in log, f"{tier} log:\n{log[-3000:]}"
