@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import signal
 import smtplib
 import threading
 import time
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.slow
 TOTAL = 400
 CLIENTS = 4
 KILL_AT = TOTAL // 3              # accepted messages before the filter is killed
+STALLED = 40                      # of those, accepted while the domain tier is frozen
 DOWN_FOR = 1.0                    # seconds the filter stays dead
 SEND_DEADLINE = 45.0              # seconds for all clients to get every message accepted
 SENDER = "load@example.net"
@@ -185,12 +187,21 @@ def test_sigkill_of_the_filter_loses_no_accepted_message(loopback_pipeline):
                for _ in range(CLIENTS)]
     for t in threads:
         t.start()
-    wait_until(lambda: ledger.acked_count() >= KILL_AT, 30, f"{KILL_AT} accepted messages before the kill")
-
-    pipeline["filter"].kill()
+    # Freeze the domain tier for the last stretch before the kill, so that the
+    # filter holds acknowledged messages in its spool when it dies: the restart
+    # must deliver them.
+    wait_until(lambda: ledger.acked_count() >= KILL_AT - STALLED, 30, "accepted messages before the stall")
+    domain_pid = pipeline["domain"].proc.pid
+    os.kill(domain_pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: ledger.acked_count() >= KILL_AT, 30, f"{KILL_AT} accepted messages before the kill")
+        pipeline["filter"].kill()
+    finally:
+        os.kill(domain_pid, signal.SIGCONT)
     killed_at = time.monotonic()
     acked_before_kill = ledger.acked_count()
     in_spool = {mid_to_n[m] for m in spool_message_ids(spool) if m in mid_to_n}
+    assert in_spool, "the filter's spool was empty at the kill: the restart proved nothing"
     time.sleep(DOWN_FOR)
     with ledger.lock:
         acked_while_down = {n for n, t in ledger.acked.items() if t > killed_at}
