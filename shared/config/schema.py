@@ -111,7 +111,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_line_length": Key(int, 1000, "longest line in a message, octets with CRLF (RFC 5321: 1000; 0: no limit)",
                                _non_negative),
         "max_connections": Key(int, 1000, "simultaneous client sessions", _positive),
-        "max_connections_per_client": Key(int, 50, "simultaneous sessions from one client address", _positive),
+        "max_connections_per_client": Key(int, 50, "simultaneous sessions from one client address (upstream_hosts are exempt)", _positive),
         "max_errors": Key(int, 20, "client errors before the session is closed with 421", _positive),
         "command_timeout": Key((int, float), 300, "seconds to wait for a command or a DATA chunk", _positive),
         "session_timeout": Key((int, float), 3600, "longest session, seconds", _positive),

@@ -283,7 +283,8 @@ class SMTPServerFactory(protocol.ServerFactory):
             return SHUTTING_DOWN
         if len(self.sessions) > self.max_connections:
             return Reply(421, "4.7.0", f"{host} Error: too many connections")
-        if self._per_client.get(p.peer_host, 0) > self.max_connections_per_client:
+        if (self._per_client.get(p.peer_host, 0) > self.max_connections_per_client
+                and not self.upstream_allowed(p.peer_host)):     # an upstream tier carries many clients
             return Reply(421, "4.7.0", f"{host} Error: too many connections from {p.peer_host}")
         return None
 

@@ -155,3 +155,12 @@ def test_backpressure_pauses_reading_while_a_decision_waits():
     assert t.producerState == "paused"
     h.pending.pop(0).callback(None)
     assert t.producerState == "producing"
+
+
+def test_per_client_limit_spares_upstream_tiers():
+    clock, factory, proto, t, _ = make(max_connections_per_client=1, upstream_hosts=["192.0.2.0/24"])
+    for host, refused in (("192.0.2.10", False), ("198.51.100.7", False), ("198.51.100.7", True)):
+        p = factory.buildProtocol(None)
+        tr = TLSStringTransport(host)
+        p.makeConnection(tr)
+        assert tr.value().startswith(b"421 4.7.0") is refused, host
