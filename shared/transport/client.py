@@ -49,6 +49,7 @@ from shared.envelope import ClientInfo, Envelope
 from shared.smtp.client import (NEED_DATA, UNAVAILABLE, ClientConnection, LocalProtocolError,
                                 RemoteProtocolError, State)
 from shared.smtp.reply import Reply
+from shared.transport.tcp import no_delay
 
 __all__ = [
     "SMTPClientError", "SMTPTimeoutError", "SMTPConnectionLost", "TLSUnavailable",
@@ -147,6 +148,7 @@ class SMTPClientProtocol(Protocol):
     # ---- Twisted plumbing -------------------------------------------
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         self._arm()
 
     def dataReceived(self, data: bytes) -> None:

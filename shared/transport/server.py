@@ -28,6 +28,7 @@ from shared.netlist import NetworkList
 from shared.smtp import events as ev
 from shared.smtp.reply import SHUTTING_DOWN, TEMPFAIL_CHECK, Reply
 from shared.smtp.server import NEED_DATA, PAUSED, ServerConfig, ServerConnection
+from shared.transport.tcp import no_delay
 
 log = Logger(namespace="smarthost.smtpd")
 
@@ -67,6 +68,7 @@ class SMTPServerProtocol(protocol.Protocol):
 
     # -- connection life ------------------------------------------------------
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         peer = self.transport.getPeer()
         self.peer_host = getattr(peer, "host", "") or ""
         self.peer_port = getattr(peer, "port", None)

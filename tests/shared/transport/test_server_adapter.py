@@ -17,6 +17,9 @@ class TLSStringTransport(StringTransport):
     def startTLS(self, ctx):
         self.tls_started_with = ctx
 
+    def setTcpNoDelay(self, enabled):
+        self.no_delay = enabled
+
 
 class Handler:
     """Answers decisions from a script; records every event."""
@@ -74,6 +77,7 @@ def lines(transport):
 def test_greeting_and_pipelined_replies_stay_in_order_with_slow_answers():
     clock, factory, proto, t, [h] = make({"on_mail_from": "defer", "on_rcpt_to": "defer"})
     assert t.value().startswith(b"220 mx.test")
+    assert t.no_delay is True          # short replies must not wait for delayed ACKs
     t.clear()
     proto.dataReceived(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nNOOP\r\n")
     out = t.value()
