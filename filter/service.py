@@ -34,41 +34,50 @@ def checks(settings, verifier) -> list[Check]:
     return out
 
 
+class FilterTier:
+    """The filter's moving parts: relay client, verifier, spool, queue manager."""
+
+    def __init__(self, settings, reactor) -> None:
+        self.reactor = reactor
+        self.client = relay_client(settings, reactor)
+        v = settings["verify"]
+        self.verifier = RecipientVerifier(self.client, reactor=reactor, positive_ttl=v["positive_ttl"],
+                                          negative_ttl=v["negative_ttl"])
+        self.spool = Spool(Path(settings["queue"]["directory"]), reactor=reactor,
+                           fsync=settings["queue"]["fsync"])
+        self.manager = QueueManager(self.spool, self.client.deliver_batch, queue_settings(settings),
+                                    reactor=reactor,
+                                    relay=",".join(f"{h}:{p}" for h, p in settings["next_hop"]["hosts"]))
+        self.parts = TierParts(sink=QueueSink(self.spool, self.manager),
+                               checks=checks(settings, self.verifier),
+                               start=self.start, stop=self.stop, reload=self.reload)
+
+    def start(self) -> None:
+        self.spool.start()
+        self.manager.start()     # recovers the spool first: tmp/ cleaned, active/ re-queued, corrupt/ set apart
+
+    def stop(self):
+        self.verifier.close()
+        d = self.manager.stop()
+        d.addBoth(lambda r: (self.spool.stop(), r)[1])
+        d.addBoth(lambda r: self.client.close_cached())
+        return d
+
+    def reload(self, new) -> None:
+        """Next hops, verification and retry settings change live; the spool directory does not."""
+        old, self.client = self.client, relay_client(new, self.reactor)
+        old.close_cached()
+        v = new["verify"]
+        self.verifier.close()
+        self.verifier.relay_client = self.client
+        self.verifier.positive_ttl, self.verifier.negative_ttl = v["positive_ttl"], v["negative_ttl"]
+        self.verifier.cache.clear()
+        self.manager.deliver = self.client.deliver_batch
+        self.manager.settings = queue_settings(new)
+        self.parts.checks = checks(new, self.verifier)
+
+
 def build(settings, reactor, pool, dry_run: bool = False) -> TierParts:
     if dry_run:
         return TierParts(sink=None, checks=checks(settings, lambda r: None))
-    client = relay_client(settings, reactor)
-    v = settings["verify"]
-    verifier = RecipientVerifier(client, reactor=reactor, positive_ttl=v["positive_ttl"],
-                                 negative_ttl=v["negative_ttl"])
-    spool = Spool(Path(settings["queue"]["directory"]), reactor=reactor, fsync=settings["queue"]["fsync"])
-    manager = QueueManager(spool, client.deliver_batch, queue_settings(settings), reactor=reactor,
-                           relay=",".join(f"{h}:{p}" for h, p in settings["next_hop"]["hosts"]))
-    sink = QueueSink(spool, manager)
-
-    def start():
-        spool.start()
-        manager.start()     # recovers the spool first: tmp/ cleaned, active/ re-queued, corrupt/ set apart
-
-    def stop():
-        verifier.close()
-        d = manager.stop()
-        d.addBoth(lambda r: (spool.stop(), r)[1])
-        return d
-
-    parts = TierParts(sink=sink, checks=checks(settings, verifier), start=start, stop=stop)
-
-    def reload(new) -> None:
-        """Next hops, verification and retry settings change live; the spool directory does not."""
-        client = relay_client(new, reactor)
-        v = new["verify"]
-        verifier.close()
-        verifier.relay_client = client
-        verifier.positive_ttl, verifier.negative_ttl = v["positive_ttl"], v["negative_ttl"]
-        verifier.cache.clear()
-        manager.deliver = client.deliver_batch
-        manager.settings = queue_settings(new)
-        parts.checks = checks(new, verifier)
-
-    parts.reload = reload
-    return parts
+    return FilterTier(settings, reactor).parts

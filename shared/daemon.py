@@ -179,6 +179,21 @@ def drop_privileges(user: str) -> None:
     log.info("running as {user}", user=user)
 
 
+def raise_fd_limit() -> int:
+    """Every session is a descriptor (two at the edge): lift the soft limit to the hard one."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def run(tier: str, config_path: str) -> int:
     """The foreground daemon: `smarthost TIER --config FILE`."""
     try:
@@ -189,6 +204,10 @@ def run(tier: str, config_path: str) -> int:
     from twisted.internet import reactor
     from shared.logging import start_logging
     start_logging(tier, settings["log"]["level"], settings["log"]["file"], os.getpid())
+    fds = raise_fd_limit()
+    if fds < 2 * settings["server"]["max_connections"] + 64:
+        log.warn("open-file limit {n} is low for server.max_connections = {m}", n=fds,
+                 m=settings["server"]["max_connections"])
     daemon = Daemon(settings, reactor)
     status = {"code": 0}
 

@@ -661,6 +661,12 @@ class RelayClient:
     client to hops that offer XCLIENT in :meth:`open_session`.
     ``endpoint_factory(host, port)`` returns the client endpoint to connect
     with (default: a ``HostnameEndpoint``).
+
+    Connection cache: a delivery connection that is still usable when its
+    batch ends is kept for ``connection_cache_time`` seconds and given to the
+    next batch, until it has carried ``max_messages_per_connection`` messages.
+    Sessions from :meth:`open_session` (which may carry XCLIENT for one
+    client) are never cached.
     """
 
     def __init__(self, reactor: Any, next_hops: Iterable[NextHop | tuple[str, int]], *,
@@ -669,6 +675,7 @@ class RelayClient:
                  tls: str = "none", tls_trust_root: str | None = None,
                  tls_options: Callable[[str], Any] | None = None, xclient: bool = False,
                  max_messages_per_connection: int = 100,
+                 connection_cache_time: float = 2.0,
                  endpoint_factory: Callable[[str, int], Any] | None = None,
                  log: Logger | None = None) -> None:
         self.reactor = reactor
@@ -689,6 +696,8 @@ class RelayClient:
         self.tls = tls
         self.xclient = xclient
         self.max_messages_per_connection = max_messages_per_connection
+        self.connection_cache_time = connection_cache_time
+        self._cached: list[tuple[Session, IDelayedCall]] = []
         self._trust_root = None
         if tls_trust_root is not None and tls_options is None:
             self._trust_root = _load_trust_root(tls_trust_root)
@@ -798,47 +807,78 @@ class RelayClient:
         return _coro(self._deliver_batch(list(messages)))
 
     async def _deliver_batch(self, messages: list[Message]) -> list[dict[str, Reply]]:
-        results: list[dict[str, Reply]] = []
-        step = self.max_messages_per_connection
-        for start in range(0, len(messages), step):
-            results.extend(await self._deliver_one_connection(messages[start:start + step]))
-        return results
-
-    async def _deliver_one_connection(self, messages: list[Message]) -> list[dict[str, Reply]]:
+        out: list[dict[str, Reply]] = []
+        session: Session | None = None
+        gone: Reply | None = None          # the connection broke: the rest of the batch waits
         started = self.reactor.seconds()
         try:
-            session = await self._open_session(None)
-        except NextHopUnavailable as exc:
-            out = []
-            for qid, env, _open, _len in messages:
-                result = {r.address: exc.reply for r in env.recipients}
-                self._log_message(qid, env, "none", started, result)
-                out.append(result)
-            return out
-        out = []
-        gone: Reply | None = None
-        try:
             for qid, env, open_body, body_len in messages:
-                if gone is None and not session.usable:
+                if session is not None and session.messages_sent >= self.max_messages_per_connection:
+                    await session.close()
+                    session = None
+                if session is None and gone is None:
+                    try:
+                        session = self._take_cached() or await self._open_session(None)
+                    except NextHopUnavailable as exc:
+                        gone = exc.reply
+                if session is not None and gone is None and not session.usable:
                     gone = Reply(451, "4.4.2", f"lost connection with {session.relay} "
                                                "while delivering an earlier message")
                 if gone is not None:
                     result = {r.address: gone for r in env.recipients}
+                    relay = session.relay if session is not None else "none"
                 else:
+                    relay = session.relay
                     try:
-                        result = await self._deliver_message(session, qid, env, open_body,
-                                                             body_len)
+                        result = await self._deliver_message(session, qid, env, open_body, body_len)
                     except Exception:                   # a bug: defer, never lose
-                        self.log.failure("{qid}: delivery to {relay} failed", qid=qid,
-                                         relay=session.relay)
+                        self.log.failure("{qid}: delivery to {relay} failed", qid=qid, relay=relay)
                         session.protocol.transport.abortConnection()
                         reply = Reply(451, "4.3.0", "local error while delivering")
                         result = {r.address: reply for r in env.recipients}
-                self._log_message(qid, env, session.relay, started, result)
+                self._log_message(qid, env, relay, started, result)
                 out.append(result)
         finally:
-            await session.close()
+            if session is not None:
+                if session.usable and session.messages_sent < self.max_messages_per_connection:
+                    self._keep(session)
+                else:
+                    await session.close()
         return out
+
+    def _take_cached(self) -> Session | None:
+        while self._cached:
+            session, timer = self._cached.pop()
+            if timer.active():
+                timer.cancel()
+            if session.usable:
+                return session
+            session.close()
+        return None
+
+    def _keep(self, session: Session) -> None:
+        if self.connection_cache_time <= 0:
+            session.close()
+            return
+
+        def expire() -> None:
+            for i, (s, _t) in enumerate(self._cached):
+                if s is session:
+                    del self._cached[i]
+                    break
+            session.close()
+        self._cached.append((session, self.reactor.callLater(self.connection_cache_time, expire)))
+
+    def close_cached(self) -> Deferred[None]:
+        """QUIT every cached connection (at shutdown)."""
+        closing = []
+        while self._cached:
+            session, timer = self._cached.pop()
+            if timer.active():
+                timer.cancel()
+            closing.append(session.close())
+        from twisted.internet.defer import gatherResults
+        return gatherResults(closing).addCallback(lambda _: None)
 
     async def _deliver_message(self, session: Session, qid: str, env: Envelope,
                                open_body: Callable[[], BinaryIO],

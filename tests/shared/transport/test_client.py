@@ -582,7 +582,7 @@ def test_batch_over_one_connection_with_xforward_and_streamed_body():
     assert server.messages[0]["xforward"] == [
         b"XFORWARD IDENT=Q1 ADDR=192.0.2.7 PORT=1234 PROTO=ESMTP HELO=client.example"]
     assert server.messages[1]["data"] == big
-    assert server.commands[-1] == b"QUIT"
+    assert server.commands[-1] == b"RSET"        # kept in the connection cache, not closed
     # One log line per message, followable across tiers.
     assert [(e["qid"], e["status"]) for e in events] == [("Q1", "partial"), ("Q2", "sent"),
                                                           ("Q3", "bounced")]
@@ -596,6 +596,25 @@ def test_max_messages_per_connection():
     results = world.run(relay.deliver_batch([message(f"Q{i}", "x@example.org") for i in range(5)]))
     assert all(r["x@example.org"].code == 250 for r in results)
     assert [len(s.messages) for s in world.servers] == [2, 2, 1]
+    # the last connection has room for one more: the next batch reuses it, then it is full
+    world.run(relay.deliver_batch([message(f"Q{i}", "x@example.org") for i in range(5, 7)]))
+    assert [len(s.messages) for s in world.servers] == [2, 2, 2, 1]
+    assert world.servers[2].commands[-1] == b"QUIT"
+
+
+def test_connection_cache_expires():
+    world = World({("mx", 25): {}})
+    relay = world.relay(connection_cache_time=2.0)
+    world.run(relay.deliver_batch([message("Q1", "x@example.org")]))
+    world.run(relay.deliver_batch([message("Q2", "x@example.org")]))
+    assert len(world.servers) == 1 and len(world.servers[0].messages) == 2
+    assert world.servers[0].commands[-1] != b"QUIT"
+    world.clock.advance(2.5)
+    for p in world.pumps:
+        p.flush()
+    assert world.servers[0].commands[-1] == b"QUIT"
+    world.run(relay.deliver_batch([message("Q3", "x@example.org")]))
+    assert len(world.servers) == 2             # expired: a new connection
 
 
 def test_connection_lost_mid_batch_defers_the_rest():
