@@ -33,6 +33,9 @@ from shared.transport.tcp import no_delay
 log = Logger(namespace="smarthost.smtpd")
 
 
+ABORT_GRACE = 5.0      # seconds a closing peer gets to read our last reply
+
+
 @dataclass(frozen=True)
 class CloseAfter:
     """A handler's answer meaning: send this reply, then close the session."""
@@ -126,13 +129,23 @@ class SMTPServerProtocol(protocol.Protocol):
         self.abort_session(Reply(421, "4.4.2", f"{self.factory.server_config.hostname} Error: session too long"))
 
     def abort_session(self, reply: Reply) -> None:
-        """Say `reply` (a 421) out of turn and close: timeouts and shutdown."""
-        if self._closed:
+        """Say `reply` (a 421) out of turn and close: timeouts and shutdown.
+
+        The session ends when the transport has flushed the reply and really
+        closed (connectionLost); a peer that does not read is cut off after
+        ABORT_GRACE seconds.
+        """
+        if self._closed or self._closing:
             return
+        self._closing = True
         log.info("{peer}: disconnect: {reply}", peer=self.peer_host, reply=str(reply))
         self.transport.write(self.conn.data_to_send() + reply.to_bytes())
         self.transport.loseConnection()
-        self.connectionLost()
+        self.reactor.callLater(ABORT_GRACE, self._force_close)
+
+    def _force_close(self) -> None:
+        if not self._closed:
+            self.transport.abortConnection()
 
     # -- pumping --------------------------------------------------------------
     def _pump(self) -> None:

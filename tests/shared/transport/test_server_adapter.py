@@ -115,7 +115,22 @@ def test_idle_timeout_says_421_and_closes():
     assert not t.disconnecting
     clock.advance(2)
     assert b"421 4.4.2 mx.test Error: timeout exceeded" in t.value() and t.disconnecting
+    assert proto in factory.sessions           # until the transport has flushed and closed
+    proto.dataReceived(b"NOOP\r\n")           # nothing more is answered
+    assert t.value().endswith(b"timeout exceeded\r\n")
+    proto.connectionLost()
     assert proto not in factory.sessions
+
+
+def test_peer_that_does_not_read_is_cut_off():
+    clock, factory, proto, t, _ = make()
+    proto.abort_session(Reply(421, "4.3.2", "bye"))
+    aborted = []
+    t.abortConnection = lambda: aborted.append(True)
+    clock.advance(4.9)
+    assert not aborted
+    clock.advance(0.2)
+    assert aborted
 
 
 def test_starttls_discards_pipelined_plaintext():
@@ -142,6 +157,8 @@ def test_connection_limits_and_shutdown():
     t.clear()
     d = factory.shutdown(10)
     assert b"421 4.3.2" in t.value() and t.disconnecting
+    assert not d.called                        # the 421 is still in the transport's buffer
+    proto.connectionLost()
     assert d.called
 
 

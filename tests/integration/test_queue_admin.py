@@ -1,0 +1,93 @@
+"""`smarthost queue` against a running filter: list, show, hold, release, delete."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.integration.helpers import DOMAIN, QID, message, queued_id, transaction, wait_until
+
+pytestmark = pytest.mark.slow
+
+ALICE = f"alice@{DOMAIN}"
+
+
+def _state_of(tier, qid: str) -> str | None:
+    out = tier.queue("list")
+    assert out.returncode == 0, out.stderr
+    m = re.search(rf"^{qid}\s+(\w+)", out.stdout, re.M)
+    return m.group(1) if m else None
+
+
+def _wait_state(tier, qid: str, state: str | None, timeout: float = 10) -> None:
+    wait_until(lambda: _state_of(tier, qid) == state, timeout, f"{qid} to be {state or 'gone'}")
+
+
+def test_hold_release_delete_a_deferred_message_while_running(make_pipeline):
+    p = make_pipeline(filter={"verify": {"recipients": False}}, start=("filter", "edge"))
+    replies = transaction(p.edge.port, "sender@example.net", [ALICE], message("admin me"))
+    edge_qid = queued_id(replies[-1])
+    m = p.filter.wait_log(rf"({QID}): from=<sender@example.net>[^\n]*queued as \1 upstream={edge_qid}")
+    qid = m.group(1)
+    _wait_state(p.filter, qid, "deferred")
+
+    listing = p.filter.queue("list").stdout
+    assert f"<{ALICE}>" in listing and "1 attempt(s) so far" in listing, listing
+    assert "4.4.1" in listing, "the last reply (next hop down) is listed"
+
+    shown = p.filter.queue("show", qid)
+    assert shown.returncode == 0, shown.stderr
+    for line in (f"queue id: {qid}", "state: deferred", "sender: <sender@example.net>",
+                 f"recipient: <{ALICE}>", f"upstream_id: {edge_qid}", "Subject: admin me"):
+        assert line in shown.stdout, shown.stdout
+    assert p.filter.queue("show", "NOSUCHQUEUEID00000000").returncode != 0
+
+    out = p.filter.queue("hold", qid)
+    assert out.returncode == 0 and f"{qid}: held" in out.stdout, out
+    assert _state_of(p.filter, qid) == "hold"
+    assert "state: hold" in p.filter.queue("show", qid).stdout
+    # A flush does not touch held mail.
+    p.filter.queue("flush")
+    mark = p.filter.log_size()
+    p.filter.wait_log("flush requested", since=mark, timeout=5)
+    assert _state_of(p.filter, qid) == "hold"
+
+    mark = p.filter.log_size()
+    out = p.filter.queue("release", qid)
+    assert out.returncode == 0 and f"{qid}: released" in out.stdout, out
+    # Released: tried again at once (the domain tier is still down), deferred again.
+    p.filter.wait_log(rf"{qid}: to=<{re.escape(ALICE)}>[^\n]*status=deferred", since=mark)
+    _wait_state(p.filter, qid, "deferred")
+    assert "2 attempt(s) so far" in p.filter.queue("list").stdout
+
+    out = p.filter.queue("delete", qid)
+    assert out.returncode == 0 and f"{qid}: deleted" in out.stdout, out
+    assert "Queue is empty" in p.filter.queue("list").stdout
+    assert p.filter.queue("show", qid).returncode != 0
+    # Nothing is delivered when the domain tier comes back, and no bounce is made.
+    p.domain.start()
+    p.filter.queue("flush")
+    mark = p.filter.log_size()
+    p.filter.wait_log("flush requested", since=mark, timeout=5)
+    assert p.messages(ALICE) == []
+    assert "non-delivery notification" not in p.filter.log_text()
+
+
+def test_queue_on_the_edge_says_it_keeps_none(make_pipeline):
+    p = make_pipeline(start=())
+    out = p.edge.queue("list")
+    assert out.returncode == 0
+    assert "keeps no queue" in out.stderr + out.stdout
+    assert str(p.edge.config_path) in out.stderr + out.stdout
+    out = p.edge.queue("flush")
+    assert out.returncode != 0 and "keeps no queue" in out.stderr
+
+
+def test_queue_rejects_malformed_ids(make_pipeline):
+    p = make_pipeline(start=("filter",))
+    for bad in ("../../etc/passwd", "x/y"):
+        out = p.filter.queue("hold", bad)
+        assert out.returncode != 0
+        assert "invalid queue id" in out.stdout + out.stderr
+        out = p.filter.queue("show", bad)
+        assert out.returncode != 0

@@ -1,0 +1,117 @@
+"""Following one message through the three logs, and whom each tier trusts with XCLIENT."""
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+import socket
+
+import pytest
+
+from tests.integration.helpers import (DOMAIN, HOSTNAMES, QID, Client, message, parse_mail, queued_id,
+                                       transaction)
+
+pytestmark = pytest.mark.slow
+
+ALICE = f"alice@{DOMAIN}"
+
+
+def test_queue_ids_chain_edge_filter_domain(shared_pipeline):
+    p = shared_pipeline
+    replies = transaction(p.edge.port, "tracer@example.net", [ALICE], message("trace me", sender="tracer@example.net"))
+    eqid = queued_id(replies[-1])
+
+    # edge: "EQID: relay=..., status=sent (250 ... queued as FQID)"
+    m = p.edge.wait_log(rf"{eqid}: relay=127\.0\.0\.1[^\n]*status=sent \(250 [^\n]*queued as ({QID})\)")
+    fqid = m.group(1)
+    assert fqid != eqid
+
+    # filter: every line of FQID's life names the edge's id as upstream.
+    m = p.filter.wait_log(rf"{fqid}: to=<{re.escape(ALICE)}>[^\n]*status=sent \(250 [^\n]*delivered as ({QID})\)")
+    dqid = m.group(1)
+    assert len({eqid, fqid, dqid}) == 3
+    lines = p.filter.log_lines(f"{fqid}: ")
+    assert len(lines) >= 3, lines              # accepted, picked up, delivered (and removed)
+    for line in lines:
+        if line.endswith(f"{fqid}: removed"):
+            continue
+        assert f"upstream={eqid}" in line, line
+    assert any("queued as " + fqid in ln for ln in lines)
+
+    # domain: DQID with upstream=FQID, and the Maildir file it wrote.
+    dlines = p.domain.log_lines(f"{dqid}: ")
+    assert any(f"delivered as {dqid}" in ln and f"upstream={fqid}" in ln for ln in dlines), dlines
+    m = re.search(rf"{dqid}: delivered to maildir (\S+)", p.domain.log_text())
+    assert m, dlines
+    raw = open(m.group(1), "rb").read()
+    assert b"Subject: trace me" in raw
+    # The Received headers carry the same ids, newest first.
+    received = email.message_from_bytes(raw, policy=email.policy.compat32).get_all("Received")
+    ids = [re.search(r" id (\S+)", " ".join(r.split())).group(1) for r in received[:3]]
+    assert ids == [dqid, fqid, eqid], received[:3]
+
+
+def _received_by(path, tier: str) -> str:
+    """The (unfolded) value of the Received header field the tier added."""
+    for field in parse_mail(path).get_all("Received"):
+        text = " ".join(field.split())
+        if f" by {HOSTNAMES[tier]} " in text:
+            return text
+    raise AssertionError(f"no Received header by the {tier} tier in {path}")
+
+
+def test_filter_records_the_original_client_from_a_trusted_edge(shared_pipeline):
+    p = shared_pipeline
+    helo = "unique-helo-4711.client.example"
+    before = len(p.messages(ALICE))
+    replies = transaction(p.edge.port, "sender@example.net", [ALICE], message("original client"), helo=helo)
+    assert replies[-1].code == 250, replies
+    path = p.wait_messages(ALICE, before + 1)[-1]
+    assert b"Subject: original client" in path.read_bytes()
+    assert _received_by(path, "edge").startswith(f"from {helo} (unknown [127.0.0.1])")
+    filt = _received_by(path, "filter")
+    assert filt.startswith(f"from {helo} (unknown [127.0.0.1])"), filt
+    assert "from edge.example.test" not in filt
+    assert any(f"helo={helo}" in ln for ln in p.filter.log_lines("xclient from 127.0.0.1"))
+
+
+def _can_bind(address: str) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
+def test_xclient_is_refused_from_hosts_not_in_upstream_hosts(make_pipeline):
+    p = make_pipeline(filter={"server": {"upstream_hosts": ["127.0.0.2"]}})
+    with Client(p.filter.port) as c:
+        ehlo = c.ehlo()
+        assert "XCLIENT" not in ehlo.text and "XFORWARD" not in ehlo.text, ehlo
+        r = c.cmd("XCLIENT ADDR=192.0.2.66 NAME=forged.example HELO=forged.example")
+        assert (r.code, r.enhanced) == (550, "5.7.0"), r
+        r = c.cmd("XFORWARD IDENT=1K0Y9JJQ0Q9P89C9EJT81")
+        assert (r.code, r.enhanced) == (550, "5.7.0"), r
+        # The session goes on as the real peer.
+        assert c.cmd("MAIL FROM:<sender@example.net>").code == 250
+    assert "192.0.2.66" not in p.filter.log_text()
+    assert "forged.example" not in p.filter.log_text()
+
+    if _can_bind("127.0.0.2"):    # Linux routes all of 127/8 to lo: the trusted address works
+        with Client(p.filter.port, source="127.0.0.2") as c:
+            assert "XCLIENT" in c.ehlo().text
+            r = c.cmd("XCLIENT ADDR=192.0.2.66 NAME=[UNAVAILABLE] HELO=trusted.example")
+            assert r.code == 220, r
+        p.filter.wait_log(r"xclient from 127\.0\.0\.2: client=unknown\[192\.0\.2\.66\] helo=trusted\.example")
+
+    # The edge on 127.0.0.1 is not trusted either: mail still flows, but the filter
+    # records the edge itself as its client, not what the edge was told.
+    helo = "untrusted-path-helo.client.example"
+    replies = transaction(p.edge.port, "sender@example.net", [ALICE], message("untrusted edge"), helo=helo)
+    assert replies[-1].code == 250, replies
+    path = p.wait_messages(ALICE, 1)[-1]
+    filt = _received_by(path, "filter")
+    assert filt.startswith("from edge.example.test (unknown [127.0.0.1])"), filt
+    assert helo not in filt
+    assert "xclient from 127.0.0.1" not in p.filter.log_text()
