@@ -94,10 +94,15 @@ class Daemon:
                                           tier=settings.tier)
         self.relay = RelayPolicy(settings["relay"]["relay_domains"], settings["relay"]["mynetworks"])
         self.server_config = server_config(settings)
+        self.resolver = None
+        if settings["server"]["reverse_lookup"]:
+            from shared.dns import ReverseResolver
+            self.resolver = ReverseResolver(reactor=self.reactor, nameservers=settings["dns"]["nameservers"] or None,
+                                            timeout=settings["dns"]["timeout"])
 
     def _new_session(self, protocol):
         return EngineSession(protocol, config=self.engine_config, chain=self.chain, relay=self.relay,
-                             sink=self.parts.sink, reactor=self.reactor)
+                             sink=self.parts.sink, reactor=self.reactor, resolver=self.resolver)
 
     def start(self) -> None:
         """Bind every listener, drop privileges, then start the tier's parts.

@@ -64,6 +64,7 @@ listen = ["127.0.0.1:{ports['edge']}"]
 tls_cert = "{cert}"
 tls_key = "{key}"
 shutdown_timeout = 10
+reverse_lookup = false          # loopback clients: no reverse DNS
 [relay]
 relay_domains = ["{DOMAIN}"]
 [next_hop]

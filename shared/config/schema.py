@@ -120,6 +120,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tls_cert": Key(str, "", "PEM certificate chain; STARTTLS is offered only when set", _readable_file),
         "tls_key": Key(str, "", "PEM private key for tls_cert", _readable_file),
         "upstream_hosts": Key(list, [], "clients allowed to send XCLIENT/XFORWARD (addresses or CIDRs)", _network),
+        "reverse_lookup": Key(bool, True, "look up and forward-confirm each client's reverse name before "
+                                          "the greeting (not for upstream_hosts, whose XCLIENT says it)"),
         "user": Key(str, "", "drop privileges to this user after binding the listeners"),
     },
     "relay": {
@@ -155,6 +157,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "maildir_root": Key(str, "", "mailboxes are ROOT/DOMAIN/LOCALPART/Maildir", required_in=("domain",)),
         "users": Key(list, [], "user addresses with a mailbox", _address),
         "aliases": Key(dict, {}, "alias address -> list of user addresses"),
+    },
+    "dns": {
+        "nameservers": Key(list, [], "DNS servers, host:port (empty: those of /etc/resolv.conf)", _hostport),
+        "timeout": Key((int, float), 5, "seconds one lookup may take before it counts as a temporary failure",
+                       _positive),
     },
     "log": {
         "level": Key(str, "info", "debug, info, warn or error", _choice("debug", "info", "warn", "error")),

@@ -65,8 +65,9 @@ class EngineConfig:
 
 class EngineSession:
     def __init__(self, protocol, *, config: EngineConfig, chain: Chain, relay: RelayPolicy,
-                 sink, reactor) -> None:
+                 sink, reactor, resolver=None) -> None:
         self.protocol = protocol
+        self.resolver = resolver
         self.config = config
         self.chain = chain
         self.relay = relay
@@ -109,9 +110,22 @@ class EngineSession:
 
     # -- phases ----------------------------------------------------------------
     def on_connect(self):
-        self._log("connect from {name}[{addr}]", name=self.client.name or "unknown", addr=self.client.addr)
-        d = self._run(self._request("connect"))
+        if self.resolver is not None and not self.trusted_upstream:
+            d = self.resolver.lookup(self.client.addr)
+            d.addCallback(self._named)
+        else:
+            d = defer.succeed(None)
+        d.addCallback(lambda _: self._log("connect from {name}[{addr}]", name=self.client.name or "unknown",
+                                          addr=self.client.addr))
+        d.addCallback(lambda _: self._run(self._request("connect")))
         return d.addCallback(lambda v: self._reply_for(v) if v.final and v.action is not Action.ACCEPT else None)
+
+    def _named(self, reverse) -> None:
+        """The verified reverse name (None unless the PTR name resolves back to the address)."""
+        self.client.name = reverse.name
+        if reverse.status != "verified" and reverse.status != "none":
+            self._log("reverse name of {addr}: {status} (ptr {ptr})", addr=self.client.addr,
+                      status=reverse.status, ptr=reverse.ptr or "-")
 
     def on_hello(self, e: ev.Hello):
         self._abandon()

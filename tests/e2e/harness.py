@@ -153,7 +153,7 @@ def write_pipeline_configs(root: Path, listen: dict[str, tuple[str, int]], *,
     (root / "log").mkdir(exist_ok=True)
     users = [f"{u}@{DOMAIN}" for u in USERS]
     edge_server: dict[str, Any] = {"hostname": HOSTNAMES["edge"], "listen": [hostport(*listen["edge"])],
-                                   "shutdown_timeout": 5}
+                                   "shutdown_timeout": 5, "reverse_lookup": False}
     if tls:
         edge_server.update(tls_cert=str(tls[0]), tls_key=str(tls[1]))
     sections = {
@@ -166,7 +166,8 @@ def write_pipeline_configs(root: Path, listen: dict[str, tuple[str, int]], *,
         },
         "filter": {
             "server": {"hostname": HOSTNAMES["filter"], "listen": [hostport(*listen["filter"])],
-                       "upstream_hosts": [listen["edge"][0]], "shutdown_timeout": 5},
+                       "upstream_hosts": [listen["edge"][0]], "shutdown_timeout": 5,
+                       "reverse_lookup": False},
             "relay": {"relay_domains": [DOMAIN]},
             "next_hop": {"hosts": [hostport(*listen["domain"])], "tls": "none", "connect_timeout": 5,
                          "command_timeout": 30},
@@ -175,7 +176,8 @@ def write_pipeline_configs(root: Path, listen: dict[str, tuple[str, int]], *,
         },
         "domain": {
             "server": {"hostname": HOSTNAMES["domain"], "listen": [hostport(*listen["domain"])],
-                       "upstream_hosts": [listen["filter"][0]], "shutdown_timeout": 5},
+                       "upstream_hosts": [listen["filter"][0]], "shutdown_timeout": 5,
+                       "reverse_lookup": False},
             "mailboxes": {"domains": [DOMAIN], "maildir_root": str(root / "mail"), "users": users,
                           "aliases": {f"postmaster@{DOMAIN}": [users[0]]}},
             "log": {"file": str(root / "log" / "domain.log")},

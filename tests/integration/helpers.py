@@ -149,28 +149,30 @@ def default_sections(tier: str, root: Path, ports: dict[str, int],
     """A tier's test configuration: loopback, plaintext between tiers, short timeouts.
 
     The filter trusts XCLIENT from 127.0.0.1 (the edge), the domain tier from
-    127.0.0.1 (the filter).  The filter's retries are slow (60 s), so a deferred
+    127.0.0.1 (the filter).  No tier looks up reverse names here: without
+    `dns.nameservers` that would ask the machine's own resolver, and tests
+    send nothing beyond loopback (test_reverse_dns.py points at its own server).  The filter's retries are slow (60 s), so a deferred
     message stays deferred unless a test flushes it or overrides the queue.
     """
     log = {"file": str(root / "log" / f"{tier}.log")}
     nh = {"tls": "none", "connect_timeout": 3, "command_timeout": 20}
     if tier == "edge":
         server = {"hostname": HOSTNAMES["edge"], "listen": [f"127.0.0.1:{ports['edge']}"],
-                  "shutdown_timeout": 10, "command_timeout": 30}
+                  "shutdown_timeout": 10, "command_timeout": 30, "reverse_lookup": False}
         if tls:
             server.update(tls_cert=str(tls[0]), tls_key=str(tls[1]))
         return {"server": server, "relay": {"relay_domains": [DOMAIN]},
                 "next_hop": {"hosts": [f"127.0.0.1:{ports['filter']}"], **nh}, "log": log}
     if tier == "filter":
         return {"server": {"hostname": HOSTNAMES["filter"], "listen": [f"127.0.0.1:{ports['filter']}"],
-                           "upstream_hosts": ["127.0.0.1"], "shutdown_timeout": 10},
+                           "upstream_hosts": ["127.0.0.1"], "shutdown_timeout": 10, "reverse_lookup": False},
                 "relay": {"relay_domains": [DOMAIN]},
                 "next_hop": {"hosts": [f"127.0.0.1:{ports['domain']}"], **nh},
                 "queue": {"directory": str(root / "spool" / "filter"), "retry_min": 60, "retry_max": 600},
                 "log": log}
     users = [f"{u}@{DOMAIN}" for u in USERS] + [f"carol@{OTHER_DOMAIN}"]
     return {"server": {"hostname": HOSTNAMES["domain"], "listen": [f"127.0.0.1:{ports['domain']}"],
-                       "upstream_hosts": ["127.0.0.1"], "shutdown_timeout": 10},
+                       "upstream_hosts": ["127.0.0.1"], "shutdown_timeout": 10, "reverse_lookup": False},
             "mailboxes": {"domains": [DOMAIN, OTHER_DOMAIN], "maildir_root": str(root / "mail"),
                           "users": users, "aliases": {f"postmaster@{DOMAIN}": [users[0]]}},
             "log": log}
