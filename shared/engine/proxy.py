@@ -14,6 +14,8 @@ the next tier's durable queue or not acknowledged at all.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -38,6 +40,7 @@ class ProxySession:
         self.sink = sink
         self.engine = engine_session
         self.upstream = None          # the open next-hop session, if any
+        self.announced = None         # the ClientInfo its XCLIENT carried
         self.in_data = False
         self.failed = False           # the current transaction's forward connection broke
 
@@ -62,10 +65,14 @@ class ProxySession:
 
     @defer.inlineCallbacks
     def _connected(self):
-        if self.upstream is not None and self.upstream.usable:
+        """The session's next-hop connection, opened anew when the client's identity
+        changed since its XCLIENT (a new EHLO, STARTTLS) or when it broke."""
+        client = self.engine.client
+        if self.upstream is not None and self.upstream.usable and self.announced == client:
             return self.upstream
         self._drop()
-        self.upstream = yield self.sink.relay_client.open_session(self.engine.client)
+        self.announced = replace(client)
+        self.upstream = yield self.sink.relay_client.open_session(self.announced)
         return self.upstream
 
     @defer.inlineCallbacks

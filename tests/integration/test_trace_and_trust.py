@@ -115,3 +115,20 @@ def test_xclient_is_refused_from_hosts_not_in_upstream_hosts(make_pipeline):
     assert filt.startswith("from edge.example.test (unknown [127.0.0.1])"), filt
     assert helo not in filt
     assert "xclient from 127.0.0.1" not in p.filter.log_text()
+
+
+def test_a_new_ehlo_reaches_the_filter_in_the_same_session(shared_pipeline):
+    """The edge's XCLIENT to the filter follows the client's identity within one session."""
+    import smtplib
+    p = shared_pipeline
+    before = len(p.messages(ALICE))
+    with smtplib.SMTP("127.0.0.1", p.edge.port, local_hostname="first-4712.example") as s:
+        s.ehlo("first-4712.example")
+        assert s.mail("sender@example.net")[0] == 250
+        assert s.rcpt(ALICE)[0] == 250
+        s.rset()
+        s.ehlo("second-4712.example")
+        s.sendmail("sender@example.net", [ALICE], message("second helo"))
+    path = p.wait_messages(ALICE, before + 1)[-1]
+    assert _received_by(path, "edge").startswith("from second-4712.example ")
+    assert _received_by(path, "filter").startswith("from second-4712.example "), _received_by(path, "filter")
