@@ -513,7 +513,8 @@ class QueueManager:
                     failed, expired = {}, set()
 
         if not deferred and not failed:
-            spool.remove(qid, "active")
+            # unlink waits on the file system's journal under fsync load: off the reactor thread
+            await spool.run(spool.remove, qid, "active")
             if hold:
                 spool.clear_request(f"{qid}.hold")
             log.info("{prefix}{qid}: removed", prefix=self.log_prefix, qid=qid)
