@@ -81,7 +81,7 @@ class Daemon:
     def __init__(self, settings: Settings, reactor) -> None:
         self.settings = settings
         self.reactor = reactor
-        self.pool = BlockingPool(reactor, size=8, name=f"{settings.tier}-blocking")
+        self.pool = BlockingPool(reactor, size=4, name=f"{settings.tier}-blocking")
         self.ports = []
         self.factories: list[SMTPServerFactory] = []
         self.parts: TierParts | None = None

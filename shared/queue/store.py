@@ -326,7 +326,7 @@ class Spool(SpoolFiles):
     disables every fsync and is only for tests and benchmarks that say so.
     """
 
-    def __init__(self, root: Path | str, *, reactor, threadpool_size: int = 8,
+    def __init__(self, root: Path | str, *, reactor, threadpool_size: int = 4,
                  fsync: bool = True, runner: Callable[..., Deferred] | None = None):
         super().__init__(root, create=True)
         self.reactor = reactor
@@ -388,15 +388,16 @@ class Spool(SpoolFiles):
         """Create tmp/<qid> (exclusive create) for a message being received.
 
         ``qid`` lets the SMTP session use its transaction id as the queue id
-        (one id in every log line); FileExistsError if that id is taken,
-        ValueError if it is malformed.  By default a new id is made.
+        (one id in every log line).  Ids are unique by construction (the time
+        in microseconds and 50 random bits, :mod:`shared.ids`), so no state
+        directory is searched for it on this hot path; FileExistsError if a
+        reception with that id is in progress, ValueError if it is malformed.
+        By default a new id is made.
         """
         if qid is not None and not valid_qid(qid):
             raise ValueError(f"invalid queue id {qid!r}")
         for _ in range(1 if qid else 5):
             qid_try = qid or new_queue_id()
-            if qid and self.locate(qid) is not None:
-                raise FileExistsError(errno.EEXIST, "queue id already in use", qid)
             try:
                 fd = os.open(self.root / TMP / qid_try,
                              os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
