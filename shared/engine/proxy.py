@@ -43,6 +43,8 @@ class ProxySession:
         self.announced = None         # the ClientInfo its XCLIENT carried
         self.in_data = False
         self.failed = False           # the current transaction's forward connection broke
+        self.mail_pending = False     # MAIL not yet sent: it goes with the first RCPT
+        self.mail_refused = None      # the next hop's refusal of this transaction's MAIL
 
     def _drop(self) -> None:
         if self.upstream is not None:
@@ -84,21 +86,44 @@ class ProxySession:
             log.warn("{qid}: next hop not reachable: {err}", qid=txn.queue_id, err=str(e))
             self.upstream = None
             return NEXT_HOP_DOWN
+        self.mail_refused = None
+        self.mail_pending = "PIPELINING" in up.extensions
+        if self.mail_pending:
+            return None          # MAIL goes out with the first RCPT (see _send_mail)
         try:
-            yield up.xforward({"IDENT": txn.queue_id})      # a no-op unless XFORWARD is offered
-            env = txn.envelope
-            reply = yield up.mail(env.sender, size=None, body=env.body, smtputf8=env.smtputf8,
-                                  ret=env.ret, envid=env.envid)
+            reply = yield self._send_mail(up, txn)
         except Exception:
             return self._failed(_current_failure(), "MAIL")
         return reply if not reply.positive else None
 
+    def _send_mail(self, up, txn):
+        """XFORWARD IDENT (a no-op unless offered) and MAIL, pipelined; a Deferred of MAIL's reply."""
+        env = txn.envelope
+        up.xforward({"IDENT": txn.queue_id}).addErrback(lambda f: None)   # MAIL's fate tells
+        return up.mail(env.sender, size=None, body=env.body, smtputf8=env.smtputf8,
+                       ret=env.ret, envid=env.envid)
+
     @defer.inlineCallbacks
     def rcpt(self, txn, recipient):
+        """Forward RCPT; with PIPELINING the transaction's MAIL travels with the first
+        one, saving a round trip per message, and a refused MAIL is that RCPT's answer
+        (as when a server delays its rejections to RCPT)."""
         if self.failed or self.upstream is None:
             return NEXT_HOP_LOST
+        if self.mail_refused is not None:
+            return self.mail_refused
+        up = self.upstream
         try:
-            reply = yield self.upstream.rcpt(recipient.address, notify=recipient.notify, orcpt=recipient.orcpt)
+            mail = self._send_mail(up, txn) if self.mail_pending else None
+            self.mail_pending = False
+            pending = up.rcpt(recipient.address, notify=recipient.notify, orcpt=recipient.orcpt)
+            if mail is not None:
+                mail_reply = yield mail
+                if not mail_reply.positive:
+                    self.mail_refused = mail_reply
+                    yield pending                  # the 503 that follows a refused MAIL
+                    return mail_reply
+            reply = yield pending
         except Exception:
             return self._failed(_current_failure(), "RCPT")
         return reply if not reply.positive else None

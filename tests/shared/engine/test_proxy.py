@@ -1,0 +1,171 @@
+"""The edge's before-queue proxy against a scripted next-hop session."""
+from twisted.internet import defer
+
+from shared.engine.proxy import ProxySink
+from shared.engine.session import Transaction
+from shared.envelope import ClientInfo, Envelope, Recipient
+from shared.smtp.reply import Reply
+from shared.transport.client import NextHopUnavailable
+
+OK = Reply(250, "2.0.0", "Ok")
+
+
+class Upstream:
+    """Records commands; answers from `replies` (verb -> Reply), pipelining like a real session."""
+
+    def __init__(self, extensions=("PIPELINING", "XFORWARD"), replies=None):
+        self.extensions = {e: "" for e in extensions}
+        self.replies = replies or {}
+        self.log = []
+        self.usable = True
+        self.aborted = False
+        self.protocol = self
+        self.transport = self
+        self.writable = True
+
+    def abortConnection(self):
+        self.aborted = True
+        self.usable = False
+
+    def _cmd(self, verb, *args):
+        self.log.append((verb, *args))
+        return defer.succeed(self.replies.get(verb, OK))
+
+    def xforward(self, attrs):
+        return self._cmd("XFORWARD", dict(attrs))
+
+    def mail(self, sender, **kw):
+        return self._cmd("MAIL", sender)
+
+    def rcpt(self, address, **kw):
+        return self._cmd("RCPT", address)
+
+    def data(self):
+        return self._cmd("DATA")
+
+    def send_data(self, chunk):
+        self.log.append(("BYTES", chunk))
+
+    def is_writable(self):
+        return self.writable
+
+    def end_data(self):
+        return self._cmd("END")
+
+    def rset(self):
+        return self._cmd("RSET")
+
+    def close(self):
+        self.log.append(("QUIT",))
+        return defer.succeed(None)
+
+    relay = "filter[127.0.0.1]:10025"
+
+
+class RelayClient:
+    def __init__(self, upstream=None):
+        self.upstream = upstream
+        self.opened = []
+
+    def open_session(self, client):
+        self.opened.append(client)
+        if self.upstream is None:
+            return defer.fail(NextHopUnavailable(Reply(451, "4.4.1", "connect: refused")))
+        return defer.succeed(self.upstream)
+
+
+class Protocol:
+    paused = False
+
+    def pause_input(self):
+        self.paused = True
+
+    def resume_input(self):
+        self.paused = False
+
+
+class Engine:
+    def __init__(self):
+        self.client = ClientInfo(addr="192.0.2.1", helo="c.example")
+        self.txn = None
+        self.protocol = Protocol()
+
+
+def result(d):
+    out = []
+    d.addBoth(out.append)
+    return out[0]
+
+
+def start(upstream, qid="EQID"):
+    engine = Engine()
+    session = ProxySink(RelayClient(upstream)).session(engine)
+    txn = Transaction(qid, Envelope(sender="s@example.net", recipients=[]))
+    engine.txn = txn
+    return engine, session, txn
+
+
+def test_mail_travels_with_the_first_rcpt_and_the_reply_names_our_queue_id():
+    up = Upstream(replies={"DATA": Reply(354, None, "go"), "END": Reply(250, "2.0.0", "Ok: queued as FQID")})
+    engine, s, txn = start(up)
+    assert result(s.begin(txn)) is None
+    assert up.log == []                                       # nothing sent yet
+    assert result(s.rcpt(txn, Recipient("a@example.org"))) is None
+    assert up.log == [("XFORWARD", {"IDENT": "EQID"}), ("MAIL", "s@example.net"), ("RCPT", "a@example.org")]
+    assert result(s.rcpt(txn, Recipient("b@example.org"))) is None
+    assert up.log[-1] == ("RCPT", "b@example.org")
+    assert result(s.data_start(txn)) is None
+    s.write(b"Subject: x\r\n\r\nhi\r\n")
+    reply = result(s.data_end(txn))
+    assert (reply.code, reply.text) == (250, "Ok: queued as EQID")
+
+
+def test_a_refused_mail_is_every_rcpts_answer():
+    refusal = Reply(550, "5.7.1", "sender rejected")
+    up = Upstream(replies={"MAIL": refusal, "RCPT": Reply(503, "5.5.1", "need MAIL")})
+    engine, s, txn = start(up)
+    s.begin(txn)
+    assert result(s.rcpt(txn, Recipient("a@example.org"))) is refusal
+    assert result(s.rcpt(txn, Recipient("b@example.org"))) is refusal
+    assert [c[0] for c in up.log] == ["XFORWARD", "MAIL", "RCPT"]
+
+
+def test_without_pipelining_mail_is_answered_at_mail():
+    up = Upstream(extensions=(), replies={"MAIL": Reply(451, "4.7.1", "later")})
+    engine, s, txn = start(up)
+    assert result(s.begin(txn)) == Reply(451, "4.7.1", "later")
+
+
+def test_unreachable_next_hop_is_a_tempfail_at_mail():
+    engine, s, txn = start(None)
+    reply = result(s.begin(txn))
+    assert (reply.code, reply.enhanced) == (451, "4.4.1")
+
+
+def test_abort_in_data_drops_the_connection_instead_of_finishing_the_message():
+    up = Upstream(replies={"DATA": Reply(354, None, "go")})
+    engine, s, txn = start(up)
+    s.begin(txn)
+    s.rcpt(txn, Recipient("a@example.org"))
+    s.data_start(txn)
+    s.write(b"half a message")
+    s.abort(txn)
+    assert up.aborted and ("END",) not in up.log
+    # the next transaction opens a new connection
+    s.begin(Transaction("EQID2", Envelope(sender="", recipients=[])))
+    assert len(s.sink.relay_client.opened) == 2
+
+
+def test_full_next_hop_buffer_pauses_the_client():
+    up = Upstream(replies={"DATA": Reply(354, None, "go")})
+    waiter = defer.Deferred()
+    up.wait_writable = lambda: waiter
+    engine, s, txn = start(up)
+    s.begin(txn)
+    s.rcpt(txn, Recipient("a@example.org"))
+    s.data_start(txn)
+    up.writable = False
+    s.write(b"x" * 100)
+    assert engine.protocol.paused
+    waiter.callback(None)
+    assert not engine.protocol.paused
