@@ -85,6 +85,7 @@ class Daemon:
         self.ports = []
         self.factories: list[SMTPServerFactory] = []
         self.parts: TierParts | None = None
+        self.log_observer = None          # set by run(): the level follows reloads
         self._configure(settings)
 
     def _configure(self, settings: Settings) -> None:
@@ -167,6 +168,8 @@ class Daemon:
             f.max_connections_per_client = new["server"]["max_connections_per_client"]
             f.command_timeout = new["server"]["command_timeout"]
             f.upstream_hosts = NetworkList(new["server"]["upstream_hosts"])
+        if self.log_observer is not None:
+            self.log_observer.set_level(new["log"]["level"])
         if self.parts and self.parts.reload:
             self.parts.reload(new)
             self.chain = Chain(self.parts.checks, reactor=self.reactor)
@@ -208,12 +211,13 @@ def run(tier: str, config_path: str) -> int:
         return 2
     from twisted.internet import reactor
     from shared.logging import start_logging
-    start_logging(tier, settings["log"]["level"], settings["log"]["file"], os.getpid())
+    observer = start_logging(tier, settings["log"]["level"], settings["log"]["file"], os.getpid())
     fds = raise_fd_limit()
     if fds < 2 * settings["server"]["max_connections"] + 64:
         log.warn("open-file limit {n} is low for server.max_connections = {m}", n=fds,
                  m=settings["server"]["max_connections"])
     daemon = Daemon(settings, reactor)
+    daemon.log_observer = observer
     status = {"code": 0}
 
     def startup():

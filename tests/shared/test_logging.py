@@ -1,0 +1,45 @@
+import io
+
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from shared.logging import LineObserver
+
+
+def lines(level="info", emit=None):
+    out = io.StringIO()
+    obs = LineObserver(out, "filter", 42, level)
+    log = Logger(namespace="t", observer=obs)
+    emit(log)
+    return out.getvalue().splitlines()
+
+
+def test_fast_and_full_formats_agree_and_levels_filter():
+    got = lines(emit=lambda log: (
+        log.info("{qid}: to=<{rcpt}>, status={status}", qid="Q1", rcpt="a@b", status="sent"),
+        log.info("{qid}: delay={delay:.2f} {x!r}", qid="Q2", delay=0.123456, x="s"),
+        log.info("{missing} stays readable", other=1),
+        log.debug("not shown"),
+        log.warn("careful {what}", what="now")))
+    assert [ln.split(" ", 1)[1] for ln in got] == [
+        "filter[42]: Q1: to=<a@b>, status=sent",
+        "filter[42]: Q2: delay=0.12 's'",
+        got[2].split(" ", 1)[1],
+        "filter[42]: warn: careful now"]
+    assert "Unable to format event" in got[2] or "missing" in got[2]
+    assert got[0][:4].isdigit() and got[0][10] == "T" and got[0].split(" ")[0].endswith("Z")
+
+
+def test_level_changes_and_failures():
+    out = io.StringIO()
+    obs = LineObserver(out, "edge", 1, "error")
+    log = Logger(namespace="t", observer=obs)
+    log.info("hidden")
+    obs.set_level("debug")
+    log.debug("shown {n}", n=1)
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("boom {n}", Failure(), n=2, log_level=LogLevel.error)
+    text = out.getvalue()
+    assert "hidden" not in text and "shown 1" in text and "boom 2" in text and "ZeroDivisionError" in text
