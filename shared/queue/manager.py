@@ -158,6 +158,7 @@ class QueueManager:
         self.ready_deferred: deque[str] = deque()
         self.scheduled: set[str] = set()       # in a ready queue
         self.inflight: set[str] = set()        # in active/, owned by a batch
+        self.fresh: dict[str, tuple[Envelope, int]] = {}   # notified with what was committed
         self.wakeups: dict[str, float] = {}    # deferred qid -> next attempt (timer heap)
         self.heap: list[tuple[float, str]] = []
         self.timer = None
@@ -222,13 +223,19 @@ class QueueManager:
         for d in waiters:
             d.callback(None)
 
-    def notify(self, qid: str) -> None:
-        """A message was just committed to incoming/: schedule it now."""
+    def notify(self, qid: str, committed: tuple[Envelope, int] | None = None) -> None:
+        """A message was just committed to incoming/: schedule it now.
+
+        ``committed`` is its (envelope, body length) as just written, so that
+        pick-up need not read and parse the file it has just fsynced.
+        """
         if not valid_qid(qid):
             log.error("{prefix}notify: invalid queue id {qid!r} ignored",
                       prefix=self.log_prefix, qid=qid)
             return
         if self.enqueue(qid, "incoming"):
+            if committed is not None:
+                self.fresh[qid] = committed
             self.pump_soon()
 
     # -- finding work -----------------------------------------------------------
@@ -371,8 +378,12 @@ class QueueManager:
 
     def pick_up(self, qid: str, src: str) -> Job | None:
         spool = self.spool
+        fresh = self.fresh.pop(qid, None) if src == "incoming" else None
         if not spool.move(qid, src, "active"):
             return None                          # moved or deleted by an admin command
+        if fresh is not None:                    # just committed: no file to re-read, no status yet
+            message = QueuedMessage(qid, "active", fresh[0], fresh[1], spool.path(qid, "active"))
+            return self.job(message, {})
         try:
             message = spool.open(qid, "active")
         except FileNotFoundError:
@@ -390,7 +401,10 @@ class QueueManager:
             if spool.move(qid, "active", "deferred"):
                 self.wake_at(qid, when)
             return None
-        status = spool.read_status(qid) or {}
+        return self.job(message, spool.read_status(qid) or {})
+
+    def job(self, message: QueuedMessage, status: dict) -> Job:
+        qid = message.qid
         wanted = status.get("pending")
         wanted = set(wanted) if isinstance(wanted, list) else None
         seen: set[str] = set()

@@ -13,7 +13,7 @@ from shared.envelope import Recipient
 from shared.queue.manager import QueueSettings
 from shared.smtp.reply import Reply
 from tests.shared.queue.helpers import (
-    OK, PERM, T0, TEMP, FakeDeliver, envelope, make_manager, messages, queue_message, run_until,
+    BODY, OK, PERM, T0, TEMP, FakeDeliver, envelope, make_manager, messages, queue_message, run_until,
 )
 
 
@@ -439,3 +439,20 @@ def test_log_lines_for_deferred_and_bounced(spool, clock):
     assert "status=deferred (421 4.7.0 Try later)" in text
     assert "to=<p@example.net>" in text and "status=bounced (550 5.1.1 User unknown)" in text
     assert f"{qid}: sender non-delivery notification:" in text
+
+
+def test_notify_with_what_was_committed_skips_rereading_the_file(spool, clock):
+    deliver = FakeDeliver()
+    mgr = make_manager(spool, deliver, clock)
+    mgr.start()
+    written = envelope(upstream_id="EDGE1")
+    qid = queue_message(spool, written)
+    # What the committing session hands over is used as is: the file is not parsed again.
+    committed = envelope(rcpts=("carol@example.net",), upstream_id="EDGE1")
+    mgr.notify(qid, (committed, len(BODY) - 5))     # a body length only the caller knows
+    clock.advance(0)
+    assert deliver.delivered == [qid]
+    _, env, data = deliver.calls[0][0]
+    assert [r.address for r in env.recipients] == ["carol@example.net"]
+    assert data == BODY[:-5]
+    assert states(spool) == {}
