@@ -7,9 +7,7 @@ or SIGTERM stops the three children with SIGTERM and waits for them.
 """
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,32 +15,17 @@ import sys
 import time
 from pathlib import Path
 
+from shared.tlsutil import self_signed
+
 DOMAIN = "example.test"
 USERS = ("alice", "bob")
 
 
-def _self_signed(tls_dir: Path, hostname: str) -> tuple[str, str]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+def _demo_certificate(tls_dir: Path, hostname: str) -> tuple[str, str]:
+    """The demo's self-signed certificate, made once and kept across runs."""
     cert_path, key_path = tls_dir / "cert.pem", tls_dir / "key.pem"
-    if cert_path.exists() and key_path.exists():
-        return str(cert_path), str(key_path)
-    tls_dir.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=365))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
-            .sign(key, hashes.SHA256()))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    os.chmod(key_path, 0o600)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    if not (cert_path.exists() and key_path.exists()):
+        cert_path, key_path = self_signed(tls_dir, hostname)
     return str(cert_path), str(key_path)
 
 
@@ -53,7 +36,7 @@ def _toml_list(items) -> str:
 def write_configs(root: Path, base_port: int) -> dict[str, Path]:
     """The three tiers' configuration files for a one-machine pipeline."""
     root.mkdir(parents=True, exist_ok=True)
-    cert, key = _self_signed(root / "tls", "edge.example.test")
+    cert, key = _demo_certificate(root / "tls", "edge.example.test")
     ports = {"edge": base_port, "filter": base_port + 1, "domain": base_port + 2}
     users = [f"{u}@{DOMAIN}" for u in USERS]
     texts = {

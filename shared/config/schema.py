@@ -311,22 +311,32 @@ def load(tier: str | None, path: str | os.PathLike) -> Settings:
     return parse(tier, data, p)
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """A value in TOML syntax (host/port pairs and networks as their config strings)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], int):   # host, port
         host, port = v
-        return _toml_value(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return toml_value(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_toml_value(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+        return "{ " + ", ".join(f"{toml_value(str(k))} = {toml_value(x)}" for k, x in v.items()) + " }"
     if isinstance(v, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-        return _toml_value(str(v))
+        return toml_value(str(v))
     s = str(v).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{s}"'
+
+
+def dump(tier: str, sections: dict[str, dict[str, Any]]) -> str:
+    """A tier's configuration file from {section: {key: value}}."""
+    lines = [f'tier = "{tier}"']
+    for section, keys in sections.items():
+        lines.append(f"\n[{section}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in keys.items())
+    return "\n".join(lines) + "\n"
 
 
 def render(settings: Settings) -> str:
@@ -337,5 +347,5 @@ def render(settings: Settings) -> str:
         out.append(f"\n[{section}]")
         for name, key in keys.items():
             out.append(f"# {key.doc}")
-            out.append(f"{name} = {_toml_value(settings.values[section][name])}")
+            out.append(f"{name} = {toml_value(settings.values[section][name])}")
     return "\n".join(out) + "\n"

@@ -10,7 +10,6 @@ are run exactly as an administrator runs them, ``python -m shared.cli TIER
 """
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import os
 import re
@@ -22,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from shared.config import dump
+from shared.tlsutil import self_signed  # noqa: F401  (the tests take it from here)
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -82,52 +84,11 @@ def free_port_block(count: int, host: str = "127.0.0.1", attempts: int = 50) -> 
 
 # -- TLS ----------------------------------------------------------------------------
 
-def self_signed(directory: Path, hostname: str, ips: Iterable[str] = ()) -> tuple[Path, Path]:
-    """A fresh self-signed certificate for `hostname` (and `ips`): (cert.pem, key.pem)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    alt = [x509.DNSName(hostname)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    os.chmod(key_path, 0o600)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path
-
 
 # -- configuration files --------------------------------------------------------------
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_toml_value(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
-
-
 def write_toml(path: Path, tier: str, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = [f'tier = "{tier}"']
-    for section, keys in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in keys.items())
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(dump(tier, sections))
     return path
 
 

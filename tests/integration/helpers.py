@@ -13,7 +13,6 @@ merged over the defaults of :func:`default_sections`.
 """
 from __future__ import annotations
 
-import datetime
 import email
 import email.policy
 import os
@@ -29,7 +28,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from shared.config import dump
 from shared.smtp.reply import Reply
+from shared.tlsutil import self_signed  # noqa: F401  (the tests take it from here)
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -82,51 +83,10 @@ def smarthost(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
-    """A self-signed certificate and key for `hostname`: (cert.pem, key.pem)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    os.chmod(key_path, 0o600)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path
-
-
 # -- configuration ---------------------------------------------------------------------
 
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{toml_value(str(k))} = {toml_value(x)}" for k, x in v.items()) + " }"
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
-
-
 def render_toml(tier: str, sections: dict[str, dict[str, Any]]) -> str:
-    lines = [f'tier = "{tier}"']
-    for section, keys in sections.items():
-        lines.append(f"\n[{section}]")
-        lines.extend(f"{k} = {toml_value(v)}" for k, v in keys.items())
-    return "\n".join(lines) + "\n"
+    return dump(tier, sections)
 
 
 def merge(base: dict[str, dict[str, Any]], overrides: Overrides) -> dict[str, dict[str, Any]]:
