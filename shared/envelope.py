@@ -7,7 +7,7 @@ next hop.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -56,7 +56,9 @@ class Envelope:
         d = {k: getattr(self, k) for k in ("sender", "ret", "envid", "body", "smtputf8",
                                            "upstream_id", "received_at")}
         d["recipients"] = [r.to_json() for r in self.recipients]
-        d["client"] = asdict(self.client)
+        c = self.client
+        d["client"] = {"addr": c.addr, "port": c.port, "name": c.name, "helo": c.helo, "proto": c.proto,
+                       "login": c.login, "tls": c.tls}
         return d
 
     @classmethod

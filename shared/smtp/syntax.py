@@ -206,8 +206,13 @@ def xtext_decode(text: str, *, allow_utf8: bool = False) -> str:
         raise ParameterError("xtext is not UTF-8") from None
 
 
+_XTEXT_PLAIN = re.compile(r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*\Z")    # "!".."~" but "+" and "="
+
+
 def xtext_encode(text: str) -> str:
     """Encode text as RFC 3461 xtext; non-ASCII characters go as escaped UTF-8 octets."""
+    if _XTEXT_PLAIN.match(text):
+        return text                   # the usual case: nothing to escape
     out = []
     for b in text.encode("utf-8"):
         if 0x21 <= b <= 0x7E and b != 0x2B and b != 0x3D:

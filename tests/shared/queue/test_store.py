@@ -277,3 +277,11 @@ def test_recover(spool, root):
 def test_admin_view_refuses_non_spool(tmp_path):
     with pytest.raises(FileNotFoundError):
         SpoolFiles(tmp_path / "nothing")
+
+
+def test_envelope_json_keeps_every_client_field():
+    from dataclasses import fields
+    from shared.envelope import ClientInfo, Envelope
+    client = ClientInfo(**{f.name: f"v-{f.name}" if f.name != "port" else 25 for f in fields(ClientInfo)})
+    env = Envelope(sender="a@b", recipients=[], client=client)
+    assert Envelope.from_json(env.to_json()).client == client
