@@ -3,7 +3,7 @@
 Hosted domains, users and aliases come from the ``[mailboxes]`` section.  A
 recipient is looked up when RCPT arrives: an alias expands to its users, an
 unknown address gets 550 5.1.1 while the sender is still connected (no bounce
-later).  The message streams into one file under ``MAILDIR_ROOT/.tmp``; at end
+later).  The message streams into one file under ``MAILDIR_ROOT/.tmp/HOSTNAME``; at end
 of data a thread of the bounded pool fsyncs it, hard-links it into each
 mailbox's ``new/`` (copying when the mailbox is on another file system), fsyncs
 each ``new/`` directory and only then is 250 sent.
@@ -23,6 +23,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from shared.reserve import FileReserve
 from shared.smtp.reply import TEMPFAIL_LOCAL, UNKNOWN_USER, Reply
 
 log = Logger(namespace="smarthost.maildir")
@@ -72,8 +73,15 @@ class MaildirSink:
         self.pool = pool
         self.hostname = hostname.replace("/", "\\057").replace(":", "\\072")
         self.fsync = fsync
-        self.spool = mailboxes.root / ".tmp"
+        # Per host: domain nodes may share the mailbox file system.
+        self.spool = mailboxes.root / ".tmp" / socket.gethostname()
         self.spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in self.spool.iterdir():         # this host's last run: never acknowledged
+            stale.unlink()
+        self.reserve = FileReserve(str(self.spool), pool.run)
+
+    def close(self) -> None:
+        self.reserve.close()
 
     def session(self, engine_session) -> "MaildirSession":
         return MaildirSession(self)
@@ -144,11 +152,10 @@ class MaildirSession:
         return None
 
     def data_start(self, txn):
-        self.path = str(self.sink.spool / f"{txn.queue_id}.{socket.gethostname()}")
         try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self.fd, self.path = self.sink.reserve.take()
         except OSError as e:
-            log.error("{qid}: cannot create {path}: {err}", qid=txn.queue_id, path=self.path, err=e)
+            log.error("{qid}: cannot create a file in {dir}: {err}", qid=txn.queue_id, dir=self.sink.spool, err=e)
             return TEMPFAIL_LOCAL
         self.size = 0
         self.write(f"Return-Path: <{txn.envelope.sender}>\r\n".encode("utf-8"))

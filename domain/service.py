@@ -25,4 +25,4 @@ def build(settings, reactor, pool, dry_run: bool = False) -> TierParts:
     def reload(new) -> None:
         sink.mailboxes = mailboxes(new)
 
-    return TierParts(sink=sink, checks=[], reload=reload)
+    return TierParts(sink=sink, checks=[], reload=reload, stop=sink.close)

@@ -45,7 +45,6 @@ syntax before they are used in a path.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -64,6 +63,7 @@ from twisted.python.threadpool import ThreadPool
 
 from shared.envelope import Envelope
 from shared.ids import new_queue_id
+from shared.reserve import FileReserve
 
 log = Logger(namespace="smarthost.queue.store")
 
@@ -335,7 +335,10 @@ class Spool(SpoolFiles):
             minthreads=0, maxthreads=threadpool_size, name="smarthost-spool")
         self.runner = runner
         self.dir_syncs = 0                       # directory fsyncs done (instrumentation)
-        self.open_tmp: set[str] = set()          # tmp files of this process, not yet committed
+        self.open_tmp: set[str] = set()          # tmp file names of this process, not yet committed
+        # Empty tmp files made ahead in the pool: a reception never creates one on
+        # the reactor (see shared.reserve).  Used once recovery has cleaned tmp/.
+        self.reserve = FileReserve(self.root / TMP, self.run) if not runner else None
         self.group_sync = GroupSync(self.run, self.fsync_dir_blocking, self.root / "incoming")
         self.lock_fd: int | None = None
         self.recovery: RecoveryReport | None = None   # set by recover()
@@ -358,6 +361,8 @@ class Spool(SpoolFiles):
 
     def stop(self) -> None:
         """Stop the thread pool (waits for running jobs) and release the lock."""
+        if self.reserve is not None:
+            self.reserve.close()
         if self.threadpool is not None and self.threadpool.started:
             self.threadpool.stop()
         if self.lock_fd is not None:
@@ -396,19 +401,16 @@ class Spool(SpoolFiles):
         """
         if qid is not None and not valid_qid(qid):
             raise ValueError(f"invalid queue id {qid!r}")
-        for _ in range(1 if qid else 5):
-            qid_try = qid or new_queue_id()
-            try:
-                fd = os.open(self.root / TMP / qid_try,
-                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                             0o600)
-            except FileExistsError:
-                if qid:
-                    raise
-                continue
-            self.open_tmp.add(qid_try)
-            return IncomingMessage(self, qid_try, fd)
-        raise OSError(errno.EEXIST, "could not create a unique queue file")
+        qid = qid or new_queue_id()
+        if self.reserve is not None and self.recovery is not None:
+            fd, path = self.reserve.take()
+            name = os.path.basename(path)
+        else:
+            name = qid
+            fd = os.open(self.root / TMP / name,
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        self.open_tmp.add(name)
+        return IncomingMessage(self, qid, fd, name)
 
     def write_status_async(self, qid: str, status: dict[str, Any]) -> Deferred:
         """write_status in the thread pool (it fsyncs)."""
@@ -438,9 +440,15 @@ class Spool(SpoolFiles):
         for name in names:
             if name in self.open_tmp:
                 continue
-            _unlink_quiet(self.root / TMP / name)
+            path = self.root / TMP / name
+            try:
+                empty = path.stat().st_size == 0
+            except FileNotFoundError:
+                continue
+            _unlink_quiet(path)
             report.removed_tmp.append(name)
-            log.warn("tmp/{name}: removed: never acknowledged (interrupted receive)", name=name)
+            if not empty:       # empty ones are a previous run's unused reserve
+                log.warn("tmp/{name}: removed: never acknowledged (interrupted receive)", name=name)
         for qid in self.list("active"):
             if self.move(qid, "active", "incoming"):
                 report.requeued.append(qid)
@@ -496,16 +504,17 @@ class IncomingMessage:
     caller's to turn into a 4xx reply, after calling ``abort``.
     """
 
-    def __init__(self, spool: Spool, qid: str, fd: int):
+    def __init__(self, spool: Spool, qid: str, fd: int, tmp_name: str | None = None):
         self.spool = spool
         self.qid = qid
+        self.tmp_name = tmp_name or qid
         self.size = 0
         self.fd: int | None = fd
         self.state = "open"          # open -> committing -> committed | aborted
 
     @property
     def tmp_path(self) -> Path:
-        return self.spool.root / TMP / self.qid
+        return self.spool.root / TMP / self.tmp_name
 
     def write(self, data: bytes) -> None:
         if self.state != "open":
@@ -545,12 +554,12 @@ class IncomingMessage:
 
     def _committed(self, _: Any) -> None:
         self.state = "committed"
-        self.spool.open_tmp.discard(self.qid)
+        self.spool.open_tmp.discard(self.tmp_name)
         return None
 
     def _failed(self, failure: Failure) -> Failure:
         self.state = "aborted"
-        self.spool.open_tmp.discard(self.qid)
+        self.spool.open_tmp.discard(self.tmp_name)
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -566,7 +575,7 @@ class IncomingMessage:
         if self.state != "open":
             return
         self.state = "aborted"
-        self.spool.open_tmp.discard(self.qid)
+        self.spool.open_tmp.discard(self.tmp_name)
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

@@ -81,7 +81,9 @@ def test_sigkill_then_restart_delivers_every_acknowledged_message(tmp_path):
         child.stderr.close()
     assert len(acked) == 30, stderr
     assert os.listdir(root / "active"), "the child should have been delivering"
-    assert len(os.listdir(root / "tmp")) == 1
+    # one half-received message, beside the empty files the spool keeps in reserve
+    leftovers = [p for p in (root / "tmp").iterdir()]
+    assert len([p for p in leftovers if p.stat().st_size]) == 1
 
     clock = Clock()
     clock.advance(T0)
@@ -92,7 +94,8 @@ def test_sigkill_then_restart_delivers_every_acknowledged_message(tmp_path):
     with capturedLogs():
         report = manager.start()
     run_until(clock, clock.seconds() + 1)
-    assert len(report.removed_tmp) == 1 and report.corrupt == []
+    assert len(report.removed_tmp) == len(leftovers) and report.corrupt == []
+    assert os.listdir(root / "tmp") == []
     assert sorted(deliver.delivered) == sorted(acked)
     assert all(spool.list(s) == [] for s in ("incoming", "active", "deferred", "hold"))
     spool.stop()
