@@ -45,6 +45,7 @@ class ProxySession:
         self.failed = False           # the current transaction's forward connection broke
         self.mail_pending = False     # MAIL not yet sent: it goes with the first RCPT
         self.mail_refused = None      # the next hop's refusal of this transaction's MAIL
+        self.held = None              # message bytes waiting to go with the next ones
 
     def _drop(self) -> None:
         if self.upstream is not None:
@@ -139,13 +140,23 @@ class ProxySession:
         if reply.code != 354:
             return reply if not reply.positive else Reply(451, "4.3.0", "Next hop refused DATA")
         self.in_data = True
+        self.held = b""
         return None
 
     def write(self, chunk: bytes) -> None:
-        """Forward message bytes; a full next-hop buffer pauses reading from the client."""
+        """Forward message bytes; a full next-hop buffer pauses reading from the client.
+
+        The first write (our Received header, written as DATA is answered) is held
+        and sent with the client's first bytes: one segment fewer per message.
+        """
         up = self.upstream
         if not self.in_data or self.failed or up is None:
             return
+        if self.held is not None:
+            if not self.held:
+                self.held = chunk
+                return
+            chunk, self.held = self.held + chunk, None
         try:
             up.send_data(chunk)
         except Exception:
@@ -163,6 +174,9 @@ class ProxySession:
             return NEXT_HOP_LOST
         up = self.upstream
         try:
+            if self.held:
+                up.send_data(self.held)
+            self.held = None
             reply = yield up.end_data()
         except Exception:
             return self._failed(_current_failure(), "end of data")

@@ -164,8 +164,31 @@ def test_full_next_hop_buffer_pauses_the_client():
     s.begin(txn)
     s.rcpt(txn, Recipient("a@example.org"))
     s.data_start(txn)
+    s.write(b"Received: ...\r\n")
     up.writable = False
     s.write(b"x" * 100)
     assert engine.protocol.paused
     waiter.callback(None)
     assert not engine.protocol.paused
+
+
+def test_received_header_goes_out_with_the_first_bytes_or_at_the_end():
+    up = Upstream(replies={"DATA": Reply(354, None, "go")})
+    engine, s, txn = start(up)
+    s.begin(txn)
+    s.rcpt(txn, Recipient("a@example.org"))
+    s.data_start(txn)
+    s.write(b"Received: x\r\n")
+    assert [c for c in up.log if c[0] == "BYTES"] == []
+    s.write(b"Subject: y\r\n\r\n")
+    s.write(b"body\r\n")
+    assert [c[1] for c in up.log if c[0] == "BYTES"] == [b"Received: x\r\nSubject: y\r\n\r\n", b"body\r\n"]
+    # an empty message: the header alone goes at end of data
+    up2 = Upstream(replies={"DATA": Reply(354, None, "go")})
+    engine, s, txn = start(up2)
+    s.begin(txn)
+    s.rcpt(txn, Recipient("a@example.org"))
+    s.data_start(txn)
+    s.write(b"Received: x\r\n")
+    result(s.data_end(txn))
+    assert [c for c in up2.log if c[0] in ("BYTES", "END")] == [("BYTES", b"Received: x\r\n"), ("END",)]
