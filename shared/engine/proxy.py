@@ -170,6 +170,7 @@ class ProxySession:
     @defer.inlineCallbacks
     def data_end(self, txn):
         self.in_data = False
+        self.engine.protocol.resume_input()     # whatever the next hop's buffer, the message is whole
         if self.failed or self.upstream is None:
             return NEXT_HOP_LOST
         up = self.upstream

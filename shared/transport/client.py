@@ -401,8 +401,13 @@ class SMTPClientProtocol(Protocol):
         except LocalProtocolError:
             return fail()
         if self._gate is not None:
+            # Whoever waits for room is told now: the message is complete, and a
+            # waiter left behind would never be woken (the gate goes with it).
+            gate, self._gate = self._gate, None
             self.transport.unregisterProducer()
-            self._gate = None
+            waiters, gate.waiters = gate.waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
         d = self._expect("the reply to end of data", self.data_timeout)
         self.transport.write(data)
         return d

@@ -339,6 +339,21 @@ def test_back_pressure_and_write_stall_timeout():
     assert isinstance(outcome(w).value, SMTPTimeoutError) and transport.disconnected
 
 
+def test_end_of_data_wakes_whoever_waits_for_room():
+    """A proxy paused its client on a full buffer; the message ended before the
+    buffer drained: the waiter must still be told, or the client stays paused."""
+    proto, transport, clock = session()
+    d = proto.send_envelope(envelope("b@example.org"))
+    proto.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    outcome(d)
+    proto.send_data(b"x" * 10)
+    transport.producer.pauseProducing()
+    w = proto.wait_writable()
+    assert waiting(w)
+    proto.end_data()
+    assert outcome(w) is None
+
+
 def test_end_of_data_uses_the_data_timeout():
     proto, transport, clock = session()
     outcome_d = proto.send_envelope(envelope("b@example.org"))
