@@ -76,6 +76,8 @@ class ProxySession:
         self._drop()
         self.announced = replace(client)
         self.upstream = yield self.sink.relay_client.open_session(self.announced)
+        # What this session forwards passed our server core, which refuses bare CR and LF.
+        self.upstream.protocol.conn.crlf_checked = True
         return self.upstream
 
     @defer.inlineCallbacks

@@ -150,6 +150,9 @@ class ClientConnection:
         self.rcpts_accepted = 0
         self._utf8 = False
         self._encoder: DataEncoder | None = None
+        # Set by a caller whose content was already checked for bare CR and LF
+        # (a smarthost server core refuses them): the encoder then only stuffs dots.
+        self.crlf_checked = False
 
     # ---- what the server offered -------------------------------------
 
@@ -257,7 +260,7 @@ class ClientConnection:
         elif command == "DATA":
             if reply.code == 354:
                 self.state = State.BODY
-                self._encoder = DataEncoder()
+                self._encoder = DataEncoder(crlf_checked=self.crlf_checked)
             elif ok:
                 raise RemoteProtocolError(f"reply {reply.code} to DATA, expected 354")
             else:
@@ -507,9 +510,12 @@ class DataEncoder:
 
     _LINE_END = re.compile(rb"\r\n|\r|\n")
 
-    def __init__(self) -> None:
+    def __init__(self, *, crlf_checked: bool = False) -> None:
         self._line_start = True  # the content starts at the beginning of a line
         self._held_cr = False    # a CR ended the last chunk: is it part of CRLF?
+        # The content is known to hold no bare CR or LF (checked by our server
+        # core as it arrived): skip the three line-end counts per chunk.
+        self._crlf_checked = crlf_checked
 
     def encode(self, chunk: bytes) -> bytes:
         if self._held_cr:
@@ -520,9 +526,10 @@ class DataEncoder:
             self._held_cr = True
         if not chunk:
             return b""
-        crlf = chunk.count(b"\r\n")
-        if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
-            chunk = self._LINE_END.sub(b"\r\n", chunk)
+        if not self._crlf_checked:
+            crlf = chunk.count(b"\r\n")
+            if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
+                chunk = self._LINE_END.sub(b"\r\n", chunk)
         stuffed = chunk.replace(b"\r\n.", b"\r\n..")
         # Normalised output never ends in a bare CR, so the only line start
         # that straddles two chunks is a "." right after a chunk ending in CRLF.

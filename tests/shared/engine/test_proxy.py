@@ -22,6 +22,7 @@ class Upstream:
         self.protocol = self
         self.transport = self
         self.writable = True
+        self.conn = type("Conn", (), {"crlf_checked": False})()
 
     def abortConnection(self):
         self.aborted = True
@@ -112,6 +113,7 @@ def test_mail_travels_with_the_first_rcpt_and_the_reply_names_our_queue_id():
     assert up.log == []                                       # nothing sent yet
     assert result(s.rcpt(txn, Recipient("a@example.org"))) is None
     assert up.log == [("XFORWARD", {"IDENT": "EQID"}), ("MAIL", "s@example.net"), ("RCPT", "a@example.org")]
+    assert up.conn.crlf_checked          # the edge's core already refused bare CR/LF
     assert result(s.rcpt(txn, Recipient("b@example.org"))) is None
     assert up.log[-1] == ("RCPT", "b@example.org")
     assert result(s.data_start(txn)) is None

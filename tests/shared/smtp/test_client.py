@@ -442,6 +442,9 @@ def test_chunking_never_changes_the_wire_and_unstuffing_restores(content, data):
     got = b"".join(enc.encode(p) for p in pieces) + enc.finish()
     assert got == expected
     assert unstuff(got) == content
+    # content already checked for bare CR/LF: the lighter encoder gives the same wire bytes
+    checked = DataEncoder(crlf_checked=True)
+    assert b"".join(checked.encode(p) for p in pieces) + checked.finish() == expected
 
 
 @given(st.binary(max_size=60), st.data())
