@@ -20,9 +20,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from shared.config import dump
+from tests.support import free_port, wait_until  # noqa: F401  (the tests take them from here)
 from shared.tlsutil import self_signed  # noqa: F401  (the tests take it from here)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,24 +43,6 @@ def child_env() -> dict[str, str]:
 
 
 # -- waiting and ports ------------------------------------------------------------
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll `predicate` until it returns something true; AssertionError naming `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
 
 def free_port_block(count: int, host: str = "127.0.0.1", attempts: int = 50) -> int:
     """A port P such that P .. P+count-1 are all free right now."""

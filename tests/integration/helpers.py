@@ -26,9 +26,10 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from shared.config import dump
+from tests.support import free_port, wait_until  # noqa: F401  (the tests take them from here)
 from shared.smtp.reply import Reply
 from shared.tlsutil import self_signed  # noqa: F401  (the tests take it from here)
 
@@ -45,24 +46,6 @@ Overrides = dict[str, dict[str, Any]] | str | None
 
 
 # -- small utilities ------------------------------------------------------------------
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll `predicate` until it returns something true; AssertionError naming `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
 
 def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
