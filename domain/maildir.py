@@ -23,10 +23,11 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from shared.reserve import FileReserve
+from shared.reserve import FileReserve, write_all
 from shared.smtp.reply import TEMPFAIL_LOCAL, UNKNOWN_USER, Reply
 
 log = Logger(namespace="smarthost.maildir")
+WRITE_BEHIND = 64 * 1024      # message bytes held in memory before they are written on the reactor
 _seq = count(1)
 
 
@@ -92,9 +93,10 @@ class MaildirSink:
         usec = int((now - sec) * 1_000_000)
         return f"{sec}.M{usec}P{os.getpid()}Q{next(_seq)}.{self.hostname},S={size}"
 
-    def deliver(self, tmp_path: str, fd: int, size: int, mailboxes: list[Path]) -> list[str]:
-        """Runs in the pool: make `tmp_path` durable and link it into every mailbox."""
+    def deliver(self, tmp_path: str, fd: int, rest: bytes, size: int, mailboxes: list[Path]) -> list[str]:
+        """Runs in the pool: write `rest`, make `tmp_path` durable, link it into every mailbox."""
         try:
+            write_all(fd, rest)
             if self.fsync:
                 os.fsync(fd)
         finally:
@@ -136,6 +138,8 @@ class MaildirSession:
         self.fd: int | None = None
         self.path: str | None = None
         self.size = 0
+        self.pending: list[bytes] = []          # bytes not yet written (see write)
+        self.pending_size = 0
 
     def begin(self, txn):
         self.targets = []
@@ -162,18 +166,21 @@ class MaildirSession:
         return None
 
     def write(self, chunk: bytes) -> None:
+        """Bytes reach the file past WRITE_BEHIND, or with the fsync at end of data."""
         if self.fd is None:
             return
-        view = memoryview(chunk)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
+        self.pending.append(chunk)
+        self.pending_size += len(chunk)
         self.size += len(chunk)
+        if self.pending_size >= WRITE_BEHIND:
+            data, self.pending, self.pending_size = b"".join(self.pending), [], 0
+            write_all(self.fd, data)
 
     def data_end(self, txn):
         fd, path, targets = self.fd, self.path, list(self.targets)
+        rest, self.pending, self.pending_size = b"".join(self.pending), [], 0
         self.fd = self.path = None
-        d = self.sink.pool.run(self.sink.deliver, path, fd, self.size, targets)
+        d = self.sink.pool.run(self.sink.deliver, path, fd, rest, self.size, targets)
 
         def done(files):
             for f in files:
@@ -186,6 +193,7 @@ class MaildirSession:
         return d.addCallbacks(done, failed)
 
     def abort(self, txn) -> None:
+        self.pending, self.pending_size = [], 0
         if self.fd is not None:
             os.close(self.fd)
             try:

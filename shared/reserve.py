@@ -16,6 +16,13 @@ import os
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class FileReserve:
     def __init__(self, directory: str, run, *, size: int = 16, prefix: str = "r") -> None:
         self.directory = str(directory)

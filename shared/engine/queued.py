@@ -12,6 +12,8 @@ from twisted.logger import Logger
 
 from shared.smtp.reply import TEMPFAIL_LOCAL, Reply
 
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
+
 log = Logger(namespace="smarthost.queue")
 
 
@@ -28,6 +30,7 @@ class QueueSession:
     def __init__(self, sink: QueueSink) -> None:
         self.sink = sink
         self.message = None
+        self.write_error: OSError | None = None
 
     def begin(self, txn):
         return None
@@ -44,11 +47,19 @@ class QueueSession:
         return None
 
     def write(self, chunk: bytes) -> None:
-        if self.message is not None:
-            self.message.write(chunk)
+        if self.message is not None and self.write_error is None:
+            try:
+                self.message.write(chunk)
+            except OSError as e:          # disk full, I/O error: answered at end of data
+                self.write_error = e
 
     def data_end(self, txn):
         message, self.message = self.message, None
+        if self.write_error is not None:
+            log.error("{qid}: queue file write failed: {err}", qid=txn.queue_id, err=str(self.write_error))
+            self.write_error = None
+            message.abort()
+            return INSUFFICIENT_STORAGE
         d = message.commit(txn.envelope)
 
         def durable(_):
@@ -62,6 +73,7 @@ class QueueSession:
         return d.addCallbacks(durable, failed)
 
     def abort(self, txn) -> None:
+        self.write_error = None
         if self.message is not None:
             self.message.abort()
             self.message = None

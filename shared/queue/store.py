@@ -63,7 +63,7 @@ from twisted.python.threadpool import ThreadPool
 
 from shared.envelope import Envelope
 from shared.ids import new_queue_id
-from shared.reserve import FileReserve
+from shared.reserve import FileReserve, write_all
 
 log = Logger(namespace="smarthost.queue.store")
 
@@ -273,7 +273,7 @@ class SpoolFiles:
         data = json.dumps(status, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             if fsync:
                 os.fsync(fd)
         finally:
@@ -511,16 +511,28 @@ class IncomingMessage:
         self.size = 0
         self.fd: int | None = fd
         self.state = "open"          # open -> committing -> committed | aborted
+        # Message bytes not yet written: a typical message is written whole by the
+        # pool thread that fsyncs it; only a large one is written as it streams in.
+        self.pending: list[bytes] = []
+        self.pending_size = 0
 
     @property
     def tmp_path(self) -> Path:
         return self.spool.root / TMP / self.tmp_name
 
     def write(self, data: bytes) -> None:
+        """Take message bytes; they reach the file at once past WRITE_BEHIND bytes, else at commit."""
         if self.state != "open":
             raise ValueError(f"{self.qid}: write after {self.state}")
-        _write_all(self.fd, data)
+        self.pending.append(data)
+        self.pending_size += len(data)
         self.size += len(data)
+        if self.pending_size >= WRITE_BEHIND:
+            self._flush()
+
+    def _flush(self) -> None:
+        data, self.pending, self.pending_size = b"".join(self.pending), [], 0
+        write_all(self.fd, data)
 
     def commit(self, envelope: Envelope) -> Deferred:
         """Fire (with None) once the file and its incoming/ entry are durable.
@@ -534,7 +546,8 @@ class IncomingMessage:
         if not envelope.received_at:
             envelope = replace(envelope, received_at=self.spool.reactor.seconds())
         env_json = encode_envelope(envelope)
-        tail = env_json + make_trailer(self.size, env_json)
+        tail = b"".join(self.pending) + env_json + make_trailer(self.size, env_json)
+        self.pending, self.pending_size = [], 0
         spool = self.spool
         d = spool.run(self._finish_file, tail)
         if spool.fsync:
@@ -545,7 +558,7 @@ class IncomingMessage:
     def _finish_file(self, tail: bytes) -> None:      # in the thread pool
         fd, self.fd = self.fd, None
         try:
-            _write_all(fd, tail)
+            write_all(fd, tail)
             if self.spool.fsync:
                 os.fsync(fd)
         finally:
@@ -576,6 +589,7 @@ class IncomingMessage:
             return
         self.state = "aborted"
         self.spool.open_tmp.discard(self.tmp_name)
+        self.pending, self.pending_size = [], 0
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -625,11 +639,7 @@ class GroupSync:
         maybeDeferred(self.run, self.fsync_dir, self.path).addBoth(done)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+WRITE_BEHIND = 64 * 1024      # message bytes held in memory before they are written on the reactor
 
 
 def _unlink_quiet(path: Path) -> None:

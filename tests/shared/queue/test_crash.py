@@ -50,7 +50,7 @@ CHILD = textwrap.dedent("""
                 acked.append(m.qid)
                 if len(acked) == N:
                     half = spool.new_message()
-                    half.write(b"Subject: never acknowledged\\r\\n")
+                    half.write(b"Subject: never acknowledged\\r\\n" + b"x" * 70000)   # on disk
                     reactor.callLater(0.05, print, "READY", flush=True)
             m.commit(Envelope("alice@example.org", [Recipient("bob@example.net")])).addCallback(ok)
 

@@ -7,11 +7,13 @@ import stat
 import struct
 
 import pytest
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import gatherResults, maybeDeferred
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
+from shared.envelope import Envelope, Recipient
 from shared.queue.store import (
-    MAGIC, QID_RE, TRAILER_SIZE, CorruptFile, Spool, SpoolFiles, SpoolLocked, read_queue_file,
+    MAGIC, WRITE_BEHIND, QID_RE, TRAILER_SIZE, CorruptFile, Spool, SpoolFiles, SpoolLocked, read_queue_file,
 )
 from tests.shared.queue.helpers import BODY, StepRunner, envelope, messages, queue_message
 
@@ -242,7 +244,7 @@ def test_recover(spool, root):
     (root / "hold" / held_bad).write_bytes(b"")
     (root / "incoming" / "junk.swp").write_bytes(b"x")
     unacked = spool.new_message()
-    unacked.write(b"half a message")
+    unacked.write(b"half a message, " + b"x" * WRITE_BEHIND)    # large enough to be on disk already
     os.close(unacked.fd)
     unacked.fd = None
     spool.open_tmp.discard(unacked.qid)                      # as after a restart
@@ -285,3 +287,21 @@ def test_envelope_json_keeps_every_client_field():
     client = ClientInfo(**{f.name: f"v-{f.name}" if f.name != "port" else 25 for f in fields(ClientInfo)})
     env = Envelope(sender="a@b", recipients=[], client=client)
     assert Envelope.from_json(env.to_json()).client == client
+
+
+def test_small_messages_reach_the_file_at_commit_large_ones_as_they_stream(tmp_path):
+    spool = Spool(tmp_path / "q", reactor=Clock(), fsync=False, runner=lambda f, *a: maybeDeferred(f, *a))
+    small = spool.new_message()
+    small.write(b"Subject: s\r\n\r\n")
+    small.write(b"hi\r\n")
+    assert os.path.getsize(small.tmp_path) == 0                 # held in memory until commit
+    big = spool.new_message()
+    big.write(b"x" * (WRITE_BEHIND + 1))
+    assert os.path.getsize(big.tmp_path) == WRITE_BEHIND + 1     # past the threshold: on disk
+    env = Envelope("a@example.org", [Recipient("b@example.net")])
+    for m, body in ((small, b"Subject: s\r\n\r\nhi\r\n"), (big, b"x" * (WRITE_BEHIND + 1))):
+        m.commit(env)
+        stored = spool.open(m.qid, "incoming")
+        assert stored.body_len == len(body)
+        with stored.open_body() as f:
+            assert f.read(stored.body_len) == body
