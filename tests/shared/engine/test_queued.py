@@ -1,0 +1,85 @@
+"""The filter's queue sink: 250 only when the queue file is durable; storage errors are 4xx."""
+import errno
+
+from twisted.internet import defer
+
+from shared.engine.queued import QueueSink
+from shared.engine.session import Transaction
+from shared.envelope import Envelope, Recipient
+
+
+class Message:
+    def __init__(self, qid, fail_write=False, commit=None):
+        self.qid, self.size, self.fail_write = qid, 0, fail_write
+        self.commit_result = commit or defer.succeed(None)
+        self.aborted = False
+
+    def write(self, data):
+        if self.fail_write:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.size += len(data)
+
+    def commit(self, envelope):
+        return self.commit_result
+
+    def abort(self):
+        self.aborted = True
+
+
+class Spool:
+    def __init__(self, message):
+        self.message = message
+
+    def new_message(self, qid):
+        return self.message
+
+
+class Manager:
+    def __init__(self):
+        self.notified = []
+
+    def notify(self, qid, committed=None):
+        self.notified.append((qid, committed))
+
+
+def txn():
+    return Transaction("Q1", Envelope(sender="s@example.net", recipients=[Recipient("a@example.org")]))
+
+
+def result(d):
+    out = []
+    d.addBoth(out.append) if isinstance(d, defer.Deferred) else out.append(d)
+    return out[0]
+
+
+def test_250_after_commit_and_the_manager_is_told_what_was_written():
+    m, mgr = Message("Q1"), Manager()
+    s = QueueSink(Spool(m), mgr).session(None)
+    t = txn()
+    assert s.data_start(t) is None
+    body = b"Subject: x\r\n\r\nhi\r\n"
+    s.write(body)
+    reply = result(s.data_end(t))
+    assert (reply.code, reply.text) == (250, "Ok: queued as Q1")
+    assert mgr.notified == [("Q1", (t.envelope, len(body)))]
+
+
+def test_disk_full_while_receiving_is_452_at_end_of_data():
+    m, mgr = Message("Q1", fail_write=True), Manager()
+    s = QueueSink(Spool(m), mgr).session(None)
+    t = txn()
+    s.data_start(t)
+    s.write(b"x" * 10)
+    s.write(b"y" * 10)
+    reply = result(s.data_end(t))
+    assert (reply.code, reply.enhanced) == (452, "4.3.1") and m.aborted and mgr.notified == []
+
+
+def test_failed_commit_is_451_never_250():
+    m, mgr = Message("Q1", commit=defer.fail(OSError(errno.EIO, "I/O error"))), Manager()
+    s = QueueSink(Spool(m), mgr).session(None)
+    t = txn()
+    s.data_start(t)
+    s.write(b"x")
+    reply = result(s.data_end(t))
+    assert (reply.code, reply.enhanced) == (451, "4.3.0") and m.aborted and mgr.notified == []
