@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from shared.smtp.reply import TEMPFAIL_CHECK, Reply
 
@@ -115,31 +116,41 @@ class Chain:
     def has(self, phase: str) -> bool:
         return bool(self._by_phase[phase])
 
-    @defer.inlineCallbacks
-    def run(self, request: Request):
-        """Fire the phase's checks in order; returns the first final Verdict or CONTINUE."""
-        for check in self._by_phase[request.phase]:
-            verdict = yield self._run_one(check, request)
+    def run(self, request: Request) -> defer.Deferred:
+        """Fire the phase's checks in order; a Deferred of the first final Verdict or CONTINUE.
+
+        A check that answers at once (a cache hit, a table look-up) costs a plain
+        call: no timer and no Deferred of its own; only a check that returns a
+        Deferred is given its timeout.
+        """
+        return self._continue(iter(self._by_phase[request.phase]), request)
+
+    def _continue(self, checks, request: Request) -> defer.Deferred:
+        for check in checks:
+            try:
+                result = check.fn(request)
+            except Exception:
+                return defer.succeed(self._failed(Failure(), check))
+            if isinstance(result, defer.Deferred):
+                result.addTimeout(check.timeout, self.reactor)
+                result.addCallback(self._checked, check).addErrback(self._failed, check)
+                return result.addCallback(lambda v: v if v.final else self._continue(checks, request))
+            try:
+                verdict = self._checked(result, check)
+            except Exception:
+                verdict = self._failed(Failure(), check)
             if verdict.final:
-                return verdict
-        return CONTINUE
+                return defer.succeed(verdict)
+        return defer.succeed(CONTINUE)
 
-    def _run_one(self, check: Check, request: Request) -> defer.Deferred:
-        try:
-            d = defer.maybeDeferred(check.fn, request)
-        except Exception:  # maybeDeferred already catches; keep the belt
-            d = defer.fail()
-        d.addTimeout(check.timeout, self.reactor)
+    @staticmethod
+    def _checked(verdict, check: Check) -> Verdict:
+        if not isinstance(verdict, Verdict):
+            raise TypeError(f"check {check.name} returned {verdict!r}, not a Verdict")
+        if verdict.final and not verdict.check:
+            verdict = replace(verdict, check=check.name)
+        return verdict
 
-        def ok(verdict):
-            if not isinstance(verdict, Verdict):
-                raise TypeError(f"check {check.name} returned {verdict!r}, not a Verdict")
-            if verdict.final and not verdict.check:
-                verdict = replace(verdict, check=check.name)
-            return verdict
-
-        def failed(failure):
-            log.failure("check {check} failed; answering tempfail", failure, check=check.name)
-            return Verdict(Action.TEMPFAIL, TEMPFAIL_CHECK, check.name)
-
-        return d.addCallback(ok).addErrback(failed)
+    def _failed(self, failure: Failure, check: Check) -> Verdict:
+        log.failure("check {check} failed; answering tempfail", failure, check=check.name)
+        return Verdict(Action.TEMPFAIL, TEMPFAIL_CHECK, check.name)

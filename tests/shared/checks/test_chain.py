@@ -54,6 +54,24 @@ def test_timeout_is_tempfail():
 def test_non_verdict_is_tempfail():
     chain = Chain([Check("sloppy", "rcpt", lambda r: "OK")], reactor=Clock())
     assert result(chain.run(REQ)).action is Action.TEMPFAIL
+    later = Chain([Check("sloppy", "rcpt", lambda r: defer.succeed("OK"))], reactor=Clock())
+    assert result(later.run(REQ)).action is Action.TEMPFAIL
+
+
+def test_async_checks_continue_in_order_and_sync_ones_set_no_timer():
+    clock = Clock()
+    pending = defer.Deferred()
+    seen = []
+    chain = Chain([Check("a", "rcpt", lambda r: seen.append("a") or CONTINUE),
+                   Check("b", "rcpt", lambda r: seen.append("b") or pending),
+                   Check("c", "rcpt", lambda r: seen.append("c") or reject(550, "5.1.1", "no"))],
+                  reactor=clock)
+    d = chain.run(REQ)
+    assert seen == ["a", "b"] and len(clock.getDelayedCalls()) == 1     # only the async check is timed
+    pending.callback(CONTINUE)
+    v = result(d)
+    assert seen == ["a", "b", "c"] and v.action is Action.REJECT and v.check == "c"
+    assert clock.getDelayedCalls() == []
 
 
 def test_other_phases_do_not_run():
