@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from shared.checks.core import Action, Chain, Request, Verdict
+from shared.checks.core import CONTINUE, Action, Chain, Request, Verdict
 from shared.checks.relay import RelayPolicy
 from shared.engine.received import HeaderScanner, received_header, with_protocol
 from shared.envelope import ClientInfo, Envelope, Recipient
@@ -102,6 +102,12 @@ class EngineSession:
             return verdict.reply
         return verdict.reply if verdict.action is Action.ACCEPT else None
 
+    def _checks(self, request: Request, then):
+        """The phase's checks, then `then(verdict)`: a plain call when the phase has none."""
+        if not self.chain.has(request.phase):
+            return then(CONTINUE)
+        return self.chain.run(request).addCallback(then)
+
     def _run(self, request: Request):
         """Run the phase's checks; Deferred of a Verdict (skips the Deferred when none)."""
         if not self.chain.has(request.phase):
@@ -168,19 +174,19 @@ class EngineSession:
         self.protocol.in_transaction = True
         req = self._request("mail", queue_id=self.txn.queue_id, sender=e.sender, size=e.size)
 
-        @defer.inlineCallbacks
-        def decide():
-            v = yield self._run(req)
+        def checked(v: Verdict):
             if v.final and v.action is not Action.ACCEPT:
                 self._log("reject: MAIL from <{sender}>: {reply}", sender=e.sender, reply=str(v.reply))
                 self._end_txn()
                 return self._reply_for(v)
-            answer = yield defer.maybeDeferred(self.sink_session.begin, self.txn)
+            return _call(self.sink_session.begin, self.txn, then=begun)
+
+        def begun(answer):
             if isinstance(answer, Reply) and not answer.positive:
                 self._log("reject: MAIL from <{sender}>: {reply}", sender=e.sender, reply=str(answer))
                 self._end_txn()
             return answer
-        return decide()
+        return self._checks(req, checked)
 
     def on_rcpt_to(self, e: ev.RcptTo):
         txn = self.txn
@@ -194,19 +200,19 @@ class EngineSession:
             return relay_verdict.reply
         recipient = Recipient(e.recipient, e.notify, e.orcpt)
 
-        @defer.inlineCallbacks
-        def decide():
-            v = yield self._run(req)
+        def checked(v: Verdict):
             if v.final and v.action is not Action.ACCEPT:
                 self._log("reject: RCPT to=<{rcpt}>: {reply}", rcpt=e.recipient, reply=str(v.reply))
                 return self._reply_for(v)
-            answer = yield defer.maybeDeferred(self.sink_session.rcpt, txn, recipient)
+            return _call(self.sink_session.rcpt, txn, recipient, then=answered)
+
+        def answered(answer):
             if answer is None or (isinstance(answer, Reply) and answer.positive):
                 txn.envelope.recipients.append(recipient)
             else:
                 self._log("reject: RCPT to=<{rcpt}>: {reply}", rcpt=e.recipient, reply=str(answer))
             return answer
-        return decide()
+        return self._checks(req, checked)
 
     def on_data_start(self, e: ev.DataStart):
         txn = self.txn
@@ -301,6 +307,18 @@ class EngineSession:
         if self.txn is not None:
             self.sink_session.abort(self.txn)
             self._end_txn()
+
+
+def _call(fn, *args, then):
+    """`then(fn(*args))`, waiting if fn returns a Deferred; an exception becomes a failed Deferred
+    (the adapter answers it with 451), never a traceback on the wire."""
+    try:
+        result = fn(*args)
+    except Exception:
+        return defer.fail()
+    if isinstance(result, defer.Deferred):
+        return result.addCallback(then)
+    return then(result)
 
 
 def _copy_client(c: ClientInfo) -> ClientInfo:
