@@ -83,3 +83,19 @@ def test_failed_commit_is_451_never_250():
     s.write(b"x")
     reply = result(s.data_end(t))
     assert (reply.code, reply.enhanced) == (451, "4.3.0") and m.aborted and mgr.notified == []
+
+
+def test_session_call_helper_turns_a_sink_exception_into_a_failed_deferred():
+    from shared.engine.session import _call
+
+    def broken(*args):
+        raise RuntimeError("sink bug")
+    d = _call(broken, 1, then=lambda r: r)
+    assert isinstance(d, defer.Deferred)
+    failure = result(d)
+    assert failure.check(RuntimeError)
+    assert _call(lambda x: x + 1, 1, then=lambda r: r * 10) == 20          # synchronous: a plain value
+    later = defer.Deferred()
+    d = _call(lambda: later, then=lambda r: r * 10)
+    later.callback(3)
+    assert result(d) == 30
