@@ -449,3 +449,12 @@ def queued_id(reply: Reply) -> str:
 
 def parse_mail(path: Path) -> email.message.EmailMessage:
     return email.message_from_bytes(path.read_bytes(), policy=email.policy.compat32)
+
+
+def received_by(path: Path, tier: str) -> str:
+    """The (unfolded) value of the Received header field the tier added to a delivered message."""
+    for field in parse_mail(path).get_all("Received"):
+        text = " ".join(field.split())
+        if f" by {HOSTNAMES[tier]} " in text:
+            return text
+    raise AssertionError(f"no Received header by the {tier} tier in {path}")

@@ -32,7 +32,7 @@ class Recorder(socketserver.StreamRequestHandler):
                 w(b"250-recorder\r\n250-PIPELINING\r\n250-DSN\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n")
             elif verb == b"DATA":
                 w(b"354 go ahead\r\n")
-                while (body := self.rfile.readline()) not in (b".\r\n", b""):
+                while self.rfile.readline() not in (b".\r\n", b""):
                     pass
                 w(b"250 2.0.0 Ok: queued as REC1\r\n")
             elif verb == b"QUIT":

@@ -10,19 +10,11 @@ from __future__ import annotations
 import pytest
 
 from tests.dnsserver import start_dns_server
-from tests.integration.helpers import DOMAIN, HOSTNAMES, message, parse_mail, transaction
+from tests.integration.helpers import DOMAIN, message, received_by, transaction
 
 pytestmark = pytest.mark.slow
 
 ALICE = f"alice@{DOMAIN}"
-
-
-def _received_by(path, tier: str) -> str:
-    for field in parse_mail(path).get_all("Received"):
-        text = " ".join(field.split())
-        if f" by {HOSTNAMES[tier]} " in text:
-            return text
-    raise AssertionError(f"no Received header by the {tier} tier")
 
 
 @pytest.mark.parametrize("forward, expected", [("127.0.0.1", "relay-client.test"),    # verified
@@ -38,8 +30,8 @@ def test_edge_names_the_client_by_its_verified_reverse_name(tmp_path, make_pipel
         replies = transaction(p.edge.port, "sender@example.net", [ALICE], message("rdns"), helo="helo.example")
         assert replies[-1].code == 250, replies
         path = p.wait_messages(ALICE, 1)[-1]
-        assert _received_by(path, "edge").startswith(f"from helo.example ({expected} [127.0.0.1])")
-        assert _received_by(path, "filter").startswith(f"from helo.example ({expected} [127.0.0.1])")
+        assert received_by(path, "edge").startswith(f"from helo.example ({expected} [127.0.0.1])")
+        assert received_by(path, "filter").startswith(f"from helo.example ({expected} [127.0.0.1])")
         assert p.edge.log_lines(f"connect from {expected}[127.0.0.1]")
         if expected == "unknown":
             assert p.edge.log_lines("reverse name of 127.0.0.1: unverified (ptr relay-client.test)")

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from tests.integration.helpers import (DOMAIN, HOSTNAMES, QID, Client, message, parse_mail, queued_id,
+from tests.integration.helpers import (DOMAIN, QID, Client, message, queued_id, received_by,
                                        transaction)
 
 pytestmark = pytest.mark.slow
@@ -51,15 +51,6 @@ def test_queue_ids_chain_edge_filter_domain(shared_pipeline):
     assert ids == [dqid, fqid, eqid], received[:3]
 
 
-def _received_by(path, tier: str) -> str:
-    """The (unfolded) value of the Received header field the tier added."""
-    for field in parse_mail(path).get_all("Received"):
-        text = " ".join(field.split())
-        if f" by {HOSTNAMES[tier]} " in text:
-            return text
-    raise AssertionError(f"no Received header by the {tier} tier in {path}")
-
-
 def test_filter_records_the_original_client_from_a_trusted_edge(shared_pipeline):
     p = shared_pipeline
     helo = "unique-helo-4711.client.example"
@@ -68,8 +59,8 @@ def test_filter_records_the_original_client_from_a_trusted_edge(shared_pipeline)
     assert replies[-1].code == 250, replies
     path = p.wait_messages(ALICE, before + 1)[-1]
     assert b"Subject: original client" in path.read_bytes()
-    assert _received_by(path, "edge").startswith(f"from {helo} (unknown [127.0.0.1])")
-    filt = _received_by(path, "filter")
+    assert received_by(path, "edge").startswith(f"from {helo} (unknown [127.0.0.1])")
+    filt = received_by(path, "filter")
     assert filt.startswith(f"from {helo} (unknown [127.0.0.1])"), filt
     assert "from edge.example.test" not in filt
     assert any(f"helo={helo}" in ln for ln in p.filter.log_lines("xclient from 127.0.0.1"))
@@ -111,7 +102,7 @@ def test_xclient_is_refused_from_hosts_not_in_upstream_hosts(make_pipeline):
     replies = transaction(p.edge.port, "sender@example.net", [ALICE], message("untrusted edge"), helo=helo)
     assert replies[-1].code == 250, replies
     path = p.wait_messages(ALICE, 1)[-1]
-    filt = _received_by(path, "filter")
+    filt = received_by(path, "filter")
     assert filt.startswith("from edge.example.test (unknown [127.0.0.1])"), filt
     assert helo not in filt
     assert "xclient from 127.0.0.1" not in p.filter.log_text()
@@ -130,5 +121,5 @@ def test_a_new_ehlo_reaches_the_filter_in_the_same_session(shared_pipeline):
         s.ehlo("second-4712.example")
         s.sendmail("sender@example.net", [ALICE], message("second helo"))
     path = p.wait_messages(ALICE, before + 1)[-1]
-    assert _received_by(path, "edge").startswith("from second-4712.example ")
-    assert _received_by(path, "filter").startswith("from second-4712.example "), _received_by(path, "filter")
+    assert received_by(path, "edge").startswith("from second-4712.example ")
+    assert received_by(path, "filter").startswith("from second-4712.example "), received_by(path, "filter")
