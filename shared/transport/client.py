@@ -49,7 +49,7 @@ from shared.envelope import ClientInfo, Envelope
 from shared.smtp.client import (NEED_DATA, UNAVAILABLE, ClientConnection, LocalProtocolError,
                                 RemoteProtocolError, State)
 from shared.smtp.reply import Reply
-from shared.transport.tcp import no_delay
+from shared.transport.tcp import no_delay, writer
 
 __all__ = [
     "SMTPClientError", "SMTPTimeoutError", "SMTPConnectionLost", "TLSUnavailable",
@@ -149,6 +149,7 @@ class SMTPClientProtocol(Protocol):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        self._write = writer(self.transport)
         self._arm()
 
     def dataReceived(self, data: bytes) -> None:
@@ -245,7 +246,7 @@ class SMTPClientProtocol(Protocol):
         except LocalProtocolError:
             return fail()
         d = self._expect(what, timeout)
-        self.transport.write(data)
+        self._write(data)
         return d
 
     # ---- commands ---------------------------------------------------
@@ -364,7 +365,7 @@ class SMTPClientProtocol(Protocol):
             self._gate = _WriteGate()
             self.transport.registerProducer(self._gate, True)
         if data:
-            self.transport.write(data)
+            self._write(data)
 
     def is_writable(self) -> bool:
         """False while the transport's buffer is full (or the connection is gone)."""
@@ -409,7 +410,7 @@ class SMTPClientProtocol(Protocol):
             for waiter in waiters:
                 waiter.callback(None)
         d = self._expect("the reply to end of data", self.data_timeout)
-        self.transport.write(data)
+        self._write(data)
         return d
 
     # ---- a whole envelope -------------------------------------------
@@ -459,7 +460,7 @@ class SMTPClientProtocol(Protocol):
                 self._abort(Failure(exc))
                 raise
             waiters = [self._expect(name) for name in names]
-            self.transport.write(b"".join(chunks))
+            self._write(b"".join(chunks))
             replies = await _all(waiters)
             mail_reply = replies[len(groups)]
             rcpt_replies = replies[len(groups) + 1:-1]

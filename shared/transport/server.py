@@ -28,7 +28,7 @@ from shared.netlist import NetworkList
 from shared.smtp import events as ev
 from shared.smtp.reply import SHUTTING_DOWN, TEMPFAIL_CHECK, Reply
 from shared.smtp.server import NEED_DATA, PAUSED, ServerConfig, ServerConnection
-from shared.transport.tcp import no_delay
+from shared.transport.tcp import no_delay, writer
 
 log = Logger(namespace="smarthost.smtpd")
 
@@ -72,6 +72,7 @@ class SMTPServerProtocol(protocol.Protocol):
     # -- connection life ------------------------------------------------------
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        self._write = writer(self.transport)
         peer = self.transport.getPeer()
         self.peer_host = getattr(peer, "host", "") or ""
         self.peer_port = getattr(peer, "port", None)
@@ -139,7 +140,7 @@ class SMTPServerProtocol(protocol.Protocol):
             return
         self._closing = True
         log.info("{peer}: disconnect: {reply}", peer=self.peer_host, reply=str(reply))
-        self.transport.write(self.conn.data_to_send() + reply.to_bytes())
+        self._write(self.conn.data_to_send() + reply.to_bytes())
         self.transport.loseConnection()
         self.reactor.callLater(ABORT_GRACE, self._force_close)
 
@@ -218,7 +219,7 @@ class SMTPServerProtocol(protocol.Protocol):
     def _flush(self) -> None:
         out = self.conn.data_to_send()
         if out:
-            self.transport.write(out)
+            self._write(out)
         if self.conn.closing and not self._closed:
             self.transport.loseConnection()
 

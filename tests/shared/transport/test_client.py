@@ -263,7 +263,7 @@ def test_xclient_refused_and_not_offered():
 def test_pipelined_envelope_is_one_write():
     proto, transport, _ = session()
     writes: list[bytes] = []
-    transport.write = writes.append                      # type: ignore[method-assign]
+    proto._write = writes.append                          # type: ignore[method-assign]
     d = proto.send_envelope(envelope("b@example.org", "c@example.org"), size=42)
     assert writes == [b"MAIL FROM:<a@example.org> SIZE=42\r\nRCPT TO:<b@example.org>\r\n"
                       b"RCPT TO:<c@example.org>\r\nDATA\r\n"]
