@@ -1,6 +1,6 @@
 """The benchmark: smarthost against Postfix, in one run, on 127.0.0.1.
 
-    python -m bench.run [--quick] [--out DIR] [--base-port N] [--runs K] [--scale X]
+    python -m bench.run [--quick] [--out DIR] [--base-port N] [--runs K] [--scale X] [--points 5k:10,...]
                         [--no-postfix] [--no-concurrency] [--no-single-hop]
 
 1. Chain: the smarthost tiers (:class:`bench.smarthost.SmarthostChain`) and three chained Postfix
@@ -463,7 +463,8 @@ class Bench:
         if a.quick:
             plan = [("5k", 10, QUICK_MESSAGES)]
         else:
-            plan = [(size, s, max(1, int(MESSAGES[(size, s)] * a.scale))) for size in SIZES for s in SESSIONS]
+            points = a.points or [(size, s) for size in SIZES for s in SESSIONS]
+            plan = [(size, s, max(1, int(MESSAGES[(size, s)] * a.scale))) for size, s in points]
         single_n = QUICK_MESSAGES if a.quick else int(SINGLE_HOP_MESSAGES * a.scale)
         target = QUICK_CONCURRENCY_TARGET if a.quick else CONCURRENCY_TARGET
         meta = self.results["meta"]
@@ -646,6 +647,18 @@ def host_info() -> dict:
     return info
 
 
+def parse_points(text: str) -> list[tuple[str, int]]:
+    points = []
+    for item in text.split(","):
+        size, _, sessions = item.strip().partition(":")
+        if size not in SIZES or not sessions.isdigit() or int(sessions) not in SESSIONS:
+            raise argparse.ArgumentTypeError(
+                f"bad point {item!r}: want SIZE:SESSIONS with SIZE in {', '.join(SIZES)} "
+                f"and SESSIONS in {', '.join(map(str, SESSIONS))}")
+        points.append((size, int(sessions)))
+    return points
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -656,6 +669,9 @@ def main(argv=None) -> int:
                         "(keep them below the ephemeral range, 32768 and up)")
     p.add_argument("--runs", type=int, default=0, help="runs per point (default 3, --quick 1)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every point's message count")
+    p.add_argument("--points", type=parse_points, default=None, metavar="SIZE:SESSIONS,...",
+                   help="only these points of the chain benchmark, e.g. 5k:10,50k:10 "
+                        f"(sizes {', '.join(SIZES)}; sessions {', '.join(map(str, SESSIONS))})")
     p.add_argument("--no-postfix", action="store_true", help="the smarthost side only")
     p.add_argument("--no-concurrency", action="store_true", help="skip the idle-connection test")
     p.add_argument("--no-single-hop", action="store_true", help="skip the single-hop comparison")

@@ -63,7 +63,7 @@ class QueueSession:
         d = message.commit(txn.envelope)
 
         def durable(_):
-            self.sink.manager.notify(message.qid, (txn.envelope, message.size))
+            self.sink.manager.notify(message.qid, (txn.envelope, message.size), message.body)
             return Reply(250, "2.0.0", f"Ok: queued as {message.qid}")
 
         def failed(failure):

@@ -64,7 +64,10 @@ admin process without racing the delivery, so it leaves R/requests/<qid>.hold
 or .delete; the manager applies it when the attempt ends (delete: file and
 status removed, no bounce; hold: the pending rest goes to hold/ instead of
 deferred/).  R/requests/ is polled every ``request_interval`` (1 s) with one
-os.scandir; that poll also applies requests for messages no longer in flight,
+os.scandir: requests for messages in flight wait for the end of the attempt;
+one that arrives after the attempt's last poll is applied by the next poll,
+in whatever state the attempt left the message.  The poll also applies requests
+for messages no longer in flight,
 R/requests/<qid>.release (schedule a released message now) and
 R/requests/flush (every deferred message is due now).
 
@@ -101,6 +104,10 @@ DeliverItem = tuple[str, Envelope, Callable[[], BinaryIO], int]
 DeliverFn = Callable[[list[DeliverItem]], "Deferred[list[dict[str, Reply]]]"]
 
 # Given to a recipient the delivery function said nothing about, or when it failed.
+# Just-received messages are delivered from memory (no open and read of the file
+# just fsynced) while the bodies waiting for pick-up take at most this much.
+FRESH_BYTES = 32 * 1024 * 1024
+
 NO_REPLY = Reply(451, "4.3.0", "Delivery agent gave no result, will retry")
 
 
@@ -140,6 +147,7 @@ class Job:
     message: QueuedMessage
     pending: list[Recipient]
     status: dict[str, Any]
+    status_file: bool = True          # False: known to have none (first attempt of a fresh message)
 
 
 class QueueManager:
@@ -158,7 +166,11 @@ class QueueManager:
         self.ready_deferred: deque[str] = deque()
         self.scheduled: set[str] = set()       # in a ready queue
         self.inflight: set[str] = set()        # in active/, owned by a batch
-        self.fresh: dict[str, tuple[Envelope, int]] = {}   # notified with what was committed
+        self.fresh: dict[str, tuple[Envelope, int, bytes | None]] = {}   # notified with what was committed
+        self.fresh_bytes = 0                   # message bytes held in `fresh`
+        # Admin requests the last poll found for messages in delivery: applied
+        # when their attempt ends (without listing R/requests/ per batch).
+        self.inflight_requests: set[str] = set()
         self.wakeups: dict[str, float] = {}    # deferred qid -> next attempt (timer heap)
         self.heap: list[tuple[float, str]] = []
         self.timer = None
@@ -223,11 +235,15 @@ class QueueManager:
         for d in waiters:
             d.callback(None)
 
-    def notify(self, qid: str, committed: tuple[Envelope, int] | None = None) -> None:
+    def notify(self, qid: str, committed: tuple[Envelope, int] | None = None,
+               body: bytes | None = None) -> None:
         """A message was just committed to incoming/: schedule it now.
 
         ``committed`` is its (envelope, body length) as just written, so that
-        pick-up need not read and parse the file it has just fsynced.
+        pick-up need not read and parse the file it has just fsynced; ``body``
+        the message itself when the receiver still holds it whole.  Bodies are
+        kept for delivery from memory up to FRESH_BYTES in all; past that the
+        file is read as for any other message.
         """
         if not valid_qid(qid):
             log.error("{prefix}notify: invalid queue id {qid!r} ignored",
@@ -235,7 +251,11 @@ class QueueManager:
             return
         if self.enqueue(qid, "incoming"):
             if committed is not None:
-                self.fresh[qid] = committed
+                if body is not None and self.fresh_bytes + len(body) <= FRESH_BYTES:
+                    self.fresh_bytes += len(body)
+                else:
+                    body = None
+                self.fresh[qid] = (committed[0], committed[1], body)
             self.pump_soon()
 
     # -- finding work -----------------------------------------------------------
@@ -302,6 +322,7 @@ class QueueManager:
         try:
             names = self.spool.requests()
             flush = False
+            waiting: set[str] = set()
             for name in names:
                 if name == "flush":
                     flush = True
@@ -314,9 +335,11 @@ class QueueManager:
                     self.spool.clear_request(name)
                     continue
                 if qid in self.inflight:
-                    continue                     # applied when its attempt ends
+                    waiting.add(name)            # applied when its attempt ends
+                    continue
                 self.apply_request(qid, kind)
                 self.spool.clear_request(name)
+            self.inflight_requests = waiting
             if flush:
                 log.info("{prefix}flush requested", prefix=self.log_prefix)
                 self.scan(flush=True)
@@ -379,11 +402,14 @@ class QueueManager:
     def pick_up(self, qid: str, src: str) -> Job | None:
         spool = self.spool
         fresh = self.fresh.pop(qid, None) if src == "incoming" else None
+        if fresh is not None and fresh[2] is not None:
+            self.fresh_bytes -= len(fresh[2])
         if not spool.move(qid, src, "active"):
             return None                          # moved or deleted by an admin command
         if fresh is not None:                    # just committed: no file to re-read, no status yet
-            message = QueuedMessage(qid, "active", fresh[0], fresh[1], spool.path(qid, "active"))
-            return self.job(message, {})
+            envelope, body_len, body = fresh
+            message = QueuedMessage(qid, "active", envelope, body_len, spool.path(qid, "active"), body)
+            return self.job(message, {}, status_file=False)
         try:
             message = spool.open(qid, "active")
         except FileNotFoundError:
@@ -403,7 +429,7 @@ class QueueManager:
             return None
         return self.job(message, spool.read_status(qid) or {})
 
-    def job(self, message: QueuedMessage, status: dict) -> Job:
+    def job(self, message: QueuedMessage, status: dict, *, status_file: bool = True) -> Job:
         qid = message.qid
         wanted = status.get("pending")
         wanted = set(wanted) if isinstance(wanted, list) else None
@@ -421,7 +447,7 @@ class QueueManager:
                  "upstream={upstream} (queue active)", prefix=self.log_prefix, qid=qid,
                  sender=env.sender, size=message.body_len, nrcpt=len(pending),
                  upstream=env.upstream_id or "-")
-        return Job(qid, message, pending, status)
+        return Job(qid, message, pending, status, status_file)
 
     def run_batch(self, jobs: list[Job]) -> None:
         deliverable = [j for j in jobs if j.pending]
@@ -453,7 +479,7 @@ class QueueManager:
     def finish_batch(self, jobs: list[Job], deliverable: list[Job],
                      results: list[dict[str, Reply]]) -> Deferred:
         by_qid = {j.qid: r for j, r in zip(deliverable, results)}
-        requests = set(self.spool.requests()) if jobs else set()
+        requests = self.inflight_requests
         return gatherResults([self.finish(j, by_qid.get(j.qid, {}), requests) for j in jobs],
                              consumeErrors=True)
 
@@ -500,8 +526,9 @@ class QueueManager:
 
         if f"{qid}.delete" in requests:
             spool.remove(qid, "active")
-            spool.clear_request(f"{qid}.delete")
-            spool.clear_request(f"{qid}.hold")
+            for kind in ("delete", "hold"):
+                spool.clear_request(f"{qid}.{kind}")
+                requests.discard(f"{qid}.{kind}")
             log.info("{prefix}{qid}: removed by admin request", prefix=self.log_prefix, qid=qid)
             return
         hold = f"{qid}.hold" in requests
@@ -527,10 +554,12 @@ class QueueManager:
                     failed, expired = {}, set()
 
         if not deferred and not failed:
-            # unlink waits on the file system's journal under fsync load: off the reactor thread
-            await spool.run(spool.remove, qid, "active")
+            # unlink waits on the file system's journal under fsync load: off the reactor
+            # thread, together with the other removals of the moment
+            await spool.remove_async(qid, "active", status=job.status_file)
             if hold:
                 spool.clear_request(f"{qid}.hold")
+                requests.discard(f"{qid}.hold")
             log.info("{prefix}{qid}: removed", prefix=self.log_prefix, qid=qid)
             return
 
@@ -550,6 +579,7 @@ class QueueManager:
         if hold:
             spool.move(qid, "active", "hold")
             spool.clear_request(f"{qid}.hold")
+            requests.discard(f"{qid}.hold")
             log.info("{prefix}{qid}: put on hold by admin request", prefix=self.log_prefix, qid=qid)
         elif spool.move(qid, "active", "deferred") and self.running:
             self.wake_at(qid, next_attempt)

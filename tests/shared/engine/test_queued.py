@@ -13,13 +13,17 @@ class Message:
         self.qid, self.size, self.fail_write = qid, 0, fail_write
         self.commit_result = commit or defer.succeed(None)
         self.aborted = False
+        self.data = b""
+        self.body = None
 
     def write(self, data):
         if self.fail_write:
             raise OSError(errno.ENOSPC, "No space left on device")
         self.size += len(data)
+        self.data += data
 
     def commit(self, envelope):
+        self.body = self.data          # a small message stays in memory
         return self.commit_result
 
     def abort(self):
@@ -38,8 +42,8 @@ class Manager:
     def __init__(self):
         self.notified = []
 
-    def notify(self, qid, committed=None):
-        self.notified.append((qid, committed))
+    def notify(self, qid, committed=None, body=None):
+        self.notified.append((qid, committed, body))
 
 
 def txn():
@@ -61,7 +65,7 @@ def test_250_after_commit_and_the_manager_is_told_what_was_written():
     s.write(body)
     reply = result(s.data_end(t))
     assert (reply.code, reply.text) == (250, "Ok: queued as Q1")
-    assert mgr.notified == [("Q1", (t.envelope, len(body)))]
+    assert mgr.notified == [("Q1", (t.envelope, len(body)), body)]
 
 
 def test_disk_full_while_receiving_is_452_at_end_of_data():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from pathlib import Path
 
 import pytest
 from twisted.logger import capturedLogs
@@ -32,7 +33,7 @@ def test_list_and_show(spool, clock, root):
     i = queue_message(spool, envelope(sender="x@example.org"))
     bad = queue_message(spool, envelope())
     spool.move(bad, "incoming", "corrupt")
-    spool.path(bad, "corrupt").write_bytes(b"garbage")
+    Path(spool.path(bad, "corrupt")).write_bytes(b"garbage")
 
     entries = {e["qid"]: e for e in admin.list_queue(root)}
     assert set(entries) == {d, i, bad}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import email
 import os
+from pathlib import Path
 
 import pytest
 from twisted.internet.defer import fail
@@ -261,7 +262,7 @@ def test_corrupt_file_at_pickup_goes_to_corrupt(spool, clock):
     mgr = make_manager(spool, deliver, clock)
     mgr.start()
     qid = queue_message(spool, envelope())
-    path = spool.path(qid, "incoming")
+    path = Path(spool.path(qid, "incoming"))
     path.write_bytes(path.read_bytes()[:-3])
     with capturedLogs() as events:
         mgr.notify(qid)
@@ -456,3 +457,21 @@ def test_notify_with_what_was_committed_skips_rereading_the_file(spool, clock):
     assert [r.address for r in env.recipients] == ["carol@example.net"]
     assert data == BODY[:-5]
     assert states(spool) == {}
+
+
+def test_fresh_message_is_delivered_from_memory_within_the_cap(spool, clock, monkeypatch):
+    import shared.queue.manager as manager
+    deliver = FakeDeliver()
+    mgr = make_manager(spool, deliver, clock)
+    mgr.start()
+    monkeypatch.setattr(manager, "FRESH_BYTES", len(BODY) + 10)
+    a = queue_message(spool, envelope())
+    b = queue_message(spool, envelope())
+    # the bodies handed over differ from the files: that shows which one is sent
+    mgr.notify(a, (envelope(), len(BODY)), BODY.replace(b"Hello", b"HELLO"))
+    mgr.notify(b, (envelope(), len(BODY)), BODY.replace(b"Hello", b"HOLA!"))   # over the cap
+    assert mgr.fresh_bytes == len(BODY)
+    clock.advance(0)
+    sent = {qid: data for batch in deliver.calls for qid, _, data in batch}
+    assert b"HELLO Bob" in sent[a] and sent[b] == BODY
+    assert mgr.fresh_bytes == 0 and states(spool) == {}

@@ -97,7 +97,7 @@ def test_group_commit_shares_directory_fsyncs(root, clock):
         m.commit(envelope()).addCallback(lambda _, i=i: fired.append(i))
     # The first file finishes and starts a directory fsync round at once...
     runner.run_one()
-    assert [f.__name__ for f, _, _ in runner.jobs][-1] == "fsync_dir_blocking"
+    assert runner.jobs[-1][0] == spool.group_sync.sync
     # ...the other nine finish while that round is running: they wait for the next one.
     for _ in range(n - 1):
         runner.run_one()
@@ -305,3 +305,68 @@ def test_small_messages_reach_the_file_at_commit_large_ones_as_they_stream(tmp_p
         assert stored.body_len == len(body)
         with stored.open_body() as f:
             assert f.read(stored.body_len) == body
+
+
+def test_batcher_rounds_results_and_per_item_errors(root, clock):
+    from shared.queue.store import Batcher
+    runner = StepRunner()
+    seen: list[list] = []
+
+    def work(items):
+        seen.append(list(items))
+        return [ValueError(i) if i == "bad" else i * 2 for i in items]
+    b = Batcher(runner, work)
+    got: list = []
+    b.request(1).addCallback(got.append)
+    b.request(2).addCallback(got.append)           # waits: round 1 already runs
+    b.request("bad").addErrback(lambda f: got.append(f.type))
+    runner.run_one()
+    assert seen == [[1]] and got == [2]
+    assert len(runner.jobs) == 1                   # round 2 took both waiters
+    runner.run_one()
+    assert seen[1] == [2, "bad"] and got == [2, 4, ValueError] and b.rounds == 2
+
+    def broken(items):
+        raise OSError(5, "Input/output error")
+    b2 = Batcher(runner, broken)
+    failed: list = []
+    b2.request("x").addErrback(lambda f: failed.append(f.type))
+    runner.run_one()
+    assert failed == [OSError]
+
+
+def test_removals_share_a_pool_job(root, clock):
+    runner = StepRunner()
+    spool = Spool(root, reactor=clock, fsync=False, runner=runner)
+    qids = []
+    for _ in range(4):
+        m = spool.new_message()
+        m.write(BODY)
+        m.commit(envelope())
+        runner.run_all()
+        qids.append(m.qid)
+    spool.write_status(qids[1], {"attempts": 1})
+    removed: list = []
+    for i, qid in enumerate(qids):
+        spool.remove_async(qid, "incoming", status=(i == 1)).addCallback(removed.append)
+    assert len(runner.jobs) == 1                   # the first alone...
+    runner.run_one()
+    assert len(runner.jobs) == 1                   # ...the other three in one job
+    runner.run_one()
+    assert removed == [True] * 4 and spool.remover.rounds == 2
+    assert spool.list("incoming") == [] and os.listdir(root / "status") == []
+    spool.remove_async(qids[0], "incoming").addCallback(removed.append)
+    runner.run_one()
+    assert removed[-1] is False                    # already gone: no error
+
+
+def test_commit_keeps_a_small_body_for_delivery_from_memory(spool, clock):
+    small = spool.new_message()
+    small.write(BODY)
+    small.commit(envelope())
+    assert small.body == BODY
+    big = spool.new_message()
+    big.write(b"x" * WRITE_BEHIND)                 # written through: not held
+    big.write(b"tail")
+    big.commit(envelope())
+    assert big.body is None
