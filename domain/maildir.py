@@ -6,7 +6,11 @@ unknown address gets 550 5.1.1 while the sender is still connected (no bounce
 later).  The message streams into one file under ``MAILDIR_ROOT/.tmp/HOSTNAME``; at end
 of data a thread of the bounded pool fsyncs it, hard-links it into each
 mailbox's ``new/`` (copying when the mailbox is on another file system), fsyncs
-each ``new/`` directory and only then is 250 sent.
+each ``new/`` directory and only then is 250 sent.  Pool threads delivering
+into the same mailbox at the same time share the fsync of its ``new/``
+(shared.dirsync: each still waits for an fsync that started after its link).
+A mailbox directory found or made once is not checked again; if it disappears,
+the link fails and the delivery makes it again.
 
 TRUST: addresses reaching this module were parsed by the SMTP core; a local
 part is used in a path only after it matched a configured user exactly, so no
@@ -23,6 +27,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from shared.dirsync import DirSyncs
 from shared.reserve import FileReserve, write_all
 from shared.smtp.reply import TEMPFAIL_LOCAL, UNKNOWN_USER, Reply
 
@@ -31,17 +36,9 @@ WRITE_BEHIND = 64 * 1024      # message bytes held in memory before they are wri
 _seq = count(1)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def ensure_maildir(path: Path) -> None:
+def ensure_maildir(path: str) -> None:
     for sub in ("tmp", "new", "cur"):
-        (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
 
 
 class Mailboxes:
@@ -53,11 +50,11 @@ class Mailboxes:
         self.users = {u.lower(): u for u in users}
         self.aliases = {a.lower(): [t.lower() for t in ts] for a, ts in aliases.items()}
 
-    def maildir(self, user: str) -> Path:
+    def maildir(self, user: str) -> str:
         local, _, domain = self.users[user].rpartition("@")
-        return self.root / domain / local / "Maildir"
+        return f"{self.root}/{domain}/{local}/Maildir"
 
-    def resolve(self, address: str) -> list[Path] | None:
+    def resolve(self, address: str) -> list[str] | None:
         """The mailboxes `address` delivers to, or None when it is unknown."""
         key = address.lower()
         if "@" not in key and key == "postmaster":
@@ -80,6 +77,8 @@ class MaildirSink:
         for stale in self.spool.iterdir():         # this host's last run: never acknowledged
             stale.unlink()
         self.reserve = FileReserve(str(self.spool), pool.run)
+        self.dir_syncs = DirSyncs()
+        self.known: set[str] = set()               # mailboxes whose directories exist
 
     def close(self) -> None:
         self.reserve.close()
@@ -93,7 +92,7 @@ class MaildirSink:
         usec = int((now - sec) * 1_000_000)
         return f"{sec}.M{usec}P{os.getpid()}Q{next(_seq)}.{self.hostname},S={size}"
 
-    def deliver(self, tmp_path: str, fd: int, rest: bytes, size: int, mailboxes: list[Path]) -> list[str]:
+    def deliver(self, tmp_path: str, fd: int, rest: bytes, size: int, mailboxes: list[str]) -> list[str]:
         """Runs in the pool: write `rest`, make `tmp_path` durable, link it into every mailbox."""
         try:
             write_all(fd, rest)
@@ -104,37 +103,44 @@ class MaildirSink:
         delivered = []
         try:
             for mbox in mailboxes:
-                ensure_maildir(mbox)
                 name = self.unique_name(size)
-                target = mbox / "new" / name
-                try:
-                    os.link(tmp_path, target)
-                except OSError as e:
-                    if e.errno != errno.EXDEV:
-                        raise
-                    self._copy(tmp_path, mbox, name)
+                self._link(tmp_path, mbox, name)
                 if self.fsync:
-                    _fsync_dir(str(mbox / "new"))
-                delivered.append(str(target))
+                    self.dir_syncs.sync(mbox + "/new")
+                delivered.append(f"{mbox}/new/{name}")
         finally:
             os.unlink(tmp_path)
         return delivered
 
-    def _copy(self, src: str, mbox: Path, name: str) -> None:
-        tmp = mbox / "tmp" / name
+    def _link(self, tmp_path: str, mbox: str, name: str) -> None:
+        if mbox not in self.known:
+            ensure_maildir(mbox)
+            self.known.add(mbox)
+        try:
+            os.link(tmp_path, f"{mbox}/new/{name}")
+        except FileNotFoundError:                   # the mailbox was removed meanwhile
+            ensure_maildir(mbox)
+            os.link(tmp_path, f"{mbox}/new/{name}")
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            self._copy(tmp_path, mbox, name)
+
+    def _copy(self, src: str, mbox: str, name: str) -> None:
+        tmp = f"{mbox}/tmp/{name}"
         with open(src, "rb") as fin, open(tmp, "xb") as fout:
             while chunk := fin.read(1 << 20):
                 fout.write(chunk)
             fout.flush()
             if self.fsync:
                 os.fsync(fout.fileno())
-        os.rename(tmp, mbox / "new" / name)
+        os.rename(tmp, f"{mbox}/new/{name}")
 
 
 class MaildirSession:
     def __init__(self, sink: MaildirSink) -> None:
         self.sink = sink
-        self.targets: list[Path] = []
+        self.targets: list[str] = []
         self.fd: int | None = None
         self.path: str | None = None
         self.size = 0

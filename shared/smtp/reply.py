@@ -62,13 +62,15 @@ class Reply:
         code = int(lines[0][:3])
         texts = [ln[4:].decode("utf-8", "replace") for ln in lines]
         enhanced = None
-        m = re.match(r"^([245]\.\d{1,3}\.\d{1,3})(?: |$)", texts[0])
+        m = _LEADING_ENHANCED.match(texts[0])
         if m and m.group(1)[0] == str(code)[0]:
             enhanced = m.group(1)
             prefix = len(enhanced)
             texts = [t[prefix:].lstrip(" ") if t.startswith(enhanced) else t for t in texts]
         return cls(code, enhanced, "\n".join(texts))
 
+
+_LEADING_ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?: |$)")
 
 # Replies the engine gives in more than one place.
 TEMPFAIL_LOCAL = Reply(451, "4.3.0", "Error: queue file write error")

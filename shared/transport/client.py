@@ -195,17 +195,23 @@ class SMTPClientProtocol(Protocol):
         return d
 
     def _arm(self) -> None:
-        """(Re)start the timer for the oldest awaited reply."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        """(Re)start the timer for the oldest awaited reply.
+
+        One timer per connection, moved with ``reset`` (no new timer per
+        reply); with nothing awaited it is left to fire and do nothing.
+        """
+        if self._waiting and self.lost is None:
+            timeout = self._waiting[0][1]
+            if self._timer is not None and self._timer.active():
+                self._timer.reset(timeout)
+            else:
+                self._timer = self.clock.callLater(timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
         self._timer = None
         if self._waiting and self.lost is None:
-            self._timer = self.clock.callLater(self._waiting[0][1], self._timed_out,
-                                               self._waiting[0][2])
-
-    def _timed_out(self, what: str) -> None:
-        self._timer = None
-        self._abort(Failure(SMTPTimeoutError(f"timed out waiting for {what}")))
+            what = self._waiting[0][2]
+            self._abort(Failure(SMTPTimeoutError(f"timed out waiting for {what}")))
 
     def _abort(self, failure: Failure) -> None:
         self._fail_all(failure)

@@ -92,3 +92,12 @@ def test_write_failure_is_tempfail_not_250(tmp_path, sink):
     assert set(os.listdir(sink.spool)) == sink.reserve.names()
     sink.close()
     assert os.listdir(sink.spool) == []
+
+
+def test_a_mailbox_removed_after_first_use_is_made_again(tmp_path, sink):
+    import shutil
+    deliver(sink, ["alice@example.org"], [b"Subject: 1\r\n\r\nx\r\n"])
+    shutil.rmtree(tmp_path / "mail" / "example.org" / "alice")
+    _, reply = deliver(sink, ["alice@example.org"], [b"Subject: 2\r\n\r\ny\r\n"], qid="Q2")
+    assert reply.code == 250
+    assert [f.read_bytes().endswith(b"y\r\n") for f in new_files(tmp_path, "alice")] == [True]
