@@ -718,7 +718,15 @@ class RelayClient:
         self.log = log or _log
 
     def _default_endpoint(self, host: str, port: int) -> Any:
-        from twisted.internet.endpoints import HostnameEndpoint
+        """An address connects directly; a name goes through HostnameEndpoint
+        (resolution in a thread, happy eyeballs over its addresses), which for
+        an address literal would only add a resolver round trip per connection."""
+        from twisted.internet.abstract import isIPAddress, isIPv6Address
+        from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+        if isIPAddress(host):
+            return TCP4ClientEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+        if isIPv6Address(host):
+            return TCP6ClientEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
         return HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
 
     def _tls_context(self, host: str) -> Any:

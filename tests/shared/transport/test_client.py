@@ -738,3 +738,16 @@ def test_relay_client_validates_its_configuration():
     with pytest.raises(ValueError):
         RelayClient(clock, [("a", 25)], helo_name="x.example", max_messages_per_connection=0)
     assert RelayClient(clock, [("a", 25)], helo_name="x.example").next_hops == [NextHop("a", 25)]
+
+
+def test_address_next_hops_connect_directly_names_are_resolved():
+    from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+    r = MemoryReactorClock()
+    client = RelayClient(r, [("127.0.0.1", 25)], helo_name="x.example")
+    for host, kind in (("192.0.2.7", TCP4ClientEndpoint), ("2001:db8::7", TCP6ClientEndpoint),
+                       ("mx.example.org", HostnameEndpoint)):
+        assert type(client._default_endpoint(host, 25)) is kind
+    from twisted.internet.protocol import Factory
+    client._default_endpoint("192.0.2.7", 2525).connect(Factory.forProtocol(Protocol))
+    host, port, _, timeout, _ = r.tcpClients[0]
+    assert (host, port, timeout) == ("192.0.2.7", 2525, client.connect_timeout)
