@@ -1,7 +1,7 @@
 """The benchmark: smarthost against Postfix, in one run, on 127.0.0.1.
 
     python -m bench.run [--quick] [--out DIR] [--base-port N] [--runs K] [--scale X] [--points 5k:10,...]
-                        [--no-postfix] [--no-concurrency] [--no-single-hop]
+                        [--no-postfix] [--no-independent] [--no-concurrency] [--no-single-hop]
 
 1. Chain: the smarthost tiers (:class:`bench.smarthost.SmarthostChain`) and three chained Postfix
    instances (:class:`bench.postfix.PostfixChain`) run side by side.  For every message size
@@ -11,6 +11,10 @@
    message delivered, every queue empty, Maildirs cleared.  Per run and tier: CPU seconds from
    /proc (live processes, plus the reaped children's time charged to Postfix's master) and
    peak RSS (sum of VmRSS over the tier's processes, sampled every 100 ms).
+1b. Independent generator: Postfix's ``smtp-source`` (installed with Postfix; part of neither
+   system under test) at each chain's edge, 5 KB, 10 sessions, first one message per
+   connection (its default), then many per connection (``-d``); accepted = messages / its run
+   time, delivered = until the Maildir holds them all; CPU per tier as above.
 2. Single hop: smarthost's edge alone (:class:`bench.smarthost.SmarthostEdgeAlone`) and one
    Postfix instance (:class:`bench.postfix.PostfixSingleHop`), both relaying to the fsyncing
    sink (:mod:`bench.sink`), 5 KB, 10 sessions; the sink is measured alone first.
@@ -36,6 +40,10 @@ results.json (every time in seconds, every rate in messages per second)::
                  systems{smarthost|postfix: {runs: [RUN...], summary: SUMMARY}},
                  ratio_delivered: smarthost/postfix of the median delivered msg/s
                                   (null when a message was not accepted or not delivered)}
+    independent {tool, size_bytes, sessions, messages, modes{MODE: {smarthost|postfix:
+                 {runs: [{exit, output, accepted_per_s, delivered, delivered_per_s,
+                          cpu_ms_per_msg{tier}}], summary: {accepted_per_s{median, min, max},
+                          delivered_per_s{...}, cpu_ms_per_msg{tier}}}, ratio_delivered}}}
     single_hop  {size, sessions, messages, sink_alone: RUN (tier "sink"),
                  systems{smarthost|postfix: {runs: [RUN...], summary: SUMMARY}}}
                  (tier "edge" only; delivered = stored by the sink)
@@ -63,6 +71,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -90,6 +99,7 @@ MESSAGES = {
 }
 QUICK_MESSAGES = 300
 SINGLE_HOP_MESSAGES = 2000
+INDEPENDENT_MESSAGES = 2000
 CONCURRENCY_TARGET = 10_000
 QUICK_CONCURRENCY_TARGET = 1_000
 RCPT = "alice@example.test"
@@ -154,7 +164,8 @@ class Bench:
         self.started: list = []          # systems to stop, last first
         self.load_proc: subprocess.Popen | None = None
         self.sink_proc: subprocess.Popen | None = None
-        self.results: dict = {"meta": {}, "chain": [], "single_hop": None, "concurrency": {}}
+        self.results: dict = {"meta": {}, "chain": [], "independent": None, "single_hop": None,
+                              "concurrency": {}}
         self.use_postfix = not args.no_postfix
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -328,6 +339,74 @@ class Bench:
             if r["delivered"] != 50:
                 raise RuntimeError(f"{name}: warm-up delivered {r['delivered']} of 50: {r}")
 
+    # -- 1b. an independent generator: Postfix's smtp-source --------------------------------------
+
+    def independent(self, systems: dict, runs: int, n: int) -> None:
+        """smtp-source (shipped with Postfix, written by neither side of this comparison) at each
+        chain's edge: 5 KB messages, 10 sessions, one message per connection (its default, as most
+        MX traffic arrives) and many per connection (``-d``).  Delivered = the Maildir holds all n."""
+        tool = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+        if not os.path.exists(tool):
+            log("  smtp-source not found (Debian's postfix package ships it): skipped")
+            return
+        section = self.results["independent"] = {"tool": "smtp-source", "size_bytes": SIZE_BYTES["5k"],
+                                                 "sessions": 10, "messages": n, "modes": {}}
+        names = list(systems)
+        for mode, flags in (("connection per message", []), ("messages share connections (-d)", ["-d"])):
+            entry = section["modes"][mode] = {name: {"runs": []} for name in names}
+            for k in range(runs):
+                for name in (names if k % 2 == 0 else names[::-1]):
+                    system = systems[name]
+                    r = self.smtp_source_run(tool, flags, system, n)
+                    entry[name]["runs"].append(r)
+                    log(f"  smtp-source {mode}, run {k + 1}/{runs} {name:9}: accepted "
+                        f"{fmt(r['accepted_per_s'])}/s delivered {fmt(r['delivered_per_s'])}/s "
+                        f"({r['delivered']}/{n})")
+            for name in names:
+                rs = entry[name]["runs"]
+                entry[name]["summary"] = {
+                    key: {"median": statistics.median(v), "min": min(v), "max": max(v)} if v else None
+                    for key in ("accepted_per_s", "delivered_per_s")
+                    for v in [[r[key] for r in rs if r[key]]]}
+                entry[name]["summary"]["cpu_ms_per_msg"] = {
+                    t: statistics.median(r["cpu_ms_per_msg"][t] for r in rs) for t in TIERS}
+            if "smarthost" in entry and "postfix" in entry:
+                a, b = (entry[x]["summary"]["delivered_per_s"] for x in ("smarthost", "postfix"))
+                entry["ratio_delivered"] = a["median"] / b["median"] if a and b else None
+        print_independent(section)
+        self.save()
+
+    def smtp_source_run(self, tool: str, flags: list[str], system, n: int) -> dict:
+        maildir = system.maildir("alice")
+        clear_maildir(maildir)
+        new = maildir / "new"
+
+        def count() -> int:
+            try:
+                return len(os.listdir(new))
+            except FileNotFoundError:
+                return 0
+        before = {t: tier_cpu_seconds(system.tier_pids(t), system.master_pid(t)) for t in TIERS}
+        argv = [tool, *flags, "-s", "10", "-m", str(n), "-l", str(SIZE_BYTES["5k"]),
+                "-f", "bench@client.test", "-t", RCPT, f"127.0.0.1:{system.ports['edge']}"]
+        t0 = time.monotonic()
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+        t1 = time.monotonic()
+        delivered = count()
+        while delivered < n and time.monotonic() - t1 < 120:
+            time.sleep(0.01)
+            delivered = count()
+        t2 = time.monotonic()
+        while not all(system.queue_empty(t) for t in TIERS) and time.monotonic() - t2 < 60:
+            time.sleep(0.05)
+        time.sleep(0.2)                          # let the masters reap exited daemons
+        after = {t: tier_cpu_seconds(system.tier_pids(t), system.master_pid(t)) for t in TIERS}
+        clear_maildir(maildir)
+        return {"exit": proc.returncode, "output": proc.stdout[-2000:], "accepted_per_s": n / (t1 - t0)
+                if proc.returncode == 0 else None,
+                "delivered": delivered, "delivered_per_s": n / (t2 - t0) if delivered >= n else None,
+                "cpu_ms_per_msg": {t: (after[t] - before[t]) * 1000 / n for t in TIERS}}
+
     # -- 2. single hop ------------------------------------------------------------------------------
 
     def start_sink(self, port: int, directory: Path) -> None:
@@ -497,6 +576,10 @@ class Bench:
         log(f"bench: chain, {len(plan)} point(s) x {runs} run(s) x {len(systems)} systems")
         self.chain_benchmark(systems, plan, runs)
 
+        if not a.no_independent:
+            log("bench: an independent generator, Postfix's smtp-source")
+            self.independent(systems, runs, QUICK_MESSAGES if a.quick else int(INDEPENDENT_MESSAGES * a.scale))
+
         if not a.no_concurrency:
             log(f"bench: idle connections (up to {target})")
             milestones = [m for m in (1000, 10_000) if m <= target]
@@ -524,6 +607,25 @@ class Bench:
 
 
 # -- printing ---------------------------------------------------------------------------------------
+
+def print_independent(section: dict) -> None:
+    print(f"\n==== smtp-source, 5 KB, 10 sessions, {section['messages']} messages ====")
+    for mode, entry in section["modes"].items():
+        print(f"  {mode}:")
+        for name, e in entry.items():
+            if name == "ratio_delivered":
+                continue
+            s = e["summary"]
+            acc, dl = s["accepted_per_s"], s["delivered_per_s"]
+            cpu = "/".join(f"{s['cpu_ms_per_msg'][t]:.2f}" for t in TIERS)
+            print(f"    {name:9} accepted {fmt(acc and acc['median'])}/s "
+                  f"({fmt(acc and acc['min'])}-{fmt(acc and acc['max'])}), delivered "
+                  f"{fmt(dl and dl['median'])}/s ({fmt(dl and dl['min'])}-{fmt(dl and dl['max'])}), "
+                  f"CPU ms/msg e/f/d {cpu}")
+        if entry.get("ratio_delivered"):
+            print(f"    smarthost/postfix delivered msg/s: {entry['ratio_delivered']:.2f}")
+    sys.stdout.flush()
+
 
 def fmt(v, digits: int = 0) -> str:
     if v is None:
@@ -608,6 +710,12 @@ def print_summary(results: dict) -> None:
                 for n in systems]
         print(f"  {SIZE_LABEL[p['size']]:>6} {p['sessions']:>8} " + " ".join(f"{fmt(v):>10}" for v in vals)
               + f"   {fmt(p.get('ratio_delivered'), 2)}")
+    if results.get("independent"):
+        print("\n==== smtp-source, 5 KB, 10 sessions: delivered msg/s (median of runs) ====")
+        for mode, entry in results["independent"]["modes"].items():
+            vals = [entry[n]["summary"]["delivered_per_s"] for n in systems if n in entry]
+            print(f"  {mode:32} " + " ".join(f"{fmt(v and v['median']):>10}" for v in vals)
+                  + f"   {fmt(entry.get('ratio_delivered'), 2)}")
     if results["concurrency"]:
         print("\n==== idle connections (greeting + EHLO, then idle) ====")
         for name, c in results["concurrency"].items():
@@ -674,6 +782,7 @@ def main(argv=None) -> int:
                         f"(sizes {', '.join(SIZES)}; sessions {', '.join(map(str, SESSIONS))})")
     p.add_argument("--no-postfix", action="store_true", help="the smarthost side only")
     p.add_argument("--no-concurrency", action="store_true", help="skip the idle-connection test")
+    p.add_argument("--no-independent", action="store_true", help="skip the smtp-source comparison")
     p.add_argument("--no-single-hop", action="store_true", help="skip the single-hop comparison")
     a = p.parse_args(argv)
     if a.out is None:

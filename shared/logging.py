@@ -18,6 +18,12 @@ from twisted.logger import LogLevel, formatEvent, globalLogBeginner
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
 _ORDER = {LogLevel.debug: 0, LogLevel.info: 1, LogLevel.warn: 2, LogLevel.error: 3, LogLevel.critical: 4}
 _SIMPLE = frozenset(string.ascii_letters + string.digits + "_")
+_threshold = {"level": 0}        # the running daemon's level; debug until one is set
+
+
+def debug_enabled() -> bool:
+    """Whether debug lines are written: lets a hot path skip building one nobody reads."""
+    return _threshold["level"] == 0
 
 
 def _compile(fmt: str):
@@ -31,8 +37,9 @@ def _compile(fmt: str):
 
 
 class LineObserver:
-    def __init__(self, stream, tier: str, pid: int, level: str = "info") -> None:
+    def __init__(self, stream, tier: str, pid: int, level: str = "info", *, is_global: bool = False) -> None:
         self.stream = stream
+        self.is_global = is_global       # the daemon's observer: its level is debug_enabled()'s
         self.prefix = f"{tier}[{pid}]"
         self.set_level(level)
         self._compiled: dict[str, list | None] = {}
@@ -41,6 +48,8 @@ class LineObserver:
 
     def set_level(self, level: str) -> None:
         self.min_level = _ORDER[_LEVELS[level]]
+        if self.is_global:
+            _threshold["level"] = self.min_level
 
     def _text(self, event: dict) -> str:
         fmt = event.get("log_format")
@@ -75,6 +84,6 @@ class LineObserver:
 
 def start_logging(tier: str, level: str = "info", file: str = "-", pid: int = 0) -> LineObserver:
     stream = sys.stderr if file == "-" else open(file, "a", buffering=1, encoding="utf-8")
-    observer = LineObserver(stream, tier, pid, level)
+    observer = LineObserver(stream, tier, pid, level, is_global=True)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     return observer

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from shared.smtp.reply import Reply
 
@@ -66,38 +66,50 @@ class ProxySession:
         txn = self.engine.txn
         return txn.queue_id if txn else "-"
 
-    @defer.inlineCallbacks
-    def _connected(self):
-        """The session's next-hop connection, opened anew when the client's identity
-        changed since its XCLIENT (a new EHLO, STARTTLS) or when it broke."""
-        client = self.engine.client
-        if self.upstream is not None and self.upstream.usable and self.announced == client:
-            return self.upstream
-        self._drop()
-        self.announced = replace(client)
-        self.upstream = yield self.sink.relay_client.open_session(self.announced)
-        # What this session forwards passed our server core, which refuses bare CR and LF.
-        self.upstream.protocol.conn.crlf_checked = True
-        return self.upstream
+    # The handlers below answer with plain values when they can and otherwise
+    # with one Deferred chain each (no generator machinery on the per-message path).
 
-    @defer.inlineCallbacks
+    def _open(self):
+        """A Deferred of a new next-hop session announcing the client's identity now."""
+        self._drop()
+        self.announced = replace(self.engine.client)
+
+        def opened(up):
+            self.upstream = up
+            # What this session forwards passed our server core, which refuses bare CR and LF.
+            up.protocol.conn.crlf_checked = True
+            return up
+        return self.sink.relay_client.open_session(self.announced).addCallback(opened)
+
     def begin(self, txn):
+        """Open the session's next-hop connection, anew when the client's identity
+        changed since its XCLIENT (a new EHLO, STARTTLS) or when it broke."""
         self.failed = False
-        try:
-            up = yield self._connected()
-        except Exception as e:
-            log.warn("{qid}: next hop not reachable: {err}", qid=txn.queue_id, err=str(e))
+        up = self.upstream
+        if up is not None and up.usable and self.announced == self.engine.client:
+            return self._begin_on(up, txn)
+
+        def unreachable(failure):
+            log.warn("{qid}: next hop not reachable: {err}", qid=txn.queue_id,
+                     err=str(failure.value))
             self.upstream = None
             return NEXT_HOP_DOWN
+        try:
+            d = self._open()
+        except Exception:
+            return unreachable(Failure())
+        return d.addCallbacks(lambda up: self._begin_on(up, txn), unreachable)
+
+    def _begin_on(self, up, txn):
         self.mail_refused = None
         self.mail_pending = "PIPELINING" in up.extensions
         if self.mail_pending:
             return None          # MAIL goes out with the first RCPT (see _send_mail)
         try:
-            reply = yield self._send_mail(up, txn)
+            d = self._send_mail(up, txn)
         except Exception:
-            return self._failed(_current_failure(), "MAIL")
-        return reply if not reply.positive else None
+            return self._failed(Failure(), "MAIL")
+        return d.addCallbacks(_refusal, self._failed, errbackArgs=("MAIL",))
 
     def _send_mail(self, up, txn):
         """XFORWARD IDENT (a no-op unless offered) and MAIL, pipelined; a Deferred of MAIL's reply."""
@@ -106,7 +118,6 @@ class ProxySession:
         return up.mail(env.sender, size=None, body=env.body, smtputf8=env.smtputf8,
                        ret=env.ret, envid=env.envid)
 
-    @defer.inlineCallbacks
     def rcpt(self, txn, recipient):
         """Forward RCPT; with PIPELINING the transaction's MAIL travels with the first
         one, saving a round trip per message, and a refused MAIL is that RCPT's answer
@@ -120,30 +131,37 @@ class ProxySession:
             mail = self._send_mail(up, txn) if self.mail_pending else None
             self.mail_pending = False
             pending = up.rcpt(recipient.address, notify=recipient.notify, orcpt=recipient.orcpt)
-            if mail is not None:
-                mail_reply = yield mail
-                if not mail_reply.positive:
-                    self.mail_refused = mail_reply
-                    yield pending                  # the 503 that follows a refused MAIL
-                    return mail_reply
-            reply = yield pending
         except Exception:
-            return self._failed(_current_failure(), "RCPT")
-        return reply if not reply.positive else None
+            return self._failed(Failure(), "RCPT")
+        if mail is None:
+            return pending.addCallbacks(_refusal, self._failed, errbackArgs=("RCPT",))
 
-    @defer.inlineCallbacks
+        def mail_answered(mail_reply):
+            if not mail_reply.positive:
+                self.mail_refused = mail_reply
+                return pending.addCallback(lambda _: mail_reply)   # after the 503 that follows
+            return pending.addCallback(_refusal)
+
+        def mail_failed(failure):
+            pending.addErrback(lambda _: None)     # fails the same way; reported once
+            return self._failed(failure, "RCPT")
+        return mail.addCallbacks(mail_answered, mail_failed).addErrback(self._failed, "RCPT")
+
     def data_start(self, txn):
         if self.failed or self.upstream is None:
             return NEXT_HOP_LOST
         try:
-            reply = yield self.upstream.data()
+            d = self.upstream.data()
         except Exception:
-            return self._failed(_current_failure(), "DATA")
-        if reply.code != 354:
-            return reply if not reply.positive else Reply(451, "4.3.0", "Next hop refused DATA")
-        self.in_data = True
-        self.held = b""
-        return None
+            return self._failed(Failure(), "DATA")
+
+        def answered(reply):
+            if reply.code != 354:
+                return reply if not reply.positive else Reply(451, "4.3.0", "Next hop refused DATA")
+            self.in_data = True
+            self.held = b""
+            return None
+        return d.addCallbacks(answered, self._failed, errbackArgs=("DATA",))
 
     def write(self, chunk: bytes) -> None:
         """Forward message bytes; a full next-hop buffer pauses reading from the client.
@@ -162,14 +180,13 @@ class ProxySession:
         try:
             up.send_data(chunk)
         except Exception:
-            self._failed(_current_failure(), "DATA")
+            self._failed(Failure(), "DATA")
             return
         if not up.is_writable():
             self.engine.protocol.pause_input()
             up.wait_writable().addCallbacks(lambda _: self.engine.protocol.resume_input(),
                                             lambda f: self._failed(f, "DATA"))
 
-    @defer.inlineCallbacks
     def data_end(self, txn):
         self.in_data = False
         self.engine.protocol.resume_input()     # whatever the next hop's buffer, the message is whole
@@ -180,14 +197,17 @@ class ProxySession:
             if self.held:
                 up.send_data(self.held)
             self.held = None
-            reply = yield up.end_data()
+            d = up.end_data()
         except Exception:
-            return self._failed(_current_failure(), "end of data")
-        log.info("{qid}: relay={relay}, status={status} ({reply})", qid=txn.queue_id, relay=up.relay,
-                 status="sent" if reply.positive else "rejected", reply=str(reply))
-        if reply.positive:
-            return Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}")
-        return reply
+            return self._failed(Failure(), "end of data")
+
+        def answered(reply):
+            log.info("{qid}: relay={relay}, status={status} ({reply})", qid=txn.queue_id, relay=up.relay,
+                     status="sent" if reply.positive else "rejected", reply=str(reply))
+            if reply.positive:
+                return Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}")
+            return reply
+        return d.addCallbacks(answered, self._failed, errbackArgs=("end of data",))
 
     def abort(self, txn) -> None:
         if self.upstream is None:
@@ -208,6 +228,6 @@ class ProxySession:
             up.close()
 
 
-def _current_failure():
-    from twisted.python.failure import Failure
-    return Failure()
+def _refusal(reply: Reply):
+    """A next-hop reply as the answer to our client: None (go on) unless it refuses."""
+    return reply if not reply.positive else None

@@ -252,20 +252,20 @@ class EngineSession:
                             recipients=tuple(r.address for r in txn.envelope.recipients),
                             size=txn.size, received_count=count)
 
-        @defer.inlineCallbacks
-        def decide():
-            v = yield self._run(req)
+        def checked(v: Verdict):
             if v.final and v.action is not Action.ACCEPT:
                 self._log("reject: END-OF-MESSAGE: {reply}", reply=str(v.reply))
                 self._abandon()
                 return self._after_txn(self._reply_for(v))
             txn.envelope.received_at = self.reactor.seconds()
-            answer = yield defer.maybeDeferred(self.sink_session.data_end, txn)
+            return _call(self.sink_session.data_end, txn, then=done)
+
+        def done(answer):
             self._log("from=<{sender}>, size={size}, nrcpt={n}: {reply}", sender=txn.envelope.sender,
                       size=txn.size, n=len(txn.envelope.recipients), reply=str(answer))
             self._end_txn()
             return self._after_txn(answer)
-        return decide()
+        return self._checks(req, checked)
 
     def on_data_aborted(self, e: ev.DataAborted) -> None:
         self._log("reject: END-OF-MESSAGE: {reply}", reply=str(e.reply))

@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from shared.envelope import ClientInfo, Envelope
+from shared.logging import debug_enabled
 from shared.smtp.client import (NEED_DATA, UNAVAILABLE, ClientConnection, LocalProtocolError,
                                 RemoteProtocolError, State)
 from shared.smtp.reply import Reply
@@ -856,7 +857,8 @@ class RelayClient:
                         session.protocol.transport.abortConnection()
                         reply = Reply(451, "4.3.0", "local error while delivering")
                         result = {r.address: reply for r in env.recipients}
-                self._log_message(qid, env, relay, started, result)
+                if debug_enabled():
+                    self._log_message(qid, env, relay, started, result)
                 out.append(result)
         finally:
             if session is not None:

@@ -43,3 +43,17 @@ def test_level_changes_and_failures():
         log.failure("boom {n}", Failure(), n=2, log_level=LogLevel.error)
     text = out.getvalue()
     assert "hidden" not in text and "shown 1" in text and "boom 2" in text and "ZeroDivisionError" in text
+
+
+def test_debug_enabled_follows_the_daemons_observer_only():
+    from shared import logging as shlog
+    saved = dict(shlog._threshold)
+    try:
+        LineObserver(io.StringIO(), "edge", 1, "error")          # a stray observer changes nothing
+        assert shlog.debug_enabled()
+        daemon = LineObserver(io.StringIO(), "edge", 1, "info", is_global=True)
+        assert not shlog.debug_enabled()
+        daemon.set_level("debug")                               # a reload
+        assert shlog.debug_enabled()
+    finally:
+        shlog._threshold.update(saved)

@@ -1,4 +1,5 @@
 """The edge's before-queue proxy against a scripted next-hop session."""
+import pytest
 from twisted.internet import defer
 
 from shared.engine.proxy import ProxySink
@@ -93,6 +94,9 @@ class Engine:
 
 
 def result(d):
+    """A handler's answer: given at once (a plain value) or by a Deferred that has fired."""
+    if not isinstance(d, defer.Deferred):
+        return d
     out = []
     d.addBoth(out.append)
     return out[0]
@@ -194,3 +198,42 @@ def test_received_header_goes_out_with_the_first_bytes_or_at_the_end():
     s.write(b"Received: x\r\n")
     result(s.data_end(txn))
     assert [c for c in up2.log if c[0] in ("BYTES", "END")] == [("BYTES", b"Received: x\r\n"), ("END",)]
+
+
+class Lost(Upstream):
+    """An upstream whose connection breaks at a given command."""
+
+    def __init__(self, at, **kw):
+        super().__init__(**kw)
+        self.at = at
+
+    def _cmd(self, verb, *args):
+        self.log.append((verb, *args))
+        if verb == self.at:
+            self.usable = False
+            return defer.fail(ConnectionError("connection lost"))
+        return defer.succeed(self.replies.get(verb, OK))
+
+
+@pytest.mark.parametrize("at, step", [("MAIL", "rcpt"), ("RCPT", "rcpt"), ("DATA", "data_start"),
+                                      ("END", "data_end")])
+def test_a_connection_lost_mid_transaction_is_451_and_dropped(at, step):
+    from twisted.logger import capturedLogs
+    up = Lost(at, replies={"DATA": Reply(354, None, "go")})
+    engine, s, txn = start(up)
+    with capturedLogs() as events:
+        s.begin(txn)
+        reply = result(s.rcpt(txn, Recipient("a@example.org")))
+        if step != "rcpt":
+            assert reply is None
+            reply = result(s.data_start(txn))
+        if step == "data_end":
+            assert reply is None
+            s.write(b"Subject: x\r\n\r\nhi\r\n")
+            reply = result(s.data_end(txn))
+    assert (reply.code, reply.enhanced) == (451, "4.4.2")
+    assert up.aborted and s.upstream is None and s.failed
+    assert [e["what"] for e in events if "what" in e] == [{"rcpt": "RCPT"}.get(step, {
+        "data_start": "DATA", "data_end": "end of data"}.get(step))]
+    # the next transaction gets a new connection
+    assert result(s.begin(txn)) is None and len(s.sink.relay_client.opened) == 2
