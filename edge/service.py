@@ -21,6 +21,10 @@ def build(settings, reactor, pool, dry_run: bool = False) -> TierParts:
     sink = ProxySink(relay_client(settings, reactor))
 
     def reload(new) -> None:
-        sink.relay_client = relay_client(new, reactor)     # new sessions use the new next hops
+        old, sink.relay_client = sink.relay_client, relay_client(new, reactor)
+        old.close_cached()          # new sessions use the new next hops, and no kept connection
 
-    return TierParts(sink=sink, checks=[], reload=reload)
+    def stop():
+        return sink.relay_client.close_cached()
+
+    return TierParts(sink=sink, checks=[], stop=stop, reload=reload)

@@ -18,6 +18,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogBeginner
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
 _ORDER = {LogLevel.debug: 0, LogLevel.info: 1, LogLevel.warn: 2, LogLevel.error: 3, LogLevel.critical: 4}
 _SIMPLE = frozenset(string.ascii_letters + string.digits + "_")
+_MAX_FORMATS = 1000
 _threshold = {"level": 0}        # the running daemon's level; debug until one is set
 
 
@@ -57,6 +58,8 @@ class LineObserver:
             return formatEvent(event)
         parts = self._compiled.get(fmt, False)
         if parts is False:
+            if len(self._compiled) >= _MAX_FORMATS:     # formats built at run time: stay bounded
+                self._compiled.clear()
             parts = self._compiled[fmt] = _compile(fmt)
         if parts is None:
             return formatEvent(event)

@@ -2,7 +2,9 @@
 
 Each client session gets, at its first MAIL, one connection to the next tier
 (tried in the configured order), opened with XCLIENT so the next tier sees the
-original client.  Every MAIL, RCPT, DATA and end of data is forwarded and the
+original client.  When the client leaves between transactions the connection
+goes back to the relay client, which keeps it briefly for the next client's
+session (a new XCLIENT instead of a new connection; see RelayClient.release).  Every MAIL, RCPT, DATA and end of data is forwarded and the
 client is answered with the next tier's reply: a greylist 451, a virus 550 or
 an unknown-user 550 reaches the original client while it is still connected,
 and nothing accepted here can bounce later.  The edge's queue id goes along as
@@ -40,6 +42,7 @@ class ProxySession:
         self.sink = sink
         self.engine = engine_session
         self.upstream = None          # the open next-hop session, if any
+        self.opened_by = sink.relay_client   # the relay client it came from (and goes back to)
         self.announced = None         # the ClientInfo its XCLIENT carried
         self.in_data = False
         self.failed = False           # the current transaction's forward connection broke
@@ -70,16 +73,23 @@ class ProxySession:
     # with one Deferred chain each (no generator machinery on the per-message path).
 
     def _open(self):
-        """A Deferred of a new next-hop session announcing the client's identity now."""
-        self._drop()
+        """A Deferred of a next-hop session announcing the client's identity now
+        (a kept connection told with XCLIENT, or a new one)."""
+        up = self.upstream
+        if up is not None and up.usable:
+            self.upstream = None
+            self.opened_by.release(up)       # may serve this very request
+        else:
+            self._drop()
         self.announced = replace(self.engine.client)
+        self.opened_by = self.sink.relay_client
 
         def opened(up):
             self.upstream = up
             # What this session forwards passed our server core, which refuses bare CR and LF.
             up.protocol.conn.crlf_checked = True
             return up
-        return self.sink.relay_client.open_session(self.announced).addCallback(opened)
+        return self.opened_by.open_session(self.announced).addCallback(opened)
 
     def begin(self, txn):
         """Open the session's next-hop connection, anew when the client's identity
@@ -225,7 +235,7 @@ class ProxySession:
             self._drop()
         elif self.upstream is not None:
             up, self.upstream = self.upstream, None
-            up.close()
+            self.opened_by.release(up)           # kept for the next client, or closed
 
 
 def _refusal(reply: Reply):

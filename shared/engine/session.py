@@ -89,9 +89,14 @@ class EngineSession:
                        login=c.login, **kw)
 
     def _log(self, fmt: str, **kw) -> None:
+        # The ids are fields, never part of the format: the set of formats stays
+        # small (the log observer keeps each one parsed).
         qid = self.txn.queue_id if self.txn else self.session_id
-        up = f" upstream={self.upstream_id}" if self.upstream_id else ""
-        log.info(f"{qid}: " + fmt + up, **kw)
+        if self.upstream_id:
+            log.info("{qid}: " + fmt + " upstream={upstream}", qid=qid,
+                     upstream=self.upstream_id, **kw)
+        else:
+            log.info("{qid}: " + fmt, qid=qid, **kw)
 
     @staticmethod
     def _reply_for(verdict: Verdict):

@@ -548,6 +548,8 @@ class Session:
         self.hop = hop
         self.address = address
         self.relay = f"{hop.host}[{address}]:{hop.port}"
+        self.opened_at = 0.0             # reactor time of the connection
+        self.announced = False           # it carried XCLIENT (it speaks for some client)
         self.mail = protocol.mail
         self.rcpt = protocol.rcpt
         self.data = protocol.data
@@ -677,9 +679,12 @@ class RelayClient:
 
     Connection cache: a delivery connection that is still usable when its
     batch ends is kept for ``connection_cache_time`` seconds and given to the
-    next batch, until it has carried ``max_messages_per_connection`` messages.
-    Sessions from :meth:`open_session` (which may carry XCLIENT for one
-    client) are never cached.
+    next batch, until it has carried ``max_messages_per_connection`` messages
+    or is ``connection_reuse_time_limit`` seconds old.  A session from
+    :meth:`open_session` that carried XCLIENT comes back through
+    :meth:`release`; it is kept the same way but only ever given to the next
+    :meth:`open_session` with a client, which announces its client with a
+    new XCLIENT (and EHLO) instead of a new connection, greeting and EHLO.
     """
 
     def __init__(self, reactor: Any, next_hops: Iterable[NextHop | tuple[str, int]], *,
@@ -689,6 +694,7 @@ class RelayClient:
                  tls_options: Callable[[str], Any] | None = None, xclient: bool = False,
                  max_messages_per_connection: int = 100,
                  connection_cache_time: float = 2.0,
+                 connection_reuse_time_limit: float = 300.0,
                  endpoint_factory: Callable[[str, int], Any] | None = None,
                  log: Logger | None = None) -> None:
         self.reactor = reactor
@@ -710,6 +716,7 @@ class RelayClient:
         self.xclient = xclient
         self.max_messages_per_connection = max_messages_per_connection
         self.connection_cache_time = connection_cache_time
+        self.connection_reuse_time_limit = connection_reuse_time_limit
         self._cached: list[tuple[Session, IDelayedCall]] = []
         self._trust_root = None
         if tls_trust_root is not None and tls_options is None:
@@ -744,8 +751,38 @@ class RelayClient:
         """Connect to the first usable next hop: greeting, EHLO, STARTTLS as
         the policy says, XCLIENT with ``client_info`` when enabled and
         offered.  Fails with :class:`NextHopUnavailable` (its ``reply`` is a
-        451 4.4.1 naming every hop tried and why)."""
+        451 4.4.1 naming every hop tried and why).  With a client, a kept
+        connection (see :meth:`release`) is used first when there is one."""
+        if client_info is not None and self.xclient:
+            kept = self._take_cached(announced=True)
+            if kept is not None:
+                return _coro(self._reannounce(kept, client_info))
         return _coro(self._open_session(client_info))
+
+    async def _reannounce(self, session: Session, client_info: ClientInfo) -> Session:
+        """XCLIENT (and EHLO) for a new client on a kept connection; a new
+        connection if that does not work."""
+        try:
+            reply = await session.protocol.xclient(xclient_attributes(client_info))
+        except Exception:
+            reply = None
+        if reply is not None and reply.positive and session.usable:
+            return session
+        session.protocol.transport.abortConnection()
+        return await self._open_session(client_info)
+
+    def release(self, session: Session) -> None:
+        """Take back a session from :meth:`open_session` that its user is done
+        with: kept for the next client if it is between transactions and may
+        still be reused, else closed."""
+        if session.announced and self._reusable(session):
+            self._keep(session)
+        else:
+            session.close()
+
+    def _reusable(self, session: Session) -> bool:
+        return (session.usable and session.messages_sent < self.max_messages_per_connection
+                and self.reactor.seconds() - session.opened_at < self.connection_reuse_time_limit)
 
     async def _open_session(self, client_info: ClientInfo | None) -> Session:
         reasons = []
@@ -777,6 +814,7 @@ class RelayClient:
             raise _HopFailed(f"connect to {hop}: {_connect_error_text(exc)}") from exc
         peer = proto.transport.getPeer()
         session = Session(proto, hop, str(getattr(peer, "host", hop.host)))
+        session.opened_at = self.reactor.seconds()
         relay = session.relay
         phase = "receiving the initial server greeting"
         try:
@@ -801,6 +839,7 @@ class RelayClient:
                 xreply = await proto.xclient(xclient_attributes(client_info))
                 if xreply is not None and not xreply.positive:
                     raise _HopFailed(f"{relay} refused XCLIENT: {xreply}")
+                session.announced = xreply is not None
         except _HopFailed:
             if proto.lost is None:
                 proto.transport.loseConnection()
@@ -862,18 +901,23 @@ class RelayClient:
                 out.append(result)
         finally:
             if session is not None:
-                if session.usable and session.messages_sent < self.max_messages_per_connection:
+                if self._reusable(session):
                     self._keep(session)
                 else:
                     await session.close()
         return out
 
-    def _take_cached(self) -> Session | None:
-        while self._cached:
-            session, timer = self._cached.pop()
+    def _take_cached(self, announced: bool = False) -> Session | None:
+        """The newest kept session of the kind asked for (connections that
+        carried XCLIENT serve only other clients' sessions) that may still be used."""
+        for i in range(len(self._cached) - 1, -1, -1):
+            session, timer = self._cached[i]
+            if session.announced != announced:
+                continue
+            del self._cached[i]
             if timer.active():
                 timer.cancel()
-            if session.usable:
+            if self._reusable(session):
                 return session
             session.close()
         return None

@@ -57,3 +57,13 @@ def test_debug_enabled_follows_the_daemons_observer_only():
         assert shlog.debug_enabled()
     finally:
         shlog._threshold.update(saved)
+
+
+def test_parsed_formats_stay_bounded():
+    from shared import logging as shlog
+    obs = LineObserver(io.StringIO(), "edge", 1)
+    log = Logger(namespace="t", observer=obs)
+    for n in range(shlog._MAX_FORMATS + 50):
+        log.info(f"built at run time {n}")               # a careless caller: a new format each time
+    assert len(obs._compiled) <= shlog._MAX_FORMATS
+    assert obs.stream.getvalue().splitlines()[-1].endswith(f"built at run time {shlog._MAX_FORMATS + 49}")

@@ -68,6 +68,10 @@ class RelayClient:
     def __init__(self, upstream=None):
         self.upstream = upstream
         self.opened = []
+        self.released = []
+
+    def release(self, session):
+        self.released.append(session)
 
     def open_session(self, client):
         self.opened.append(client)
@@ -237,3 +241,22 @@ def test_a_connection_lost_mid_transaction_is_451_and_dropped(at, step):
         "data_start": "DATA", "data_end": "end of data"}.get(step))]
     # the next transaction gets a new connection
     assert result(s.begin(txn)) is None and len(s.sink.relay_client.opened) == 2
+
+
+def test_the_connection_goes_back_to_the_relay_client_between_transactions():
+    up = Upstream(replies={"DATA": Reply(354, None, "go")})
+    engine, s, txn = start(up)
+    relay = s.sink.relay_client
+    s.begin(txn)
+    s.rcpt(txn, Recipient("a@example.org"))
+    engine.client = ClientInfo(addr="192.0.2.1", helo="new.example")    # a second EHLO
+    s.begin(txn)                  # the next transaction: the new identity is announced
+    assert relay.released == [up] and relay.opened[-1].helo == "new.example"
+    s.close()
+    assert relay.released == [up, up] and not up.aborted
+    engine2, s2, txn2 = start(Upstream(replies={"DATA": Reply(354, None, "go")}))
+    s2.begin(txn2)
+    s2.rcpt(txn2, Recipient("a@example.org"))
+    s2.data_start(txn2)
+    s2.close()                    # gone in the middle of DATA: never reused
+    assert s2.sink.relay_client.released == [] and s2.sink.relay_client.upstream.aborted

@@ -751,3 +751,47 @@ def test_address_next_hops_connect_directly_names_are_resolved():
     client._default_endpoint("192.0.2.7", 2525).connect(Factory.forProtocol(Protocol))
     host, port, _, timeout, _ = r.tcpClients[0]
     assert (host, port, timeout) == ("192.0.2.7", 2525, client.connect_timeout)
+
+
+def test_released_session_serves_the_next_client_with_a_new_xclient():
+    world = World({("filter", 10025): {"extensions": ("PIPELINING", "XCLIENT ADDR HELO NAME PROTO")}})
+    relay = world.relay(xclient=True, connection_cache_time=2.0)
+    first = world.run(relay.open_session(ClientInfo(addr="198.51.100.9", helo="one")))
+    assert first.announced
+    relay.release(first)
+    assert world.servers[0].commands[-1] == b"EHLO edge.example.net"    # no QUIT: kept
+    second = world.run(relay.open_session(ClientInfo(addr="198.51.100.10", helo="two")))
+    assert second is first and len(world.servers) == 1
+    assert world.servers[0].xclient[-1] == (b"XCLIENT NAME=[UNAVAILABLE] ADDR=198.51.100.10 "
+                                            b"PROTO=[UNAVAILABLE] HELO=two")
+    assert world.servers[0].commands[-1] == b"EHLO edge.example.net" and second.usable
+    # queue deliveries never get a connection that speaks for a client
+    relay.release(second)
+    assert relay._take_cached() is None and relay._take_cached(announced=True) is second
+    relay.release(second)
+    # kept for connection_cache_time only, then QUIT
+    world.clock.advance(2.5)
+    for pump in world.pumps:
+        pump.flush()
+    assert world.servers[0].commands[-1] == b"QUIT"
+
+
+def test_kept_session_is_not_reused_past_its_limits_or_when_dead():
+    world = World({("filter", 10025): {"extensions": ("XCLIENT ADDR",)}})
+    relay = world.relay(xclient=True, connection_reuse_time_limit=60.0)
+    s1 = world.run(relay.open_session(ClientInfo(addr="192.0.2.1")))
+    world.clock.advance(61)                   # too old to carry another client
+    relay.release(s1)
+    s2 = world.run(relay.open_session(ClientInfo(addr="192.0.2.2")))
+    assert s2 is not s1 and len(world.servers) == 2
+    assert world.servers[0].commands[-1] == b"QUIT"
+    relay.release(s2)
+    world.servers[1].transport.loseConnection()         # the next hop closed it meanwhile
+    for pump in world.pumps:
+        pump.flush()
+    s3 = world.run(relay.open_session(ClientInfo(addr="192.0.2.3")))
+    assert s3 is not s2 and s3.usable and len(world.servers) == 3
+    # a session in the middle of a transaction is closed, not kept
+    world.run(s3.mail("a@example.org"))
+    relay.release(s3)
+    assert relay._cached == []

@@ -5,7 +5,7 @@ import socket
 
 import pytest
 from twisted.internet.tcp import Connection
-from twisted.test.proto_helpers import StringTransport
+from twisted.internet.testing import StringTransport
 
 from shared.transport.tcp import writer
 
