@@ -57,11 +57,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
+from shared.blocking import WorkerPool
 from shared.envelope import Envelope
 from shared.ids import new_queue_id
 from shared.reserve import FileReserve, write_all
@@ -342,8 +341,7 @@ class Spool(SpoolFiles):
         super().__init__(root, create=True)
         self.reactor = reactor
         self.fsync = fsync
-        self.threadpool = None if runner else ThreadPool(
-            minthreads=0, maxthreads=threadpool_size, name="smarthost-spool")
+        self.threadpool = None if runner else WorkerPool(reactor, threadpool_size, name="smarthost-spool")
         self.runner = runner
         self.dir_syncs = 0                       # directory fsyncs done (instrumentation)
         self.open_tmp: set[str] = set()          # tmp file names of this process, not yet committed
@@ -389,7 +387,7 @@ class Spool(SpoolFiles):
             return self.runner(f, *args)
         if not self.threadpool.started:
             return fail(RuntimeError(f"{self.root}: spool not started (call Spool.start())"))
-        return deferToThreadPool(self.reactor, self.threadpool, f, *args)
+        return self.threadpool.run(f, *args)
 
     def fsync_dir_blocking(self, path: Path) -> None:
         self.dir_syncs += 1
