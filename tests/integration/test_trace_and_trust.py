@@ -123,3 +123,23 @@ def test_a_new_ehlo_reaches_the_filter_in_the_same_session(shared_pipeline):
     path = p.wait_messages(ALICE, before + 1)[-1]
     assert received_by(path, "edge").startswith("from second-4712.example ")
     assert received_by(path, "filter").startswith("from second-4712.example "), received_by(path, "filter")
+
+
+def test_consecutive_clients_share_the_edges_connection_with_their_own_identity(shared_pipeline):
+    """A client that leaves hands the edge's filter connection to the next client's session:
+    XCLIENT again with the next client's identity, no new connection."""
+    p = shared_pipeline
+    before = len(p.messages(ALICE))
+    connects = len(p.filter.log_lines(": connect from"))
+    for n in (1, 2, 3):
+        replies = transaction(p.edge.port, "sender@example.net", [ALICE], message(f"client {n}"),
+                              helo=f"client-{n}-4713.example")
+        assert replies[-1].code == 250, replies
+    paths = p.wait_messages(ALICE, before + 3)[-3:]
+    for n in (1, 2, 3):
+        path = next(x for x in paths if f"Subject: client {n}".encode() in x.read_bytes())
+        assert received_by(path, "filter").startswith(f"from client-{n}-4713.example "), path
+    helos = [ln for ln in p.filter.log_lines("xclient from 127.0.0.1") if "-4713.example" in ln]
+    assert [f"client-{n}-4713.example" in ln for n, ln in zip((1, 2, 3), helos)] == [True] * 3
+    # the three clients came one after another within the edge's 2 s cache: one connection at most
+    assert len(p.filter.log_lines(": connect from")) - connects <= 1
