@@ -39,7 +39,9 @@ class FilterTier:
 
     def __init__(self, settings, reactor) -> None:
         self.reactor = reactor
-        self.client = relay_client(settings, reactor)
+        # The queue holds only what our server core accepted (no bare CR or LF) and bounces
+        # built with CRLF: sent without a second line-end check.
+        self.client = relay_client(settings, reactor, content_checked=True)
         v = settings["verify"]
         self.verifier = RecipientVerifier(self.client, reactor=reactor, positive_ttl=v["positive_ttl"],
                                           negative_ttl=v["negative_ttl"])
@@ -65,7 +67,7 @@ class FilterTier:
 
     def reload(self, new) -> None:
         """Next hops, verification and retry settings change live; the spool directory does not."""
-        old, self.client = self.client, relay_client(new, self.reactor)
+        old, self.client = self.client, relay_client(new, self.reactor, content_checked=True)
         old.close_cached()
         v = new["verify"]
         self.verifier.close()

@@ -125,7 +125,9 @@ def make_bounce(envelope: Envelope, qid: str, failures: dict[str, Reply],
         out += b"--" + b + b"\r\n" + head + b"\r\n" + body
         out += b"\r\n" if body.endswith(b"\r\n") else b"\r\n\r\n"
     out += b"--" + b + b"--\r\n"
-    data = bytes(out)
+    # Every part is built with CRLF line ends; normalising once more makes it a
+    # guarantee: what the queue holds has no bare CR or LF (see RelayClient's content_checked).
+    data = _crlf(bytes(out))
 
     bounce_env = Envelope(
         sender="",

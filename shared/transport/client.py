@@ -675,7 +675,10 @@ class RelayClient:
     TLS client options for either policy.  ``xclient``: give the original
     client to hops that offer XCLIENT in :meth:`open_session`.
     ``endpoint_factory(host, port)`` returns the client endpoint to connect
-    with (default: a ``HostnameEndpoint``).
+    with (default: a ``HostnameEndpoint``; an address connects directly).
+    ``content_checked``: the messages given to :meth:`deliver_batch` hold no
+    bare CR or LF (a queue fed by our server core, which refuses them), so the
+    body is sent without counting line ends again (dot-stuffing still applies).
 
     Connection cache: a delivery connection that is still usable when its
     batch ends is kept for ``connection_cache_time`` seconds and given to the
@@ -695,6 +698,7 @@ class RelayClient:
                  max_messages_per_connection: int = 100,
                  connection_cache_time: float = 2.0,
                  connection_reuse_time_limit: float = 300.0,
+                 content_checked: bool = False,
                  endpoint_factory: Callable[[str, int], Any] | None = None,
                  log: Logger | None = None) -> None:
         self.reactor = reactor
@@ -717,6 +721,7 @@ class RelayClient:
         self.max_messages_per_connection = max_messages_per_connection
         self.connection_cache_time = connection_cache_time
         self.connection_reuse_time_limit = connection_reuse_time_limit
+        self.content_checked = content_checked
         self._cached: list[tuple[Session, IDelayedCall]] = []
         self._trust_root = None
         if tls_trust_root is not None and tls_options is None:
@@ -967,6 +972,7 @@ class RelayClient:
             body = open_body()
         except OSError as exc:
             return everyone(Reply(451, "4.3.0", f"cannot open queue file: {exc.strerror or exc}"))
+        session.protocol.conn.crlf_checked = self.content_checked
         with body:
             result: dict[str, Reply] = {}
             phase = "sending MAIL FROM"

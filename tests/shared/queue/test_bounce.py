@@ -136,6 +136,8 @@ def test_hostile_reply_text_cannot_inject_fields():
     assert r["X-Injected"] is None
     assert r.get_all("Status") == ["5.0.0"]                 # derived from the 5xx code
     assert "X-Injected: yes" in r["Diagnostic-Code"]
+    # the queue's promise: no bare CR or LF in anything it holds (the relay client relies on it)
+    assert data.count(b"\r\n") == data.count(b"\n") == data.count(b"\r")
 
 
 def test_long_diagnostic_is_folded():

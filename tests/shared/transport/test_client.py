@@ -795,3 +795,17 @@ def test_kept_session_is_not_reused_past_its_limits_or_when_dead():
     world.run(s3.mail("a@example.org"))
     relay.release(s3)
     assert relay._cached == []
+
+
+@pytest.mark.parametrize("checked", [False, True])
+def test_content_checked_skips_the_line_end_repair_only(checked):
+    world = World({("mx", 25): {}})
+    relay = world.relay(content_checked=checked)
+    clean = b"Subject: t\r\n\r\n.leading dot\r\nend\r\n"
+    bare = b"Subject: t\r\n\r\nbare\nLF\r\n"
+    world.run(relay.deliver_batch([message("Q1", "x@example.org", data=clean),
+                                   message("Q2", "x@example.org", data=bare)]))
+    sent = [m["data"] for m in world.servers[0].messages]
+    assert sent[0] == clean                    # dot-stuffed on the wire either way, unstuffed here
+    # unchecked content is repaired; checked content is trusted as it is
+    assert sent[1] == (bare if checked else bare.replace(b"bare\nLF", b"bare\r\nLF"))
