@@ -8,8 +8,9 @@
    (5 KB, 50 KB, 1 MB) and number of sessions (1, 10, 50) the load generator
    (``python -m bench.load send``, its own process) sends N messages to each system's edge and
    watches the Maildir; systems alternate, K runs per point (default 3).  Between runs: every
-   message delivered, every queue empty, Maildirs cleared.  Per run and tier: CPU seconds from
-   /proc (live processes, plus the reaped children's time charged to Postfix's master) and
+   message delivered, every queue empty, Maildirs cleared, dirty pages written back (sync).
+   Per run and tier: CPU seconds from /proc (live processes, plus the reaped children's time
+   charged to Postfix's master) and
    peak RSS (sum of VmRSS over the tier's processes, sampled every 100 ms).
 1b. Independent generator: Postfix's ``smtp-source`` (installed with Postfix; part of neither
    system under test) at each chain's edge, 5 KB, 10 sessions, first one message per
@@ -125,6 +126,17 @@ def env_with_repo() -> dict:
     return env
 
 
+def quiesce() -> None:
+    """Write back what earlier runs left dirty before a measured run starts.
+
+    Each run leaves thousands of written and deleted files (queue files, Maildir files) that
+    the kernel writes back over the next seconds; without this, that work lands in the next
+    run's window, which is the other system's, and shows as fsync latency there.
+    """
+    os.sync()
+    time.sleep(0.5)
+
+
 def clear_maildir(maildir: Path) -> None:
     for sub in ("new", "cur", "tmp"):
         d = maildir / sub
@@ -222,6 +234,7 @@ class Bench:
         """One load run against `system` with CPU and memory charged to each of `tiers`."""
         if maildir is not None:
             clear_maildir(maildir)
+        quiesce()
         before = {t: tier_cpu_seconds(system.tier_pids(t), system.master_pid(t)) for t in tiers}
         sampler = RssSampler({t: (lambda t=t: system.tier_pids(t)) for t in tiers})
         with sampler:
@@ -379,6 +392,7 @@ class Bench:
     def smtp_source_run(self, tool: str, flags: list[str], system, n: int) -> dict:
         maildir = system.maildir("alice")
         clear_maildir(maildir)
+        quiesce()
         new = maildir / "new"
 
         def count() -> int:
