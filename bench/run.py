@@ -10,8 +10,8 @@
    watches the Maildir; systems alternate, K runs per point (default 3).  Between runs: every
    message delivered, every queue empty, Maildirs cleared, dirty pages written back (sync).
    Per run and tier: CPU seconds from /proc (live processes, plus the reaped children's time
-   charged to Postfix's master) and
-   peak RSS (sum of VmRSS over the tier's processes, sampled every 100 ms).
+   charged to Postfix's master) and peak RSS (sum of VmRSS over the tier's processes, sampled
+   every 100 ms).
 1b. Independent generator: Postfix's ``smtp-source`` (installed with Postfix; part of neither
    system under test) at each chain's edge, 5 KB, 10 sessions, first one message per
    connection (its default), then many per connection (``-d``); accepted = messages / its run
