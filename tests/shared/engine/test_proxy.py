@@ -114,6 +114,16 @@ def start(upstream, qid="EQID"):
     return engine, session, txn
 
 
+def in_data(up=None):
+    """A session whose transaction has reached DATA (MAIL, one RCPT, DATA answered 354)."""
+    up = up or Upstream(replies={"DATA": Reply(354, None, "go")})
+    engine, s, txn = start(up)
+    s.begin(txn)
+    s.rcpt(txn, Recipient("a@example.org"))
+    s.data_start(txn)
+    return up, engine, s, txn
+
+
 def test_mail_travels_with_the_first_rcpt_and_the_reply_names_our_queue_id():
     up = Upstream(replies={"DATA": Reply(354, None, "go"), "END": Reply(250, "2.0.0", "Ok: queued as FQID")})
     engine, s, txn = start(up)
@@ -153,11 +163,7 @@ def test_unreachable_next_hop_is_a_tempfail_at_mail():
 
 
 def test_abort_in_data_drops_the_connection_instead_of_finishing_the_message():
-    up = Upstream(replies={"DATA": Reply(354, None, "go")})
-    engine, s, txn = start(up)
-    s.begin(txn)
-    s.rcpt(txn, Recipient("a@example.org"))
-    s.data_start(txn)
+    up, engine, s, txn = in_data()
     s.write(b"half a message")
     s.abort(txn)
     assert up.aborted and ("END",) not in up.log
@@ -170,10 +176,7 @@ def test_full_next_hop_buffer_pauses_the_client():
     up = Upstream(replies={"DATA": Reply(354, None, "go")})
     waiter = defer.Deferred()
     up.wait_writable = lambda: waiter
-    engine, s, txn = start(up)
-    s.begin(txn)
-    s.rcpt(txn, Recipient("a@example.org"))
-    s.data_start(txn)
+    up, engine, s, txn = in_data(up)
     s.write(b"Received: ...\r\n")
     up.writable = False
     s.write(b"x" * 100)
@@ -183,22 +186,14 @@ def test_full_next_hop_buffer_pauses_the_client():
 
 
 def test_received_header_goes_out_with_the_first_bytes_or_at_the_end():
-    up = Upstream(replies={"DATA": Reply(354, None, "go")})
-    engine, s, txn = start(up)
-    s.begin(txn)
-    s.rcpt(txn, Recipient("a@example.org"))
-    s.data_start(txn)
+    up, engine, s, txn = in_data()
     s.write(b"Received: x\r\n")
     assert [c for c in up.log if c[0] == "BYTES"] == []
     s.write(b"Subject: y\r\n\r\n")
     s.write(b"body\r\n")
     assert [c[1] for c in up.log if c[0] == "BYTES"] == [b"Received: x\r\nSubject: y\r\n\r\n", b"body\r\n"]
     # an empty message: the header alone goes at end of data
-    up2 = Upstream(replies={"DATA": Reply(354, None, "go")})
-    engine, s, txn = start(up2)
-    s.begin(txn)
-    s.rcpt(txn, Recipient("a@example.org"))
-    s.data_start(txn)
+    up2, engine, s, txn = in_data()
     s.write(b"Received: x\r\n")
     result(s.data_end(txn))
     assert [c for c in up2.log if c[0] in ("BYTES", "END")] == [("BYTES", b"Received: x\r\n"), ("END",)]
@@ -254,9 +249,6 @@ def test_the_connection_goes_back_to_the_relay_client_between_transactions():
     assert relay.released == [up] and relay.opened[-1].helo == "new.example"
     s.close()
     assert relay.released == [up, up] and not up.aborted
-    engine2, s2, txn2 = start(Upstream(replies={"DATA": Reply(354, None, "go")}))
-    s2.begin(txn2)
-    s2.rcpt(txn2, Recipient("a@example.org"))
-    s2.data_start(txn2)
+    _, _, s2, _ = in_data()
     s2.close()                    # gone in the middle of DATA: never reused
     assert s2.sink.relay_client.released == [] and s2.sink.relay_client.upstream.aborted
