@@ -4,7 +4,8 @@ Each client session gets, at its first MAIL, one connection to the next tier
 (tried in the configured order), opened with XCLIENT so the next tier sees the
 original client.  When the client leaves between transactions the connection
 goes back to the relay client, which keeps it briefly for the next client's
-session (a new XCLIENT instead of a new connection; see RelayClient.release).  Every MAIL, RCPT, DATA and end of data is forwarded and the
+session (a new XCLIENT instead of a new connection; see RelayClient.release).
+Every MAIL, RCPT, DATA and end of data is forwarded and the
 client is answered with the next tier's reply: a greylist 451, a virus 550 or
 an unknown-user 550 reaches the original client while it is still connected,
 and nothing accepted here can bounce later.  The edge's queue id goes along as

@@ -103,11 +103,11 @@ log = Logger(namespace="smarthost.queue.manager")
 DeliverItem = tuple[str, Envelope, Callable[[], BinaryIO], int]
 DeliverFn = Callable[[list[DeliverItem]], "Deferred[list[dict[str, Reply]]]"]
 
-# Given to a recipient the delivery function said nothing about, or when it failed.
 # Just-received messages are delivered from memory (no open and read of the file
 # just fsynced) while the bodies waiting for pick-up take at most this much.
 FRESH_BYTES = 32 * 1024 * 1024
 
+# Given to a recipient the delivery function said nothing about, or when it failed.
 NO_REPLY = Reply(451, "4.3.0", "Delivery agent gave no result, will retry")
 
 
