@@ -67,6 +67,11 @@ def _address(value: str) -> str:
     return f"{local}@{_domain(domain)}"
 
 
+def _mailbox(value: str) -> str:
+    """An address, or the bare "postmaster" (RFC 5321 4.5.1: every server accepts it)."""
+    return "postmaster" if value.lower() == "postmaster" else _address(value)
+
+
 def _positive(value: float) -> float:
     if value <= 0:
         raise ValueError(f"must be greater than 0, got {value}")
@@ -123,6 +128,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "reverse_lookup": Key(bool, True, "look up and forward-confirm each client's reverse name before "
                                           "the greeting (not for upstream_hosts, whose XCLIENT says it)"),
         "user": Key(str, "", "drop privileges to this user after binding the listeners"),
+        "allow_any_client": Key(bool, False, "filter and domain tiers: also take mail from clients outside "
+                                             "upstream_hosts and relay.mynetworks, skipping the tiers before "
+                                             "this one (off: 554 5.7.1 at connect; the edge ignores this key)"),
     },
     "relay": {
         "relay_domains": Key(list, [], "domains accepted from anyone", _domain),
@@ -137,6 +145,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "xclient": Key(bool, True, "pass the original client with XCLIENT when the next hop offers it"),
         "max_messages_per_connection": Key(int, 100, "messages carried by one connection", _positive),
         "helo_name": Key(str, "", "name sent in EHLO (default: server.hostname)"),
+        "domains": Key(list, [], "recipient domains the next hop serves (empty: at the filter, "
+                                 "relay.relay_domains; at the edge, every domain); mail for any other "
+                                 "domain has no route and is deferred, never sent", _domain),
     },
     "queue": {
         "directory": Key(str, "", "spool directory", required_in=("filter",)),
@@ -146,6 +157,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "concurrency": Key(int, 20, "parallel connections to the next hop", _positive),
         "scan_interval": Key((int, float), 300, "seconds between scans of the deferred queue", _positive),
         "fsync": Key(bool, True, "fsync queue files and directories before 250 (never turn off in production)"),
+        "double_bounce_recipient": Key(str, "postmaster", "who is told when a bounce cannot be delivered "
+                                                          "(the double bounce)", _mailbox),
     },
     "verify": {
         "recipients": Key(bool, True, "filter: ask the next hop about each recipient before answering RCPT"),
