@@ -15,14 +15,34 @@ _OURS = re.compile(rb"^received[ \t]*:.*\sby\s+\S+\s+\(smarthost\)", re.IGNORECA
 HEADER_SCAN_LIMIT = 256 * 1024
 
 
+# The longest name a trace line quotes (RFC 5321 4.5.3.1.2: a domain is at most 255
+# octets).  HELO arguments are not otherwise limited (a command line may be 2048
+# octets): a longer one is cut, so that no line of the header can pass the 1000-octet
+# line limit of the tiers behind this one.
+MAX_TRACE_NAME = 255
+
+
+def _clip(value: str | None, default: str = "unknown") -> str:
+    if not value:
+        return default
+    raw = value.encode("utf-8", "replace")
+    if len(raw) <= MAX_TRACE_NAME:
+        return value
+    return raw[:MAX_TRACE_NAME].decode("utf-8", "ignore") + "..."
+
+
 def received_header(*, helo: str | None, client_name: str | None, client_addr: str | None,
                     hostname: str, protocol: str, queue_id: str, recipients: list[str],
                     now: float | None = None) -> bytes:
-    """RFC 5321 section 4.4 trace line; 'for' only when there is one recipient."""
-    addr = client_addr or "unknown"
+    """RFC 5321 section 4.4 trace line; 'for' only when there is one recipient.
+
+    Every line stays far below 998 octets: names are clipped to MAX_TRACE_NAME,
+    an address literal and a path (RFC 5321: at most 256 octets) are short.
+    """
+    addr = _clip(client_addr)
     literal = f"IPv6:{addr}" if ":" in addr else addr
-    name = client_name or "unknown"
-    parts = [f"Received: from {helo or 'unknown'} ({name} [{literal}])",
+    name = _clip(client_name)
+    parts = [f"Received: from {_clip(helo)} ({name} [{literal}])",
              f"\tby {hostname} (smarthost) with {protocol} id {queue_id}"]
     date = formatdate(now, localtime=False)
     if len(recipients) == 1:

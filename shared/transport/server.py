@@ -18,7 +18,7 @@ the core; a handler failure becomes 451 4.3.0, never a traceback on the wire.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
@@ -34,6 +34,7 @@ log = Logger(namespace="smarthost.smtpd")
 
 
 ABORT_GRACE = 5.0      # seconds a closing peer gets to read our last reply
+PIPELINE_ALLOWANCE = 64 * 1024   # octets the pipeline may add to a message (see upstream_config)
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,12 @@ class SMTPServerProtocol(protocol.Protocol):
         self.peer_host = getattr(peer, "host", "") or ""
         self.peer_port = getattr(peer, "port", None)
         f = self.factory
+        upstream = f.upstream_allowed(self.peer_host)
         self.conn = ServerConnection(
-            f.server_config,
+            f.upstream_config if upstream else f.server_config,
             tls_available=f.tls_context is not None and not f.implicit_tls,
             tls_active=f.implicit_tls,
-            xclient_allowed=f.upstream_allowed(self.peer_host),
+            xclient_allowed=upstream,
         )
         f.opened(self)
         limit = f.admission(self)
@@ -245,17 +247,38 @@ class SMTPServerProtocol(protocol.Protocol):
         self._apply_backpressure()
 
 
+def upstream_config(config: ServerConfig) -> ServerConfig:
+    """The limits for a session from an upstream tier of the pipeline.
+
+    A message grows on its way through the pipeline (each tier adds its
+    Received header, the filter its verdict headers), so a tier behind the edge
+    accepts PIPELINE_ALLOWANCE octets more from its upstream tiers than it
+    accepts, and advertises with SIZE, to anyone else: a message the edge
+    accepted is never refused further in for the pipeline's own additions.
+    """
+    if not config.max_message_size:
+        return config
+    return replace(config, max_message_size=config.max_message_size + PIPELINE_ALLOWANCE)
+
+
 class SMTPServerFactory(protocol.ServerFactory):
-    """One listener's sessions: limits, upstream trust, TLS, graceful shutdown."""
+    """One listener's sessions: limits, upstream trust, TLS, graceful shutdown.
+
+    ``allowed_clients``, when given, is the only address space sessions are
+    taken from (the inner tiers: their upstream tiers and ``mynetworks``);
+    anyone else gets 554 5.7.1 instead of a greeting.
+    """
 
     noisy = False
 
     def __init__(self, *, reactor, server_config: ServerConfig, handler_factory,
                  tls_context=None, implicit_tls: bool = False, upstream_hosts=(),
                  command_timeout: float = 300, session_timeout: float = 3600,
-                 max_connections: int = 1000, max_connections_per_client: int = 50) -> None:
+                 max_connections: int = 1000, max_connections_per_client: int = 50,
+                 allowed_clients: NetworkList | None = None) -> None:
         self.reactor = reactor
         self.server_config = server_config
+        self.allowed_clients = allowed_clients
         self.handler_factory = handler_factory
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
@@ -273,6 +296,15 @@ class SMTPServerFactory(protocol.ServerFactory):
         p = SMTPServerProtocol(self)
         p.factory = self
         return p
+
+    @property
+    def server_config(self) -> ServerConfig:
+        return self._server_config
+
+    @server_config.setter
+    def server_config(self, config: ServerConfig) -> None:
+        self._server_config = config
+        self.upstream_config = upstream_config(config)
 
     def upstream_allowed(self, host: str) -> bool:
         return host in self.upstream_hosts
@@ -297,6 +329,9 @@ class SMTPServerFactory(protocol.ServerFactory):
         host = self.server_config.hostname
         if not self.accepting:
             return SHUTTING_DOWN
+        if self.allowed_clients is not None and p.peer_host not in self.allowed_clients:
+            return Reply(554, "5.7.1", f"{host} Error: access denied for [{p.peer_host}]: "
+                                       "this tier takes mail only from its upstream tiers")
         if len(self.sessions) > self.max_connections:
             return Reply(421, "4.7.0", f"{host} Error: too many connections")
         if (self._per_client.get(p.peer_host, 0) > self.max_connections_per_client

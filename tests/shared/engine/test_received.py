@@ -53,3 +53,20 @@ def test_pipeline_hops_counts_only_leading_smarthost_headers():
     assert h.received_count() == 4
     assert h.pipeline_hops() == 2
     assert scan([theirs, ours, b"\r\n"]).pipeline_hops() == 0
+
+
+def test_received_header_lines_stay_under_the_line_limit_whatever_the_helo():
+    """A HELO may take most of a 2048-octet command line; the tiers behind this one refuse
+    lines over 1000 octets, so the trace line must never carry it whole."""
+    helo = "h" * 2000
+    name = "\u00e9" * 600                    # 1200 octets in UTF-8
+    header = received_header(helo=helo, client_name=name, client_addr="192.0.2.1",
+                             hostname="edge.example.org", protocol="ESMTP", queue_id="QID",
+                             recipients=["a@example.org"], now=0)
+    lines = header.split(b"\r\n")
+    assert max(len(line) for line in lines) < 998, [len(line) for line in lines]
+    first = lines[0].decode("utf-8")          # cut on a character boundary
+    assert first.startswith("Received: from " + "h" * 255 + "... (")
+    assert received_header(helo="mx.example.net", client_name=None, client_addr=None, hostname="h",
+                           protocol="SMTP", queue_id="Q", recipients=[], now=0).startswith(
+        b"Received: from mx.example.net (unknown [unknown])")
