@@ -55,6 +55,16 @@ def server_config(settings: Settings) -> ServerConfig:
                         hard_error_limit=s["max_errors"])
 
 
+def allowed_clients(settings: Settings) -> NetworkList | None:
+    """Who may open a session: anyone at the edge; at the inner tiers only the
+    upstream tiers and ``mynetworks``, unless ``server.allow_any_client`` says
+    otherwise (a client that reached the filter or the domain tier directly
+    would skip the edge's protection and the filter's checks)."""
+    if settings.tier == "edge" or settings["server"]["allow_any_client"]:
+        return None
+    return NetworkList([*settings["server"]["upstream_hosts"], *settings["relay"]["mynetworks"]])
+
+
 def tls_context(settings: Settings):
     s = settings["server"]
     if not s["tls_cert"]:
@@ -95,6 +105,7 @@ class Daemon:
                                           tier=settings.tier)
         self.relay = RelayPolicy(settings["relay"]["relay_domains"], settings["relay"]["mynetworks"])
         self.server_config = server_config(settings)
+        self.allowed_clients = allowed_clients(settings)
         self.resolver = None
         if settings["server"]["reverse_lookup"]:
             from shared.dns import ReverseResolver
@@ -121,7 +132,8 @@ class Daemon:
                     handler_factory=self._new_session, tls_context=tls,
                     upstream_hosts=s["upstream_hosts"], command_timeout=s["command_timeout"],
                     session_timeout=s["session_timeout"], max_connections=s["max_connections"],
-                    max_connections_per_client=s["max_connections_per_client"])
+                    max_connections_per_client=s["max_connections_per_client"],
+                    allowed_clients=self.allowed_clients)
                 self.ports.append(self.reactor.listenTCP(port, factory, interface=host, backlog=511))
                 self.factories.append(factory)
                 log.info("listening on {host}:{port}", host=host, port=port)
@@ -168,6 +180,7 @@ class Daemon:
             f.max_connections_per_client = new["server"]["max_connections_per_client"]
             f.command_timeout = new["server"]["command_timeout"]
             f.upstream_hosts = NetworkList(new["server"]["upstream_hosts"])
+            f.allowed_clients = self.allowed_clients
         if self.log_observer is not None:
             self.log_observer.set_level(new["log"]["level"])
         if self.parts and self.parts.reload:

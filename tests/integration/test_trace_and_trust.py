@@ -4,6 +4,7 @@ from __future__ import annotations
 import email
 import email.policy
 import re
+import signal
 import socket
 
 import pytest
@@ -75,8 +76,36 @@ def _can_bind(address: str) -> bool:
     return True
 
 
+def test_inner_tiers_refuse_clients_outside_upstream_hosts_and_mynetworks(make_pipeline):
+    """Nobody skips the edge: the filter and the domain tier greet only their upstream tiers
+    (and mynetworks); anyone else gets 554 5.7.1 instead of a greeting."""
+    p = make_pipeline(filter={"server": {"upstream_hosts": ["127.0.0.2"]}},
+                      domain={"server": {"upstream_hosts": ["127.0.0.2"]}})
+    for tier in (p.filter, p.domain):
+        with socket.create_connection(("127.0.0.1", tier.port), timeout=5) as s:
+            greeting = s.recv(1000)
+            assert greeting.startswith(b"554 5.7.1 "), greeting
+            assert b"[127.0.0.1]" in greeting, greeting
+            assert s.recv(1000) == b""           # and the connection is closed
+    # The edge (on 127.0.0.1, not an upstream host) cannot reach the filter either: the
+    # client's transaction is refused, not accepted and lost.
+    replies = transaction(p.edge.port, "sender@example.net", [ALICE], message("via untrusted edge"))
+    assert replies[0].code >= 400, replies
+    # mynetworks is let in (a local submission host), and so is everybody with allow_any_client.
+    p.filter.write_config({"relay": {"mynetworks": ["127.0.0.0/8"]}})
+    p.filter.signal(signal.SIGHUP)
+    p.filter.wait_log("configuration reloaded")
+    with Client(p.filter.port) as c:
+        assert c.ehlo().code == 250
+    p.domain.write_config({"server": {"allow_any_client": True}})
+    p.domain.signal(signal.SIGHUP)
+    p.domain.wait_log("configuration reloaded")
+    with Client(p.domain.port) as c:
+        assert c.ehlo().code == 250
+
+
 def test_xclient_is_refused_from_hosts_not_in_upstream_hosts(make_pipeline):
-    p = make_pipeline(filter={"server": {"upstream_hosts": ["127.0.0.2"]}})
+    p = make_pipeline(filter={"server": {"upstream_hosts": ["127.0.0.2"], "allow_any_client": True}})
     with Client(p.filter.port) as c:
         ehlo = c.ehlo()
         assert "XCLIENT" not in ehlo.text and "XFORWARD" not in ehlo.text, ehlo
