@@ -13,7 +13,7 @@ from pathlib import Path
 
 from shared.checks.core import Check
 from shared.daemon import TierParts
-from shared.engine.nexthop import relay_client
+from shared.engine.nexthop import relay_client, route, route_checks
 from shared.engine.queued import QueueSink
 from shared.queue.manager import QueueManager, QueueSettings
 from shared.queue.store import Spool
@@ -24,11 +24,12 @@ def queue_settings(settings) -> QueueSettings:
     q, nh = settings["queue"], settings["next_hop"]
     return QueueSettings(retry_min=q["retry_min"], retry_max=q["retry_max"], lifetime=q["lifetime"],
                          concurrency=q["concurrency"], batch_size=nh["max_messages_per_connection"],
-                         scan_interval=q["scan_interval"], bounce_notice_hostname=settings.hostname)
+                         scan_interval=q["scan_interval"], bounce_notice_hostname=settings.hostname,
+                         double_bounce_recipient=q["double_bounce_recipient"])
 
 
 def checks(settings, verifier) -> list[Check]:
-    out = []
+    out = route_checks(settings)        # no route: refused at RCPT, never queued to wait
     if settings["verify"]["recipients"]:
         out.append(Check("verify_recipient", "rcpt", verifier, timeout=settings["next_hop"]["command_timeout"] + 5))
     return out
@@ -48,7 +49,7 @@ class FilterTier:
         self.spool = Spool(Path(settings["queue"]["directory"]), reactor=reactor,
                            fsync=settings["queue"]["fsync"])
         self.manager = QueueManager(self.spool, self.client.deliver_batch, queue_settings(settings),
-                                    reactor=reactor,
+                                    reactor=reactor, route=route(settings),
                                     relay=",".join(f"{h}:{p}" for h, p in settings["next_hop"]["hosts"]))
         self.parts = TierParts(sink=QueueSink(self.spool, self.manager),
                                checks=checks(settings, self.verifier),
@@ -76,6 +77,7 @@ class FilterTier:
         self.verifier.cache.clear()
         self.manager.deliver = self.client.deliver_batch
         self.manager.settings = queue_settings(new)
+        self.manager.route = route(new)
         self.parts.checks = checks(new, self.verifier)
 
 

@@ -51,10 +51,11 @@ class Envelope:
     client: ClientInfo = field(default_factory=ClientInfo)
     upstream_id: str | None = None                # the previous tier's queue id, if known
     received_at: float = 0.0                      # time.time() when the 250 was sent
+    notice: str | None = None                     # "bounce" or "double-bounce": made by the queue itself
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("sender", "ret", "envid", "body", "smtputf8",
-                                           "upstream_id", "received_at")}
+                                           "upstream_id", "received_at", "notice")}
         d["recipients"] = [r.to_json() for r in self.recipients]
         c = self.client
         d["client"] = {"addr": c.addr, "port": c.port, "name": c.name, "helo": c.helo, "proto": c.proto,
@@ -71,4 +72,5 @@ class Envelope:
             client=ClientInfo(**d.get("client", {})),
             upstream_id=d.get("upstream_id"),
             received_at=float(d.get("received_at", 0.0)),
+            notice=d.get("notice"),
         )

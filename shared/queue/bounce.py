@@ -27,6 +27,17 @@ does not include FAILURE (NOTIFY=NEVER, or only SUCCESS/DELAY) is left out;
 when nobody is left, there is no bounce.  The bounce itself has the null
 sender and ``Auto-Submitted: auto-replied`` (RFC 3834).
 
+A message with the null sender that cannot be delivered (a bounce, ours or
+another MTA's) is reported instead to the postmaster, as a *double bounce*
+(``postmaster=``): every failed recipient is listed whatever its NOTIFY, and
+the failed message is returned whole up to ``return_limit``.  Its envelope
+says ``notice="double-bounce"``, so that the queue never reports a failed
+double bounce again (it keeps it on hold for the administrator instead).
+
+Every line of a report is shorter than 1000 octets (RFC 5321 4.5.3.1.6),
+whatever the remote replies quoted in it: a report must pass the same line
+limit as any other message on its way to the sender.
+
 Trust: reply texts come from remote servers and addresses from clients;
 control characters are replaced before they are written into header fields.
 """
@@ -34,6 +45,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import textwrap
 import time
 from email.utils import formatdate
 from typing import Callable
@@ -57,42 +69,47 @@ def make_bounce(envelope: Envelope, qid: str, failures: dict[str, Reply],
                 body_reader: Callable[[int], bytes], *,
                 expired: frozenset[str] | set[str] = frozenset(),
                 now: float | None = None,
-                return_limit: int = RETURN_LIMIT) -> tuple[Envelope, bytes] | None:
+                return_limit: int = RETURN_LIMIT,
+                postmaster: str | None = None) -> tuple[Envelope, bytes] | None:
     """The DSN for ``failures`` (recipient address -> the reply that failed it).
 
     ``expired`` names the recipients that failed because the queue lifetime ran
     out: their Status is 4.4.7 and their Diagnostic-Code the last reply.
     ``body_reader(n)`` returns at most the first n bytes of the original
     message.  Returns None when no bounce is due (null sender, or no failed
-    recipient asked for one).
+    recipient asked for one).  With ``postmaster``, the report is the double
+    bounce of a message with the null sender, addressed to ``postmaster``.
     """
-    if envelope.sender == "":
+    if (envelope.sender == "") != (postmaster is not None):
         return None
     by_addr = {r.address: r for r in envelope.recipients}
     entries = []
     for addr, reply in failures.items():
         rcpt = by_addr.get(addr, Recipient(addr))
-        if wants_failure_notice(rcpt):
+        if postmaster is not None or wants_failure_notice(rcpt):
             entries.append((rcpt, reply, addr in expired))
     if not entries:
         return None
+    to = postmaster if postmaster is not None else envelope.sender
 
     now = time.time() if now is None else now
     host = _clean(reporting_mta) or "localhost"
     utf8 = envelope.smtputf8 or not _is_ascii(envelope.sender) or any(
         not _is_ascii(r.address) or not _is_ascii(r.orcpt or "") for r, _, _ in entries)
 
-    human = _human_part(host, entries)
+    human = _human_part(host, entries, double=postmaster is not None)
     status = _status_part(envelope, host, arrival, entries, now)
-    returned_type, returned = _returned_part(envelope, body_reader, return_limit, utf8)
+    returned_type, returned = _returned_part(envelope, body_reader, return_limit, utf8,
+                                             full=postmaster is not None)
 
     boundary = _boundary(human + status + returned)
     status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
     headers = [
         f"Date: {formatdate(now, usegmt=True)}",
         f"From: MAILER-DAEMON@{host} (Mail Delivery System)",
-        f"To: <{_clean(envelope.sender)}>",
-        "Subject: Undelivered Mail Returned to Sender",
+        f"To: <{_clean(to)}>",
+        "Subject: " + ("Undeliverable Bounce Sent to the Postmaster" if postmaster is not None
+                       else "Undelivered Mail Returned to Sender"),
         f"Message-ID: <{int(now)}.{qid}.{secrets.token_hex(4)}@{host}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
@@ -127,36 +144,64 @@ def make_bounce(envelope: Envelope, qid: str, failures: dict[str, Reply],
     out += b"--" + b + b"--\r\n"
     # Every part is built with CRLF line ends; normalising once more makes it a
     # guarantee: what the queue holds has no bare CR or LF (see RelayClient's content_checked).
-    data = _crlf(bytes(out))
+    data = _short_lines(_crlf(bytes(out)))
 
     bounce_env = Envelope(
         sender="",
-        recipients=[Recipient(envelope.sender)],
+        recipients=[Recipient(to)],
         body="8BITMIME" if not _is_ascii_bytes(data) else "7BIT",
         smtputf8=utf8,
         upstream_id=qid,
         received_at=now,
+        notice="double-bounce" if postmaster is not None else "bounce",
     )
     return bounce_env, data
 
 
-def _human_part(host: str, entries: list[tuple[Recipient, Reply, bool]]) -> bytes:
-    lines = [
-        f"This is the mail system at host {host}.",
-        "",
-        "Your message could not be delivered to one or more recipients.",
-        "It is attached below (or its header, if the whole message was not asked for).",
-        "",
-    ]
+def _human_part(host: str, entries: list[tuple[Recipient, Reply, bool]], double: bool = False) -> bytes:
+    lines = [f"This is the mail system at host {host}.", ""]
+    if double:
+        lines += ["A message with the null sender (a delivery notification) could not be delivered",
+                  "to one or more recipients, so it cannot be returned to its sender either.",
+                  "It is attached below.", ""]
+    else:
+        lines += ["Your message could not be delivered to one or more recipients.",
+                  "It is attached below (or its header, if the whole message was not asked for).", ""]
     for rcpt, reply, expired in entries:
         lines.append(f"<{_clean(rcpt.address)}>:")
         if expired:
             lines.append("    delivery time expired: the message stayed in the queue too long;")
-            lines.append(f"    last reply: {_clean(str(reply))}")
+            lines.extend(_wrap(f"last reply: {_clean(str(reply))}", "    "))
         else:
-            lines.append(f"    {_clean(str(reply))}")
+            lines.extend(_wrap(_clean(str(reply)), "    "))
         lines.append("")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def _wrap(text: str, indent: str, width: int = 78) -> list[str]:
+    """Text as indented lines of at most `width` characters (long words are cut)."""
+    return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent,
+                         break_long_words=True, break_on_hyphens=False) or [indent.rstrip()]
+
+
+MAX_LINE = 998          # octets before the CRLF (RFC 5321 4.5.3.1.6)
+
+
+def _short_lines(data: bytes) -> bytes:
+    """Cut every line longer than MAX_LINE, continuing it on a line that starts with a
+    space (a folded header field in the header sections; a visible break in text)."""
+    if all(len(line) <= MAX_LINE for line in data.split(b"\r\n")):
+        return data
+    out = []
+    for line in data.split(b"\r\n"):
+        while len(line) > MAX_LINE:
+            cut = MAX_LINE
+            while 0x80 <= line[cut] < 0xC0 and cut > MAX_LINE - 4:   # not inside a UTF-8 character
+                cut -= 1
+            out.append(line[:cut])
+            line = b" " + line[cut:]
+        out.append(line)
+    return b"\r\n".join(out)
 
 
 def _status_part(envelope: Envelope, host: str, arrival: float,
@@ -182,10 +227,10 @@ def _status_part(envelope: Envelope, host: str, arrival: float,
 
 
 def _returned_part(envelope: Envelope, body_reader: Callable[[int], bytes],
-                   limit: int, utf8: bool) -> tuple[str, bytes]:
+                   limit: int, utf8: bool, full: bool = False) -> tuple[str, bytes]:
     full_type = "message/global" if utf8 else "message/rfc822"
     headers_type = "message/global-headers" if utf8 else "text/rfc822-headers"
-    if (envelope.ret or "").upper() == "FULL":
+    if full or (envelope.ret or "").upper() == "FULL":
         data = body_reader(limit + 1)
         if len(data) <= limit:
             return full_type, _crlf(data)

@@ -52,12 +52,24 @@ deferred/; when no recipient is pending, file and status are removed.  The
 status is written (tmp + fsync + rename) before the file leaves active/, so a
 crash at any point repeats at most the last attempt, never skips a recipient.
 
+Routes.  ``route(address)`` says whether the next hop serves a recipient
+(the filter's next hop, the domain tier, serves the hosted domains only).  A
+recipient without a route is never sent to a hop that would have to refuse it:
+it is deferred like any transient failure, with the reply "451 4.4.4 no route
+to DOMAIN" in its status (so ``smarthost queue list`` shows why), until a
+reload gives it a route or the lifetime ends.
+
 Bounces.  All failed recipients of one attempt get one RFC 3464 report to
-the envelope sender (shared.queue.bounce; never to the null sender, and only
-for recipients whose NOTIFY asks for failures).  The report is committed to
-this same spool and delivered like any message.  If committing it fails, the
-failures stay in the status file and the report is tried again at the next
-attempt time.
+the envelope sender (shared.queue.bounce; only for recipients whose NOTIFY
+asks for failures).  The report is committed to this same spool and delivered
+like any message.  If committing it fails, the failures stay in the status
+file and the report is tried again at the next attempt time.  A message with
+the null sender (a bounce, ours or another MTA's) that fails is reported to
+``double_bounce_recipient`` (the postmaster) instead: a double bounce.  A
+double bounce that fails is never reported again (no triple bounce): it goes
+to hold/ with its failed recipients still pending and an error in the log, for
+the administrator to release once the postmaster address works.  No failure
+ends without a report or a message on hold.
 
 Admin requests.  hold/delete of a message in active/ cannot be done by the
 admin process without racing the delivery, so it leaves R/requests/<qid>.hold
@@ -85,7 +97,7 @@ from __future__ import annotations
 import functools
 import heapq
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO, Callable
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
@@ -111,6 +123,12 @@ FRESH_BYTES = 32 * 1024 * 1024
 NO_REPLY = Reply(451, "4.3.0", "Delivery agent gave no result, will retry")
 
 
+def no_route(address: str) -> Reply:
+    """The result of a recipient whose domain no next hop serves (it is not sent)."""
+    domain = address.rpartition("@")[2] or address
+    return Reply(451, "4.4.4", f"no route to {domain}: no next hop serves this domain")
+
+
 @dataclass(frozen=True)
 class QueueSettings:
     retry_min: float = 300
@@ -123,6 +141,7 @@ class QueueSettings:
     request_interval: float = 1.0     # poll of R/requests/
     stop_timeout: float = 30.0        # stop() waits at most this long for batches in flight
     return_limit: int = RETURN_LIMIT  # RET=FULL bounces return messages up to this size
+    double_bounce_recipient: str = "postmaster"   # told of failed null-sender mail
 
     def __post_init__(self) -> None:
         for name in ("retry_min", "retry_max", "lifetime", "scan_interval",
@@ -148,15 +167,19 @@ class Job:
     pending: list[Recipient]
     status: dict[str, Any]
     status_file: bool = True          # False: known to have none (first attempt of a fresh message)
+    unrouted: dict[str, Reply] = field(default_factory=dict)   # pending recipients with no route
 
 
 class QueueManager:
     def __init__(self, spool: Spool, deliver: DeliverFn, settings: QueueSettings = QueueSettings(),
-                 *, reactor, log_prefix: str = "", relay: str = "next-hop"):
+                 *, reactor, log_prefix: str = "", relay: str = "next-hop",
+                 route: Callable[[str], bool] | None = None):
         """``relay`` names the next hop in log lines; ``log_prefix`` (e.g. "edge: ")
-        starts each log line of this manager."""
+        starts each log line of this manager; ``route(address)`` tells whether the
+        next hop serves a recipient (None: it serves every one)."""
         self.spool = spool
         self.deliver = deliver
+        self.route = route
         self.settings = settings
         self.reactor = reactor
         self.log_prefix = log_prefix
@@ -442,17 +465,21 @@ class QueueManager:
             if wanted is None or rcpt.address in wanted:
                 pending.append(rcpt)
         self.inflight.add(qid)
+        route = self.route
+        unrouted = {} if route is None else {r.address: no_route(r.address)
+                                             for r in pending if not route(r.address)}
         env = message.envelope
         log.info("{prefix}{qid}: from=<{sender}>, size={size}, nrcpt={nrcpt}, "
                  "upstream={upstream} (queue active)", prefix=self.log_prefix, qid=qid,
                  sender=env.sender, size=message.body_len, nrcpt=len(pending),
                  upstream=env.upstream_id or "-")
-        return Job(qid, message, pending, status, status_file)
+        return Job(qid, message, pending, status, status_file, unrouted)
 
     def run_batch(self, jobs: list[Job]) -> None:
-        deliverable = [j for j in jobs if j.pending]
+        deliverable = [j for j in jobs if len(j.pending) > len(j.unrouted)]
         if deliverable:
-            items = [(j.qid, replace(j.message.envelope, recipients=list(j.pending)),
+            items = [(j.qid, replace(j.message.envelope,
+                                     recipients=[r for r in j.pending if r.address not in j.unrouted]),
                       j.message.open_body, j.message.body_len) for j in deliverable]
             d = maybeDeferred(self.deliver, items)
             d.addCallback(self.check_results, len(deliverable))
@@ -480,8 +507,8 @@ class QueueManager:
                      results: list[dict[str, Reply]]) -> Deferred:
         by_qid = {j.qid: r for j, r in zip(deliverable, results)}
         requests = self.inflight_requests
-        return gatherResults([self.finish(j, by_qid.get(j.qid, {}), requests) for j in jobs],
-                             consumeErrors=True)
+        return gatherResults([self.finish(j, {**j.unrouted, **by_qid.get(j.qid, {})}, requests)
+                              for j in jobs], consumeErrors=True)
 
     def batch_done(self, _: Any) -> None:
         self.batches -= 1
@@ -533,25 +560,36 @@ class QueueManager:
             return
         hold = f"{qid}.hold" in requests
 
-        if failed:
-            if env.sender == "":
-                log.info("{prefix}{qid}: no bounce for the null sender ({n} failed)",
-                         prefix=self.log_prefix, qid=qid, n=len(failed))
-                failed, expired = {}, set()
+        if failed and env.sender == "" and env.notice == "double-bounce":
+            # Never a triple bounce: the administrator gets the message itself.
+            log.error("{prefix}{qid}: undeliverable double bounce to {to} ({reply}); put on hold "
+                      "for the administrator (smarthost queue show / release)", prefix=self.log_prefix,
+                      qid=qid, to=",".join(f"<{a}>" for a in failed),
+                      reply=str(next(iter(failed.values()))))
+            by_addr = {r.address: r for r in env.recipients}
+            for address, reply in failed.items():
+                deferred.append(by_addr.get(address, Recipient(address)))
+                last[address] = str(reply)
+            failed, expired, hold = {}, set(), True
+        elif failed:
+            double = env.sender == ""
+            try:
+                bounce_qid = await self.send_bounce(job, failed, expired, now, double=double)
+            except Exception:
+                log.failure("{prefix}{qid}: could not queue the bounce; will retry",
+                            prefix=self.log_prefix, qid=qid)
             else:
-                try:
-                    bounce_qid = await self.send_bounce(job, failed, expired, now)
-                except Exception:
-                    log.failure("{prefix}{qid}: could not queue the bounce; will retry",
-                                prefix=self.log_prefix, qid=qid)
+                if double:
+                    log.info("{prefix}{qid}: undeliverable mail with the null sender; postmaster "
+                             "notification (double bounce) to <{to}>: {bqid}", prefix=self.log_prefix,
+                             qid=qid, to=self.settings.double_bounce_recipient, bqid=bounce_qid)
+                elif bounce_qid:
+                    log.info("{prefix}{qid}: sender non-delivery notification: {bqid}",
+                             prefix=self.log_prefix, qid=qid, bqid=bounce_qid)
                 else:
-                    if bounce_qid:
-                        log.info("{prefix}{qid}: sender non-delivery notification: {bqid}",
-                                 prefix=self.log_prefix, qid=qid, bqid=bounce_qid)
-                    else:
-                        log.info("{prefix}{qid}: no bounce: NOTIFY excludes FAILURE",
-                                 prefix=self.log_prefix, qid=qid)
-                    failed, expired = {}, set()
+                    log.info("{prefix}{qid}: no bounce: NOTIFY excludes FAILURE",
+                             prefix=self.log_prefix, qid=qid)
+                failed, expired = {}, set()
 
         if not deferred and not failed:
             # unlink waits on the file system's journal under fsync load: off the reactor
@@ -578,9 +616,10 @@ class QueueManager:
         spool.set_next_attempt(qid, "active", next_attempt)
         if hold:
             spool.move(qid, "active", "hold")
-            spool.clear_request(f"{qid}.hold")
-            requests.discard(f"{qid}.hold")
-            log.info("{prefix}{qid}: put on hold by admin request", prefix=self.log_prefix, qid=qid)
+            if f"{qid}.hold" in requests:
+                spool.clear_request(f"{qid}.hold")
+                requests.discard(f"{qid}.hold")
+                log.info("{prefix}{qid}: put on hold by admin request", prefix=self.log_prefix, qid=qid)
         elif spool.move(qid, "active", "deferred") and self.running:
             self.wake_at(qid, next_attempt)
 
@@ -594,12 +633,14 @@ class QueueManager:
             self.wake_at(job.qid, when)
 
     async def send_bounce(self, job: Job, failed: dict[str, Reply], expired: set[str],
-                          now: float) -> str | None:
+                          now: float, double: bool = False) -> str | None:
+        """Queue the report of ``failed``: to the sender, or (``double``) to the postmaster."""
         env = job.message.envelope
         build = functools.partial(
             make_bounce, env, job.qid, failed, self.settings.bounce_notice_hostname,
             env.received_at, job.message.read_prefix, expired=frozenset(expired), now=now,
-            return_limit=self.settings.return_limit)
+            return_limit=self.settings.return_limit,
+            postmaster=self.settings.double_bounce_recipient if double else None)
         result = await self.spool.run(build)
         if result is None:
             return None

@@ -3,6 +3,7 @@ filter's queue, bounces and loop protection, on real processes."""
 from __future__ import annotations
 
 import re
+import signal
 import time
 
 import pytest
@@ -111,7 +112,9 @@ def test_unknown_user_without_verification_bounces_to_the_sender(make_pipeline):
     assert returned is not None and "Subject: to nobody" in returned.as_string()
 
 
-def test_null_sender_to_unknown_user_is_not_bounced(make_pipeline):
+def test_null_sender_to_unknown_user_goes_to_the_postmaster_as_a_double_bounce(make_pipeline):
+    """Mail with the null sender cannot be returned; it is not dropped either: the
+    postmaster (here an alias of alice) gets the report with the message attached."""
     p = make_pipeline(filter=NO_VERIFY)
     replies = transaction(p.edge.port, "", [NOBODY], message("null sender", sender="MAILER-DAEMON@example.net",
                                                              to=NOBODY))
@@ -120,11 +123,36 @@ def test_null_sender_to_unknown_user_is_not_bounced(make_pipeline):
     m = p.filter.wait_log(rf"({QID}): to=<{re.escape(NOBODY)}>[^\n]*upstream={edge_qid}[^\n]*"
                           rf"status=bounced \(550 5\.1\.1")
     fqid = m.group(1)
-    p.filter.wait_log(rf"{fqid}: no bounce for the null sender")
-    p.filter.wait_log(rf"{fqid}: removed")
-    time.sleep(1.0)
-    assert p.messages(ALICE) == []
+    p.filter.wait_log(rf"{fqid}: undeliverable mail with the null sender; postmaster notification "
+                      rf"\(double bounce\) to <postmaster>: {QID}")
+    [path] = p.wait_messages(ALICE, 1)
+    report = parse_mail(path)
+    assert report["To"] == "<postmaster>" and report["Return-Path"].strip() == "<>"
+    assert report.get_content_type() == "multipart/report"
+    assert "Subject: null sender" in report.get_payload()[2].as_string()
     assert "non-delivery notification" not in p.filter.log_text()
+
+
+def test_a_bounce_with_no_route_waits_in_the_queue_saying_why(make_pipeline):
+    """A recipient that disappeared from the domain tier after the filter's verification
+    cache learned it: 250 at the edge, 550 at the domain tier, and the bounce is for an
+    outside sender whom no next hop serves. It is deferred, never offered to a hop that
+    must refuse it, and `queue list` says why."""
+    p = make_pipeline(filter={"verify": {"positive_ttl": 3600}})
+    bob = f"bob@{DOMAIN}"
+    assert _rcpt_reply(p.edge.port, bob).code == 250              # now in the filter's cache
+    users = [u for u in p.domain.sections["mailboxes"]["users"] if u != bob]
+    p.domain.write_config({"mailboxes": {"users": users}})
+    p.domain.signal(signal.SIGHUP)
+    p.domain.wait_log("configuration reloaded")
+    replies = transaction(p.edge.port, "someone@outside.example", [bob], message("to bob", to=bob))
+    assert [r.code for r in replies] == [250, 250, 354, 250], replies
+    p.filter.wait_log(rf"to=<{re.escape(bob)}>[^\n]*status=bounced \(550 5\.1\.1")
+    m = p.filter.wait_log(rf"({QID}): to=<someone@outside\.example>[^\n]*status=deferred "
+                          rf"\(451 4\.4\.4 no route to outside\.example")
+    listing = p.filter.queue("list").stdout
+    assert m.group(1) in listing and "451 4.4.4 no route to outside.example" in listing, listing
+    assert "outside.example" not in p.domain.log_text()            # never offered to the domain tier
 
 
 # -- loop protection ------------------------------------------------------------------------------

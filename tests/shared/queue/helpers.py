@@ -121,10 +121,10 @@ class FakeDeliver:
         return [qid for batch in self.calls for qid, _, _ in batch]
 
 
-def make_manager(spool: Spool, deliver, clock: Clock, **settings) -> QueueManager:
+def make_manager(spool: Spool, deliver, clock: Clock, route=None, **settings) -> QueueManager:
     settings.setdefault("request_interval", 1.0)
     return QueueManager(spool, deliver, QueueSettings(**settings), reactor=clock,
-                        log_prefix="test: ", relay="next.example[192.0.2.1]:25")
+                        log_prefix="test: ", relay="next.example[192.0.2.1]:25", route=route)
 
 
 def run_until(clock: Clock, when: float) -> None:

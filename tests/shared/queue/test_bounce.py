@@ -161,3 +161,40 @@ def test_utf8_message_uses_global_types():
     assert status.get_content_type() == "message/global-delivery-status"
     assert returned.get_content_type() == "message/global-headers"
     assert "utf-8; bj\u00f6rn@ex\u00e4mple.net".encode() in data
+
+
+def test_a_failed_null_sender_message_is_reported_to_the_postmaster_as_a_double_bounce():
+    env = envelope(sender="", rcpts=(Recipient("gone@example.org", ("NEVER",)),), received_at=NOW - 60)
+    assert make_bounce(env, "01QUEUEID000000000000", {"gone@example.org": PERM},
+                       "mx.example.org", env.received_at, reader(BODY), now=NOW) is None
+    result = make_bounce(env, "01QUEUEID000000000000", {"gone@example.org": PERM}, "mx.example.org",
+                         env.received_at, reader(BODY), now=NOW, postmaster="postmaster@example.org")
+    assert result is not None                      # NOTIFY=NEVER does not silence the postmaster
+    benv, data = result
+    assert benv.sender == "" and benv.notice == "double-bounce"
+    assert [r.address for r in benv.recipients] == ["postmaster@example.org"]
+    msg = parse(data)
+    assert msg["To"] == "<postmaster@example.org>"
+    human, status, returned = report_parts(msg)
+    assert "<gone@example.org>" in human.get_payload(decode=True).decode()
+    assert returned.get_content_type() == "message/rfc822"       # the whole failed message
+    # a message with a real sender is never a double bounce
+    normal = envelope(rcpts=("bob@example.net",))
+    assert make_bounce(normal, "01QUEUEID000000000000", {"bob@example.net": PERM}, "mx.example.org",
+                       NOW, reader(BODY), now=NOW, postmaster="postmaster@example.org") is None
+    benv, _ = make_bounce(normal, "01QUEUEID000000000000", {"bob@example.net": PERM}, "mx.example.org",
+                          NOW, reader(BODY), now=NOW)
+    assert benv.notice == "bounce"
+
+
+def test_every_line_of_a_report_fits_the_line_limit_whatever_the_remote_said():
+    """A remote reply may be many long lines, or one long word: quoted as it is, the report
+    would be refused by the next hop (line too long) and the failure would never be told."""
+    long_reply = Reply(550, "5.7.1", "\n".join(["x" * 500] * 6 + ["é" * 1500]))
+    env = envelope(rcpts=("bob@example.net",), ret="FULL")
+    _, data = make_bounce(env, "01QUEUEID000000000000", {"bob@example.net": long_reply},
+                          "mx.example.org", NOW, reader(BODY), now=NOW)
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    data.decode("utf-8")                            # never cut inside a character
+    human, status, _ = report_parts(parse(data))
+    assert "x" * 70 in human.get_payload(decode=True).decode()

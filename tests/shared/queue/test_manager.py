@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from shared.envelope import Recipient
+from shared.queue import admin
 from shared.queue.manager import QueueSettings
 from shared.smtp.reply import Reply
 from tests.shared.queue.helpers import (
@@ -117,16 +118,70 @@ def test_5xx_bounce_is_queued_and_delivered(spool, clock):
     assert per_rcpt["Status"] == "5.1.1" and per_rcpt["Action"] == "failed"
 
 
-def test_null_sender_never_bounced(spool, clock):
-    deliver = FakeDeliver(lambda qid, env, r: PERM)
+def test_failed_null_sender_mail_goes_to_the_postmaster_as_a_double_bounce(spool, clock):
+    """A bounce (ours or another MTA's) that cannot be delivered is not dropped: the
+    postmaster is told, with the failed message attached."""
+    deliver = FakeDeliver(lambda qid, env, r: OK if r.address == "postmaster@example.org" else PERM)
+    mgr = make_manager(spool, deliver, clock, double_bounce_recipient="postmaster@example.org")
+    mgr.start()
+    qid = queue_message(spool, envelope(sender="", rcpts=("gone@example.org",)))
+    with capturedLogs() as events:
+        mgr.notify(qid)
+        clock.advance(0)
+        clock.advance(0)
+    assert len(deliver.delivered) == 2 and deliver.delivered[0] == qid
+    [(benv, msg)] = bounces(deliver)[1:]
+    assert benv.notice == "double-bounce"
+    assert [r.address for r in benv.recipients] == ["postmaster@example.org"]
+    assert b"Subject: test message" in msg.get_payload()[2].as_bytes()
+    assert states(spool) == {}
+    assert "postmaster notification (double bounce) to <postmaster@example.org>" in "\n".join(messages(events))
+
+
+def test_a_double_bounce_that_fails_is_kept_on_hold_never_reported_again(spool, clock):
+    deliver = FakeDeliver(lambda qid, env, r: PERM)       # the postmaster address is broken too
     mgr = make_manager(spool, deliver, clock)
     mgr.start()
-    qid = queue_message(spool, envelope(sender=""))
+    qid = queue_message(spool, envelope(sender="", rcpts=("gone@example.org",)))
+    with capturedLogs() as events:
+        mgr.notify(qid)
+        for _ in range(4):
+            clock.advance(0)
+    assert len(deliver.delivered) == 2                   # the message, its double bounce: no third
+    [double] = deliver.delivered[1:]
+    assert states(spool) == {"hold": [double]}
+    status = spool.read_status(double)
+    assert status["pending"] == ["postmaster"] and "550 5.1.1" in status["last_reply"]["postmaster"]
+    text = "\n".join(messages(events))
+    assert f"{double}: undeliverable double bounce to <postmaster> (550 5.1.1 User unknown); put on hold" in text
+    # released once the postmaster works again, it is delivered
+    deliver.script = lambda qid, env, r: OK
+    assert admin.release(spool.root, [double]) == {double: "released"}
+    run_until(clock, clock.seconds() + 2)            # the next poll of requests/
+    assert deliver.delivered[2:] == [double] and states(spool) == {}
+
+
+def test_recipients_without_a_route_are_deferred_not_sent(spool, clock):
+    """The next hop serves example.net only: a recipient elsewhere must not be offered to
+    it (it would refuse, and the bounce would go nowhere); it waits, saying why."""
+    deliver = FakeDeliver()
+    mgr = make_manager(spool, deliver, clock, route=lambda a: a.endswith("@example.net"))
+    mgr.start()
+    qid = queue_message(spool, envelope(rcpts=("bob@example.net", "eve@elsewhere.example")))
     mgr.notify(qid)
     clock.advance(0)
+    [[(_, env, _)]] = deliver.calls
+    assert [r.address for r in env.recipients] == ["bob@example.net"]
+    assert states(spool) == {"deferred": [qid]}
+    status = spool.read_status(qid)
+    assert status["pending"] == ["eve@elsewhere.example"]
+    assert status["last_reply"]["eve@elsewhere.example"].startswith(
+        "451 4.4.4 no route to elsewhere.example")
+    # a message none of whose recipients has a route is not handed to the delivery at all
+    only = queue_message(spool, envelope(rcpts=("eve@elsewhere.example",)))
+    mgr.notify(only)
     clock.advance(0)
-    assert deliver.delivered == [qid]
-    assert states(spool) == {} and os.listdir(spool.root / "tmp") == []
+    assert len(deliver.calls) == 1 and only in spool.list("deferred")
 
 
 def test_notify_never_respected(spool, clock):
@@ -450,12 +505,12 @@ def test_notify_with_what_was_committed_skips_rereading_the_file(spool, clock):
     qid = queue_message(spool, written)
     # What the committing session hands over is used as is: the file is not parsed again.
     committed = envelope(rcpts=("carol@example.net",), upstream_id="EDGE1")
-    mgr.notify(qid, (committed, len(BODY) - 5))     # a body length only the caller knows
+    mgr.notify(qid, (committed, len(BODY)))
     clock.advance(0)
     assert deliver.delivered == [qid]
     _, env, data = deliver.calls[0][0]
     assert [r.address for r in env.recipients] == ["carol@example.net"]
-    assert data == BODY[:-5]
+    assert data == BODY
     assert states(spool) == {}
 
 
