@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
-from shared.smtp.reply import TEMPFAIL_LOCAL, Reply
-
-INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
+from shared.smtp.reply import Reply, storage_error
 
 log = Logger(namespace="smarthost.queue")
 
@@ -43,7 +41,7 @@ class QueueSession:
             self.message = self.sink.spool.new_message(qid=txn.queue_id)
         except OSError as e:
             log.error("{qid}: cannot create queue file: {err}", qid=txn.queue_id, err=str(e))
-            return TEMPFAIL_LOCAL
+            return storage_error(e)
         return None
 
     def write(self, chunk: bytes) -> None:
@@ -56,10 +54,11 @@ class QueueSession:
     def data_end(self, txn):
         message, self.message = self.message, None
         if self.write_error is not None:
-            log.error("{qid}: queue file write failed: {err}", qid=txn.queue_id, err=str(self.write_error))
-            self.write_error = None
+            error, self.write_error = self.write_error, None
+            log.error("{qid}: queue file write failed: {err}", qid=txn.queue_id,
+                      err=error.strerror or str(error))
             message.abort()
-            return INSUFFICIENT_STORAGE
+            return storage_error(error)
         d = message.commit(txn.envelope)
 
         def durable(_):
@@ -67,9 +66,9 @@ class QueueSession:
             return Reply(250, "2.0.0", f"Ok: queued as {message.qid}")
 
         def failed(failure):
-            log.failure("{qid}: queue file write failed", failure, qid=txn.queue_id)
+            # The spool logged the failure (one line for an OSError such as a full disk).
             message.abort()
-            return TEMPFAIL_LOCAL
+            return storage_error(failure.value)
         return d.addCallbacks(durable, failed)
 
     def abort(self, txn) -> None:

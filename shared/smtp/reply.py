@@ -6,6 +6,7 @@ multiline ``250-`` form when the text has several lines.
 """
 from __future__ import annotations
 
+import errno
 import re
 from dataclasses import dataclass
 
@@ -80,3 +81,12 @@ RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: User unknown")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop?)")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing transmission channel")
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
+
+
+def storage_error(exc: BaseException, otherwise: Reply = TEMPFAIL_LOCAL) -> Reply:
+    """The reply for a failed write: a full disk or quota is 452 4.3.1 (RFC 3463: mail
+    system full), anything else `otherwise`."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return INSUFFICIENT_STORAGE
+    return otherwise

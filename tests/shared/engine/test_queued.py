@@ -89,6 +89,17 @@ def test_failed_commit_is_451_never_250():
     assert (reply.code, reply.enhanced) == (451, "4.3.0") and m.aborted and mgr.notified == []
 
 
+def test_disk_full_at_commit_is_452_too():
+    """The last bytes are written with the fsync, in the pool: a full disk shows there."""
+    m, mgr = Message("Q1", commit=defer.fail(OSError(errno.ENOSPC, "No space left on device"))), Manager()
+    s = QueueSink(Spool(m), mgr).session(None)
+    t = txn()
+    s.data_start(t)
+    s.write(b"x")
+    reply = result(s.data_end(t))
+    assert (reply.code, reply.enhanced) == (452, "4.3.1") and m.aborted and mgr.notified == []
+
+
 def test_session_call_helper_turns_a_sink_exception_into_a_failed_deferred():
     from shared.engine.session import _call
 
