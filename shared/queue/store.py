@@ -21,14 +21,23 @@ and the other sees ENOENT.
 Queue file format::
 
     [message bytes][envelope JSON, UTF-8][trailer]
-    trailer = b"SMQ1END\\n" + u64 message length + u64 envelope length
-              + u32 crc32(envelope JSON)          (big endian, 28 bytes)
+    trailer = b"SMQ2END\\n" + u64 message length + u64 envelope length
+              + u32 crc32(envelope JSON) + u32 crc32(message bytes)
+                                                  (big endian, 32 bytes)
 
 The message is written first, in chunks, while DATA streams in (so a large
-message never sits in memory); the envelope and trailer are appended at
-commit.  The trailer proves the file is complete: a file whose trailer is
-missing, whose lengths disagree with the file size, whose checksum fails or
-whose envelope does not parse is corrupt.
+message never sits in memory); its CRC-32 is computed from the same chunks as
+they arrive, and the envelope and trailer are appended at commit.  The trailer
+proves the file is complete: a file whose trailer is missing, whose lengths
+disagree with the file size, whose envelope checksum fails or whose envelope
+does not parse is corrupt.  The message checksum is verified where the message
+is read whole anyway -- by recovery, and while it is sent to the next hop
+(:meth:`QueuedMessage.open_body`) -- so picking a file up reads only its
+trailer and envelope.
+
+Files written before the message checksum have the 28-byte trailer
+``b"SMQ1END\\n"`` + the same three fields; they are still read and delivered,
+their message bytes unchecked.
 
 Durability: :meth:`IncomingMessage.commit` appends the trailer, fsyncs the
 file, renames it from tmp/ to incoming/ and fsyncs incoming/ before its
@@ -45,6 +54,7 @@ syntax before they are used in a path.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
 import json
@@ -54,7 +64,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.logger import Logger
@@ -72,9 +82,14 @@ TMP = "tmp"
 STATUS = "status"
 REQUESTS = "requests"
 
-MAGIC = b"SMQ1END\n"
-_TRAILER = struct.Struct(">8sQQI")
+MAGIC = b"SMQ2END\n"
+_TRAILER = struct.Struct(">8sQQII")      # magic, message length, envelope length, envelope CRC, message CRC
 TRAILER_SIZE = _TRAILER.size
+MAGIC_V1 = b"SMQ1END\n"                  # read, never written: no message CRC
+_TRAILER_V1 = struct.Struct(">8sQQI")
+TRAILER_V1_SIZE = _TRAILER_V1.size
+CHECK_CHUNK = 1024 * 1024                # bytes read at a time when recovery checks a message
+MESSAGE_MISMATCH = "message checksum mismatch"
 HEADER_READ_LIMIT = 64_000     # how much of a message admin tools read to show its header
 
 # Queue ids come from shared.ids (time-sortable, unique across nodes); any
@@ -96,6 +111,18 @@ class CorruptFile(ValueError):
         self.reason = reason
 
 
+class CorruptBody(OSError):
+    """The message bytes read from a queue file do not match its checksum.
+
+    An OSError (EBADMSG, ``strerror`` = the reason), so that whoever reads a
+    message treats it like a read error: the message is not passed on.
+    """
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(errno.EBADMSG, reason, path)
+        self.reason = reason
+
+
 class SpoolLocked(RuntimeError):
     """Another daemon already runs on this spool."""
 
@@ -105,62 +132,163 @@ def encode_envelope(envelope: Envelope) -> bytes:
                       separators=(",", ":")).encode("utf-8")
 
 
-def make_trailer(body_len: int, envelope_json: bytes) -> bytes:
-    return _TRAILER.pack(MAGIC, body_len, len(envelope_json), zlib.crc32(envelope_json))
+def make_trailer(body_len: int, body_crc: int, envelope_json: bytes) -> bytes:
+    """The end record of a message of ``body_len`` bytes with CRC-32 ``body_crc``."""
+    return _TRAILER.pack(MAGIC, body_len, len(envelope_json), zlib.crc32(envelope_json), body_crc)
 
 
-def read_queue_file(path: Path) -> tuple[Envelope, int, int]:
+class Trailer(NamedTuple):
+    body_len: int
+    env_len: int
+    env_crc: int
+    body_crc: int | None          # None: an SMQ1 file, no message checksum
+    file_size: int
+
+
+def read_trailer(fd: int, path: str | Path) -> Trailer:
+    """The trailer of the open queue file ``fd``, checked against the file's
+    size.  Raises :class:`CorruptFile`.  Leaves the file offset alone."""
+    size = os.fstat(fd).st_size
+    if size < TRAILER_V1_SIZE:
+        raise CorruptFile(path, f"truncated: {size} bytes, no end record")
+    tail = os.pread(fd, TRAILER_SIZE, max(0, size - TRAILER_SIZE))
+    if len(tail) == TRAILER_SIZE and tail.startswith(MAGIC):
+        _, body_len, env_len, env_crc, body_crc = _TRAILER.unpack(tail)
+        trailer_size = TRAILER_SIZE
+    elif tail[-TRAILER_V1_SIZE:].startswith(MAGIC_V1):
+        _, body_len, env_len, env_crc = _TRAILER_V1.unpack(tail[-TRAILER_V1_SIZE:])
+        body_crc, trailer_size = None, TRAILER_V1_SIZE
+    else:
+        raise CorruptFile(path, "no end record (truncated or not a queue file)")
+    if body_len + env_len + trailer_size != size:
+        raise CorruptFile(path, f"length mismatch: record says {body_len}+{env_len}, "
+                                f"file has {size - trailer_size} bytes")
+    return Trailer(body_len, env_len, env_crc, body_crc, size)
+
+
+def read_queue_file(path: str | Path, *, check_message: bool = False) -> tuple[Envelope, int, int]:
     """Validate a queue file: return (envelope, message length, file size).
 
-    Raises :class:`CorruptFile` naming the reason, FileNotFoundError if it is gone.
+    ``check_message`` also reads the whole message, CHECK_CHUNK bytes at a
+    time, and verifies its checksum (SMQ1 files have none).  Raises
+    :class:`CorruptFile` naming the reason, FileNotFoundError if it is gone.
     """
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < TRAILER_SIZE:
-            raise CorruptFile(path, f"truncated: {size} bytes, no end record")
-        f.seek(size - TRAILER_SIZE)
-        magic, body_len, env_len, crc = _TRAILER.unpack(f.read(TRAILER_SIZE))
-        if magic != MAGIC:
-            raise CorruptFile(path, "no end record (truncated or not a queue file)")
-        if body_len + env_len + TRAILER_SIZE != size:
-            raise CorruptFile(path, f"length mismatch: record says {body_len}+{env_len}, "
-                                    f"file has {size - TRAILER_SIZE} bytes")
-        f.seek(body_len)
-        raw = f.read(env_len)
-    if zlib.crc32(raw) != crc:
-        raise CorruptFile(path, "envelope checksum mismatch")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        trailer = read_trailer(fd, path)
+        raw = os.pread(fd, trailer.env_len, trailer.body_len)
+        if zlib.crc32(raw) != trailer.env_crc:
+            raise CorruptFile(path, "envelope checksum mismatch")
+        if check_message and trailer.body_crc is not None:
+            crc, offset = 0, 0
+            while offset < trailer.body_len:
+                chunk = os.pread(fd, min(CHECK_CHUNK, trailer.body_len - offset), offset)
+                if not chunk:
+                    raise CorruptFile(path, f"truncated at {offset} bytes while being checked")
+                crc = zlib.crc32(chunk, crc)
+                offset += len(chunk)
+            if crc != trailer.body_crc:
+                raise CorruptFile(path, MESSAGE_MISMATCH)
+    finally:
+        os.close(fd)
     try:
         envelope = Envelope.from_json(json.loads(raw.decode("utf-8")))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CorruptFile(path, f"bad envelope: {type(e).__name__}: {e}") from None
-    return envelope, body_len, size
+    return envelope, trailer.body_len, trailer.file_size
 
 
 @dataclass
 class QueuedMessage:
-    """A validated queue file: its envelope and where its message bytes are."""
+    """A validated queue file: its envelope and where its message bytes are.
+
+    ``damaged`` is None until a read of the message from the file finds it
+    damaged (see :meth:`open_body`); then it says why, and the message must
+    not be delivered but moved to corrupt/.
+    """
     qid: str
     state: str
     envelope: Envelope
     body_len: int
     path: str
     body: bytes | None = None        # the message bytes, when still in memory from reception
+    damaged: str | None = field(default=None, init=False)
 
-    def open_body(self) -> BinaryIO:
-        """The message for reading at offset 0; read ``body_len`` bytes.
+    def open_body(self) -> "io.BytesIO | CheckedBody":
+        """The message for reading from its start; it ends after ``body_len`` bytes.
 
-        The caller closes it.  From the queue file (it stays valid if the file
-        is later renamed to another state directory), or from memory when the
-        message was just received and is small.
+        The caller closes it.  From memory when the message was just received
+        and is small (it never went through the disk); else from the queue
+        file (it stays valid if the file is later renamed to another state
+        directory), checked against the file's message checksum as it is read:
+        see :class:`CheckedBody`.  Raises :class:`CorruptBody` (and sets
+        ``damaged``) if the file's trailer is no longer valid.
         """
         if self.body is not None:
             return io.BytesIO(self.body)
-        return open(self.path, "rb")
+        f = open(self.path, "rb")
+        try:
+            trailer = read_trailer(f.fileno(), self.path)
+        except CorruptFile as e:
+            f.close()
+            self.damaged = e.reason
+            raise CorruptBody(self.path, e.reason) from None
+        except BaseException:
+            f.close()
+            raise
+        return CheckedBody(f, self, trailer.body_crc)
 
     def read_prefix(self, limit: int) -> bytes:
-        """At most ``limit`` bytes from the start of the message (never past it)."""
+        """At most ``limit`` bytes from the start of the message (never past it).
+
+        When that is the whole message it has been checked: CorruptBody if damaged.
+        """
         with self.open_body() as f:
             return f.read(min(limit, self.body_len))
+
+
+class CheckedBody:
+    """The message bytes of a queue file, checked against their CRC-32 as they are read.
+
+    ``read(n)`` returns at most ``n`` bytes (all that is left if ``n`` < 0),
+    and b"" at the end of the message: the envelope after it is never
+    returned.  The CRC is updated with each chunk returned (no second pass,
+    no copy); the read that reaches the end of the message raises
+    :class:`CorruptBody` instead of returning its bytes when the CRC does not
+    match the trailer's, and records the reason in ``message.damaged``.  So a
+    reader that passes on each chunk before asking for the next (the relay
+    client) never passes on the end of a damaged message.  ``crc`` None (an
+    SMQ1 file): nothing to check against, the bytes are returned as they are.
+    """
+
+    def __init__(self, file: BinaryIO, message: QueuedMessage, crc: int | None):
+        self.file = file
+        self.message = message
+        self.expected = crc
+        self.left = message.body_len
+        self.crc = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        n = self.left if size is None or size < 0 else min(size, self.left)
+        if n == 0:
+            return b""
+        data = self.file.read(n)
+        self.left -= len(data)
+        if self.expected is not None:
+            self.crc = zlib.crc32(data, self.crc)
+            if self.left == 0 and self.crc != self.expected:
+                self.message.damaged = MESSAGE_MISMATCH
+                raise CorruptBody(self.message.path, MESSAGE_MISMATCH)
+        return data
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "CheckedBody":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
 
 @dataclass
@@ -240,7 +368,11 @@ class SpoolFiles:
         return None
 
     def open(self, qid: str, state: str) -> QueuedMessage:
-        """Validate and parse a queue file; CorruptFile or FileNotFoundError."""
+        """Validate and parse a queue file; CorruptFile or FileNotFoundError.
+
+        The message bytes are not read here: they are checked when they are
+        read for delivery (:meth:`QueuedMessage.open_body`).
+        """
         path = self.path(qid, state)
         envelope, body_len, _ = read_queue_file(path)
         return QueuedMessage(qid, state, envelope, body_len, path)
@@ -453,7 +585,8 @@ class Spool(SpoolFiles):
           process is receiving right now);
         - active/*: an interrupted delivery -> back to incoming/;
         - every file in incoming/, deferred/ and hold/ is validated by its
-          trailer; a bad one goes to corrupt/ with a log line naming it and why;
+          trailer and its message checksum (the whole file is read, a chunk at
+          a time); a bad one goes to corrupt/ with a log line naming it and why;
         - status files without a queue file are removed.
 
         Call it once at start-up, before the queue manager schedules anything
@@ -488,7 +621,7 @@ class Spool(SpoolFiles):
                     reason = "unexpected file name"
                 else:
                     try:
-                        read_queue_file(path)
+                        read_queue_file(path, check_message=True)
                         count += 1
                         continue
                     except FileNotFoundError:
@@ -524,9 +657,10 @@ class IncomingMessage:
     """A message being received into tmp/<qid>.
 
     ``write`` appends a chunk synchronously (it lands in the page cache; fine
-    on the reactor thread).  ``commit`` makes it durable in incoming/;
-    ``abort`` throws it away.  OSError from ``write`` (disk full) is the
-    caller's to turn into a 4xx reply, after calling ``abort``.
+    on the reactor thread) and adds it to the message's CRC-32 (``crc``), so
+    that commit never reads the message again.  ``commit`` makes it durable
+    in incoming/; ``abort`` throws it away.  OSError from ``write`` (disk
+    full) is the caller's to turn into a 4xx reply, after calling ``abort``.
     """
 
     def __init__(self, spool: Spool, qid: str, fd: int, tmp_name: str | None = None):
@@ -534,6 +668,7 @@ class IncomingMessage:
         self.qid = qid
         self.tmp_name = tmp_name or qid
         self.size = 0
+        self.crc = 0                     # zlib.crc32 of the bytes written so far
         self.fd: int | None = fd
         self.state = "open"          # open -> committing -> committed | aborted
         # Message bytes not yet written: a typical message is written whole by the
@@ -553,6 +688,7 @@ class IncomingMessage:
         self.pending.append(data)
         self.pending_size += len(data)
         self.size += len(data)
+        self.crc = zlib.crc32(data, self.crc)
         if self.pending_size >= WRITE_BEHIND:
             self._flush()
 
@@ -575,7 +711,7 @@ class IncomingMessage:
         rest = b"".join(self.pending)
         if len(rest) == self.size:           # never flushed: the queue manager may send from memory
             self.body = rest
-        tail = rest + env_json + make_trailer(self.size, env_json)
+        tail = rest + env_json + make_trailer(self.size, self.crc, env_json)
         self.pending, self.pending_size = [], 0
         spool = self.spool
         d = spool.run(self._finish_file, tail)

@@ -1,10 +1,12 @@
 """Spool: queue file format, commit durability, group commit, recovery."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import stat
 import struct
+import zlib
 
 import pytest
 from twisted.internet.defer import gatherResults, maybeDeferred
@@ -13,7 +15,8 @@ from twisted.logger import capturedLogs
 
 from shared.envelope import Envelope, Recipient
 from shared.queue.store import (
-    MAGIC, WRITE_BEHIND, QID_RE, TRAILER_SIZE, CorruptFile, Spool, SpoolFiles, SpoolLocked, read_queue_file,
+    CHECK_CHUNK, MAGIC, WRITE_BEHIND, QID_RE, TRAILER_SIZE, CorruptBody, CorruptFile, QueuedMessage, Spool,
+    SpoolFiles, SpoolLocked, encode_envelope, make_trailer, read_queue_file,
 )
 from tests.shared.queue.helpers import BODY, StepRunner, envelope, messages, queue_message
 
@@ -32,8 +35,9 @@ def test_commit_writes_body_envelope_trailer(spool, root, clock):
     assert os.listdir(root / "tmp") == []
     raw = (root / "incoming" / qid).read_bytes()
     assert raw.startswith(BODY)
-    magic, body_len, env_len, _ = struct.unpack(">8sQQI", raw[-TRAILER_SIZE:])
-    assert magic == MAGIC and body_len == len(BODY)
+    magic, body_len, env_len, env_crc, body_crc = struct.unpack(">8sQQII", raw[-TRAILER_SIZE:])
+    assert magic == b"SMQ2END\n" == MAGIC and body_len == len(BODY)
+    assert body_crc == zlib.crc32(BODY) and env_crc == zlib.crc32(raw[body_len:body_len + env_len])
     assert len(raw) == body_len + env_len + TRAILER_SIZE
     stored = json.loads(raw[body_len:body_len + env_len])
     assert stored["envid"] == "E1" and stored["upstream_id"] == "UP1"
@@ -199,8 +203,8 @@ def _corruptions(raw: bytes, body_len: int):
     flipped = bytearray(raw)
     flipped[body_len + 3] ^= 0x20                       # inside the envelope JSON
     yield "flipped", bytes(flipped), "checksum"
-    bad_len = raw[:-TRAILER_SIZE] + struct.pack(">8sQQI", MAGIC, body_len + 1,
-                                                len(raw) - TRAILER_SIZE - body_len, 0)
+    bad_len = raw[:-TRAILER_SIZE] + struct.pack(">8sQQII", MAGIC, body_len + 1,
+                                                len(raw) - TRAILER_SIZE - body_len, 0, 0)
     yield "lengths", bad_len, "length mismatch"
 
 
@@ -218,13 +222,141 @@ def test_read_queue_file_rejects_damage(spool, root, case):
 
 
 def test_bad_envelope_json_is_corrupt(spool, root):
-    from shared.queue.store import make_trailer
     env_json = b'{"sender": "a@example.org"}'               # no recipients
     path = root / "incoming" / "01AAAAAAAAAAAAAAAAAA"
-    path.write_bytes(BODY + env_json + make_trailer(len(BODY), env_json))
+    path.write_bytes(BODY + env_json + make_trailer(len(BODY), zlib.crc32(BODY), env_json))
     with pytest.raises(CorruptFile) as e:
         read_queue_file(path)
     assert "bad envelope" in e.value.reason
+
+
+# -- message checksum -------------------------------------------------------------
+
+MISMATCH = "message checksum mismatch"
+
+
+def _flip(path, offset: int) -> None:
+    """Flip one bit of the byte at ``offset`` in place, as a disk error would."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x04]))
+
+
+def _commit(msg, env) -> None:
+    results = []
+    msg.commit(env).addBoth(results.append)
+    assert results == [None], results
+
+
+@pytest.mark.parametrize("sizes", [(1,), (7, 4096), (WRITE_BEHIND - 1, 5, WRITE_BEHIND + 3),
+                                   (3 * WRITE_BEHIND,)])
+def test_message_crc_from_the_chunks_as_they_arrive_is_that_of_the_whole(spool, root, sizes):
+    body = bytes(range(256)) * (2 * WRITE_BEHIND // 256 + 7)     # written through on the way
+    msg = spool.new_message()
+    offset, chunk_sizes = 0, itertools.cycle(sizes)
+    while offset < len(body):
+        n = next(chunk_sizes)
+        msg.write(body[offset:offset + n])
+        offset += n
+    _commit(msg, envelope())
+    path = root / "incoming" / msg.qid
+    magic, body_len, _, _, body_crc = struct.unpack(">8sQQII", path.read_bytes()[-TRAILER_SIZE:])
+    assert (magic, body_len, body_crc) == (MAGIC, len(body), zlib.crc32(body))
+    read_queue_file(path, check_message=True)
+
+
+def test_flipped_message_byte_is_found_by_recovery_and_moved_to_corrupt(spool, root):
+    big = b"".join(b"line %d\r\n" % i for i in range(CHECK_CHUNK // 8))      # checked in 2 chunks
+    assert len(big) > CHECK_CHUNK
+    good = queue_message(spool, envelope(), big)
+    spool.move(good, "incoming", "deferred")
+    damaged = {}
+    for state, body, offset in (("incoming", BODY, 0), ("deferred", big, len(big) - 3),
+                                ("hold", BODY, len(BODY) // 2)):
+        qid = queue_message(spool, envelope(), body)
+        if state != "incoming":
+            spool.move(qid, "incoming", state)
+        path = root / state / qid
+        _flip(path, offset)
+        read_queue_file(path)                      # pick-up reads only the trailer and envelope
+        with pytest.raises(CorruptFile, match=MISMATCH):
+            read_queue_file(path, check_message=True)
+        damaged[qid] = state
+
+    with capturedLogs() as events:
+        report = spool.recover()
+    text = "\n".join(messages(events))
+
+    assert sorted(report.corrupt) == sorted((qid, state, MISMATCH) for qid, state in damaged.items())
+    assert sorted(os.listdir(root / "corrupt")) == sorted(damaged)
+    for qid, state in damaged.items():
+        assert f"{state}/{qid}: corrupt queue file ({MISMATCH}); moved to corrupt/" in text
+    assert spool.list("deferred") == [good]
+    assert report.counts == {"incoming": 0, "deferred": 1, "hold": 0}
+
+
+def test_smq1_file_from_before_the_upgrade_is_recovered_listed_and_delivered(spool, root):
+    from shared.queue import admin
+    env_json = encode_envelope(envelope(sender="old@example.org"))
+    qid = "01OLDFORMAT000000000"
+    (root / "deferred" / qid).write_bytes(
+        BODY + env_json + struct.pack(">8sQQI", b"SMQ1END\n", len(BODY), len(env_json),
+                                      zlib.crc32(env_json)))
+    new = queue_message(spool, envelope())
+    report = spool.recover()
+    assert report.corrupt == [] and report.counts == {"incoming": 1, "deferred": 1, "hold": 0}
+    listed = {e["qid"]: e for e in admin.list_queue(root)}
+    assert listed[qid]["sender"] == "old@example.org" and listed[qid]["size"] == len(BODY)
+    assert listed[new]["error"] is None
+    assert "Subject: test message" in admin.show(root, qid)
+    msg = spool.open(qid, "deferred")
+    assert msg.body_len == len(BODY)
+    with msg.open_body() as f:
+        assert f.read(len(BODY) + 100) == BODY            # the message, not the envelope after it
+    assert msg.damaged is None
+    assert msg.read_prefix(10**6) == BODY
+
+
+def test_reading_a_queue_file_checks_the_message_as_it_goes(spool, root):
+    intact = spool.open(queue_message(spool, envelope()), "incoming")
+    with intact.open_body() as f:
+        chunks = [f.read(10) for _ in range(-(-len(BODY) // 10))]
+        assert f.read(10) == b""
+    assert b"".join(chunks) == BODY and intact.damaged is None
+
+    qid = queue_message(spool, envelope())
+    _flip(root / "incoming" / qid, 5)
+    msg = spool.open(qid, "incoming")
+    with msg.open_body() as f:
+        head = f.read(len(BODY) - 1)
+        assert len(head) == len(BODY) - 1 and msg.damaged is None      # not known before the end
+        with pytest.raises(CorruptBody) as e:
+            f.read(10)                                                 # the last byte
+    assert isinstance(e.value, OSError) and e.value.strerror == MISMATCH
+    assert msg.damaged == MISMATCH
+    with pytest.raises(CorruptBody):
+        msg.read_prefix(10**6)            # the whole message, as a bounce returns it
+
+
+def test_open_body_of_a_file_damaged_since_pick_up(spool, root):
+    qid = queue_message(spool, envelope())
+    msg = spool.open(qid, "incoming")
+    path = root / "incoming" / qid
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(CorruptBody, match="no end record"):
+        msg.open_body()
+    assert msg.damaged.startswith("no end record")
+
+
+def test_message_held_in_memory_is_not_read_from_the_file(spool, root):
+    qid = queue_message(spool, envelope())
+    _flip(root / "incoming" / qid, 5)
+    msg = QueuedMessage(qid, "incoming", envelope(), len(BODY), spool.path(qid, "incoming"), BODY)
+    with msg.open_body() as f:
+        assert f.read(len(BODY)) == BODY
+    assert msg.damaged is None
 
 
 # -- recovery ---------------------------------------------------------------------

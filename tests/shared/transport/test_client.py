@@ -656,6 +656,32 @@ def test_truncated_queue_file_never_ends_the_message():
     assert world.servers[0].messages == []
 
 
+def test_damaged_queue_file_is_never_ended_with_the_final_dot(tmp_path):
+    from shared.queue.store import Spool
+    spool = Spool(tmp_path / "spool", reactor=Clock(), fsync=False,
+                  runner=lambda f, *a: succeed(f(*a)))
+    data = b"".join(b"line %d\r\n" % i for i in range(3 * BODY_CHUNK // 8))   # > 2 chunks
+    incoming = spool.new_message()
+    incoming.write(data)
+    incoming.commit(envelope("x@example.org"))
+    path = spool.path(incoming.qid, "incoming")
+    with open(path, "r+b") as f:                       # one bit flipped in the first chunk
+        f.seek(100)
+        f.write(bytes([data[100] ^ 0x01]))
+    queued = spool.open(incoming.qid, "incoming")
+    world = World({("mx", 25): {}})
+    results = world.run(world.relay().deliver_batch(
+        [(queued.qid, queued.envelope, queued.open_body, queued.body_len)]))
+    reply = results[0]["x@example.org"]
+    assert reply.code == 451 and reply.enhanced == "4.3.0"
+    assert "message checksum mismatch" in reply.text
+    assert queued.damaged == "message checksum mismatch"
+    server = world.servers[0]
+    assert server.in_data and server.messages == []    # the message was never ended
+    assert 0 < len(server.buf) < len(data)              # its first chunks went, not the last
+    assert server.closed                                # aborted, not QUIT
+
+
 def test_unreadable_queue_file_skips_only_that_message():
     world = World({("mx", 25): {}})
     relay = world.relay()
