@@ -86,7 +86,10 @@ R/requests/flush (every deferred message is due now).
 Trust.  The delivery function is ours but its results are checked: a missing
 or malformed result for a recipient counts as a transient failure (451
 4.3.0), a failed call defers the whole batch.  Queue files are validated again
-at pick-up; admin requests are file names checked against the queue id syntax.
+at pick-up, and the message bytes against their checksum as they are read for
+delivery: a damaged message is never completed at the next hop and goes to
+corrupt/ when its attempt ends.  Admin requests are file names checked against
+the queue id syntax.
 
 Shutdown.  stop() takes no new work and waits for the batches in flight (at
 most ``stop_timeout``); files are left where they are, and whatever is still
@@ -526,6 +529,11 @@ class QueueManager:
     async def settle(self, job: Job, replies: dict[str, Reply], requests: set[str]) -> None:
         """Act on one message's results: log, bounce, defer or remove it."""
         spool, qid = self.spool, job.qid
+        if job.message.damaged:
+            # Read back from disk, the message did not match its checksum: the relay
+            # client never sent its end (no "."), nothing was delivered.
+            self.set_apart(job)
+            return
         env = job.message.envelope
         now = self.reactor.seconds()
         expired_now = now - env.received_at > self.settings.lifetime
@@ -575,9 +583,16 @@ class QueueManager:
             double = env.sender == ""
             try:
                 bounce_qid = await self.send_bounce(job, failed, expired, now, double=double)
-            except Exception:
-                log.failure("{prefix}{qid}: could not queue the bounce; will retry",
-                            prefix=self.log_prefix, qid=qid)
+            except Exception as e:
+                if job.message.damaged:            # found while copying it into the bounce
+                    self.set_apart(job)
+                    return
+                if isinstance(e, OSError):         # a full disk: one line, no traceback
+                    log.error("{prefix}{qid}: could not queue the bounce ({err}); will retry",
+                              prefix=self.log_prefix, qid=qid, err=e.strerror or str(e))
+                else:
+                    log.failure("{prefix}{qid}: could not queue the bounce; will retry",
+                                prefix=self.log_prefix, qid=qid)
             else:
                 if double:
                     log.info("{prefix}{qid}: undeliverable mail with the null sender; postmaster "
@@ -622,6 +637,12 @@ class QueueManager:
                 log.info("{prefix}{qid}: put on hold by admin request", prefix=self.log_prefix, qid=qid)
         elif spool.move(qid, "active", "deferred") and self.running:
             self.wake_at(qid, next_attempt)
+
+    def set_apart(self, job: Job) -> None:
+        """A message found damaged while it was read for this attempt: to corrupt/, logged."""
+        self.spool.move(job.qid, "active", "corrupt")
+        log.error("{prefix}{qid}: corrupt queue file ({reason}); moved to corrupt/, not delivered",
+                  prefix=self.log_prefix, qid=job.qid, reason=job.message.damaged)
 
     def settle_failed(self, failure: Failure, job: Job) -> None:
         """Could not record the outcome (disk full?): retry the message later."""

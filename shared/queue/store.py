@@ -745,7 +745,11 @@ class IncomingMessage:
         # The rename may have happened before the directory fsync failed: the
         # client gets a 4xx and will send again, so do not deliver this copy.
         _unlink_quiet(self.spool.path(self.qid, "incoming"))
-        log.failure("{qid}: queue file commit failed", failure, qid=self.qid)
+        if failure.check(OSError):       # a full disk, an I/O error: one line, no traceback
+            log.error("{qid}: queue file commit failed: {err}", qid=self.qid,
+                      err=failure.value.strerror or str(failure.value))
+        else:
+            log.failure("{qid}: queue file commit failed", failure, qid=self.qid)
         return failure
 
     def abort(self) -> None:

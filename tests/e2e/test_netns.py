@@ -142,16 +142,20 @@ def test_smtplib_from_the_client_namespace(lab, tmp_path, tls):
     assert (" with ESMTPS " in received_by(fields, "edge")) == tls, fields
 
 
-def test_filter_refuses_xclient_from_the_client_namespace(lab):
-    """Only the edge may speak for a client: XCLIENT from anyone else is refused."""
+def test_inner_tiers_refuse_the_client_namespace_at_connect(lab):
+    """Nobody skips the edge: the filter and the domain tier greet only their upstream
+    tier, so a client that reaches them directly gets 554 5.7.1 (and no chance to forge
+    an identity with XCLIENT)."""
     out = client_python(lab, f"""
 import json, smtplib
-s = smtplib.SMTP({lab.net.addr['filter']!r}, 25, local_hostname="client.e2e.test", timeout=10)
-s.ehlo()
-code, text = s.docmd("XCLIENT", "ADDR=192.0.2.7 NAME=forged.example")
-print(json.dumps([s.has_extn("xclient"), code, text.decode()]))
-s.quit()
+replies = []
+for addr in ({lab.net.addr['filter']!r}, {lab.net.addr['domain']!r}):
+    try:
+        smtplib.SMTP(addr, 25, local_hostname="client.e2e.test", timeout=10)
+        replies.append([220, ""])
+    except smtplib.SMTPConnectError as e:
+        replies.append([e.smtp_code, e.smtp_error.decode()])
+print(json.dumps(replies))
 """)
-    advertised, code, text = json.loads(out)
-    assert not advertised, "filter advertises XCLIENT to a host outside upstream_hosts"
-    assert 500 <= code < 600, (code, text)
+    for code, text in json.loads(out):
+        assert code == 554 and text.startswith("5.7.1 "), (code, text)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from twisted.internet.defer import fail
+from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
@@ -530,3 +530,39 @@ def test_fresh_message_is_delivered_from_memory_within_the_cap(spool, clock, mon
     sent = {qid: data for batch in deliver.calls for qid, _, data in batch}
     assert b"HELLO Bob" in sent[a] and sent[b] == BODY
     assert mgr.fresh_bytes == 0 and states(spool) == {}
+
+
+def _flip_message_byte(spool, qid: str, state: str = "incoming") -> None:
+    path = spool.path(qid, state)
+    with open(path, "r+b") as f:
+        f.seek(3)
+        byte = f.read(1)
+        f.seek(3)
+        f.write(bytes([byte[0] ^ 0x20]))
+
+
+def test_a_message_damaged_on_disk_is_set_apart_when_read_for_delivery(spool, clock):
+    deliver = FakeDeliver()                       # reads the body from the file: the check fires
+    mgr = make_manager(spool, deliver, clock)
+    mgr.start()
+    qid = queue_message(spool, envelope())
+    _flip_message_byte(spool, qid)
+    with capturedLogs() as events:
+        mgr.notify(qid)                           # no committed copy in memory: read from disk
+        clock.advance(0)
+    assert states(spool) == {"corrupt": [qid]}
+    assert (f"test: {qid}: corrupt queue file (message checksum mismatch); moved to corrupt/, "
+            "not delivered") in "\n".join(messages(events))
+
+
+def test_a_message_found_damaged_while_its_bounce_is_made_is_set_apart(spool, clock):
+    def refuse_unread(items):                    # the next hop refuses before DATA: body unread
+        return succeed([{r.address: PERM for r in env.recipients} for _, env, _, _ in items])
+    mgr = make_manager(spool, refuse_unread, clock)
+    mgr.start()
+    qid = queue_message(spool, envelope(ret="FULL"))     # the bounce returns the whole message
+    _flip_message_byte(spool, qid)
+    mgr.notify(qid)
+    clock.advance(0)
+    clock.advance(0)
+    assert states(spool) == {"corrupt": [qid]}
