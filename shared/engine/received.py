@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from email.utils import formatdate
 
+from shared.smtp.syntax import clip_name
+
 _RECEIVED = re.compile(rb"(?:^|\n)received[ \t]*:", re.IGNORECASE)
 # A whole header: its first line and any folded continuation lines.
 _HEADER = re.compile(rb"\n([^\r\n]*)((?:\r?\n[ \t][^\r\n]*)*)")
@@ -15,20 +17,8 @@ _OURS = re.compile(rb"^received[ \t]*:.*\sby\s+\S+\s+\(smarthost\)", re.IGNORECA
 HEADER_SCAN_LIMIT = 256 * 1024
 
 
-# The longest name a trace line quotes (RFC 5321 4.5.3.1.2: a domain is at most 255
-# octets).  HELO arguments are not otherwise limited (a command line may be 2048
-# octets): a longer one is cut, so that no line of the header can pass the 1000-octet
-# line limit of the tiers behind this one.
-MAX_TRACE_NAME = 255
-
-
-def _clip(value: str | None, default: str = "unknown") -> str:
-    if not value:
-        return default
-    raw = value.encode("utf-8", "replace")
-    if len(raw) <= MAX_TRACE_NAME:
-        return value
-    return raw[:MAX_TRACE_NAME].decode("utf-8", "ignore") + "..."
+def _clip(value: str | None) -> str:
+    return clip_name(value) if value else "unknown"
 
 
 def received_header(*, helo: str | None, client_name: str | None, client_addr: str | None,
@@ -36,8 +26,9 @@ def received_header(*, helo: str | None, client_name: str | None, client_addr: s
                     now: float | None = None) -> bytes:
     """RFC 5321 section 4.4 trace line; 'for' only when there is one recipient.
 
-    Every line stays far below 998 octets: names are clipped to MAX_TRACE_NAME,
-    an address literal and a path (RFC 5321: at most 256 octets) are short.
+    Every line stays far below 998 octets: names are clipped to 255 octets
+    (:func:`~shared.smtp.syntax.clip_name`), an address literal and a path
+    (RFC 5321: at most 256 octets) are short.
     """
     addr = _clip(client_addr)
     literal = f"IPv6:{addr}" if ":" in addr else addr

@@ -31,6 +31,20 @@ __all__ = [
 MAX_LOCAL_PART = 64     # octets, RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255        # octets, RFC 5321 4.5.3.1.2
 MAX_PATH = 256          # octets including "<" and ">", RFC 5321 4.5.3.1.3
+
+
+def clip_name(value: str, limit: int = MAX_DOMAIN) -> str:
+    """A client-given name (a HELO argument, a reverse name) cut to `limit` octets of
+    UTF-8, on a character boundary, "..." marking the cut.
+
+    A HELO argument is bounded only by the command line (2048 octets): quoted whole
+    in a trace header or an XCLIENT command, it could make a line the next tier must
+    refuse.  Nothing legitimate is lost: a domain name has at most 255 octets.
+    """
+    raw = value.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return value
+    return raw[:limit].decode("utf-8", "ignore") + "..."
 MAX_ORCPT = 500         # RFC 3461 4.2
 
 

@@ -50,6 +50,7 @@ from shared.logging import debug_enabled
 from shared.smtp.client import (NEED_DATA, UNAVAILABLE, ClientConnection, LocalProtocolError,
                                 RemoteProtocolError, State)
 from shared.smtp.reply import Reply
+from shared.smtp.syntax import clip_name
 from shared.transport.tcp import no_delay, writer
 
 __all__ = [
@@ -623,13 +624,17 @@ def _lost_text(exc: BaseException, relay: str, phase: str) -> str:
 
 
 def xclient_attributes(info: ClientInfo) -> dict[str, str]:
-    """XCLIENT attributes for the original client; unknown ones "[UNAVAILABLE]"."""
+    """XCLIENT attributes for the original client; unknown ones "[UNAVAILABLE]".
+
+    Names are clipped to 255 octets (:func:`clip_name`): the command must fit the
+    next hop's command line limit whatever HELO the client gave.
+    """
     return {
-        "NAME": info.name or UNAVAILABLE,
+        "NAME": clip_name(info.name) if info.name else UNAVAILABLE,
         "ADDR": _xclient_addr(info.addr),
         "PORT": str(info.port) if info.port is not None else UNAVAILABLE,
         "PROTO": info.proto or UNAVAILABLE,
-        "HELO": info.helo or UNAVAILABLE,
+        "HELO": clip_name(info.helo) if info.helo else UNAVAILABLE,
         "LOGIN": info.login or UNAVAILABLE,
     }
 
@@ -649,7 +654,7 @@ def _xclient_addr(addr: str | None) -> str:
 def _xforward_attributes(qid: str, info: ClientInfo) -> dict[str, str]:
     attrs = {"IDENT": qid}
     if info.name:
-        attrs["NAME"] = info.name
+        attrs["NAME"] = clip_name(info.name)
     if info.addr:
         attrs["ADDR"] = _xclient_addr(info.addr)
     if info.port is not None:
@@ -657,7 +662,7 @@ def _xforward_attributes(qid: str, info: ClientInfo) -> dict[str, str]:
     if info.proto:
         attrs["PROTO"] = info.proto
     if info.helo:
-        attrs["HELO"] = info.helo
+        attrs["HELO"] = clip_name(info.helo)
     return attrs
 
 

@@ -59,7 +59,7 @@ def test_a_helo_as_long_as_a_command_line_allows_is_delivered_not_bounced(limite
     next tier refuses (1000 octets) after the edge has said 250."""
     p = limited
     before = len(p.messages(ALICE))
-    helo = "h" * 1900 + ".example"
+    helo = "h" * (2048 - len("EHLO .example\r\n")) + ".example"       # the longest command line
     replies = transaction(p.edge.port, "sender@example.net", [ALICE], message("long helo"), helo=helo)
     assert replies[-1].code == 250, replies
     path = p.wait_messages(ALICE, before + 1)[-1]
