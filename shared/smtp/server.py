@@ -81,6 +81,7 @@ class ServerConfig:
     max_data_line: int = 1000               # octets including CRLF; 0 = no limit
     max_recipients: int = 1000              # per transaction; 0 = no limit
     hard_error_limit: int = 20              # client-caused 4xx/5xx replies before 421; 0 = no limit
+    junk_command_limit: int = 100           # NOOP/RSET/VRFY/HELP before each one counts as an error; 0 = no limit
     max_buffered_input: int = 65536         # the adapter stops reading above this
     smtputf8: bool = True
     banner: str = "ESMTP"
@@ -93,7 +94,7 @@ class ServerConfig:
         if self.max_command_line < 512:
             raise ValueError("max_command_line must be at least 512 (RFC 5321 4.5.3.1.4)")
         for name in ("max_message_size", "max_data_line", "max_recipients", "hard_error_limit",
-                     "max_buffered_input"):
+                     "junk_command_limit", "max_buffered_input"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
 
@@ -175,6 +176,7 @@ class ServerConnection:
         self._eof = False
         self._skip_line = False          # discarding the rest of an over-long command line
         self._errors = 0
+        self._junk = 0                   # commands that move no mail (NOOP, RSET, VRFY, HELP)
         self._helo: str | None = None
         self._esmtp = False
         # mail transaction
@@ -390,11 +392,11 @@ class ServerConnection:
             self._line_len = self._size = 0
             self._bad_newline = self._long_line = self._too_big = False
         elif isinstance(event, ev.DataEnd):
-            self._errors = 0           # mail was delivered: the error count starts over
+            self._errors = self._junk = 0     # mail was delivered: the counts start over
         elif isinstance(event, ev.XClient):
             self._helo = None          # the session starts over as the original client's
             self._esmtp = False
-            self._errors = 0
+            self._errors = self._junk = 0
             self._state = State.CONNECTED
 
     def _clear_transaction(self) -> None:
@@ -563,9 +565,20 @@ class ServerConnection:
         self._clear_transaction()
         self._write(OK)
         self._events.append(ev.Reset())
+        self._count_junk()
 
     def _cmd_noop(self, verb: str, arg: str) -> None:
         self._write(OK)
+        self._count_junk()
+
+    def _count_junk(self) -> None:
+        """A client that only talks (a flood of NOOPs, RSETs...) keeps a session for
+        nothing: past ``junk_command_limit`` such commands, each counts as an error,
+        so the error limit ends the session (Postfix's smtpd_junk_command_limit)."""
+        self._junk += 1
+        limit = self.config.junk_command_limit
+        if limit and self._junk > limit:
+            self._count_error()
 
     def _cmd_quit(self, verb: str, arg: str) -> None:
         self._write(BYE)
@@ -577,9 +590,11 @@ class ServerConnection:
         if not arg:
             return self._error(Reply(501, "5.5.4", "Syntax: VRFY address"))
         self._write(VRFY_REPLY)
+        self._count_junk()
 
     def _cmd_help(self, verb: str, arg: str) -> None:
         self._write(HELP_REPLY)
+        self._count_junk()
 
     def _cmd_not_implemented(self, verb: str, arg: str) -> None:
         self._error(NOT_IMPLEMENTED)

@@ -250,15 +250,21 @@ class SMTPServerProtocol(protocol.Protocol):
 def upstream_config(config: ServerConfig) -> ServerConfig:
     """The limits for a session from an upstream tier of the pipeline.
 
-    A message grows on its way through the pipeline (each tier adds its
-    Received header, the filter its verdict headers), so a tier behind the edge
-    accepts PIPELINE_ALLOWANCE octets more from its upstream tiers than it
-    accepts, and advertises with SIZE, to anyone else: a message the edge
-    accepted is never refused further in for the pipeline's own additions.
+    The limits the pipeline controls are enforced where mail enters it, at the
+    edge, so that a message the edge accepted is never refused further in (by
+    then it has been acknowledged, and a refusal would become a bounce):
+
+    - size: a message grows on its way (each tier adds its Received header, the
+      filter its verdict headers), so a tier behind the edge accepts, and
+      advertises with SIZE, PIPELINE_ALLOWANCE octets more from its upstream
+      tiers than from anyone else;
+    - line length: checked by the edge, not again;
+    - errors and junk commands: an upstream session carries many clients (kept
+      connections, recipient verification probes), each counted at the edge.
     """
-    if not config.max_message_size:
-        return config
-    return replace(config, max_message_size=config.max_message_size + PIPELINE_ALLOWANCE)
+    size = config.max_message_size + PIPELINE_ALLOWANCE if config.max_message_size else 0
+    return replace(config, max_message_size=size, max_data_line=0, hard_error_limit=0,
+                   junk_command_limit=0)
 
 
 class SMTPServerFactory(protocol.ServerFactory):

@@ -654,6 +654,22 @@ def test_app_rejections_count_and_delivery_resets_the_count():
     assert t.names[-1] == "TooManyErrors"
 
 
+def test_a_client_that_only_talks_is_closed_after_the_junk_command_limit():
+    """NOOP, RSET, VRFY and HELP cost a reply each and move no mail: past the limit
+    each one is an error, so a flood of them ends at the error limit."""
+    junk = b"NOOP\r\nRSET\r\nVRFY x\r\nHELP\r\n" * 2
+    t = talk(EHLO + junk + b"NOOP\r\n" * 3, junk_command_limit=8, hard_error_limit=2)
+    assert t.lines[-3:] == ["250 2.0.0 Ok", "250 2.0.0 Ok", "421 4.7.0 mx.test Error: too many errors"]
+    assert t.names[-1] == "TooManyErrors"
+    # mail delivered starts the count over; 0 is no limit
+    t = talk(EHLO + junk + b"DATA\r\n".join([b"MAIL FROM:<a@s.test>\r\nRCPT TO:<b@r.test>\r\n",
+                                              b".\r\n"]) + junk + b"QUIT\r\n",
+             junk_command_limit=8, hard_error_limit=1)
+    assert t.lines[-1].startswith("221") and "TooManyErrors" not in t.names
+    t = talk(EHLO + junk * 50 + b"QUIT\r\n", junk_command_limit=0, hard_error_limit=1)
+    assert t.lines[-1].startswith("221")
+
+
 def test_a_421_answer_closes_the_session():
     t = talk(TXN + b"NOOP\r\n", answers={ev.RcptTo: Reply(421, "4.7.0", "mx.test closing")})
     assert t.lines[-1] == "421 4.7.0 mx.test closing" and t.conn.closing

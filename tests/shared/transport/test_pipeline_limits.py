@@ -43,6 +43,14 @@ def test_an_upstream_tier_may_send_what_the_pipeline_added_on_top_of_the_limit()
     client.dataReceived(b"EHLO client.test\r\n")
     assert f"250-SIZE {1_000_000 + PIPELINE_ALLOWANCE}\r\n".encode() in edge.value()
     assert b"250-SIZE 1000000\r\n" in other.value()
+    # the edge enforces line length and counts each client's errors: an upstream session,
+    # carrying many clients and probes, is not cut off for them
+    assert (f.upstream_config.max_data_line, f.upstream_config.hard_error_limit,
+            f.upstream_config.junk_command_limit) == (0, 0, 0)
+    upstream.dataReceived(b"FOO\r\n" * 30 + b"NOOP\r\n" * 200)
+    assert b"421" not in edge.value() and not edge.disconnecting
+    client.dataReceived(b"FOO\r\n" * 30)
+    assert b"421 4.7.0 filter.test Error: too many errors" in other.value()
     # a reload replaces the configuration: the allowance follows
     f.server_config = ServerConfig(hostname="filter.test", max_message_size=2_000_000)
     assert f.upstream_config.max_message_size == 2_000_000 + PIPELINE_ALLOWANCE
