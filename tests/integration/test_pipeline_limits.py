@@ -67,3 +67,15 @@ def test_a_helo_as_long_as_a_command_line_allows_is_delivered_not_bounced(limite
     assert b"Subject: long helo" in data
     assert max(len(line) for line in data.split(b"\r\n")) < 1000
     assert not p.filter.log_lines("sender non-delivery notification")
+
+
+def test_the_default_limit_exactly_and_the_window_the_adversarial_test_found(make_pipeline):
+    """10,240,000 octets is the default SIZE; 10,239,650-10,239,800 used to get 250 at the
+    edge and 552 at the domain tier (the pipeline's Received headers counted against it)."""
+    p = make_pipeline()
+    for n, size in enumerate((10_240_000, 10_239_700), 1):
+        replies = transaction(p.edge.port, "sender@example.net", [ALICE], sized(size, f"default {size}"))
+        assert replies[-1].code == 250, (size, replies)
+        path = p.wait_messages(ALICE, n, timeout=30)[-1]
+        assert f"Subject: default {size}".encode() in path.read_bytes()
+    assert not p.filter.log_lines("sender non-delivery notification")
