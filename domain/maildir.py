@@ -41,18 +41,46 @@ def ensure_maildir(path: str) -> None:
         os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
 
 
+class MailboxOutsideRoot(PermissionError):
+    """A mailbox path that, symbolic links resolved, leads out of the maildir root."""
+
+
 class Mailboxes:
-    """Hosted domains, users and aliases: address -> Maildir paths."""
+    """Hosted domains, users and aliases: address -> Maildir paths.
+
+    A mailbox is ROOT/DOMAIN/LOCALPART/Maildir.  Each user's domain and local part
+    must be one ordinary directory name (the configuration refuses others; so does
+    the constructor, with ValueError), so the path built is always below the root;
+    what the directories hold at delivery time is checked by
+    :meth:`check_inside_root`.
+    """
 
     def __init__(self, root: str, domains: list[str], users: list[str], aliases: dict[str, list[str]]) -> None:
         self.root = Path(root)
         self.domains = frozenset(domains)
+        for user in users:
+            for part in user.rpartition("@")[::2]:
+                if not part or part.startswith(".") or "/" in part or "\0" in part:
+                    raise ValueError(f"{user!r}: {part!r} cannot be a directory name under {root}")
         self.users = {u.lower(): u for u in users}
         self.aliases = {a.lower(): [t.lower() for t in ts] for a, ts in aliases.items()}
 
     def maildir(self, user: str) -> str:
         local, _, domain = self.users[user].rpartition("@")
-        return f"{self.root}/{domain}/{local}/Maildir"
+        return os.path.join(self.root, domain, local, "Maildir")
+
+    def check_inside_root(self, path: str) -> None:
+        """Raise MailboxOutsideRoot unless `path`, every symbolic link in it resolved
+        (os.path.realpath, at the time of the call), lies below the real maildir root.
+
+        For the sink, before it makes or writes into a mailbox directory: a link
+        planted inside the root must not carry a delivery elsewhere.
+        """
+        root = os.path.realpath(self.root)
+        real = os.path.realpath(path)
+        if real == root or os.path.commonpath((root, real)) != root:
+            raise MailboxOutsideRoot(errno.EACCES, f"mailbox leads out of the maildir root {root} "
+                                                   f"(to {real})", path)
 
     def resolve(self, address: str) -> list[str] | None:
         """The mailboxes `address` delivers to, or None when it is unknown."""
@@ -113,6 +141,8 @@ class MaildirSink:
         return delivered
 
     def _link(self, tmp_path: str, mbox: str, name: str) -> None:
+        for sub in ("new", "tmp"):                  # tmp: where _copy writes
+            self.mailboxes.check_inside_root(f"{mbox}/{sub}")
         if mbox not in self.known:
             ensure_maildir(mbox)
             self.known.add(mbox)

@@ -14,12 +14,17 @@ from shared.config import ConfigError, load, render
 
 
 def _check_config(args) -> int:
+    """Refuse (exit 2) whatever the tier's daemon would refuse at start-up, with the same
+    message; print the warnings to stderr and the effective settings to stdout."""
+    from shared.daemon import build_check_order, preflight
     try:
         settings = load(args.tier, args.file)
+        preflight(settings)
     except ConfigError as e:
         print(f"smarthost check-config: {e}", file=sys.stderr)
         return 2
-    from shared.daemon import build_check_order
+    for w in settings.warnings:
+        print(f"smarthost check-config: warning: {w}", file=sys.stderr)
     sys.stdout.write(render(settings))
     print("\n# check order")
     for line in build_check_order(settings).splitlines():

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from shared.blocking import BlockingPool
 from shared.checks.core import Chain, Check
 from shared.checks.relay import RelayPolicy
-from shared.config import ConfigError, Settings, load
+from shared.config import ConfigError, Settings, check_host, load
 from shared.netlist import NetworkList
 from shared.engine.session import EngineConfig, EngineSession
 from shared.smtp.server import ServerConfig
@@ -66,19 +66,43 @@ def allowed_clients(settings: Settings) -> NetworkList | None:
 
 
 def tls_context(settings: Settings):
+    """The STARTTLS context of ``server.tls_cert`` and ``server.tls_key`` (None when unset).
+
+    Raises ConfigError naming the key whose file cannot be read or holds no PEM
+    certificate or key, or ``server.tls_key`` when the key is not the certificate's.
+    """
     s = settings["server"]
     if not s["tls_cert"]:
         return None
+    from OpenSSL import crypto
     from twisted.internet import ssl
-    with open(s["tls_cert"], "rb") as f:
-        cert_pem = f.read()
-    with open(s["tls_key"], "rb") as f:
-        key_pem = f.read()
+    pem = {}
+    for name in ("tls_cert", "tls_key"):
+        try:
+            with open(s[name], "rb") as f:
+                pem[name] = f.read()
+        except OSError as e:
+            raise ConfigError(settings.path, f"server.{name}", f"cannot read {s[name]}: {e.strerror}") from None
+    for name, what, loader in (("tls_cert", "certificate", ssl.Certificate.loadPEM),
+                               ("tls_key", "private key", lambda b: ssl.KeyPair.load(b, crypto.FILETYPE_PEM))):
+        try:
+            loader(pem[name])
+        except Exception as e:
+            raise ConfigError(settings.path, f"server.{name}", f"no PEM {what} in {s[name]}: {e}") from None
     try:
-        cert = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+        cert = ssl.PrivateCertificate.loadPEM(pem["tls_cert"] + b"\n" + pem["tls_key"])
     except Exception as e:
-        raise ConfigError(settings.path, "server.tls_cert", f"cannot load certificate/key: {e}") from None
+        raise ConfigError(settings.path, "server.tls_key", f"{s['tls_key']} does not go with "
+                                                           f"server.tls_cert {s['tls_cert']}: {e}") from None
     return cert.options()
+
+
+def preflight(settings: Settings) -> None:
+    """What a tier needs from this host before it starts, checked without changing it:
+    :func:`shared.config.check_host` and a TLS pair that loads.  Raises ConfigError;
+    ``smarthost check-config`` runs the same, so it refuses whatever start-up would."""
+    check_host(settings)
+    tls_context(settings)
 
 
 def build_parts(settings: Settings, reactor, pool, dry_run: bool = False) -> TierParts:
@@ -170,8 +194,11 @@ class Daemon:
         except ConfigError as e:
             log.error("reload refused, keeping the running configuration: {err}", err=str(e))
             return False
-        if new["server"]["listen"] != self.settings["server"]["listen"]:
-            log.warn("server.listen changed: takes effect at the next restart")
+        for w in new.warnings:
+            log.warn("{warning}", warning=w)
+        for key in ("listen", "tls_cert", "tls_key"):
+            if new["server"][key] != self.settings["server"][key]:
+                log.warn("server.{key} changed: takes effect at the next restart", key=key)
         self.settings = new
         self._configure(new)
         for f in self.factories:
@@ -219,12 +246,15 @@ def run(tier: str, config_path: str) -> int:
     """The foreground daemon: `smarthost TIER --config FILE`."""
     try:
         settings = load(tier, config_path)
+        preflight(settings)
     except ConfigError as e:
         print(f"smarthost {tier}: configuration error: {e}", file=sys.stderr)
         return 2
     from twisted.internet import reactor
     from shared.logging import start_logging
     observer = start_logging(tier, settings["log"]["level"], settings["log"]["file"], os.getpid())
+    for w in settings.warnings:
+        log.warn("{warning}", warning=w)
     fds = raise_fd_limit()
     if fds < 2 * settings["server"]["max_connections"] + 64:
         log.warn("open-file limit {n} is low for server.max_connections = {m}", n=fds,

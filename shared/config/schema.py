@@ -7,16 +7,31 @@ reason.  A daemon whose configuration does not load does not start; on SIGHUP a
 bad file is reported and the old settings stay.
 
 Defaults are the safe ones: no open relay (``mynetworks`` is empty), XCLIENT
-accepted from nobody, and the queue fsyncs.
+accepted from nobody, and the queue fsyncs.  Settings that are dangerous on
+purpose are refused unless a key named for the risk allows them (a
+``mynetworks`` or ``upstream_hosts`` entry covering public address space);
+settings that are merely suspect load with a warning line ("FILE: KEY: text")
+in ``Settings.warnings``, which ``smarthost check-config`` prints and a daemon
+logs at start and on reload.
+
+What a tier needs from the host it runs on (writable log and queue locations,
+readable TLS files, the account of ``server.user``) is checked by
+:func:`check_host`, which ``smarthost check-config`` and a starting daemon both
+run, so the two never disagree about a file.
 """
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
+import pwd
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from shared.netlist import covers_public_space
 
 TIERS = ("edge", "filter", "domain")
 
@@ -40,7 +55,22 @@ def _hostport(value: str) -> tuple[str, int]:
         host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{value!r} is not host:port (IPv6 as [addr]:port)")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _is_hostname(host):
+            raise ValueError(f"{value!r}: {host!r} is neither an IP address nor a hostname") from None
     return host, int(port)
+
+
+def _address_port(value: str) -> tuple[str, int]:
+    """host:port whose host is an IP address (a DNS server cannot be found by name)."""
+    host, port = _hostport(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: {host!r} is not an IP address") from None
+    return host, port
 
 
 def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -72,16 +102,74 @@ def _mailbox(value: str) -> str:
     return "postmaster" if value.lower() == "postmaster" else _address(value)
 
 
-def _positive(value: float) -> float:
-    if value <= 0:
-        raise ValueError(f"must be greater than 0, got {value}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _user_address(value: str) -> str:
+    """An address with a mailbox: its local part is the directory ROOT/DOMAIN/LOCALPART,
+    so it must be one ordinary directory name (no "/", no control character such as
+    NUL, and no leading "." -- that rules out "." and "..", and Maildir++ folders)."""
+    address = _address(value)
+    local = address.rpartition("@")[0]
+    if "/" in local or local.startswith(".") or _CONTROL.search(local):
+        raise ValueError(f"{value!r}: the local part names a directory under mailboxes.maildir_root, "
+                         f"so it must not contain '/' or control characters, nor start with '.'")
+    return address
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z", re.ASCII)
+
+
+def _is_hostname(name: str) -> bool:
+    """Letters, digits, '-' and '_' in dot-separated labels of at most 63 characters,
+    253 at most in all, the last not all digits (the names Postfix's valid_hostname()
+    accepts; an IP address is not one)."""
+    return len(name) <= 253 and all(_HOST_LABEL.match(label) for label in name.split(".")) \
+        and not name.rpartition(".")[2].isdigit()
+
+
+def _hostname(value: str) -> str:
+    """A name this host sends in the greeting, EHLO and Received headers, or "" for the default."""
+    if not value:
+        return value
+    if re.search(r"\s", value) or _CONTROL.search(value):
+        raise ValueError(f"{value!r} contains whitespace or a control character "
+                         f"(the name is sent inside SMTP command and reply lines)")
+    if not _is_hostname(value):
+        raise ValueError(f"{value!r} is not a hostname (letters, digits, '-' and '_' in "
+                         f"dot-separated labels of at most 63 characters, not an IP address)")
     return value
 
 
-def _non_negative(value: float) -> float:
-    if value < 0:
-        raise ValueError(f"must not be negative, got {value}")
-    return value
+DAY = 86400
+WEEK = 7 * DAY
+YEAR = 365 * DAY
+MIB = 1 << 20
+TIB = 1 << 40
+_BOUND_NAMES = {WEEK: "1 week", YEAR: "365 days", MIB: "1 MiB", TIB: "1 TiB"}
+
+
+def _range(lo: float, hi: float, *, above: bool = False, or_zero: bool = False) -> Callable[[float], float]:
+    """A number from `lo` (`above`: greater than `lo`) to `hi` inclusive; with `or_zero`,
+    0 ("no limit") as well.  TOML's nan and inf never pass."""
+    low = f"greater than {lo}" if above else f"at least {lo}"
+    high = f"{hi} ({_BOUND_NAMES[hi]})" if hi in _BOUND_NAMES else str(hi)
+    bounds = f"{'0 (no limit) or ' if or_zero else ''}{low} and at most {high}"
+
+    def check(value: float) -> float:
+        if not ((lo < value if above else lo <= value) and value <= hi) and not (or_zero and value == 0):
+            raise ValueError(f"must be {bounds}, got {value}")
+        return value
+    return check
+
+
+_SECONDS = _range(0, WEEK, above=True)      # timeouts, delays and intervals
+_TTL = _range(0, WEEK)
+
+
+def _count(hi: int) -> Callable[[float], float]:
+    """A count from 1 to `hi` (its message says "greater than 0", as before bounds existed)."""
+    return _range(0, hi, above=True)
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -92,10 +180,23 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return check
 
 
-def _readable_file(value: str) -> str:
-    if value and not os.access(value, os.R_OK):
-        raise ValueError(f"file {value!r} does not exist or is not readable")
+def _path(value: str) -> str:
+    """An absolute file or directory name, or "" (unset).  A relative one is refused: the
+    daemon and ``smarthost check-config`` may run in different directories."""
+    if "\0" in value:
+        raise ValueError(f"{value!r} contains a NUL character")
+    if value and not os.path.isabs(value):
+        raise ValueError(f"{value!r} is not an absolute path (a relative one would depend on "
+                         f"the directory the daemon is started in)")
     return value
+
+
+def _log_file(value: str) -> str:
+    if value == "-":
+        return value
+    if not value:
+        raise ValueError("must be a file name, or - for standard error")
+    return _path(value)
 
 
 @dataclass(frozen=True)
@@ -104,27 +205,38 @@ class Key:
     default: Any
     doc: str
     item: Callable[[Any], Any] | None = None    # rule for a scalar, or for each list item
-    required_in: tuple[str, ...] = ()            # tiers that must set it
+    required_in: tuple[str, ...] = ()            # tiers that must set it (not empty)
 
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "server": {
-        "hostname": Key(str, "", "name in the greeting, EHLO and Received headers (default: the host's FQDN)"),
+        "hostname": Key(str, "", "name in the greeting, EHLO and Received headers (default: the host's FQDN)",
+                        _hostname),
         "listen": Key(list, ["127.0.0.1:25"], "addresses to listen on, host:port", _hostport),
-        "max_message_size": Key(int, 10_240_000, "largest message accepted, bytes (0: no limit)", _non_negative),
-        "max_recipients": Key(int, 1000, "recipients per message", _positive),
-        "max_line_length": Key(int, 1000, "longest line in a message, octets with CRLF (RFC 5321: 1000; 0: no limit)",
-                               _non_negative),
-        "max_connections": Key(int, 1000, "simultaneous client sessions", _positive),
-        "max_connections_per_client": Key(int, 50, "simultaneous sessions from one client address (upstream_hosts are exempt)", _positive),
-        "max_errors": Key(int, 20, "client errors before the session is closed with 421", _positive),
-        "command_timeout": Key((int, float), 300, "seconds to wait for a command or a DATA chunk", _positive),
-        "session_timeout": Key((int, float), 3600, "longest session, seconds", _positive),
-        "shutdown_timeout": Key((int, float), 30, "on SIGTERM, seconds open sessions may take to finish", _non_negative),
-        "max_received_headers": Key(int, 50, "mail loop limit: Received headers above this are rejected 554 5.4.6", _positive),
-        "tls_cert": Key(str, "", "PEM certificate chain; STARTTLS is offered only when set", _readable_file),
-        "tls_key": Key(str, "", "PEM private key for tls_cert", _readable_file),
+        "max_message_size": Key(int, 10_240_000, "largest message accepted, bytes (0: no limit; at most 1 TiB)",
+                                _range(0, TIB)),
+        "max_recipients": Key(int, 1000, "recipients per message (at most 100000)", _count(100_000)),
+        "max_line_length": Key(int, 1000, "longest line in a message, octets with CRLF (RFC 5321: 1000; "
+                                          "0: no limit; else 1000 to 1 MiB)", _range(1000, MIB, or_zero=True)),
+        "max_connections": Key(int, 1000, "simultaneous client sessions (at most 100000)", _count(100_000)),
+        "max_connections_per_client": Key(int, 50, "simultaneous sessions from one client address "
+                                                   "(upstream_hosts are exempt; at most 100000)", _count(100_000)),
+        "max_errors": Key(int, 20, "client errors before the session is closed with 421 (at most 1000)",
+                          _count(1000)),
+        "command_timeout": Key((int, float), 300, "seconds to wait for a command or a DATA chunk (at most 1 week)",
+                               _SECONDS),
+        "session_timeout": Key((int, float), 3600, "longest session, seconds (at most 1 week)", _SECONDS),
+        "shutdown_timeout": Key((int, float), 30, "on SIGTERM, seconds open sessions may take to finish "
+                                                  "(at most 1 week)", _range(0, WEEK)),
+        "max_received_headers": Key(int, 50, "mail loop limit: Received headers above this are rejected 554 5.4.6 "
+                                             "(at most 1000)", _count(1000)),
+        "tls_cert": Key(str, "", "PEM certificate chain, absolute path; STARTTLS is offered only when set", _path),
+        "tls_key": Key(str, "", "PEM private key for tls_cert, absolute path", _path),
         "upstream_hosts": Key(list, [], "clients allowed to send XCLIENT/XFORWARD (addresses or CIDRs)", _network),
+        "allow_public_upstream_hosts": Key(bool, False, "accept upstream_hosts entries that cover public address "
+                                                        "space (wider than an IPv4 /8 or IPv6 /16, not all "
+                                                        "private): anyone there may forge the client's identity "
+                                                        "with XCLIENT"),
         "reverse_lookup": Key(bool, True, "look up and forward-confirm each client's reverse name before "
                                           "the greeting (not for upstream_hosts, whose XCLIENT says it)"),
         "user": Key(str, "", "drop privileges to this user after binding the listeners"),
@@ -135,50 +247,62 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "relay": {
         "relay_domains": Key(list, [], "domains accepted from anyone", _domain),
         "mynetworks": Key(list, [], "clients allowed to relay to any destination (CIDRs)", _network),
+        "allow_public_mynetworks": Key(bool, False, "accept mynetworks entries that cover public address space "
+                                                    "(wider than an IPv4 /8 or IPv6 /16, not all private): "
+                                                    "this tier becomes an open relay for everyone in them"),
     },
     "next_hop": {
         "hosts": Key(list, [], "next tier's SMTP servers, host:port, tried in order", _hostport,
                      required_in=("edge", "filter")),
-        "connect_timeout": Key((int, float), 30, "seconds", _positive),
-        "command_timeout": Key((int, float), 300, "seconds to wait for each reply", _positive),
+        "connect_timeout": Key((int, float), 30, "seconds (at most 1 week)", _SECONDS),
+        "command_timeout": Key((int, float), 300, "seconds to wait for each reply (at most 1 week)", _SECONDS),
         "tls": Key(str, "may", "STARTTLS to the next hop: none, may or encrypt", _choice("none", "may", "encrypt")),
         "xclient": Key(bool, True, "pass the original client with XCLIENT when the next hop offers it"),
-        "max_messages_per_connection": Key(int, 100, "messages carried by one connection", _positive),
-        "helo_name": Key(str, "", "name sent in EHLO (default: server.hostname)"),
+        "max_messages_per_connection": Key(int, 100, "messages carried by one connection (at most 100000)",
+                                           _count(100_000)),
+        "helo_name": Key(str, "", "name sent in EHLO (default: server.hostname)", _hostname),
         "domains": Key(list, [], "recipient domains the next hop serves (empty: at the filter, "
                                  "relay.relay_domains; at the edge, every domain); mail for any other "
                                  "domain has no route and is deferred, never sent", _domain),
     },
     "queue": {
-        "directory": Key(str, "", "spool directory", required_in=("filter",)),
-        "retry_min": Key((int, float), 300, "first retry delay, seconds (doubles each attempt)", _positive),
-        "retry_max": Key((int, float), 4000, "longest retry delay, seconds", _positive),
-        "lifetime": Key((int, float), 5 * 86400, "seconds before an undeliverable message bounces", _positive),
-        "concurrency": Key(int, 20, "parallel connections to the next hop", _positive),
-        "scan_interval": Key((int, float), 300, "seconds between scans of the deferred queue", _positive),
+        "directory": Key(str, "", "spool directory, absolute path", _path, required_in=("filter",)),
+        "retry_min": Key((int, float), 300, "first retry delay, seconds (doubles each attempt; at most 1 week)",
+                         _SECONDS),
+        "retry_max": Key((int, float), 4000, "longest retry delay, seconds (at most 1 week)", _SECONDS),
+        "lifetime": Key((int, float), 5 * 86400, "seconds before an undeliverable message bounces "
+                                                 "(at most 365 days)", _range(0, YEAR, above=True)),
+        "concurrency": Key(int, 20, "parallel connections to the next hop (at most 10000)", _count(10_000)),
+        "scan_interval": Key((int, float), 300, "seconds between scans of the deferred queue (at most 1 week)",
+                             _SECONDS),
         "fsync": Key(bool, True, "fsync queue files and directories before 250 (never turn off in production)"),
         "double_bounce_recipient": Key(str, "postmaster", "who is told when a bounce cannot be delivered "
                                                           "(the double bounce)", _mailbox),
     },
     "verify": {
         "recipients": Key(bool, True, "filter: ask the next hop about each recipient before answering RCPT"),
-        "positive_ttl": Key((int, float), 3600, "seconds a recipient the next hop accepted stays known", _non_negative),
-        "negative_ttl": Key((int, float), 300, "seconds a recipient the next hop rejected stays known", _non_negative),
+        "positive_ttl": Key((int, float), 3600, "seconds a recipient the next hop accepted stays known "
+                                                "(at most 1 week)", _TTL),
+        "negative_ttl": Key((int, float), 300, "seconds a recipient the next hop rejected stays known "
+                                               "(at most 1 week)", _TTL),
     },
     "mailboxes": {
         "domains": Key(list, [], "hosted domains", _domain, required_in=("domain",)),
-        "maildir_root": Key(str, "", "mailboxes are ROOT/DOMAIN/LOCALPART/Maildir", required_in=("domain",)),
-        "users": Key(list, [], "user addresses with a mailbox", _address),
+        "maildir_root": Key(str, "", "mailboxes are ROOT/DOMAIN/LOCALPART/Maildir (absolute path)", _path,
+                            required_in=("domain",)),
+        "users": Key(list, [], "user addresses with a mailbox (the local part is a directory name: "
+                               "no '/', no control characters, no leading '.')", _user_address),
         "aliases": Key(dict, {}, "alias address -> list of user addresses"),
     },
     "dns": {
-        "nameservers": Key(list, [], "DNS servers, host:port (empty: those of /etc/resolv.conf)", _hostport),
-        "timeout": Key((int, float), 5, "seconds one lookup may take before it counts as a temporary failure",
-                       _positive),
+        "nameservers": Key(list, [], "DNS servers, IP address:port (empty: those of /etc/resolv.conf)",
+                           _address_port),
+        "timeout": Key((int, float), 5, "seconds one lookup may take before it counts as a temporary failure "
+                                        "(at most 1 week)", _SECONDS),
     },
     "log": {
         "level": Key(str, "info", "debug, info, warn or error", _choice("debug", "info", "warn", "error")),
-        "file": Key(str, "-", "log file, or - for standard error"),
+        "file": Key(str, "-", "log file (absolute path), or - for standard error", _log_file),
     },
 }
 
@@ -188,6 +312,7 @@ class Settings:
     tier: str
     path: str
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()      # "FILE: KEY: text", for settings that load but are suspect
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.values[section]
@@ -212,6 +337,9 @@ def _check_value(path: str, name: str, key: Key, value: Any) -> Any:
         raise ConfigError(path, name, f"expected {_type_name(key.type)}, got {type(value).__name__} {value!r}")
     try:
         if key.type is list:
+            for i, v in enumerate(value, 1):       # every array holds strings
+                if not isinstance(v, str):
+                    raise ValueError(f"item {i}: expected string, got {_type_name(type(v))} {v!r}")
             return [key.item(v) if key.item else v for v in value]
         if key.item is not None:
             return key.item(value)
@@ -244,19 +372,32 @@ def parse(tier: str, data: dict[str, Any], path: str = "<config>") -> Settings:
             full = f"{section}.{name}"
             if name in given:
                 out[name] = _check_value(path, full, key, given[name])
+                if tier in key.required_in and not out[name]:
+                    raise ConfigError(path, full, f"required for the {tier} tier: must not be empty")
             else:
                 if tier in key.required_in:
                     raise ConfigError(path, full, f"required for the {tier} tier")
                 out[name] = _check_value(path, full, key, key.default)
         values[section] = out
     _cross_checks(tier, path, values)
-    return Settings(tier, path, values)
+    return Settings(tier, path, values, _warnings(tier, path, data, values))
 
 
 def _cross_checks(tier: str, path: str, v: dict[str, dict[str, Any]]) -> None:
     srv = v["server"]
     if not srv["hostname"]:
-        srv["hostname"] = socket.getfqdn() or "localhost"
+        fqdn = socket.getfqdn() or "localhost"
+        try:
+            srv["hostname"] = _hostname(fqdn)
+        except ValueError as e:
+            raise ConfigError(path, "server.hostname", f"not set, and this host's own name cannot stand in "
+                                                       f"for it: {e}") from None
+    _public_space(path, "relay.mynetworks", v["relay"]["mynetworks"], "relay.allow_public_mynetworks",
+                  v["relay"]["allow_public_mynetworks"],
+                  "this tier would relay mail from anyone there to any destination (an open relay)")
+    _public_space(path, "server.upstream_hosts", srv["upstream_hosts"], "server.allow_public_upstream_hosts",
+                  srv["allow_public_upstream_hosts"],
+                  "anyone there could forge the client's identity with XCLIENT/XFORWARD")
     if bool(srv["tls_cert"]) != bool(srv["tls_key"]):
         raise ConfigError(path, "server.tls_key" if srv["tls_cert"] else "server.tls_cert",
                           "tls_cert and tls_key must be set together")
@@ -271,22 +412,19 @@ def _cross_checks(tier: str, path: str, v: dict[str, dict[str, Any]]) -> None:
     if tier == "domain":
         users = set(mb["users"])
         for user in users:
-            if user.split("@", 1)[1] not in mb["domains"]:
+            if user.rpartition("@")[2] not in mb["domains"]:
                 raise ConfigError(path, "mailboxes.users", f"{user} is not in a hosted domain (mailboxes.domains)")
         aliases = {}
         for alias, targets in mb["aliases"].items():
             key = f"mailboxes.aliases.{alias}"
-            try:
-                alias = _address(alias)
-            except ValueError as e:
-                raise ConfigError(path, key, str(e)) from None
             if isinstance(targets, str):
                 targets = [targets]
-            if not isinstance(targets, list) or not targets:
+            if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
                 raise ConfigError(path, key, "expected an address or a non-empty array of addresses")
             try:
-                targets = [_address(t) for t in targets]
-            except (ValueError, TypeError) as e:
+                alias = _user_address(alias)
+                targets = [_user_address(t) for t in targets]
+            except ValueError as e:
                 raise ConfigError(path, key, str(e)) from None
             for t in targets:
                 if t not in users:
@@ -297,6 +435,34 @@ def _cross_checks(tier: str, path: str, v: dict[str, dict[str, Any]]) -> None:
             v["relay"]["relay_domains"] = list(mb["domains"])
 
 
+def _public_space(path: str, key: str, networks: list, allow_key: str, allowed: bool, risk: str) -> None:
+    """Refuse a `networks` entry that covers public address space unless `allow_key` is set."""
+    if allowed:
+        return
+    for net in networks:
+        if covers_public_space(net):
+            raise ConfigError(path, key, f"{net} covers public address space: {risk}; "
+                                         f"set {allow_key} = true if that is really meant")
+
+
+def _warnings(tier: str, path: str, data: dict[str, Any], v: dict[str, dict[str, Any]]) -> tuple[str, ...]:
+    """Lines "FILE: KEY: text" for settings that load but probably do not do what was meant."""
+    out = []
+    for section, name in (("relay", "mynetworks"), ("server", "upstream_hosts")):
+        for given in data.get(section, {}).get(name, []):
+            used = ipaddress.ip_interface(given)
+            if used.ip != used.network.network_address:
+                out.append(f"{path}: {section}.{name}: {given} has host bits set; the network used is "
+                           f"{used.network}")
+    if tier == "edge" and not v["relay"]["relay_domains"]:
+        out.append(f"{path}: relay.relay_domains: empty: the edge accepts mail for no domain from clients "
+                   f"outside relay.mynetworks")
+    if tier in ("filter", "domain") and not v["queue"]["fsync"]:
+        out.append(f"{path}: queue.fsync: false: a 250 no longer promises that the message survives a "
+                   f"crash or power loss (never in production)")
+    return tuple(out)
+
+
 def load(tier: str | None, path: str | os.PathLike) -> Settings:
     """Read and validate a tier's TOML file; raises ConfigError naming file, key and reason.
 
@@ -305,15 +471,23 @@ def load(tier: str | None, path: str | os.PathLike) -> Settings:
     p = str(path)
     try:
         with open(p, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
     except FileNotFoundError:
         raise ConfigError(p, None, "file not found") from None
     except PermissionError:
         raise ConfigError(p, None, "permission denied") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(p, None, f"not valid TOML: {e}") from None
     except IsADirectoryError:
         raise ConfigError(p, None, "is a directory, not a file") from None
+    except OSError as e:
+        raise ConfigError(p, None, f"cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(p, None, f"not UTF-8 text (TOML must be): byte 0x{raw[e.start]:02x} "
+                                   f"on line {line}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(p, None, f"not valid TOML: {e}") from None
     if tier is None:
         tier = data.get("tier")
         if tier is None:
@@ -322,6 +496,102 @@ def load(tier: str | None, path: str | os.PathLike) -> Settings:
         if tier not in TIERS:
             raise ConfigError(p, "tier", f"unknown tier {tier!r} (edge, filter or domain)")
     return parse(tier, data, p)
+
+
+# -- this host ---------------------------------------------------------------
+
+def check_host(settings: Settings) -> None:
+    """Refuse, naming file, key and reason, what this host cannot give the tier at start-up.
+
+    Nothing is created or changed.  ``server.user`` must be an account here;
+    ``log.file`` a writable file, or creatable in an existing writable directory;
+    ``tls_cert`` and ``tls_key`` readable regular files; the filter's
+    ``queue.directory`` and the domain tier's ``mailboxes.maildir_root`` writable
+    directories, or creatable (the nearest existing ancestor a writable directory).
+    The log and TLS files are opened by whoever starts the daemon, so they are
+    judged for the calling user; the spool and the mailboxes are written after a
+    daemon started as root has become ``server.user``, so then they are judged for
+    that account, from the permission bits (ACLs are not consulted).
+
+    ``smarthost check-config`` and a starting daemon run this
+    (:func:`shared.daemon.preflight`); a reload does not, since the log and TLS
+    files are opened and the spool made once, at start-up.
+    """
+    p, s = settings.path, settings["server"]
+    account = None
+    if s["user"]:
+        try:
+            account = pwd.getpwnam(s["user"])
+        except KeyError:
+            raise ConfigError(p, "server.user", f"no such user {s['user']!r} on this host") from None
+    writer = account if os.getuid() == 0 else None      # shared.daemon.drop_privileges
+    log_file = settings["log"]["file"]
+    if log_file != "-":
+        problem = _log_file_problem(log_file)
+        if problem:
+            raise ConfigError(p, "log.file", problem)
+    for name in ("tls_cert", "tls_key"):
+        f = s[name]
+        if not f:
+            continue
+        if not os.path.exists(f):
+            raise ConfigError(p, f"server.{name}", f"{f} does not exist")
+        if not os.path.isfile(f):
+            raise ConfigError(p, f"server.{name}", f"{f} is not a regular file")
+        if not os.access(f, os.R_OK):
+            raise ConfigError(p, f"server.{name}", f"{f} is not readable")
+    directories = {"filter": ("queue", "directory"), "domain": ("mailboxes", "maildir_root")}
+    if settings.tier in directories:
+        section, name = directories[settings.tier]
+        problem = _directory_problem(settings[section][name], writer)
+        if problem:
+            raise ConfigError(p, f"{section}.{name}", problem)
+
+
+def _log_file_problem(path: str) -> str | None:
+    """Why the log file cannot be opened for appending (None: it can)."""
+    if os.path.isdir(path):
+        return f"{path} is a directory"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else f"{path} is not writable"
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        return f"directory {directory} does not exist"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"directory {directory} is not writable (to create {path})"
+    return None
+
+
+def _directory_problem(path: str, account: pwd.struct_passwd | None) -> str | None:
+    """Why directory `path` cannot be used or made by `account` (None: the calling user);
+    None when it can."""
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} exists and is not a directory"
+    if _may_write(existing, account):
+        return None
+    who = f"user {account.pw_name}" if account else f"the calling user (uid {os.getuid()})"
+    if existing == path:
+        return f"{path} is not writable by {who}"
+    return f"cannot be created: {existing} is not writable by {who}"
+
+
+def _may_write(directory: str, account: pwd.struct_passwd | None) -> bool:
+    """Whether `account` (None: the calling user) may create entries in `directory`."""
+    if not os.access(directory, os.W_OK | os.X_OK):     # also false on a read-only file system
+        return False
+    if account is None or account.pw_uid == 0:
+        return True
+    st = os.stat(directory)
+    groups = {account.pw_gid, *(g.gr_gid for g in grp.getgrall() if account.pw_name in g.gr_mem)}
+    shift = 6 if st.st_uid == account.pw_uid else 3 if st.st_gid in groups else 0
+    return (st.st_mode >> shift) & 0o3 == 0o3
+
+
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
+                 "\r": "\\r"}
 
 
 def toml_value(v: Any) -> str:
@@ -339,8 +609,8 @@ def toml_value(v: Any) -> str:
         return "{ " + ", ".join(f"{toml_value(str(k))} = {toml_value(x)}" for k, x in v.items()) + " }"
     if isinstance(v, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
         return toml_value(str(v))
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
+    return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if _CONTROL.match(c) else c)
+                         for c in str(v)) + '"'
 
 
 def dump(tier: str, sections: dict[str, dict[str, Any]]) -> str:
