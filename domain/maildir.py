@@ -29,10 +29,11 @@ from twisted.logger import Logger
 
 from shared.dirsync import DirSyncs
 from shared.reserve import FileReserve, write_all
-from shared.smtp.reply import TEMPFAIL_LOCAL, UNKNOWN_USER, Reply
+from shared.smtp.reply import TEMPFAIL_LOCAL, UNKNOWN_USER, Reply, storage_error
 
 log = Logger(namespace="smarthost.maildir")
 WRITE_BEHIND = 64 * 1024      # message bytes held in memory before they are written on the reactor
+CANNOT_WRITE = Reply(451, "4.3.0", "Error: cannot write to mailbox, try again later")
 _seq = count(1)
 
 
@@ -176,6 +177,7 @@ class MaildirSession:
         self.size = 0
         self.pending: list[bytes] = []          # bytes not yet written (see write)
         self.pending_size = 0
+        self.write_error: OSError | None = None  # a write failed (disk full): told at end of data
 
     def begin(self, txn):
         self.targets = []
@@ -198,21 +200,36 @@ class MaildirSession:
             log.error("{qid}: cannot create a file in {dir}: {err}", qid=txn.queue_id, dir=self.sink.spool, err=e)
             return TEMPFAIL_LOCAL
         self.size = 0
+        self.write_error = None
         self.write(f"Return-Path: <{txn.envelope.sender}>\r\n".encode("utf-8"))
         return None
 
     def write(self, chunk: bytes) -> None:
-        """Bytes reach the file past WRITE_BEHIND, or with the fsync at end of data."""
-        if self.fd is None:
+        """Bytes reach the file past WRITE_BEHIND, or with the fsync at end of data.
+
+        A failed write (disk full, quota, I/O error) is not the client's fault
+        and not a reason to drop its session: the rest of the message is
+        discarded and end of data answers 452 4.3.1 (451 4.3.0 for other errors).
+        """
+        if self.fd is None or self.write_error is not None:
             return
         self.pending.append(chunk)
         self.pending_size += len(chunk)
         self.size += len(chunk)
         if self.pending_size >= WRITE_BEHIND:
             data, self.pending, self.pending_size = b"".join(self.pending), [], 0
-            write_all(self.fd, data)
+            try:
+                write_all(self.fd, data)
+            except OSError as e:
+                self.write_error = e
 
     def data_end(self, txn):
+        if self.write_error is not None:
+            error = self.write_error
+            self.abort(txn)
+            log.error("{qid}: cannot write the message under {dir}: {err}", qid=txn.queue_id,
+                      dir=self.sink.spool, err=error.strerror or str(error))
+            return storage_error(error, CANNOT_WRITE)
         fd, path, targets = self.fd, self.path, list(self.targets)
         rest, self.pending, self.pending_size = b"".join(self.pending), [], 0
         self.fd = self.path = None
@@ -224,12 +241,17 @@ class MaildirSession:
             return Reply(250, "2.0.0", f"Ok: delivered as {txn.queue_id}")
 
         def failed(failure):
+            if failure.check(OSError):          # disk full, permissions: one line, no traceback
+                log.error("{qid}: maildir delivery failed: {err}", qid=txn.queue_id,
+                          err=failure.value.strerror or str(failure.value))
+                return storage_error(failure.value, CANNOT_WRITE)
             log.failure("{qid}: maildir delivery failed", failure, qid=txn.queue_id)
-            return Reply(451, "4.3.0", "Error: cannot write to mailbox, try again later")
+            return CANNOT_WRITE
         return d.addCallbacks(done, failed)
 
     def abort(self, txn) -> None:
         self.pending, self.pending_size = [], 0
+        self.write_error = None
         if self.fd is not None:
             os.close(self.fd)
             try:
