@@ -52,7 +52,7 @@ def server_config(settings: Settings) -> ServerConfig:
     s = settings["server"]
     return ServerConfig(hostname=s["hostname"], max_message_size=s["max_message_size"],
                         max_recipients=s["max_recipients"], max_data_line=s["max_line_length"],
-                        hard_error_limit=s["max_errors"])
+                        hard_error_limit=s["max_errors"], junk_command_limit=s["max_junk_commands"])
 
 
 def allowed_clients(settings: Settings) -> NetworkList | None:

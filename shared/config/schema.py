@@ -223,6 +223,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                                    "(upstream_hosts are exempt; at most 100000)", _count(100_000)),
         "max_errors": Key(int, 20, "client errors before the session is closed with 421 (at most 1000)",
                           _count(1000)),
+        "max_junk_commands": Key(int, 100, "NOOP, RSET, VRFY and HELP commands before each one counts as an "
+                                           "error (0: no limit; at most 100000)", _range(0, 100_000)),
         "command_timeout": Key((int, float), 300, "seconds to wait for a command or a DATA chunk (at most 1 week)",
                                _SECONDS),
         "session_timeout": Key((int, float), 3600, "longest session, seconds (at most 1 week)", _SECONDS),

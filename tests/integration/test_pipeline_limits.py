@@ -79,3 +79,16 @@ def test_the_default_limit_exactly_and_the_window_the_adversarial_test_found(mak
         path = p.wait_messages(ALICE, n, timeout=30)[-1]
         assert f"Subject: default {size}".encode() in path.read_bytes()
     assert not p.filter.log_lines("sender non-delivery notification")
+
+
+def test_a_client_that_only_sends_noop_is_closed_at_the_edge(limited):
+    """A session that moves no mail is not kept open for ever: past server.max_junk_commands
+    (100) each NOOP is an error, and the error limit (20) closes it."""
+    from tests.integration.helpers import Client
+    with Client(limited.edge.port) as c:
+        c.ehlo()
+        replies = [c.cmd("NOOP") for _ in range(120)]
+        assert all(r.code == 250 for r in replies), replies[-3:]
+        last = c.reply()                          # the 20th error: the session ends
+        assert (last.code, last.enhanced) == (421, "4.7.0"), last
+        assert c.closed_by_server()

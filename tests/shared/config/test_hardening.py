@@ -190,6 +190,7 @@ def test_nan_and_infinity_never_pass(section, name, value):
     ("server", "command_timeout", WEEK), ("server", "shutdown_timeout", WEEK),
     ("next_hop", "command_timeout", WEEK), ("queue", "lifetime", YEAR), ("queue", "concurrency", 10_000),
     ("server", "max_recipients", 100_000), ("server", "max_errors", 1000), ("verify", "positive_ttl", WEEK),
+    ("server", "max_junk_commands", 100_000),
 ])
 def test_bounds_are_inclusive(section, name, largest):
     assert parse("edge", config("edge", **{section: {name: largest}}))[section][name] == largest
