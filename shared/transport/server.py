@@ -13,6 +13,26 @@ given back to the core, and pumping resumes.  Because the core parses nothing
 further while a decision is pending, pipelined replies stay in order whatever
 the handler's latency.  Replies are flushed each time the pump stops.
 
+Back-pressure: reading stops while any of three things holds, each tracked by
+itself, and resumes only when none does: more than ``max_buffered_input``
+octets of input wait (a decision is out), the handler asked (``pause_input``:
+its sink is full), or input waits while the output is full.  The protocol is
+its transport's streaming producer (Twisted's producer/consumer): the transport
+calls :meth:`~SMTPServerProtocol.pauseProducing` when more than its buffer size
+(64 KiB in Twisted's TCP transports) waits to be sent, and until
+:meth:`~SMTPServerProtocol.resumeProducing` the pump takes no event; so a peer
+that pipelines commands and never reads the replies cannot make us buffer them.
+(Reading goes on while no input waits: a TLS layer pauses us until its
+handshake is done, and needs to read to get it done.)  Within one round,
+everything the core holds is answered at once -- by the core itself (NOOP,
+HELP, VRFY, errors) or by a handler answering at once -- so command input is
+given to the core at most ``COMMAND_SLICE`` octets at a time (the 4096-octet
+stream buffer of Postfix's smtpd), and each slice's replies go to the
+transport, which may pause us, before the next slice: unsent replies stay under
+the transport's buffer plus the answers to one slice.  Message content is given
+whole, a read at a time; the commands pipelined behind the end of data in that
+same read are answered in one round.
+
 SECURITY: everything read from the peer is untrusted and is only ever parsed by
 the core; a handler failure becomes 451 4.3.0, never a traceback on the wire.
 """
@@ -21,19 +41,22 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from shared.netlist import NetworkList
 from shared.smtp import events as ev
 from shared.smtp.reply import SHUTTING_DOWN, TEMPFAIL_CHECK, Reply
-from shared.smtp.server import NEED_DATA, PAUSED, ServerConfig, ServerConnection
+from shared.smtp.server import NEED_DATA, PAUSED, ServerConfig, ServerConnection, State
 from shared.transport.tcp import no_delay, writer
 
 log = Logger(namespace="smarthost.smtpd")
 
 
 ABORT_GRACE = 5.0      # seconds a closing peer gets to read our last reply
+COMMAND_SLICE = 4096   # octets of command input given to the core at a time (see Back-pressure)
 PIPELINE_ALLOWANCE = 64 * 1024   # octets the pipeline may add to a message (see upstream_config)
 
 
@@ -52,7 +75,10 @@ _HANDLER_NAMES = {
 }
 
 
+@implementer(IPushProducer)
 class SMTPServerProtocol(protocol.Protocol):
+    """One SMTP session on a transport, and that transport's streaming producer."""
+
     def __init__(self, factory: "SMTPServerFactory") -> None:
         self.factory = factory
         self.reactor = factory.reactor
@@ -62,10 +88,13 @@ class SMTPServerProtocol(protocol.Protocol):
         self.peer_port: int | None = None
         self._pumping = False
         self._waiting = False          # a decision is out with the handler
-        self._paused_input = False
+        self._unfed = bytearray()      # input not yet given to the core (see _feed)
+        self._paused_input = False     # we have paused the transport's reading
         self._paused_by_handler = False
+        self._output_full = False      # the transport has paused us as its producer
         self._idle_timer = None
         self._session_timer = None
+        self._grace_timer = None
         self._closed = False
         self._closing = False
         self.in_transaction = False
@@ -74,6 +103,7 @@ class SMTPServerProtocol(protocol.Protocol):
     def connectionMade(self) -> None:
         no_delay(self.transport)
         self._write = writer(self.transport)
+        self.transport.registerProducer(self, True)
         peer = self.transport.getPeer()
         self.peer_host = getattr(peer, "host", "") or ""
         self.peer_port = getattr(peer, "port", None)
@@ -100,7 +130,7 @@ class SMTPServerProtocol(protocol.Protocol):
         if self._closed:
             return
         self._closed = True
-        for t in (self._idle_timer, self._session_timer):
+        for t in (self._idle_timer, self._session_timer, self._grace_timer):
             if t is not None and t.active():
                 t.cancel()
         if self.handler is not None:
@@ -114,8 +144,19 @@ class SMTPServerProtocol(protocol.Protocol):
         if self.conn is None or self._closed or self._closing:
             return
         self._reset_idle()
-        self.conn.receive_data(data)
+        if self._unfed or (len(data) > COMMAND_SLICE and self.conn.state is not State.DATA):
+            self._unfed += data
+        else:
+            self.conn.receive_data(data)
         self._pump()
+
+    def _feed(self) -> None:
+        """Give the core the next piece of the input held back by dataReceived:
+        all of it in DATA, else at most COMMAND_SLICE octets."""
+        unfed = self._unfed
+        n = len(unfed) if self.conn.state is State.DATA else COMMAND_SLICE
+        self.conn.receive_data(bytes(unfed[:n]))
+        del unfed[:n]
 
     # -- timers ---------------------------------------------------------------
     def _reset_idle(self) -> None:
@@ -135,16 +176,26 @@ class SMTPServerProtocol(protocol.Protocol):
         """Say `reply` (a 421) out of turn and close: timeouts and shutdown.
 
         The session ends when the transport has flushed the reply and really
-        closed (connectionLost); a peer that does not read is cut off after
-        ABORT_GRACE seconds.
+        closed (connectionLost); see _close.
         """
         if self._closed or self._closing:
             return
-        self._closing = True
         log.info("{peer}: disconnect: {reply}", peer=self.peer_host, reply=str(reply))
         self._write(self.conn.data_to_send() + reply.to_bytes())
+        self._close()
+
+    def _close(self) -> None:
+        """Close once what was written is sent; nothing more is read or answered.
+
+        A peer that does not read our last replies is cut off after ABORT_GRACE
+        seconds, whoever decided to close.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self.transport.unregisterProducer()     # Twisted closes only once no producer is registered
         self.transport.loseConnection()
-        self.reactor.callLater(ABORT_GRACE, self._force_close)
+        self._grace_timer = self.reactor.callLater(ABORT_GRACE, self._force_close)
 
     def _force_close(self) -> None:
         if not self._closed:
@@ -156,9 +207,17 @@ class SMTPServerProtocol(protocol.Protocol):
             return
         self._pumping = True
         try:
-            while not self._waiting and not self._closed and not self._closing:
+            while not (self._waiting or self._output_full or self._closed or self._closing):
                 event = self.conn.next_event()
-                if event is NEED_DATA or event is PAUSED:
+                if event is NEED_DATA:
+                    if not self._unfed:
+                        break
+                    self._flush()     # the last slice's replies first: a full transport pauses us
+                    if self._output_full:
+                        break
+                    self._feed()
+                    continue
+                if event is PAUSED:
                     break
                 self._dispatch(event)
         except Exception:
@@ -175,7 +234,9 @@ class SMTPServerProtocol(protocol.Protocol):
         method = getattr(self.handler, _HANDLER_NAMES[type(event)])
         if isinstance(event, ev.StartTLS):
             self._flush()        # the 220 must go out in plaintext before TLS starts
+            self._unfed.clear()  # plaintext pipelined behind STARTTLS is dropped (the core's too)
             self.transport.startTLS(self.factory.tls_context)
+            self._output_full = False    # Twisted moved us to the TLS layer, unpaused
             self.conn.tls_started()
             method(event)
             return
@@ -213,8 +274,7 @@ class SMTPServerProtocol(protocol.Protocol):
         if isinstance(answer, CloseAfter):
             respond(answer.reply)
             self._flush()
-            self._closing = True          # nothing more is read or answered
-            self.transport.loseConnection()
+            self._close()
             return
         respond(answer)
 
@@ -223,13 +283,16 @@ class SMTPServerProtocol(protocol.Protocol):
         if out:
             self._write(out)
         if self.conn.closing and not self._closed:
-            self.transport.loseConnection()
+            self._close()
 
     # -- back-pressure --------------------------------------------------------
     def _apply_backpressure(self) -> None:
-        if self._closed:
+        """Pause or resume reading for the three reasons (module docstring)."""
+        if self._closed or self._closing:
             return
-        want_pause = self._paused_by_handler or self.conn.buffered > self.factory.server_config.max_buffered_input
+        waiting = self.conn.buffered + len(self._unfed)
+        want_pause = (self._paused_by_handler or (self._output_full and waiting > 0)
+                      or waiting > self.factory.server_config.max_buffered_input)
         if want_pause and not self._paused_input:
             self._paused_input = True
             self.transport.pauseProducing()
@@ -245,6 +308,21 @@ class SMTPServerProtocol(protocol.Protocol):
     def resume_input(self) -> None:
         self._paused_by_handler = False
         self._apply_backpressure()
+
+    # -- IPushProducer: the transport's word on our output ------------------
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: answer nothing more until it drains."""
+        self._output_full = True
+        self._apply_backpressure()
+
+    def resumeProducing(self) -> None:
+        """The transport has sent what it held: answer what waits."""
+        self._output_full = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        """The connection is going (connectionLost follows): nothing more is answered."""
+        self._closing = True
 
 
 def upstream_config(config: ServerConfig) -> ServerConfig:

@@ -1,12 +1,21 @@
 """The Twisted adapter around the server core, with StringTransport and Clock."""
+from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 from shared.smtp.reply import Reply
 from shared.smtp.server import ServerConfig
-from shared.transport.server import CloseAfter, SMTPServerFactory
+from shared.tlsutil import self_signed
+from shared.transport.server import ABORT_GRACE, COMMAND_SLICE, CloseAfter, SMTPServerFactory
+
+# NOOP floods come from an upstream tier (the test peer is 192.0.2.10): its sessions
+# carry many clients and have no junk-command limit to end them (upstream_config).
+UPSTREAM = ["192.0.2.0/24"]
 
 
 class TLSStringTransport(StringTransport):
@@ -52,7 +61,26 @@ class Handler:
         raise AttributeError(name)
 
 
-def make(answers=None, **kw):
+class BufferedTransport(TLSStringTransport):
+    """Holds what is written until drained, and pauses its producer while it
+    holds more than bufferSize octets, as Twisted's TCP transports do."""
+
+    bufferSize = 65536
+
+    def write(self, data):
+        super().write(data)
+        if len(self.value()) > self.bufferSize and self.producer is not None:
+            self.producer.pauseProducing()
+
+    def drain(self):
+        """The peer has read everything: what was held, as lines."""
+        out = lines(self)
+        self.clear()
+        self.producer.resumeProducing()
+        return out
+
+
+def make(answers=None, transport=None, **kw):
     clock = Clock()
     handlers = []
 
@@ -65,7 +93,7 @@ def make(answers=None, **kw):
     opts.update(kw)
     factory = SMTPServerFactory(**opts)
     proto = factory.buildProtocol(None)
-    transport = TLSStringTransport()
+    transport = transport or TLSStringTransport()
     proto.makeConnection(transport)
     return clock, factory, proto, transport, handlers
 
@@ -170,7 +198,7 @@ def test_close_after_reply():
 
 
 def test_backpressure_pauses_reading_while_a_decision_waits():
-    clock, factory, proto, t, [h] = make({"on_mail_from": "defer"})
+    clock, factory, proto, t, [h] = make({"on_mail_from": "defer"}, upstream_hosts=UPSTREAM)
     proto.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
     proto.dataReceived(b"NOOP\r\n" * 20000)        # 120 kB pipelined behind a pending MAIL
     assert t.producerState == "paused"
@@ -185,3 +213,160 @@ def test_per_client_limit_spares_upstream_tiers():
         tr = TLSStringTransport(host)
         p.makeConnection(tr)
         assert tr.value().startswith(b"421 4.7.0") is refused, host
+
+
+# -- output back-pressure: a peer that does not read its replies --------------------------
+
+
+def test_the_session_is_its_transports_streaming_producer():
+    clock, factory, proto, t, _ = make()
+    assert t.producer is proto and t.streaming is True
+
+
+def test_full_output_holds_pipelined_commands_until_the_transport_drains():
+    clock, factory, proto, t, [h] = make()
+    proto.dataReceived(b"EHLO c\r\n")
+    t.clear()
+    proto.pauseProducing()
+    proto.dataReceived(b"HELP\r\nMAIL FROM:<a@b.test>\r\nVRFY x\r\nNOOP\r\n")
+    assert t.value() == b""                                # nothing answered, nothing decided
+    assert "on_mail_from" not in [n for n, _ in h.events]
+    assert t.producerState == "paused"                     # and the peer is not read
+    proto.resumeProducing()
+    assert [ln[:3] for ln in lines(t)] == ["214", "250", "252", "250", ""]
+    assert b"250 2.1.0" in t.value()
+    assert t.producerState == "producing"
+
+
+def test_a_read_of_commands_is_answered_no_faster_than_the_peer_reads():
+    """One 64 KiB read of NOOPs: the replies are given a slice at a time, and
+    the transport holds at most its buffer and one slice's replies."""
+    clock, factory, proto, t, _ = make(transport=BufferedTransport(), upstream_hosts=UPSTREAM)
+    proto.dataReceived(b"EHLO c\r\n")
+    t.clear()
+    count = 65536 // len(b"NOOP\r\n")
+    proto.dataReceived(b"NOOP\r\n" * count)
+    one_slice = (COMMAND_SLICE // len(b"NOOP\r\n") + 1) * len(b"250 2.0.0 Ok\r\n")
+    assert t.bufferSize < len(t.value()) <= t.bufferSize + one_slice
+    assert t.producerState == "paused"
+    answered = []
+    for _ in range(10):
+        if t.producerState != "paused":
+            break
+        answered += t.drain()[:-1]
+    assert t.producerState == "producing"
+    answered += lines(t)[:-1]
+    assert answered == ["250 2.0.0 Ok"] * count
+
+
+def test_input_and_output_backpressure_do_not_release_each_other():
+    clock, factory, proto, t, [h] = make({"on_mail_from": "defer"}, upstream_hosts=UPSTREAM)
+    proto.dataReceived(b"EHLO c\r\n")
+    # the handler's pause outlasts a full output, and the other way round
+    proto.pause_input()
+    proto.pauseProducing()
+    proto.resumeProducing()
+    assert t.producerState == "paused"
+    proto.resume_input()
+    assert t.producerState == "producing"
+    proto.pauseProducing()
+    proto.dataReceived(b"NOOP\r\n")
+    proto.pause_input()
+    proto.resume_input()
+    assert t.producerState == "paused"
+    proto.resumeProducing()
+    assert t.producerState == "producing"
+    # input buffered behind a decision outlasts a full output, and the other way round
+    proto.dataReceived(b"MAIL FROM:<a@b.test>\r\n" + b"NOOP\r\n" * 20000)
+    assert t.producerState == "paused"
+    proto.pauseProducing()
+    proto.resumeProducing()
+    assert t.producerState == "paused"
+    proto.pauseProducing()
+    t.clear()
+    h.pending.pop(0).callback(None)
+    assert lines(t) == ["250 2.1.0 Ok", ""]              # the answer that was out, nothing after it
+    assert t.producerState == "paused"
+    t.clear()
+    proto.resumeProducing()
+    assert t.producerState == "producing"
+    assert lines(t) == ["250 2.0.0 Ok"] * 20000 + [""]
+
+
+def test_nothing_is_answered_once_the_transport_stops_its_producer():
+    clock, factory, proto, t, _ = make()
+    t.clear()
+    proto.stopProducing()
+    proto.dataReceived(b"NOOP\r\n")
+    assert t.value() == b""
+
+
+def test_starttls_drops_plaintext_held_back_from_the_core():
+    clock, factory, proto, t, [h] = make(tls_context=object())
+    proto.dataReceived(b"EHLO c\r\n")
+    t.clear()
+    proto.dataReceived(b"STARTTLS\r\n" + b"NOOP\r\n" * 1000 + b"EHLO evil\r\nMAIL FROM:<evil@x.test>\r\n")
+    assert t.tls_started_with is not None
+    assert t.value() == b"220 2.0.0 Ready to start TLS\r\n"
+    assert [n for n, _ in h.events] == ["on_hello", "on_starttls"]
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """The server side of a TLS test connection."""
+
+    def __init__(self, cert, key):
+        self.context = SSL.Context(SSL.TLS_METHOD)
+        self.context.use_certificate_file(str(cert))
+        self.context.use_privatekey_file(str(key))
+
+    def serverConnectionForTLS(self, tls_protocol):
+        return SSL.Connection(self.context, None)
+
+
+def test_implicit_tls_greets_once_the_handshake_is_done(tmp_path):
+    """The TLS layer holds the greeting until its handshake is done, and pauses
+    us meanwhile; the handshake needs the client's bytes, so they are still read."""
+    cert, key = self_signed(tmp_path, "mx.test")
+    ctx = ServerTLS(cert, key)
+    clock = Clock()
+    factory = SMTPServerFactory(reactor=clock, server_config=ServerConfig(hostname="mx.test"),
+                                handler_factory=Handler, tls_context=ctx, implicit_tls=True)
+    server = TLSMemoryBIOFactory(ctx, False, factory, clock=clock).buildProtocol(None)
+    t = TLSStringTransport()
+    server.makeConnection(t)
+    client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    client.set_connect_state()
+    unread, greeting = b"", b""
+    for _ in range(10):          # reactor turns: each side's bytes to the other, if it reads
+        clock.advance(0)         # the TLS layer sends small writes a turn later
+        try:
+            client.do_handshake()
+            greeting += client.recv(4096)
+        except SSL.WantReadError:
+            pass
+        try:
+            unread += client.bio_read(65536)
+        except SSL.WantReadError:
+            pass
+        if unread and t.producerState == "producing":
+            server.dataReceived(unread)
+            unread = b""
+        if t.value():
+            client.bio_write(t.value())
+            t.clear()
+    assert greeting.startswith(b"220 mx.test ESMTP")
+
+
+def test_a_peer_that_does_not_read_our_last_reply_is_cut_off_whoever_closes():
+    for answers, command in (({}, b"QUIT\r\n"),
+                             ({"on_hello": CloseAfter(Reply(554, "5.7.1", "go away"))}, b"EHLO c\r\n")):
+        clock, factory, proto, t, _ = make(answers)
+        aborted = []
+        t.abortConnection = lambda: aborted.append(True)
+        proto.dataReceived(command)
+        assert t.disconnecting and t.producer is None      # Twisted closes only without a producer
+        clock.advance(ABORT_GRACE - 0.1)
+        assert not aborted
+        clock.advance(0.2)
+        assert aborted, command
