@@ -5,7 +5,7 @@ import pytest
 from domain.maildir import Mailboxes, MaildirSink
 from shared.blocking import InlinePool
 from shared.envelope import Envelope, Recipient
-from shared.smtp.reply import UNKNOWN_USER
+from shared.smtp.reply import UNKNOWN_USER, Reply
 
 
 class Txn:
@@ -101,3 +101,24 @@ def test_a_mailbox_removed_after_first_use_is_made_again(tmp_path, sink):
     _, reply = deliver(sink, ["alice@example.org"], [b"Subject: 2\r\n\r\ny\r\n"], qid="Q2")
     assert reply.code == 250
     assert [f.read_bytes().endswith(b"y\r\n") for f in new_files(tmp_path, "alice")] == [True]
+
+
+@pytest.mark.parametrize("size", [200_000, 100])       # full in the write-behind, or at the fsync
+def test_a_full_disk_is_452_at_end_of_data_and_the_session_goes_on(tmp_path, sink, size):
+    """The message file is swapped for /dev/full under the session: the kernel itself says
+    ENOSPC. No exception may reach the adapter (it would drop the session with 421)."""
+    s = sink.session(None)
+    txn = Txn()
+    s.begin(txn)
+    assert s.rcpt(txn, Recipient("alice@example.org")) is None
+    assert s.data_start(txn) is None
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, s.fd)
+    os.close(full)
+    s.write(b"x" * size)
+    reply = s.data_end(txn)
+    reply = reply if isinstance(reply, Reply) else result(reply)    # at once when the write failed
+    assert (reply.code, reply.enhanced) == (452, "4.3.1"), reply
+    assert new_files(tmp_path, "alice") == []
+    answers, reply = deliver(sink, ["alice@example.org"], [b"Subject: after\r\n\r\nhi\r\n"])
+    assert reply.code == 250 and len(new_files(tmp_path, "alice")) == 1
