@@ -462,6 +462,13 @@ def _warnings(tier: str, path: str, data: dict[str, Any], v: dict[str, dict[str,
     if tier in ("filter", "domain") and not v["queue"]["fsync"]:
         out.append(f"{path}: queue.fsync: false: a 250 no longer promises that the message survives a "
                    f"crash or power loss (never in production)")
+    if tier == "domain":
+        mb = v["mailboxes"]
+        known = set(mb["users"]) | set(mb["aliases"])
+        for domain in mb["domains"]:
+            if f"postmaster@{domain}" not in known:
+                out.append(f"{path}: mailboxes.aliases: no postmaster@{domain} (RFC 5321 4.5.1: every "
+                           f"domain has one); mail to it, and the filter's double bounces, are refused")
     return tuple(out)
 
 

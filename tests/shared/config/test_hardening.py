@@ -16,7 +16,8 @@ from shared.tlsutil import self_signed
 P = "/etc/smarthost/x.toml"
 EDGE = {"next_hop": {"hosts": ["127.0.0.1:10025"]}, "relay": {"relay_domains": ["example.org"]}}
 FILTER = {"next_hop": {"hosts": ["127.0.0.1:10026"]}, "queue": {"directory": "/var/spool/smarthost"}}
-DOMAIN = {"mailboxes": {"domains": ["example.org"], "maildir_root": "/srv/mail", "users": ["alice@example.org"]}}
+DOMAIN = {"mailboxes": {"domains": ["example.org"], "maildir_root": "/srv/mail", "users": ["alice@example.org"],
+                        "aliases": {"postmaster@example.org": "alice@example.org"}}}
 BASE = {"edge": EDGE, "filter": FILTER, "domain": DOMAIN}
 
 
@@ -92,6 +93,15 @@ def test_fsync_off_warns_that_a_250_is_no_promise(tier):
     assert len(s.warnings) == 1
     assert s.warnings[0].startswith(f"{P}: queue.fsync: ")
     assert "250" in s.warnings[0]
+
+
+def test_a_hosted_domain_without_postmaster_warns():
+    """RFC 5321 4.5.1: postmaster must exist; the filter sends its double bounces there."""
+    s = parse("domain", config("domain", mailboxes={"domains": ["example.org", "example.net"],
+                                                    "users": ["alice@example.org", "postmaster@example.net"],
+                                                    "aliases": {}}), P)
+    assert s.warnings == (f"{P}: mailboxes.aliases: no postmaster@example.org (RFC 5321 4.5.1: every domain "
+                          "has one); mail to it, and the filter's double bounces, are refused",)
 
 
 def test_check_config_prints_warnings_and_exits_0(tmp_path, capsys):
