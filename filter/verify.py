@@ -34,7 +34,9 @@ class RecipientVerifier:
         self.cache_size = cache_size
         self.cache: dict[str, tuple[float, Reply | None]] = {}
         self.idle: list = []
-        self.open_count = 0
+        self.open_count = 0              # sessions open: idle, in use, or being opened
+        self.busy: set = set()           # sessions probing now
+        self.stale: set = set()          # busy when close() was called: closed on release
         self.waiters: deque[defer.Deferred] = deque()
         self.pending: dict[str, defer.Deferred] = {}
 
@@ -82,6 +84,7 @@ class RecipientVerifier:
             log.warn("verify <{addr}>: next hop not reachable: {err}", addr=address, err=str(e))
             return Reply(450, "4.1.1", f"<{address}>: Recipient address rejected: unverified address: "
                                        f"next hop not reachable")
+        self.busy.add(session)
         try:
             mail = yield session.mail("")
             if not mail.positive:
@@ -121,12 +124,17 @@ class RecipientVerifier:
         return d
 
     def _release(self, session, broken: bool = False) -> None:
+        self.busy.discard(session)
         if broken or not session.usable:
             if session.protocol.transport is not None:
                 session.protocol.transport.abortConnection()
             self.open_count -= 1
+        elif session in self.stale:               # opened for the configuration before a reload
+            session.close()
+            self.open_count -= 1
         else:
             self.idle.append(session)
+        self.stale.discard(session)
         self._wake()
 
     def _wake(self) -> None:
@@ -136,6 +144,11 @@ class RecipientVerifier:
             break
 
     def close(self) -> None:
+        """Close the idle probe sessions (at shutdown, or before a reload gives a new
+        next hop); the busy ones are closed when their probe ends.  Each one closed
+        gives its slot back, so no reload can shrink the pool."""
         for s in self.idle:
             s.close()
+        self.open_count -= len(self.idle)
         self.idle.clear()
+        self.stale.update(self.busy)

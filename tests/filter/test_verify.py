@@ -129,3 +129,25 @@ def test_broken_probe_session_is_dropped():
     d = v(req("b@example.org"))
     client.answer(OK)
     assert not outcome(d).final and client.opened == 2
+
+
+def test_reloads_give_every_slot_back():
+    """close() (each SIGHUP) used to drop the idle sessions but keep counting them: after
+    max_sessions reloads every probe waited for a slot that never came."""
+    clock, client = Clock(), FakeRelayClient()
+    v = RecipientVerifier(client, reactor=clock, max_sessions=2)
+    for i in range(5):                        # probe (a session goes idle), then reload
+        d = v(req(f"u{i}@example.org"))
+        client.answer(OK)
+        assert not outcome(d).final
+        v.close()
+    assert v.open_count == 0
+    busy = v(req("busy@example.org"))         # in use across a reload: closed when it ends
+    v.close()
+    client.answer(OK)
+    assert not outcome(busy).final and v.open_count == 0 and v.idle == []
+    ds = [v(req(f"w{i}@example.org")) for i in range(2)]
+    assert len(client.answers) == 2           # both slots free: two probes at once
+    for _ in ds:
+        client.answer(OK)
+    assert all(not outcome(d).final for d in ds)
