@@ -191,7 +191,7 @@ class EngineSession:
                 self._log("reject: MAIL from <{sender}>: {reply}", sender=e.sender, reply=str(answer))
                 self._end_txn()
             return answer
-        return self._checks(req, checked)
+        return self._abandon_on_failure(self._checks(req, checked))
 
     def on_rcpt_to(self, e: ev.RcptTo):
         txn = self.txn
@@ -270,7 +270,7 @@ class EngineSession:
                       size=txn.size, n=len(txn.envelope.recipients), reply=str(answer))
             self._end_txn()
             return self._after_txn(answer)
-        return self._checks(req, checked)
+        return self._abandon_on_failure(self._checks(req, checked))
 
     def on_data_aborted(self, e: ev.DataAborted) -> None:
         self._log("reject: END-OF-MESSAGE: {reply}", reply=str(e.reply))
@@ -303,6 +303,17 @@ class EngineSession:
         if not self.protocol.factory.accepting and answer is not None and not isinstance(answer, CloseAfter):
             return CloseAfter(answer)
         return answer
+
+    def _abandon_on_failure(self, result):
+        """A failed answer to MAIL or end of data (a sink's Deferred that errbacks) ends the
+        transaction here too: the adapter answers 451 and the core has no transaction any
+        more, so neither may the session (a shutdown would wait for it) nor the sink."""
+        if isinstance(result, defer.Deferred):
+            def failed(failure):
+                self._abandon()
+                return failure
+            result.addErrback(failed)
+        return result
 
     def _end_txn(self) -> None:
         self.txn = None
