@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -109,10 +109,13 @@ class SMTPServerProtocol(protocol.Protocol):
         self.peer_port = getattr(peer, "port", None)
         f = self.factory
         upstream = f.upstream_allowed(self.peer_host)
+        # TLS from the first byte (a listener wrapped in TLS, port 465) is what the
+        # transport is, never what a flag claims: a plain listener is never "TLS".
+        implicit_tls = ISSLTransport.providedBy(self.transport)
         self.conn = ServerConnection(
             f.upstream_config if upstream else f.server_config,
-            tls_available=f.tls_context is not None and not f.implicit_tls,
-            tls_active=f.implicit_tls,
+            tls_available=f.tls_context is not None and not implicit_tls,
+            tls_active=implicit_tls,
             xclient_allowed=upstream,
         )
         f.opened(self)
@@ -356,7 +359,7 @@ class SMTPServerFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(self, *, reactor, server_config: ServerConfig, handler_factory,
-                 tls_context=None, implicit_tls: bool = False, upstream_hosts=(),
+                 tls_context=None, upstream_hosts=(),
                  command_timeout: float = 300, session_timeout: float = 3600,
                  max_connections: int = 1000, max_connections_per_client: int = 50,
                  allowed_clients: NetworkList | None = None) -> None:
@@ -365,7 +368,6 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.allowed_clients = allowed_clients
         self.handler_factory = handler_factory
         self.tls_context = tls_context
-        self.implicit_tls = implicit_tls
         self.upstream_hosts = NetworkList(upstream_hosts)
         self.command_timeout = command_timeout
         self.session_timeout = session_timeout

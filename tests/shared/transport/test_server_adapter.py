@@ -331,7 +331,7 @@ def test_implicit_tls_greets_once_the_handshake_is_done(tmp_path):
     ctx = ServerTLS(cert, key)
     clock = Clock()
     factory = SMTPServerFactory(reactor=clock, server_config=ServerConfig(hostname="mx.test"),
-                                handler_factory=Handler, tls_context=ctx, implicit_tls=True)
+                                handler_factory=Handler, tls_context=ctx)
     server = TLSMemoryBIOFactory(ctx, False, factory, clock=clock).buildProtocol(None)
     t = TLSStringTransport()
     server.makeConnection(t)
@@ -356,6 +356,14 @@ def test_implicit_tls_greets_once_the_handshake_is_done(tmp_path):
             client.bio_write(t.value())
             t.clear()
     assert greeting.startswith(b"220 mx.test ESMTP")
+    assert server.wrappedProtocol.conn.tls_active          # the transport is TLS: so is the session
+
+
+def test_a_plain_listener_never_claims_tls():
+    clock, factory, proto, t, _ = make(tls_context=object())
+    assert not proto.conn.tls_active
+    proto.dataReceived(b"EHLO c.example\r\n")
+    assert b"250-STARTTLS" in t.value() or b"250 STARTTLS" in t.value()
 
 
 def test_a_peer_that_does_not_read_our_last_reply_is_cut_off_whoever_closes():
