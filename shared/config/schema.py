@@ -206,6 +206,10 @@ class Key:
     doc: str
     item: Callable[[Any], Any] | None = None    # rule for a scalar, or for each list item
     required_in: tuple[str, ...] = ()            # tiers that must set it (not empty)
+    tier_defaults: tuple[tuple[str, Any], ...] = ()   # (tier, default) where it differs from `default`
+
+    def default_for(self, tier: str) -> Any:
+        return dict(self.tier_defaults).get(tier, self.default)
 
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -240,7 +244,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                                         "private): anyone there may forge the client's identity "
                                                         "with XCLIENT"),
         "reverse_lookup": Key(bool, True, "look up and forward-confirm each client's reverse name before "
-                                          "the greeting (not for upstream_hosts, whose XCLIENT says it)"),
+                                          "the greeting (not for upstream_hosts, whose XCLIENT says it; "
+                                          "default on at the edge only: the inner tiers learn the name "
+                                          "from XCLIENT)",
+                              tier_defaults=(("filter", False), ("domain", False))),
         "user": Key(str, "", "drop privileges to this user after binding the listeners"),
         "allow_any_client": Key(bool, False, "filter and domain tiers: also take mail from clients outside "
                                              "upstream_hosts and relay.mynetworks, skipping the tiers before "
@@ -379,7 +386,7 @@ def parse(tier: str, data: dict[str, Any], path: str = "<config>") -> Settings:
             else:
                 if tier in key.required_in:
                     raise ConfigError(path, full, f"required for the {tier} tier")
-                out[name] = _check_value(path, full, key, key.default)
+                out[name] = _check_value(path, full, key, key.default_for(tier))
         values[section] = out
     _cross_checks(tier, path, values)
     return Settings(tier, path, values, _warnings(tier, path, data, values))

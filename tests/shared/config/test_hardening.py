@@ -382,3 +382,11 @@ def test_preflight_refuses_what_would_crash_the_tls_loader(tmp_path, pairs):
         preflight(s)
     assert e.value.key == "server.tls_cert"
 
+
+
+def test_reverse_lookups_are_on_at_the_edge_only_by_default():
+    """The inner tiers learn the client's name from XCLIENT: no DNS query for their upstream."""
+    assert parse("edge", config("edge"), P)["server"]["reverse_lookup"] is True
+    for tier in ("filter", "domain"):
+        assert parse(tier, config(tier), P)["server"]["reverse_lookup"] is False
+        assert parse(tier, config(tier, server={"reverse_lookup": True}), P)["server"]["reverse_lookup"] is True
