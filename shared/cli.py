@@ -64,12 +64,26 @@ def _demo(args) -> int:
     return run_demo(args.dir, args.base_port)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("smarthost")
+    except PackageNotFoundError:          # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smarthost", description="smart-host mail relay: edge, filter and domain tiers")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for tier, what in (("edge", "the Internet-facing tier"), ("filter", "the email-control tier"),
                        ("domain", "the mailbox tier")):
-        t = sub.add_parser(tier, help=f"run {what} in the foreground")
+        t = sub.add_parser(tier, help=f"run {what} in the foreground", description=(
+            f"Run {what} in the foreground with the settings of FILE (see `smarthost check-config`). "
+            "Logs go to log.file. SIGTERM or SIGINT: stop accepting connections, give open "
+            "transactions server.shutdown_timeout seconds, exit 0. SIGHUP: reload FILE (a file that "
+            "does not validate is logged and the running settings stay). Exit 2 for a configuration "
+            "error, 1 when the tier cannot start."))
         t.add_argument("--config", required=True, metavar="FILE", help="the tier's TOML configuration")
         t.set_defaults(func=_run)
     c = sub.add_parser("check-config", help="validate a configuration file and print the effective settings")
