@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from shared.config import dump
 from shared.tlsutil import self_signed
 
 DOMAIN = "example.test"
@@ -29,71 +30,51 @@ def _demo_certificate(tls_dir: Path, hostname: str) -> tuple[str, str]:
     return str(cert_path), str(key_path)
 
 
-def _toml_list(items) -> str:
-    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+def sections(root: Path, base_port: int, cert: str, key: str) -> dict[str, dict[str, dict]]:
+    """The three tiers' settings for a one-machine pipeline on 127.0.0.1 (edge on base_port,
+    filter on base_port + 1, domain tier on base_port + 2); loopback clients get no reverse
+    DNS lookup."""
+    ports = {"edge": base_port, "filter": base_port + 1, "domain": base_port + 2}
+    users = [f"{u}@{DOMAIN}" for u in USERS]
+
+    def log(tier: str) -> dict:
+        return {"file": str(root / "log" / f"{tier}.log")}
+    return {
+        "edge": {
+            "server": {"hostname": "edge.example.test", "listen": [f"127.0.0.1:{ports['edge']}"],
+                       "tls_cert": cert, "tls_key": key, "shutdown_timeout": 10, "reverse_lookup": False},
+            "relay": {"relay_domains": [DOMAIN]},
+            "next_hop": {"hosts": [f"127.0.0.1:{ports['filter']}"], "tls": "none"},
+            "log": log("edge"),
+        },
+        "filter": {
+            "server": {"hostname": "filter.example.test", "listen": [f"127.0.0.1:{ports['filter']}"],
+                       "upstream_hosts": ["127.0.0.1"], "shutdown_timeout": 10},
+            "relay": {"relay_domains": [DOMAIN]},
+            "next_hop": {"hosts": [f"127.0.0.1:{ports['domain']}"], "tls": "none"},
+            "queue": {"directory": str(root / "spool" / "filter"), "retry_min": 60, "retry_max": 600},
+            "log": log("filter"),
+        },
+        "domain": {
+            "server": {"hostname": "domain.example.test", "listen": [f"127.0.0.1:{ports['domain']}"],
+                       "upstream_hosts": ["127.0.0.1"], "shutdown_timeout": 10},
+            "mailboxes": {"domains": [DOMAIN], "maildir_root": str(root / "mail"), "users": users,
+                          "aliases": {f"postmaster@{DOMAIN}": [users[0]]}},
+            "log": log("domain"),
+        },
+    }
 
 
 def write_configs(root: Path, base_port: int) -> dict[str, Path]:
-    """The three tiers' configuration files for a one-machine pipeline."""
+    """The three tiers' configuration files, written with the project's TOML writer (any
+    path, quotes and backslashes included, comes out as valid TOML)."""
     root.mkdir(parents=True, exist_ok=True)
     cert, key = _demo_certificate(root / "tls", "edge.example.test")
-    ports = {"edge": base_port, "filter": base_port + 1, "domain": base_port + 2}
-    users = [f"{u}@{DOMAIN}" for u in USERS]
-    texts = {
-        "edge": f'''tier = "edge"
-[server]
-hostname = "edge.example.test"
-listen = ["127.0.0.1:{ports['edge']}"]
-tls_cert = "{cert}"
-tls_key = "{key}"
-shutdown_timeout = 10
-reverse_lookup = false          # loopback clients: no reverse DNS
-[relay]
-relay_domains = ["{DOMAIN}"]
-[next_hop]
-hosts = ["127.0.0.1:{ports['filter']}"]
-tls = "none"
-[log]
-file = "{root / 'log' / 'edge.log'}"
-''',
-        "filter": f'''tier = "filter"
-[server]
-hostname = "filter.example.test"
-listen = ["127.0.0.1:{ports['filter']}"]
-upstream_hosts = ["127.0.0.1"]
-shutdown_timeout = 10
-[relay]
-relay_domains = ["{DOMAIN}"]
-[next_hop]
-hosts = ["127.0.0.1:{ports['domain']}"]
-tls = "none"
-[queue]
-directory = "{root / 'spool' / 'filter'}"
-retry_min = 60
-retry_max = 600
-[log]
-file = "{root / 'log' / 'filter.log'}"
-''',
-        "domain": f'''tier = "domain"
-[server]
-hostname = "domain.example.test"
-listen = ["127.0.0.1:{ports['domain']}"]
-upstream_hosts = ["127.0.0.1"]
-shutdown_timeout = 10
-[mailboxes]
-domains = ["{DOMAIN}"]
-maildir_root = "{root / 'mail'}"
-users = {_toml_list(users)}
-aliases = {{ "postmaster@{DOMAIN}" = ["{users[0]}"] }}
-[log]
-file = "{root / 'log' / 'domain.log'}"
-''',
-    }
     (root / "log").mkdir(exist_ok=True)
     paths = {}
-    for tier, text in texts.items():
+    for tier, values in sections(root, base_port, cert, key).items():
         p = root / f"{tier}.toml"
-        p.write_text(text)
+        p.write_text(dump(tier, values))
         paths[tier] = p
     return paths
 

@@ -54,16 +54,20 @@ def _ours(pid: int, config: str) -> bool:
 
 
 @contextlib.contextmanager
-def running_demo(root: Path):
-    """Start `smarthost demo` on a free block of ports; stop it and its children on exit."""
+def running_demo(root: Path, *, argv=None, cwd: Path = REPO):
+    """Start `smarthost demo` on a free block of ports; stop it and its children on exit.
+
+    ``argv(base_port)`` is the command (default: ``smarthost demo --dir ROOT``), run in ``cwd``.
+    """
     root.mkdir(parents=True, exist_ok=True)
+    argv = argv or (lambda base: [PYTHON, "-m", "shared.cli", "demo", "--dir", str(root),
+                                  "--base-port", str(base)])
     proc = demo = None
     try:
         for _ in range(3):                       # another process may take the ports meanwhile
             base = free_port_block(3)
             with open(root / "demo.out", "ab") as out:
-                proc = subprocess.Popen([PYTHON, "-m", "shared.cli", "demo", "--dir", str(root),
-                                         "--base-port", str(base)], cwd=REPO, env=child_env(),
+                proc = subprocess.Popen(argv(base), cwd=cwd, env=child_env(),
                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
             ready = root / "demo.json"
             wait_until(lambda: ready.exists() or proc.poll() is not None, 30, "demo.json")
@@ -197,3 +201,17 @@ def test_sigint_stops_the_demo_and_its_tiers(tmp_path):
         for tier in children:
             log = (demo.root / "log" / f"{tier}.log").read_text(errors="replace")
             assert "Traceback" not in log, f"{tier} log:\n{log[-3000:]}"
+
+
+def test_compose_demo_puts_a_relative_dir_where_it_is_run(tmp_path):
+    """`bash compose/demo DIR` from another directory: DIR is relative to that directory."""
+    script = str(REPO / "compose" / "demo")
+    with running_demo(tmp_path / "here", argv=lambda base: ["bash", script, "here", str(base)],
+                      cwd=tmp_path) as demo:
+        assert demo.info["tiers"]["edge"]["config"] == str(tmp_path / "here" / "edge.toml")
+        tag = f"demo-relative-{os.getpid()}"
+        message = compose(tag, SENDER, ALICE)
+        r = smtp_send.send(demo.host, demo.port, SENDER, [ALICE], message)
+        assert r["data"][0] == 250, r
+        wait_for_message(demo.maildir(ALICE), f"<{tag}@e2e.test>")
+    assert not (REPO / "here").exists()
