@@ -35,7 +35,7 @@ def received_header(*, helo: str | None, client_name: str | None, client_addr: s
     name = _clip(client_name)
     parts = [f"Received: from {_clip(helo)} ({name} [{literal}])",
              f"\tby {hostname} (smarthost) with {protocol} id {queue_id}"]
-    date = formatdate(now, localtime=False)
+    date = formatdate(now, localtime=True)      # the real offset ("-0000" says it is unknown)
     if len(recipients) == 1:
         parts.append(f"\tfor <{recipients[0]}>; {date}")
     else:
