@@ -3,7 +3,8 @@
     smarthost edge|filter|domain --config FILE    run one tier in the foreground
     smarthost check-config FILE [--tier T]        validate a config, print the effective settings
     smarthost demo --dir DIR [--base-port N]      all three tiers on 127.0.0.1, mail into Maildir
-    smarthost queue ACTION [QID...] --config FILE list|show|flush|hold|release|delete
+    smarthost queue ACTION [QID...|ALL] [--json] --config FILE
+                                                  list|show|flush|hold|release|delete
 """
 from __future__ import annotations
 
@@ -47,8 +48,11 @@ def _queue(args) -> int:
     if args.action in ("show", "hold", "release", "delete") and not args.qids:
         print(f"smarthost queue {args.action}: name at least one queue id (or ALL)", file=sys.stderr)
         return 2
+    if args.json and args.action not in ("list", "show"):
+        print(f"smarthost queue {args.action}: --json is for list and show", file=sys.stderr)
+        return 2
     try:
-        return admin.main(root, args.action, args.qids)
+        return admin.main(root, args.action, args.qids, as_json=args.json)
     except admin.AdminError as e:
         print(f"smarthost queue {args.action}: {e}", file=sys.stderr)
         return 1
@@ -97,7 +101,11 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
     q = sub.add_parser("queue", help="list or change a tier's queue (safe while it runs)")
     q.add_argument("action", choices=("list", "show", "flush", "hold", "release", "delete"))
-    q.add_argument("qids", nargs="*", metavar="QID")
+    q.add_argument("qids", nargs="*", metavar="QID",
+                   help="a queue id or the previous tier's (the client's 'queued as' id), "
+                        "any case; ALL: every message")
+    q.add_argument("--json", action="store_true",
+                   help="list, show: one JSON object per message and line")
     q.add_argument("--config", required=True, metavar="FILE")
     q.set_defaults(func=_queue)
     return p

@@ -12,16 +12,37 @@ on the same spool, so they only use operations that are safe against it:
   daemon is down, at its next start);
 - the status files (R/status/) belong to the daemon and are only read here;
   the next-attempt time of a deferred message is its file's mtime, which
-  flush and release set to now;
-- the daemon is poked through R/requests/: ``flush`` (every deferred message
-  is due now) and ``<qid>.release`` (schedule this released message now).
+  flush and release set to now.
 
-Queue ids given on the command line are checked against the queue id syntax
-before they are used in a path.  :func:`main` is the CLI's entry point
-(``smarthost queue ACTION [QID...|ALL]``).
+Everything else the daemon must know or log goes through R/requests/ too, one
+empty file per message and fact, read at the same poll:
+
+    flush          every deferred message is due now
+    <qid>.flush    this deferred message is due now: schedule it
+    <qid>.release  this message was moved from hold/ to deferred/: log it, schedule it
+    <qid>.held     this message was moved to hold/: log it
+    <qid>.deleted  this message was deleted: log it
+
+So every hold, release and delete leaves a line in the tier's log, written by
+the daemon (the admin process has no log of its own), whether the admin
+command did it with a rename or the daemon applied a request: at most a
+poll interval later, or when the daemon next starts if it is down (the
+command's own output says what it did at once).  Notices left within one
+poll interval are logged in no particular order.
+
+Queue ids on the command line (:func:`main`) are case-insensitive (ids are
+upper-case letters and digits, :mod:`shared.ids`) and checked against the
+queue id syntax before they are used in a path.  A name that is no queue
+file's is looked up as an upstream id: the previous tier's queue id, which
+its client was told in "250 ... queued as ID" (see :func:`resolve`).
+
+``--json`` (like ``postqueue -j``): ``list`` prints one JSON object per
+message and line, :func:`list_json`; ``show`` one object per message,
+:func:`show_json`.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -34,18 +55,26 @@ from shared.queue.store import (
 
 _TRIES = 3
 
+# What ALL stands for, per action (flush ALL is flush without a qid).
+_ALL_STATES = {"show": STATES, "hold": ("incoming", "active", "deferred"), "release": ("hold",),
+               "delete": STATES}
+
 
 class AdminError(Exception):
     """A queue command that cannot be carried out (bad spool, bad id, no such message)."""
 
 
-def main(root: Path | str, action: str, qids: list[str], out: TextIO | None = None) -> int:
+def main(root: Path | str, action: str, qids: list[str], out: TextIO | None = None,
+         *, as_json: bool = False) -> int:
     """Run one ``smarthost queue`` action and print its result.
 
-    ``ALL`` as the only qid means every message the action applies to (hold:
-    incoming, active and deferred; release: hold; delete: everything).
-    Returns 0, or 1 if some named message was not found or not changed.
-    Raises AdminError for a path that is not a spool or a bad ``show``.
+    Each QID is a queue id or an upstream id (:func:`resolve`), in any case.
+    ``ALL`` as the only qid means every message the action applies to (show
+    and delete: everything; hold: incoming, active and deferred; release:
+    hold; flush: deferred, as does flush without a qid).  ``as_json``: JSON
+    output for list and show.  Returns 0, or 1 if some named message was not
+    found or not changed.  Raises AdminError for a path that is not a spool or
+    a bad ``show``.
     """
     out = out or sys.stdout
     try:
@@ -53,36 +82,109 @@ def main(root: Path | str, action: str, qids: list[str], out: TextIO | None = No
     except FileNotFoundError as e:
         raise AdminError(str(e)) from None
     if action == "list":
-        print(format_list(list_queue(root)), file=out, end="")
+        entries = list_queue(root)
+        if as_json:
+            for e in entries:
+                print(json.dumps(list_json(e), ensure_ascii=False), file=out)
+        else:
+            print(format_list(entries), file=out, end="")
         return 0
-    if action == "flush":
+    if action == "flush" and [q.upper() for q in qids] in ([], ["ALL"]):
         n = flush(root)
         print(f"{n} deferred message(s) made due now", file=out)
         return 0
     if action == "show":
-        for qid in qids:
+        targets = _targets(files, action, qids)
+        for given, qid in targets:
+            if qid is None:
+                raise AdminError(f"invalid queue id {given!r}" if not valid_qid(given)
+                                 else f"{given}: no such message")
+        for given, qid in targets:
             try:
-                print(show(root, qid), file=out)
-            except ValueError as e:
-                raise AdminError(str(e)) from None
+                if as_json:
+                    print(json.dumps(show_json(root, qid), ensure_ascii=False), file=out)
+                else:
+                    print(show(root, qid), file=out)
             except KeyError:
-                raise AdminError(f"{qid}: no such message") from None
+                if given is not None:            # None (ALL): gone since it was listed
+                    raise AdminError(f"{given}: no such message") from None
         return 0
-    ops: dict[str, tuple[Callable[..., dict[str, str]], tuple[str, ...], set[str]]] = {
-        "hold": (hold, ("incoming", "active", "deferred"), {"held", "hold requested"}),
-        "release": (release, ("hold",), {"released", "hold request cancelled"}),
-        "delete": (delete, ("incoming", "active", "deferred", "hold", "corrupt"),
-                   {"deleted", "delete requested"}),
+    ops: dict[str, tuple[Callable[..., dict[str, str]], set[str]]] = {
+        "hold": (hold, {"held", "hold requested"}),
+        "release": (release, {"released", "hold request cancelled"}),
+        "delete": (delete, {"deleted", "delete requested"}),
+        "flush": (flush_messages, {"made due now", "in delivery"}),
     }
     if action not in ops:
         raise AdminError(f"unknown action {action!r}")
-    func, states, ok = ops[action]
-    if [q.upper() for q in qids] == ["ALL"]:
-        qids = [qid for state in states for qid in files.list(state)]
-    results = func(root, qids)
-    for qid, result in results.items():
-        print(f"{qid}: {result}", file=out)
-    return 0 if all(r in ok for r in results.values()) else 1
+    func, ok = ops[action]
+    targets = _targets(files, action, qids)
+    results = func(root, [qid for _, qid in targets if qid is not None])
+    status = 0
+    for given, qid in targets:
+        if qid is None:
+            result = "invalid queue id" if not valid_qid(given) else "not found"
+            line = f"{given}: {result}"
+        else:
+            result = results[qid]
+            via = f" (upstream id {given.upper()})" if given and given.upper() != qid else ""
+            line = f"{qid}: {result}{via}"
+        if result not in ok:
+            status = 1
+        print(line, file=out)
+    return status
+
+
+def _targets(files: SpoolFiles, action: str, qids: list[str]) -> list[tuple[str | None, str | None]]:
+    """(name as given, queue id) for each message the command-line names stand
+    for (:func:`resolve`), in order; the queue id is None for a name that is
+    not a valid queue id or matches nothing.  ALL: (None, queue id) for every
+    message the action applies to."""
+    names = [q.upper() for q in qids]
+    if names == ["ALL"]:
+        return [(None, qid) for state in _ALL_STATES[action] for qid in files.list(state)]
+    matches = resolve(files, [n for n in names if valid_qid(n)])
+    targets: list[tuple[str | None, str | None]] = []
+    for given, name in zip(qids, names):
+        found = matches.get(name) or [None]
+        targets.extend((given, qid) for qid in found)
+    return targets
+
+
+def resolve(files: SpoolFiles, names: Iterable[str]) -> dict[str, list[str]]:
+    """The queue ids each of ``names`` (valid, upper-case queue ids) stands for.
+
+    A name that is a file name in a state directory stands for that message
+    (at most five stats).  Otherwise it is taken as an upstream id: it stands
+    for the messages whose envelope has that ``upstream_id`` -- usually one,
+    more if the previous tier sent its message twice (a lost 250).  Finding
+    them means reading the envelope of every message in the spool (its
+    trailer and envelope, not the message), once for all the names that need
+    it: fine for an admin command, a few seconds for a very large queue.  Like
+    :meth:`SpoolFiles.locate` this is advisory: a message that changes state
+    while it is looked for can be missed.  Result: {name: [qid, ...]}.
+    """
+    matches: dict[str, list[str]] = {}
+    upstream: set[str] = set()
+    for name in names:
+        if files.locate(name) is not None:
+            matches[name] = [name]
+        else:
+            matches[name] = []
+            upstream.add(name)
+    if upstream:
+        for state in STATES:
+            for qid, _ in files.scan(state):
+                try:
+                    env, _, _ = read_queue_file(files.path(qid, state))
+                except (OSError, CorruptFile):
+                    continue                     # gone, or nothing to compare with
+                up = (env.upstream_id or "").upper()
+                if up in upstream:
+                    matches[up].append(qid)
+        for name in upstream:                    # seen twice if it moved on during the scan
+            matches[name] = sorted(set(matches[name]))
+    return matches
 
 
 def format_list(entries: list[dict[str, Any]]) -> str:
@@ -111,6 +213,35 @@ def format_list(entries: list[dict[str, Any]]) -> str:
         counts[e["state"]] = counts.get(e["state"], 0) + 1
     lines.append("-- " + ", ".join(f"{n} {state}" for state, n in counts.items()))
     return "\n".join(lines) + "\n"
+
+
+def list_json(entry: dict[str, Any]) -> dict[str, Any]:
+    """One :func:`list_queue` entry as ``list --json`` prints it (``postqueue -j``'s names).
+
+    queue_id; queue_name (the state: incoming, active, deferred, hold,
+    corrupt); arrival_time (epoch seconds); message_size (bytes);
+    sender ("" for the null sender); recipients, those still to deliver:
+    [{address, delay_reason}] with delay_reason (the last reply) only for
+    recipients that have been tried; next_attempt (epoch seconds, deferred
+    only, else null); attempts; upstream_id (the previous tier's queue id, or
+    null).  A corrupt file has only queue_id, queue_name and error (why it is
+    corrupt).
+    """
+    if entry["error"]:
+        return {"queue_id": entry["qid"], "queue_name": entry["state"], "error": entry["error"]}
+    replies = entry["last_reply"] or {}
+    return {
+        "queue_id": entry["qid"],
+        "queue_name": entry["state"],
+        "arrival_time": int(entry["arrival"]),
+        "message_size": entry["size"],
+        "sender": entry["sender"],
+        "recipients": [{"address": a, **({"delay_reason": replies[a]} if a in replies else {})}
+                       for a in entry["recipients"]],
+        "next_attempt": None if entry["next_attempt"] is None else int(entry["next_attempt"]),
+        "attempts": entry["attempts"],
+        "upstream_id": entry["upstream_id"],
+    }
 
 
 def list_queue(root: Path | str) -> list[dict[str, Any]]:
@@ -151,11 +282,11 @@ def list_queue(root: Path | str) -> list[dict[str, Any]]:
     return out
 
 
-def show(root: Path | str, qid: str) -> str:
-    """Envelope, delivery status and header of one message, as text.
-
-    KeyError if there is no such message, ValueError for a malformed id.
-    """
+def _inspect(root: Path | str, qid: str) -> dict[str, Any]:
+    """What show and show_json print: state, then envelope, message size,
+    next attempt (deferred only), status and header, or the error of a
+    corrupt file.  KeyError if there is no such message, ValueError for a
+    malformed id."""
     if not valid_qid(qid):
         raise ValueError(f"invalid queue id {qid!r}")
     files = SpoolFiles(root)
@@ -164,52 +295,85 @@ def show(root: Path | str, qid: str) -> str:
         if state is None:
             raise KeyError(qid)
         path = files.path(qid, state)
-        lines = [f"queue id: {qid}", f"state: {state}"]
         try:
             env, body_len, _ = read_queue_file(path)
             with open(path, "rb") as f:
                 head = f.read(min(body_len, HEADER_READ_LIMIT))
+            next_attempt = os.stat(path).st_mtime if state == "deferred" else None
         except FileNotFoundError:
             continue                             # moved meanwhile: look again
         except CorruptFile as e:
-            lines.append(f"corrupt: {e.reason}")
-            return "\n".join(lines) + "\n"
-        if state == "deferred":
-            try:
-                lines.append(f"next attempt: {_fmt_time(os.stat(path).st_mtime)}")
-            except FileNotFoundError:
-                pass
-        lines.append(f"arrival: {_fmt_time(env.received_at)}")
-        lines.append(f"size: {body_len}")
-        lines.append(f"sender: <{env.sender}>")
-        for r in env.recipients:
-            extra = []
-            if r.notify is not None:
-                extra.append("NOTIFY=" + ",".join(r.notify))
-            if r.orcpt:
-                extra.append(f"ORCPT={r.orcpt}")
-            lines.append(f"recipient: <{r.address}>" + (" " + " ".join(extra) if extra else ""))
-        for name in ("ret", "envid", "body", "smtputf8", "upstream_id"):
-            value = getattr(env, name)
-            if value not in (None, False):
-                lines.append(f"{name}: {value}")
-        client = env.client
-        if client.addr or client.helo:
-            lines.append(f"client: {client.name or 'unknown'}[{client.addr}] helo={client.helo} "
-                         f"login={client.login} tls={client.tls}")
-        status = files.read_status(qid)
-        if status:
-            lines.append(f"attempts: {status.get('attempts', 0)}")
-            if isinstance(status.get("pending"), list):
-                lines.append("pending: " + ", ".join(f"<{a}>" for a in status["pending"]))
-            for addr, reply in (status.get("last_reply") or {}).items():
-                lines.append(f"last reply for <{addr}>: {reply}")
-        lines.append("")
+            return {"state": state, "error": e.reason}
         end = min((i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0),
                   default=len(head))
-        lines.append(head[:end].decode("utf-8", "replace").replace("\r\n", "\n"))
-        return "\n".join(lines) + "\n"
+        return {"state": state, "error": None, "envelope": env, "size": body_len,
+                "next_attempt": next_attempt, "status": files.read_status(qid),
+                "header": head[:end].decode("utf-8", "replace").replace("\r\n", "\n")}
     raise KeyError(qid)
+
+
+def show(root: Path | str, qid: str) -> str:
+    """Envelope, delivery status and header of one message, as text.
+
+    KeyError if there is no such message, ValueError for a malformed id.
+    """
+    m = _inspect(root, qid)
+    lines = [f"queue id: {qid}", f"state: {m['state']}"]
+    if m["error"]:
+        lines.append(f"corrupt: {m['error']}")
+        return "\n".join(lines) + "\n"
+    env = m["envelope"]
+    if m["next_attempt"] is not None:
+        lines.append(f"next attempt: {_fmt_time(m['next_attempt'])}")
+    lines.append(f"arrival: {_fmt_time(env.received_at)}")
+    lines.append(f"size: {m['size']}")
+    lines.append(f"sender: <{env.sender}>")
+    for r in env.recipients:
+        extra = []
+        if r.notify is not None:
+            extra.append("NOTIFY=" + ",".join(r.notify))
+        if r.orcpt:
+            extra.append(f"ORCPT={r.orcpt}")
+        lines.append(f"recipient: <{r.address}>" + (" " + " ".join(extra) if extra else ""))
+    for name in ("ret", "envid", "body", "smtputf8", "upstream_id"):
+        value = getattr(env, name)
+        if value not in (None, False):
+            lines.append(f"{name}: {value}")
+    client = env.client
+    if client.addr or client.helo:
+        lines.append(f"client: {client.name or 'unknown'}[{client.addr}] helo={client.helo} "
+                     f"login={client.login} tls={client.tls}")
+    status = m["status"]
+    if status:
+        lines.append(f"attempts: {status.get('attempts', 0)}")
+        if isinstance(status.get("pending"), list):
+            lines.append("pending: " + ", ".join(f"<{a}>" for a in status["pending"]))
+        for addr, reply in (status.get("last_reply") or {}).items():
+            lines.append(f"last reply for <{addr}>: {reply}")
+    lines.append("")
+    lines.append(m["header"])
+    return "\n".join(lines) + "\n"
+
+
+def show_json(root: Path | str, qid: str) -> dict[str, Any]:
+    """One message as ``show --json`` prints it.
+
+    queue_id; queue_name (the state); message_size (bytes); next_attempt
+    (epoch seconds, deferred only, else null); envelope (as stored in the
+    queue file: sender, recipients [{address, notify, orcpt}], ret, envid,
+    body, smtputf8, upstream_id, received_at, notice, client); status (the
+    daemon's delivery status: pending, attempts, first_attempt, last_attempt,
+    last_reply {address: reply}, failed, expired; null before the first
+    attempt); header (the message header, as text).  A corrupt file has only
+    queue_id, queue_name and error.  KeyError if there is no such message,
+    ValueError for a malformed id.
+    """
+    m = _inspect(root, qid)
+    if m["error"]:
+        return {"queue_id": qid, "queue_name": m["state"], "error": m["error"]}
+    return {"queue_id": qid, "queue_name": m["state"], "message_size": m["size"],
+            "next_attempt": m["next_attempt"], "envelope": m["envelope"].to_json(),
+            "status": m["status"], "header": m["header"]}
 
 
 def hold(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
@@ -225,6 +389,7 @@ def hold(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
         result = "not found"
         for _ in range(_TRIES):
             if files.move(qid, "incoming", "hold") or files.move(qid, "deferred", "hold"):
+                files.request(f"{qid}.held")
                 result = "held"
                 break
             state = files.locate(qid)
@@ -274,6 +439,7 @@ def delete(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
         for _ in range(_TRIES):
             if any(files.remove(qid, state) for state in ("incoming", "deferred", "hold", "corrupt")):
                 files.clear_request(f"{qid}.hold")
+                files.request(f"{qid}.deleted")
                 result = "deleted"
                 break
             state = files.locate(qid)
@@ -295,6 +461,33 @@ def flush(root: Path | str) -> int:
                 if files.set_next_attempt(qid, "deferred", now))
     files.request("flush")
     return count
+
+
+def flush_messages(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
+    """Make these deferred messages due now and ask the daemon to schedule them
+    (``postqueue -i``).  Result per qid: "made due now", "in delivery"
+    (incoming or active: nothing to wait for), "on hold", "corrupt",
+    "not found" or "invalid queue id"."""
+    files = SpoolFiles(root)
+    now = time.time()
+    results = {}
+    for qid in qids:
+        if not valid_qid(qid):
+            results[qid] = "invalid queue id"
+            continue
+        result = "not found"
+        for _ in range(_TRIES):
+            if files.set_next_attempt(qid, "deferred", now):
+                files.request(f"{qid}.flush")
+                result = "made due now"
+                break
+            state = files.locate(qid)
+            if state != "deferred":              # deferred: it was in active a moment ago
+                result = {"incoming": "in delivery", "active": "in delivery", "hold": "on hold",
+                          "corrupt": "corrupt", None: "not found"}[state]
+                break
+        results[qid] = result
+    return results
 
 
 def _fmt_time(t: float | None) -> str:

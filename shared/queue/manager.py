@@ -76,12 +76,16 @@ admin process without racing the delivery, so it leaves R/requests/<qid>.hold
 or .delete; the manager applies it when the attempt ends (delete: file and
 status removed, no bounce; hold: the pending rest goes to hold/ instead of
 deferred/).  R/requests/ is polled every ``request_interval`` (1 s) with one
-os.scandir: requests for messages in flight wait for the end of the attempt;
-one that arrives after the attempt's last poll is applied by the next poll,
-in whatever state the attempt left the message.  The poll also applies requests
-for messages no longer in flight,
-R/requests/<qid>.release (schedule a released message now) and
-R/requests/flush (every deferred message is due now).
+os.scandir: hold and delete requests for messages in flight wait for the end
+of the attempt; one that arrives after the attempt's last poll is applied by
+the next poll, in whatever state the attempt left the message; a hold request
+the admin cancelled (by a release) before the attempt ended is not applied.
+The poll also applies the hold and delete requests for messages not in
+flight, R/requests/flush (every deferred message is due now), <qid>.flush
+(schedule this message now) and <qid>.release (the admin moved it from hold/
+to deferred/: schedule it now), and logs the notices <qid>.held and
+<qid>.deleted of what the admin command did itself: every hold, release and
+delete is in the log.
 
 Trust.  The delivery function is ours but its results are checked: a missing
 or malformed result for a recipient counts as a transient failure (451
@@ -121,6 +125,10 @@ DeliverFn = Callable[[list[DeliverItem]], "Deferred[list[dict[str, Reply]]]"]
 # Just-received messages are delivered from memory (no open and read of the file
 # just fsynced) while the bodies waiting for pick-up take at most this much.
 FRESH_BYTES = 32 * 1024 * 1024
+
+# Admin requests that say what the admin command did itself (shared.queue.admin):
+# the manager only logs them.
+ADMIN_NOTICES = {"held": "put on hold by admin command", "deleted": "removed by admin command"}
 
 # Given to a recipient the delivery function said nothing about, or when it failed.
 NO_REPLY = Reply(451, "4.3.0", "Delivery agent gave no result, will retry")
@@ -355,12 +363,13 @@ class QueueManager:
                     self.spool.clear_request(name)
                     continue
                 qid, _, kind = name.partition(".")
-                if not valid_qid(qid) or kind not in ("hold", "delete", "release"):
+                if not valid_qid(qid) or kind not in ("hold", "delete", "release", "flush",
+                                                      *ADMIN_NOTICES):
                     log.warn("{prefix}ignoring unknown admin request {name!r}",
                              prefix=self.log_prefix, name=name)
                     self.spool.clear_request(name)
                     continue
-                if qid in self.inflight:
+                if kind in ("hold", "delete") and qid in self.inflight:
                     waiting.add(name)            # applied when its attempt ends
                     continue
                 self.apply_request(qid, kind)
@@ -385,7 +394,15 @@ class QueueManager:
                              prefix=self.log_prefix, qid=qid)
                     break
         elif kind == "release":
+            log.info("{prefix}{qid}: released from hold by admin command",
+                     prefix=self.log_prefix, qid=qid)
+            self.enqueue(qid, "deferred")        # no-op if already picked up
+        elif kind == "flush":
+            log.info("{prefix}{qid}: flush requested", prefix=self.log_prefix, qid=qid)
             self.enqueue(qid, "deferred")
+        else:                                    # done by the admin command: only logged
+            log.info("{prefix}{qid}: {what}", prefix=self.log_prefix, qid=qid,
+                     what=ADMIN_NOTICES[kind])
 
     # -- delivering -------------------------------------------------------------
 
@@ -567,6 +584,9 @@ class QueueManager:
             log.info("{prefix}{qid}: removed by admin request", prefix=self.log_prefix, qid=qid)
             return
         hold = f"{qid}.hold" in requests
+        if hold and f"{qid}.hold" not in spool.requests():
+            requests.discard(f"{qid}.hold")      # cancelled (a release) since the last poll
+            hold = False
 
         if failed and env.sender == "" and env.notice == "double-bounce":
             # Never a triple bounce: the administrator gets the message itself.

@@ -1,6 +1,7 @@
-"""`smarthost queue` against a running filter: list, show, hold, release, delete."""
+"""`smarthost queue` against a running filter: list, show, hold, release, flush, delete."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -73,6 +74,44 @@ def test_hold_release_delete_a_deferred_message_while_running(make_pipeline):
     assert "non-delivery notification" not in p.filter.log_text()
 
 
+def test_the_edge_queue_id_json_and_the_log_lines(make_pipeline):
+    """The id the client was told finds the message; every change is in the filter's log."""
+    p = make_pipeline(filter={"verify": {"recipients": False}}, start=("filter", "edge"))
+    replies = transaction(p.edge.port, "sender@example.net", [ALICE], message("by edge id"))
+    edge_qid = queued_id(replies[-1])
+    m = p.filter.wait_log(rf"({QID}): from=<sender@example.net>[^\n]*queued as \1 upstream={edge_qid}")
+    qid = m.group(1)
+    _wait_state(p.filter, qid, "deferred")
+
+    shown = p.filter.queue("show", edge_qid.lower())
+    assert shown.returncode == 0 and f"queue id: {qid}" in shown.stdout, shown
+    out = p.filter.queue("list", "--json")
+    assert out.returncode == 0, out.stderr
+    [entry] = [json.loads(line) for line in out.stdout.splitlines()]
+    assert (entry["queue_id"], entry["queue_name"], entry["upstream_id"]) == (qid, "deferred", edge_qid)
+    [rcpt] = entry["recipients"]
+    assert rcpt["address"] == ALICE and "4.4.1" in rcpt["delay_reason"], entry
+    out = p.filter.queue("show", edge_qid, "--json")
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["queue_id"] == qid and shown["envelope"]["upstream_id"] == edge_qid
+    assert shown["status"]["attempts"] == 1 and "Subject: by edge id" in shown["header"]
+
+    for action, result, logged in (("hold", "held", "put on hold by admin command"),
+                                   ("release", "released", "released from hold by admin command"),
+                                   ("flush", "made due now", "flush requested"),
+                                   ("delete", "deleted", "removed by admin command")):
+        mark = p.filter.log_size()
+        out = p.filter.queue(action, edge_qid)
+        assert out.returncode == 0, out
+        assert f"{qid}: {result} (upstream id {edge_qid})" in out.stdout, out.stdout
+        p.filter.wait_log(rf"{qid}: {logged}", since=mark, timeout=5)
+        if action in ("release", "flush"):       # tried at once: the domain tier is down
+            p.filter.wait_log(rf"{qid}: to=<{re.escape(ALICE)}>[^\n]*status=deferred", since=mark)
+            _wait_state(p.filter, qid, "deferred")
+    assert "Queue is empty" in p.filter.queue("list").stdout
+
+
 def test_queue_on_the_edge_says_it_keeps_none(make_pipeline):
     p = make_pipeline(start=())
     out = p.edge.queue("list")
@@ -91,3 +130,5 @@ def test_queue_rejects_malformed_ids(make_pipeline):
         assert "invalid queue id" in out.stdout + out.stderr
         out = p.filter.queue("show", bad)
         assert out.returncode != 0
+    out = p.filter.queue("hold", "ALL", "--json")
+    assert out.returncode == 2 and "--json is for list and show" in out.stderr
