@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from shared.dirsync import DirSyncs
 from shared.reserve import FileReserve, write_all
-from shared.smtp.reply import TEMPFAIL_LOCAL, UNKNOWN_USER, Reply, storage_error
+from shared.smtp.reply import UNKNOWN_USER, Reply, storage_error
 
 log = Logger(namespace="smarthost.maildir")
 WRITE_BEHIND = 64 * 1024      # message bytes held in memory before they are written on the reactor
@@ -95,6 +95,14 @@ class Mailboxes:
 
 
 class MaildirSink:
+    """Delivery into the mailboxes; messages are received in ``MAILDIR_ROOT/.tmp/HOST``.
+
+    The constructor makes that directory, empties it and raises PermissionError,
+    naming it, when the running user may not write it (one left owned by root,
+    say): a daemon started as root builds its sink only after it became
+    ``server.user`` (:meth:`shared.daemon.Daemon.start`).
+    """
+
     def __init__(self, mailboxes: Mailboxes, *, pool, hostname: str, fsync: bool = True) -> None:
         self.mailboxes = mailboxes
         self.pool = pool
@@ -103,6 +111,8 @@ class MaildirSink:
         # Per host: domain nodes may share the mailbox file system.
         self.spool = mailboxes.root / ".tmp" / socket.gethostname()
         self.spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.access(self.spool, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable", str(self.spool))
         for stale in self.spool.iterdir():         # this host's last run: never acknowledged
             stale.unlink()
         self.reserve = FileReserve(str(self.spool), pool.run)
@@ -198,7 +208,7 @@ class MaildirSession:
             self.fd, self.path = self.sink.reserve.take()
         except OSError as e:
             log.error("{qid}: cannot create a file in {dir}: {err}", qid=txn.queue_id, dir=self.sink.spool, err=e)
-            return TEMPFAIL_LOCAL
+            return CANNOT_WRITE
         self.size = 0
         self.write_error = None
         self.write(f"Return-Path: <{txn.envelope.sender}>\r\n".encode("utf-8"))

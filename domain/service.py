@@ -8,7 +8,7 @@ message is fsynced in every recipient's Maildir.
 from __future__ import annotations
 
 from domain.maildir import Mailboxes, MaildirSink
-from shared.daemon import TierParts
+from shared.daemon import TierParts, writable_directory
 
 
 def mailboxes(settings) -> Mailboxes:
@@ -19,8 +19,9 @@ def mailboxes(settings) -> Mailboxes:
 def build(settings, reactor, pool, dry_run: bool = False) -> TierParts:
     if dry_run:
         return TierParts(sink=None, checks=[])
-    sink = MaildirSink(mailboxes(settings), pool=pool, hostname=settings.hostname,
-                       fsync=settings["queue"]["fsync"])
+    with writable_directory(settings, "mailboxes", "maildir_root"):
+        sink = MaildirSink(mailboxes(settings), pool=pool, hostname=settings.hostname,
+                           fsync=settings["queue"]["fsync"])
 
     def reload(new) -> None:
         sink.mailboxes = mailboxes(new)

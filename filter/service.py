@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared.checks.core import Check
-from shared.daemon import TierParts
+from shared.daemon import TierParts, writable_directory
 from shared.engine.nexthop import relay_client, route, route_checks
 from shared.engine.queued import QueueSink
 from shared.queue.manager import QueueManager, QueueSettings
@@ -39,6 +39,7 @@ class FilterTier:
     """The filter's moving parts: relay client, verifier, spool, queue manager."""
 
     def __init__(self, settings, reactor) -> None:
+        self.settings = settings
         self.reactor = reactor
         # The queue holds only what our server core accepted (no bare CR or LF) and bounces
         # built with CRLF: sent without a second line-end check.
@@ -46,8 +47,9 @@ class FilterTier:
         v = settings["verify"]
         self.verifier = RecipientVerifier(self.client, reactor=reactor, positive_ttl=v["positive_ttl"],
                                           negative_ttl=v["negative_ttl"])
-        self.spool = Spool(Path(settings["queue"]["directory"]), reactor=reactor,
-                           fsync=settings["queue"]["fsync"])
+        with writable_directory(settings, "queue", "directory"):
+            self.spool = Spool(Path(settings["queue"]["directory"]), reactor=reactor,
+                               fsync=settings["queue"]["fsync"])
         self.manager = QueueManager(self.spool, self.client.deliver_batch, queue_settings(settings),
                                     reactor=reactor, route=route(settings),
                                     relay=",".join(f"{h}:{p}" for h, p in settings["next_hop"]["hosts"]))
@@ -56,8 +58,10 @@ class FilterTier:
                                start=self.start, stop=self.stop, reload=self.reload)
 
     def start(self) -> None:
-        self.spool.start()
-        self.manager.start()     # recovers the spool first: tmp/ cleaned, active/ re-queued, corrupt/ set apart
+        """Lock the spool (its pid file) and start the queue manager, as the user the tier runs as."""
+        with writable_directory(self.settings, "queue", "directory"):
+            self.spool.start()
+            self.manager.start()     # recovers the spool first: tmp/ cleaned, active/ re-queued, corrupt/ set apart
 
     def stop(self):
         self.verifier.close()
@@ -68,6 +72,7 @@ class FilterTier:
 
     def reload(self, new) -> None:
         """Next hops, verification and retry settings change live; the spool directory does not."""
+        self.settings = new
         old, self.client = self.client, relay_client(new, self.reactor, content_checked=True)
         old.close_cached()
         v = new["verify"]

@@ -19,6 +19,7 @@ import os
 import pwd
 import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -105,6 +106,27 @@ def preflight(settings: Settings) -> None:
     tls_context(settings)
 
 
+@contextmanager
+def writable_directory(settings: Settings, section: str, name: str):
+    """Around the code that makes and opens what a tier writes under its directory
+    ``section.name`` (``queue.directory``, ``mailboxes.maildir_root``): a
+    PermissionError becomes the ConfigError :func:`shared.config.check_host` gives,
+    naming the key and the path the running user may not write.
+
+    check_host judges the directory itself; this reports what lies below it, such
+    as a subdirectory left owned by root while the tier runs as ``server.user``.
+    """
+    try:
+        yield
+    except PermissionError as e:
+        try:
+            who = f"user {pwd.getpwuid(os.geteuid()).pw_name}"
+        except KeyError:
+            who = f"uid {os.geteuid()}"
+        path = e.filename or settings[section][name]
+        raise ConfigError(settings.path, f"{section}.{name}", f"{path} is not writable by {who}") from None
+
+
 def build_parts(settings: Settings, reactor, pool, dry_run: bool = False) -> TierParts:
     """The tier's parts; `dry_run` builds them without touching disk or network."""
     module = importlib.import_module(TIER_MODULES[settings.tier])
@@ -141,13 +163,23 @@ class Daemon:
                              sink=self.parts.sink, reactor=self.reactor, resolver=self.resolver)
 
     def start(self) -> None:
-        """Bind every listener, drop privileges, then start the tier's parts.
+        """Bind every listener, drop privileges, then build and start the tier's parts.
 
-        Raises (with nothing left running) when a listener cannot be bound.
+        As Postfix's master and Twisted's ``privilegedStartService`` do, only what
+        needs root is done as root: the tier's code is loaded (``server.user`` need
+        not be able to read the installation), the TLS key is read and the ports
+        are bound.  Then the daemon becomes ``server.user``, and only then are the
+        tier's parts built and started, so that everything they create (the
+        filter's spool and its pid lock, the domain tier's Maildir spool, their
+        reserve files) is that user's.  The reactor runs this method: no connection
+        is served before it returns.  The log file was opened before, by
+        :func:`run`.
+
+        Raises, its listeners closed and its pool stopped, when a listener cannot
+        be bound or a part cannot be built or started.
         """
         s = self.settings["server"]
-        self.parts = build_parts(self.settings, self.reactor, self.pool)
-        self.chain = Chain(self.parts.checks, reactor=self.reactor)
+        importlib.import_module(TIER_MODULES[self.settings.tier])     # build_parts finds it loaded
         tls = tls_context(self.settings)
         try:
             for host, port in s["listen"]:
@@ -161,17 +193,16 @@ class Daemon:
                 self.ports.append(self.reactor.listenTCP(port, factory, interface=host, backlog=511))
                 self.factories.append(factory)
                 log.info("listening on {host}:{port}", host=host, port=port)
-        except Exception:
-            for p in self.ports:
-                p.stopListening()
-            raise
-        if s["user"]:
-            drop_privileges(s["user"])
-        self.pool.start()
-        try:
+            if s["user"]:
+                drop_privileges(s["user"])
+            self.parts = build_parts(self.settings, self.reactor, self.pool)
+            self.chain = Chain(self.parts.checks, reactor=self.reactor)
+            self.pool.start()
             if self.parts.start:
                 self.parts.start()
         except Exception:
+            for p in self.ports:
+                p.stopListening()
             self.pool.stop()
             raise
         log.info("{tier} started: hostname={h}, next hop={nh}", tier=self.settings.tier,
@@ -243,7 +274,13 @@ def raise_fd_limit() -> int:
 
 
 def run(tier: str, config_path: str) -> int:
-    """The foreground daemon: `smarthost TIER --config FILE`."""
+    """The foreground daemon: `smarthost TIER --config FILE`; its exit code.
+
+    2: the configuration is refused (the reason on stderr).  1: the tier cannot
+    start (a port in use, a directory ``server.user`` may not write): the reason
+    is logged and, when the log goes to ``log.file``, also printed on stderr, for
+    the terminal or the service manager's journal.  0: stopped by a signal.
+    """
     try:
         settings = load(tier, config_path)
         preflight(settings)
@@ -268,6 +305,8 @@ def run(tier: str, config_path: str) -> int:
             daemon.start()
         except Exception as e:
             log.error("cannot start: {err}", err=str(e))
+            if settings["log"]["file"] != "-":      # else that line went to stderr already
+                print(f"smarthost {tier}: cannot start: {e}", file=sys.stderr)
             status["code"] = 1
             reactor.stop()
 

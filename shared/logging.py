@@ -86,6 +86,16 @@ class LineObserver:
 
 
 def start_logging(tier: str, level: str = "info", file: str = "-", pid: int = 0) -> LineObserver:
+    """Log to stderr (`file` ``"-"``) or append to `file`, from now on; the observer.
+
+    The daemon opens its log file as whoever starts it, before it binds its ports
+    and drops privileges (:meth:`shared.daemon.Daemon.start`), as twistd does: a
+    failure to bind is logged, and the file may live where only root may write
+    (``/var/log``).  The file keeps its owner, and one made here is the starting
+    user's: a tier running as ``server.user`` writes it through the descriptor
+    opened before the drop.  :func:`shared.config.check_host` judges ``log.file``
+    for the starting user accordingly.
+    """
     stream = sys.stderr if file == "-" else open(file, "a", buffering=1, encoding="utf-8")
     observer = LineObserver(stream, tier, pid, level, is_global=True)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)

@@ -463,6 +463,11 @@ class SpoolFiles:
 class Spool(SpoolFiles):
     """The daemon's view of the spool: receiving, recovery and fsync in a thread pool.
 
+    The constructor makes the directories that are missing and raises
+    PermissionError, naming it, for a directory the running user may not write
+    (one left owned by root, say): a daemon started as root builds its spool only
+    after it became ``server.user`` (:meth:`shared.daemon.Daemon.start`).
+
     ``runner`` (tests only) replaces the thread pool: a callable
     ``runner(f, *args) -> Deferred`` that runs ``f`` somewhere.  ``fsync=False``
     disables every fsync and is only for tests and benchmarks that say so.
@@ -471,6 +476,9 @@ class Spool(SpoolFiles):
     def __init__(self, root: Path | str, *, reactor, threadpool_size: int = 4,
                  fsync: bool = True, runner: Callable[..., Deferred] | None = None):
         super().__init__(root, create=True)
+        for directory in (self.root, *(self.root / name for name in (TMP, *STATES, STATUS, REQUESTS))):
+            if not os.access(directory, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "not writable", str(directory))
         self.reactor = reactor
         self.fsync = fsync
         self.threadpool = None if runner else WorkerPool(reactor, threadpool_size, name="smarthost-spool")
