@@ -30,6 +30,7 @@ from shared.blocking import BlockingPool
 from shared.checks.core import Chain, Check
 from shared.checks.relay import RelayPolicy
 from shared.config import ConfigError, Settings, check_host, load
+from shared.config.schema import hostport_text
 from shared.netlist import NetworkList
 from shared.engine.session import EngineConfig, EngineSession
 from shared.smtp.server import ServerConfig
@@ -205,8 +206,9 @@ class Daemon:
                 p.stopListening()
             self.pool.stop()
             raise
+        hops = ", ".join(hostport_text(*h) for h in self.settings["next_hop"]["hosts"])
         log.info("{tier} started: hostname={h}, next hop={nh}", tier=self.settings.tier,
-                 h=self.settings.hostname, nh=self.settings["next_hop"]["hosts"] or "-")
+                 h=self.settings.hostname, nh=hops or "-")
 
     @defer.inlineCallbacks
     def stop(self):

@@ -70,7 +70,10 @@ class LineObserver:
 
     def __call__(self, event: dict) -> None:
         level = event.get("log_level")
-        if level is not None and _ORDER.get(level, 1) < self.min_level:
+        order = _ORDER.get(level, 1)
+        if order == 1 and not event.get("log_namespace", "").startswith("smarthost"):
+            order = 0        # Twisted's own news ("... starting on 25", "(TCP Port 25 Closed)"): debug
+        if level is not None and order < self.min_level:
             return
         text = self._text(event)
         failure = event.get("log_failure")

@@ -610,6 +610,11 @@ _TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n"
                  "\r": "\\r"}
 
 
+def hostport_text(host: str, port: int) -> str:
+    """A (host, port) pair as written in the configuration: host:port, [IPv6]:port."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def toml_value(v: Any) -> str:
     """A value in TOML syntax (host/port pairs and networks as their config strings)."""
     if isinstance(v, bool):
@@ -617,8 +622,7 @@ def toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], int):   # host, port
-        host, port = v
-        return toml_value(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return toml_value(hostport_text(*v))
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):

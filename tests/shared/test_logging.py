@@ -9,7 +9,7 @@ from shared.logging import LineObserver
 def lines(level="info", emit=None):
     out = io.StringIO()
     obs = LineObserver(out, "filter", 42, level)
-    log = Logger(namespace="t", observer=obs)
+    log = Logger(namespace="smarthost.test", observer=obs)
     emit(log)
     return out.getvalue().splitlines()
 
@@ -33,7 +33,7 @@ def test_fast_and_full_formats_agree_and_levels_filter():
 def test_level_changes_and_failures():
     out = io.StringIO()
     obs = LineObserver(out, "edge", 1, "error")
-    log = Logger(namespace="t", observer=obs)
+    log = Logger(namespace="smarthost.test", observer=obs)
     log.info("hidden")
     obs.set_level("debug")
     log.debug("shown {n}", n=1)
@@ -62,8 +62,23 @@ def test_debug_enabled_follows_the_daemons_observer_only():
 def test_parsed_formats_stay_bounded():
     from shared import logging as shlog
     obs = LineObserver(io.StringIO(), "edge", 1)
-    log = Logger(namespace="t", observer=obs)
+    log = Logger(namespace="smarthost.test", observer=obs)
     for n in range(shlog._MAX_FORMATS + 50):
         log.info(f"built at run time {n}")               # a careless caller: a new format each time
     assert len(obs._compiled) <= shlog._MAX_FORMATS
     assert obs.stream.getvalue().splitlines()[-1].endswith(f"built at run time {shlog._MAX_FORMATS + 49}")
+
+
+def test_twisteds_own_news_is_debug_its_warnings_are_not():
+    out = io.StringIO()
+    obs = LineObserver(out, "edge", 1, "info")
+    twisted_log = Logger(namespace="twisted.internet.tcp.Port", observer=obs)
+    twisted_log.info("SMTPServerFactory starting on 25")
+    twisted_log.warn("something wrong in {what}", what="the reactor")
+    Logger(namespace="smarthost.daemon", observer=obs).info("listening on 127.0.0.1:25")
+    text = out.getvalue()
+    assert "starting on" not in text
+    assert "warn: something wrong in the reactor" in text and "listening on 127.0.0.1:25" in text
+    obs.set_level("debug")
+    twisted_log.info("(TCP Port 25 Closed)")
+    assert "(TCP Port 25 Closed)" in out.getvalue()
