@@ -246,17 +246,24 @@ class MaildirSession:
         d = self.sink.pool.run(self.sink.deliver, path, fd, rest, self.size, targets)
 
         def done(files):
-            for f in files:
-                log.info("{qid}: delivered to maildir {file}", qid=txn.queue_id, file=f)
+            where = dict(zip(targets, files))
+            for rcpt in txn.envelope.recipients:
+                boxes = self.sink.mailboxes.resolve(rcpt.address) or ()
+                log.info("{qid}: to=<{rcpt}>, relay=maildir, status=sent (delivered to maildir {files})",
+                         qid=txn.queue_id, rcpt=rcpt.address, files=", ".join(where[b] for b in boxes))
             return Reply(250, "2.0.0", f"Ok: delivered as {txn.queue_id}")
 
         def failed(failure):
             if failure.check(OSError):          # disk full, permissions: one line, no traceback
-                log.error("{qid}: maildir delivery failed: {err}", qid=txn.queue_id,
-                          err=failure.value.strerror or str(failure.value))
-                return storage_error(failure.value, CANNOT_WRITE)
-            log.failure("{qid}: maildir delivery failed", failure, qid=txn.queue_id)
-            return CANNOT_WRITE
+                reply = storage_error(failure.value, CANNOT_WRITE)
+                detail = failure.value.strerror or str(failure.value)
+            else:
+                log.failure("{qid}: maildir delivery failed", failure, qid=txn.queue_id)
+                reply, detail = CANNOT_WRITE, "internal error"
+            log.error("{qid}: to={to}, relay=maildir, status=deferred ({reply}: {detail})", qid=txn.queue_id,
+                      to=",".join(f"<{r.address}>" for r in txn.envelope.recipients), reply=str(reply),
+                      detail=detail)
+            return reply
         return d.addCallbacks(done, failed)
 
     def abort(self, txn) -> None:

@@ -213,7 +213,8 @@ class ProxySession:
             return self._failed(Failure(), "end of data")
 
         def answered(reply):
-            log.info("{qid}: relay={relay}, status={status} ({reply})", qid=txn.queue_id, relay=up.relay,
+            log.info("{qid}: to={to}, relay={relay}, status={status} ({reply})", qid=txn.queue_id,
+                     to=",".join(f"<{r.address}>" for r in txn.envelope.recipients), relay=up.relay,
                      status="sent" if reply.positive else "rejected", reply=str(reply))
             if reply.positive:
                 return Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}")

@@ -13,6 +13,8 @@ from shared.smtp.syntax import clip_name
 _RECEIVED = re.compile(rb"(?:^|\n)received[ \t]*:", re.IGNORECASE)
 # A whole header: its first line and any folded continuation lines.
 _HEADER = re.compile(rb"\n([^\r\n]*)((?:\r?\n[ \t][^\r\n]*)*)")
+_MESSAGE_ID = re.compile(rb"(?:^|\n)message-id[ \t]*:[ \t]*(?:\r?\n[ \t]+)?(<[\x21-\x7e]{1,500}?>)",
+                         re.IGNORECASE)
 _OURS = re.compile(rb"^received[ \t]*:.*\sby\s+\S+\s+\(smarthost\)", re.IGNORECASE | re.DOTALL)
 HEADER_SCAN_LIMIT = 256 * 1024
 
@@ -81,6 +83,11 @@ class HeaderScanner:
 
     def received_count(self) -> int:
         return len(_RECEIVED.findall(self.buf))
+
+    def message_id(self) -> str | None:
+        """The Message-ID field's <id> (printable ASCII only, for the log), or None."""
+        m = _MESSAGE_ID.search(self.buf)
+        return m.group(1).decode("ascii") if m else None
 
     def pipeline_hops(self) -> int:
         """How many Received headers at the top were added by smarthost tiers.

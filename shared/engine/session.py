@@ -162,6 +162,7 @@ class EngineSession:
             if key in a:
                 setattr(self.client, attr, val(key))
         self.xclient_set = True
+        self.upstream_id = None        # a new client: its XFORWARD IDENT follows, not the last one's
         self._log("xclient from {peer}: client={name}[{addr}] helo={helo}", peer=self.protocol.peer_host,
                   name=self.client.name or "unknown", addr=self.client.addr, helo=self.client.helo)
         return None
@@ -266,8 +267,9 @@ class EngineSession:
             return _call(self.sink_session.data_end, txn, then=done)
 
         def done(answer):
-            self._log("from=<{sender}>, size={size}, nrcpt={n}: {reply}", sender=txn.envelope.sender,
-                      size=txn.size, n=len(txn.envelope.recipients), reply=str(answer))
+            self._log("from=<{sender}>, size={size}, nrcpt={n}, message-id={mid}: {reply}",
+                      sender=txn.envelope.sender, size=txn.size, n=len(txn.envelope.recipients),
+                      mid=txn.scanner.message_id() or "-", reply=str(answer))
             self._end_txn()
             return self._after_txn(answer)
         return self._abandon_on_failure(self._checks(req, checked))

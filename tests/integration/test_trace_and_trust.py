@@ -23,7 +23,7 @@ def test_queue_ids_chain_edge_filter_domain(shared_pipeline):
     eqid = queued_id(replies[-1])
 
     # edge: "EQID: relay=..., status=sent (250 ... queued as FQID)"
-    m = p.edge.wait_log(rf"{eqid}: relay=127\.0\.0\.1[^\n]*status=sent \(250 [^\n]*queued as ({QID})\)")
+    m = p.edge.wait_log(rf"{eqid}: to=<[^>]+>, relay=127\.0\.0\.1[^\n]*status=sent \(250 [^\n]*queued as ({QID})\)")
     fqid = m.group(1)
     assert fqid != eqid
 
@@ -42,7 +42,8 @@ def test_queue_ids_chain_edge_filter_domain(shared_pipeline):
     # domain: DQID with upstream=FQID, and the Maildir file it wrote.
     dlines = p.domain.log_lines(f"{dqid}: ")
     assert any(f"delivered as {dqid}" in ln and f"upstream={fqid}" in ln for ln in dlines), dlines
-    m = re.search(rf"{dqid}: delivered to maildir (\S+)", p.domain.log_text())
+    m = re.search(rf"{dqid}: to=<[^>]+>, relay=maildir, status=sent \(delivered to maildir (\S+)\)",
+                  p.domain.log_text())
     assert m, dlines
     raw = open(m.group(1), "rb").read()
     assert b"Subject: trace me" in raw

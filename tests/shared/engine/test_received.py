@@ -76,3 +76,15 @@ def test_received_header_lines_stay_under_the_line_limit_whatever_the_helo():
     assert received_header(helo="mx.example.net", client_name=None, client_addr=None, hostname="h",
                            protocol="SMTP", queue_id="Q", recipients=[], now=0).startswith(
         b"Received: from mx.example.net (unknown [unknown])")
+
+
+def test_message_id_is_found_once_folded_or_not_and_only_printable():
+    h = HeaderScanner()
+    h.feed(b"Subject: x\r\nMessage-ID:\r\n <abc.123@example.net>\r\nX-Message-ID: <other@x>\r\n\r\nbody\r\n")
+    assert h.message_id() == "<abc.123@example.net>"
+    h = HeaderScanner()
+    h.feed(b"message-id: <a\x01b@x>\r\n\r\n")
+    assert h.message_id() is None
+    h = HeaderScanner()
+    h.feed(b"Subject: none\r\n\r\nMessage-ID: <in-the-body@x>\r\n")
+    assert h.message_id() is None
