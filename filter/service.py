@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared.checks.core import Check
+from shared.config.schema import hostport_text
 from shared.daemon import TierParts, writable_directory
 from shared.engine.nexthop import relay_client, route, route_checks
 from shared.engine.queued import QueueSink
@@ -52,7 +53,7 @@ class FilterTier:
                                fsync=settings["queue"]["fsync"])
         self.manager = QueueManager(self.spool, self.client.deliver_batch, queue_settings(settings),
                                     reactor=reactor, route=route(settings),
-                                    relay=",".join(f"{h}:{p}" for h, p in settings["next_hop"]["hosts"]))
+                                    relay=",".join(hostport_text(*h) for h in settings["next_hop"]["hosts"]))
         self.parts = TierParts(sink=QueueSink(self.spool, self.manager),
                                checks=checks(settings, self.verifier),
                                start=self.start, stop=self.stop, reload=self.reload)
