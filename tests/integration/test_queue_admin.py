@@ -24,13 +24,19 @@ def _wait_state(tier, qid: str, state: str | None, timeout: float = 10) -> None:
     wait_until(lambda: _state_of(tier, qid) == state, timeout, f"{qid} to be {state or 'gone'}")
 
 
-def test_hold_release_delete_a_deferred_message_while_running(make_pipeline):
-    p = make_pipeline(filter={"verify": {"recipients": False}}, start=("filter", "edge"))
-    replies = transaction(p.edge.port, "sender@example.net", [ALICE], message("admin me"))
+def _deferred_through_the_edge(p, subject: str) -> tuple[str, str]:
+    """Send one message through the edge while the domain tier is down; (edge id, filter id)
+    once it sits in the filter's deferred/."""
+    replies = transaction(p.edge.port, "sender@example.net", [ALICE], message(subject))
     edge_qid = queued_id(replies[-1])
     m = p.filter.wait_log(rf"({QID}): from=<sender@example.net>[^\n]*queued as \1 upstream={edge_qid}")
-    qid = m.group(1)
-    _wait_state(p.filter, qid, "deferred")
+    _wait_state(p.filter, m.group(1), "deferred")
+    return edge_qid, m.group(1)
+
+
+def test_hold_release_delete_a_deferred_message_while_running(make_pipeline):
+    p = make_pipeline(filter={"verify": {"recipients": False}}, start=("filter", "edge"))
+    edge_qid, qid = _deferred_through_the_edge(p, "admin me")
 
     listing = p.filter.queue("list").stdout
     assert f"<{ALICE}>" in listing and "1 attempt(s) so far" in listing, listing
@@ -77,11 +83,7 @@ def test_hold_release_delete_a_deferred_message_while_running(make_pipeline):
 def test_the_edge_queue_id_json_and_the_log_lines(make_pipeline):
     """The id the client was told finds the message; every change is in the filter's log."""
     p = make_pipeline(filter={"verify": {"recipients": False}}, start=("filter", "edge"))
-    replies = transaction(p.edge.port, "sender@example.net", [ALICE], message("by edge id"))
-    edge_qid = queued_id(replies[-1])
-    m = p.filter.wait_log(rf"({QID}): from=<sender@example.net>[^\n]*queued as \1 upstream={edge_qid}")
-    qid = m.group(1)
-    _wait_state(p.filter, qid, "deferred")
+    edge_qid, qid = _deferred_through_the_edge(p, "by edge id")
 
     shown = p.filter.queue("show", edge_qid.lower())
     assert shown.returncode == 0 and f"queue id: {qid}" in shown.stdout, shown
