@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.message import HeaderEdits
+
 
 @dataclass(slots=True)
 class Recipient:
@@ -52,11 +54,14 @@ class Envelope:
     upstream_id: str | None = None                # the previous tier's queue id, if known
     received_at: float = 0.0                      # time.time() when the 250 was sent
     notice: str | None = None                     # "bounce" or "double-bounce": made by the queue itself
+    header_edits: HeaderEdits | None = None       # what end-of-data checks asked for, applied when sent
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("sender", "ret", "envid", "body", "smtputf8",
                                            "upstream_id", "received_at", "notice")}
         d["recipients"] = [r.to_json() for r in self.recipients]
+        if self.header_edits:
+            d["header_edits"] = self.header_edits.to_json()
         c = self.client
         d["client"] = {"addr": c.addr, "port": c.port, "name": c.name, "helo": c.helo, "proto": c.proto,
                        "login": c.login, "tls": c.tls}
@@ -73,4 +78,5 @@ class Envelope:
             upstream_id=d.get("upstream_id"),
             received_at=float(d.get("received_at", 0.0)),
             notice=d.get("notice"),
+            header_edits=HeaderEdits.from_json(d.get("header_edits")),
         )
