@@ -6,9 +6,14 @@ Each line names the tier and process, then the queue id the event belongs to.
 The observer is on the hot path (several lines per message per tier), so it
 filters by level itself and keeps each format string parsed: a line costs a
 few dictionary look-ups and one write, not a pass through string.Formatter.
+
+The log file can be rotated without copytruncate: after logrotate renames the
+file away, :meth:`LineObserver.reopen` (the daemon calls it on SIGHUP) starts a
+new file at the same path.
 """
 from __future__ import annotations
 
+import os
 import string
 import sys
 import time
@@ -38,8 +43,10 @@ def _compile(fmt: str):
 
 
 class LineObserver:
-    def __init__(self, stream, tier: str, pid: int, level: str = "info", *, is_global: bool = False) -> None:
+    def __init__(self, stream, tier: str, pid: int, level: str = "info", *, is_global: bool = False,
+                 path: str | None = None) -> None:
         self.stream = stream
+        self.path = path                 # the file `stream` appends to, for reopen(); None: not a file of ours
         self.is_global = is_global       # the daemon's observer: its level is debug_enabled()'s
         self.prefix = f"{tier}[{pid}]"
         self.set_level(level)
@@ -51,6 +58,31 @@ class LineObserver:
         self.min_level = _ORDER[_LEVELS[level]]
         if self.is_global:
             _threshold["level"] = self.min_level
+
+    def reopen(self) -> str | None:
+        """Write to whatever file is at :attr:`path` now (a new one when logrotate renamed
+        the old away); None, or what went wrong, naming the file: then the lines go on
+        to the file written so far, and the daemon logs the text there.
+
+        The new file's descriptor takes the place of the stream's own (``dup2``): the
+        stream object, and so the hot path, stay as they are, and a line written by
+        another thread meanwhile reaches one file or the other, never a closed stream.  The daemon
+        runs as ``server.user`` by then: it must be allowed to create the file in its
+        directory, or to append to the file logrotate made (``create 0640 USER adm``).
+        A stream that is not a file of ours (stderr) is left alone.
+        """
+        if self.path is None:
+            return None
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as e:
+            return f"{self.path}: cannot reopen the log file: {e.strerror}; still writing to the file opened before"
+        try:
+            self.stream.flush()
+            os.dup2(fd, self.stream.fileno(), inheritable=False)
+        finally:
+            os.close(fd)
+        return None
 
     def _text(self, event: dict) -> str:
         fmt = event.get("log_format")
@@ -100,6 +132,6 @@ def start_logging(tier: str, level: str = "info", file: str = "-", pid: int = 0)
     for the starting user accordingly.
     """
     stream = sys.stderr if file == "-" else open(file, "a", buffering=1, encoding="utf-8")
-    observer = LineObserver(stream, tier, pid, level, is_global=True)
+    observer = LineObserver(stream, tier, pid, level, is_global=True, path=None if file == "-" else file)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     return observer

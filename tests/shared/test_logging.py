@@ -82,3 +82,53 @@ def test_twisteds_own_news_is_debug_its_warnings_are_not():
     obs.set_level("debug")
     twisted_log.info("(TCP Port 25 Closed)")
     assert "(TCP Port 25 Closed)" in out.getvalue()
+
+
+class _Beginner:
+    """Stands in for Twisted's global log beginner: the test process keeps its own logging."""
+
+    def beginLoggingTo(self, observers, redirectStandardIO=True):
+        self.observers = observers
+
+
+def test_reopen_after_logrotate_renamed_the_file_writes_a_new_one(tmp_path, monkeypatch):
+    from shared import logging as shlog
+    monkeypatch.setattr(shlog, "globalLogBeginner", _Beginner())
+    monkeypatch.setattr(shlog, "_threshold", dict(shlog._threshold))
+    path = tmp_path / "edge.log"
+    obs = shlog.start_logging("edge", "info", str(path), 7)
+    log = Logger(namespace="smarthost.test", observer=obs)
+    log.info("before rotation")
+    path.rename(tmp_path / "edge.log.1")                  # logrotate, without copytruncate
+    log.info("after the rename, before reopen")
+    assert obs.reopen() is None
+    log.info("after reopen")
+    assert [ln.split(": ", 1)[1] for ln in (tmp_path / "edge.log.1").read_text().splitlines()] == [
+        "before rotation", "after the rename, before reopen"]
+    assert [ln.split(": ", 1)[1] for ln in path.read_text().splitlines()] == ["after reopen"]
+    assert obs.reopen() is None                            # nothing rotated: the same file goes on
+    log.info("again")
+    assert path.read_text().splitlines()[-1].endswith("edge[7]: again")
+    obs.stream.close()
+
+
+def test_reopen_failure_keeps_the_old_file_and_says_why(tmp_path):
+    path = tmp_path / "edge.log"
+    stream = open(path, "a", buffering=1, encoding="utf-8")
+    obs = LineObserver(stream, "edge", 1, path=str(path))
+    log = Logger(namespace="smarthost.test", observer=obs)
+    path.rename(tmp_path / "edge.log.1")
+    path.mkdir()                                          # nothing can open it for writing, root included
+    assert obs.reopen() == (f"{path}: cannot reopen the log file: Is a directory; "
+                            "still writing to the file opened before")
+    log.info("still logged")
+    assert (tmp_path / "edge.log.1").read_text().endswith("edge[1]: still logged\n")
+    stream.close()
+
+
+def test_reopen_leaves_stderr_alone(monkeypatch):
+    from shared import logging as shlog
+    monkeypatch.setattr(shlog, "globalLogBeginner", _Beginner())
+    monkeypatch.setattr(shlog, "_threshold", dict(shlog._threshold))
+    obs = shlog.start_logging("edge", "info", "-", 1)
+    assert obs.path is None and obs.reopen() is None
