@@ -2,6 +2,8 @@
 
     smarthost edge|filter|domain --config FILE    run one tier in the foreground
     smarthost check-config FILE [--tier T]        validate a config, print the effective settings
+    smarthost reload --config FILE [--timeout S]  validate FILE, make the running tier load it, say
+                                                  whether it did and what needs a restart
     smarthost demo --dir DIR [--base-port N]      all three tiers on 127.0.0.1, mail into Maildir
     smarthost queue ACTION [QID...|ALL] [--json] --config FILE
                                                   list|show|flush|hold|release|delete
@@ -31,6 +33,37 @@ def _check_config(args) -> int:
     for line in build_check_order(settings).splitlines():
         print(f"#   {line}")
     return 0
+
+
+def _server_key(settings, name: str):
+    """``server.NAME``, or "" when the schema has no such key: settings are becoming typed
+    objects (``settings.server.x``) and were dictionaries (``settings["server"]["x"]``)."""
+    server = getattr(settings, "server", None)
+    if server is None:
+        server = settings["server"]
+    if isinstance(server, dict):
+        return server.get(name, "")
+    return getattr(server, name, "")
+
+
+def _reload(args) -> int:
+    """Refuse (exit 2) a file that does not validate, without disturbing the tier; else
+    SIGHUP the tier that runs with FILE's server.pid_file and print its answer (the tier
+    reads its own file again, so FILE is the one it was started with)."""
+    try:
+        settings = load(None, args.config)
+    except ConfigError as e:
+        print(f"smarthost reload: {e}", file=sys.stderr)
+        return 2
+    pid_file = _server_key(settings, "pid_file")
+    if not pid_file:
+        print(f"smarthost reload: {args.config}: server.pid_file is not set: cannot find the running tier",
+              file=sys.stderr)
+        return 1
+    from shared import control
+    code, text = control.signal_reload(pid_file, timeout=args.timeout)
+    print(text, file=sys.stdout if code == 0 else sys.stderr)
+    return code
 
 
 def _queue(args) -> int:
@@ -94,6 +127,18 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("file", metavar="FILE")
     c.add_argument("--tier", choices=("edge", "filter", "domain"), help="default: the file's tier key")
     c.set_defaults(func=_check_config)
+    r = sub.add_parser("reload", help="make a running tier load its configuration file again", description=(
+        "FILE is the file the tier was started with: the tier reads it again itself. "
+        "Validate FILE first: a file that does not validate is reported with its key and reason (exit 2) "
+        "and the running tier is not signalled. Then send SIGHUP to the tier whose pid is in FILE's "
+        "server.pid_file and wait for its answer in the status file beside it (PID_FILE.status). "
+        "Prints whether the new configuration is in use (exit 0) or the tier refused it and keeps "
+        "the running one (exit 1), and which changed settings need a restart to take effect. "
+        "Exit 1 also when no tier runs with that pid file or it does not answer in time."))
+    r.add_argument("--config", required=True, metavar="FILE", help="the running tier's TOML configuration")
+    r.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="seconds to wait for the tier's answer (default 10)")
+    r.set_defaults(func=_reload)
     d = sub.add_parser("demo", help="run all three tiers on 127.0.0.1, delivering into Maildir under DIR")
     d.add_argument("--dir", required=True, metavar="DIR")
     d.add_argument("--base-port", type=int, default=2525, metavar="N",

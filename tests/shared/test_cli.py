@@ -20,3 +20,60 @@ def test_a_tiers_help_describes_the_command(tier, capsys):
     text = " ".join(capsys.readouterr().out.split())
     for words in ("in the foreground", "SIGTERM", "SIGHUP: reload FILE", "Exit 2 for a configuration error"):
         assert words in text, words
+
+
+def _must_not_signal(pid_file, timeout=10.0):
+    raise AssertionError(f"signalled the tier of {pid_file}")
+
+
+def test_reload_refuses_a_file_that_does_not_validate_without_signalling(tmp_path, capsys, monkeypatch):
+    from shared import control
+    monkeypatch.setattr(control, "signal_reload", _must_not_signal)
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text('tier = "edge"\n[next_hop]\nhosts = ["127.0.0.1:10025"]\n[server]\nlisen = []\n')
+    assert main(["reload", "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err == f"smarthost reload: {cfg}: server.lisen: unknown key\n"
+
+
+def test_reload_without_a_pid_file_cannot_find_the_tier(tmp_path, capsys, monkeypatch):
+    from shared import control
+    monkeypatch.setattr(control, "signal_reload", _must_not_signal)
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text('tier = "edge"\n[next_hop]\nhosts = ["127.0.0.1:10025"]\n')
+    assert main(["reload", "--config", str(cfg)]) == 1
+    assert capsys.readouterr().err == (f"smarthost reload: {cfg}: server.pid_file is not set: "
+                                       "cannot find the running tier\n")
+
+
+@pytest.mark.parametrize("settings", [
+    {"server": {"pid_file": "/run/edge.pid"}},                                 # today's dictionaries
+    type("Settings", (), {"server": type("Server", (), {"pid_file": "/run/edge.pid"})()})(),   # typed
+])
+def test_reload_finds_the_pid_file_in_either_kind_of_settings(settings):
+    from shared.cli import _server_key
+    assert _server_key(settings, "pid_file") == "/run/edge.pid"
+
+
+def test_reload_prints_the_tiers_answer_and_exits_with_its_code(tmp_path, capsys, monkeypatch):
+    from shared import cli, control
+    monkeypatch.setattr(cli, "_server_key", lambda settings, name: str(tmp_path / "edge.pid"))
+    calls = []
+
+    def answer(pid_file, timeout=10.0):
+        calls.append((pid_file, timeout))
+        return 0, "reloaded: configuration reloaded\nrestart needed for: server.listen"
+    monkeypatch.setattr(control, "signal_reload", answer)
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text('tier = "edge"\n[next_hop]\nhosts = ["127.0.0.1:10025"]\n')
+    assert main(["reload", "--config", str(cfg), "--timeout", "2.5"]) == 0
+    assert calls == [(str(tmp_path / "edge.pid"), 2.5)]
+    assert capsys.readouterr().out == "reloaded: configuration reloaded\nrestart needed for: server.listen\n"
+
+
+def test_reloads_help_describes_the_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["reload", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("Validate FILE first", "not signalled", "SIGHUP", "wait for its answer",
+                  "new configuration is in use", "need a restart"):
+        assert words in text, words
