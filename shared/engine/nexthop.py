@@ -5,7 +5,7 @@ from typing import Callable
 
 from shared.checks.core import CONTINUE, Check, Request, Verdict, tempfail
 from shared.checks.relay import domain_of
-from shared.transport.client import NextHop, RelayClient
+from shared.transport.pool import NextHop, RelayClient
 
 
 def relay_client(settings, reactor, *, content_checked: bool = False) -> RelayClient:
@@ -14,8 +14,7 @@ def relay_client(settings, reactor, *, content_checked: bool = False) -> RelayCl
         reactor, [NextHop(host, port) for host, port in nh["hosts"]], helo_name=nh["helo_name"],
         connect_timeout=nh["connect_timeout"], command_timeout=nh["command_timeout"],
         tls=nh["tls"], xclient=nh["xclient"],
-        max_messages_per_connection=nh["max_messages_per_connection"],
-        content_checked=content_checked)
+        max_messages_per_connection=nh["max_messages_per_connection"])
 
 
 class Route:

@@ -143,7 +143,7 @@ def make_bounce(envelope: Envelope, qid: str, failures: dict[str, Reply],
         out += b"\r\n" if body.endswith(b"\r\n") else b"\r\n\r\n"
     out += b"--" + b + b"--\r\n"
     # Every part is built with CRLF line ends; normalising once more makes it a
-    # guarantee: what the queue holds has no bare CR or LF (see RelayClient's content_checked).
+    # guarantee: what the queue holds has no bare CR or LF (see QueueDelivery's content_checked).
     data = _short_lines(_crlf(bytes(out)))
 
     bounce_env = Envelope(

@@ -6,7 +6,7 @@ from filter.verify import RecipientVerifier
 from shared.checks import Request
 from shared.checks.core import Action
 from shared.smtp.reply import Reply
-from shared.transport.client import NextHopUnavailable
+from shared.transport.pool import NextHopUnavailable
 
 OK = Reply(250, "2.1.5", "Ok")
 

@@ -6,7 +6,7 @@ from shared.engine.proxy import ProxySink
 from shared.engine.session import Transaction
 from shared.envelope import ClientInfo, Envelope, Recipient
 from shared.smtp.reply import Reply
-from shared.transport.client import NextHopUnavailable
+from shared.transport.pool import NextHopUnavailable
 
 OK = Reply(250, "2.0.0", "Ok")
 
