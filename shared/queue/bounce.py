@@ -17,6 +17,12 @@ What it produces (RFC 3464, RFC 6522, RFC 3461 section 6)::
          message/rfc822        the whole message when RET=FULL and it is no
                                larger than ``return_limit`` (else headers only)
 
+The message returned (or its header) is the message as it was to be sent:
+with the header edits of the end-of-data checks applied (``Envelope.header_edits``;
+the queue applies them as it sends, see ``shared.queue.delivery``), as Postfix
+returns what its cleanup wrote, header_checks applied.  A field a check removed
+is not given back to the sender either.
+
 For a message that needed SMTPUTF8 the RFC 6533 types are used instead
 (message/global-delivery-status, message/global, message/global-headers) and
 non-ASCII recipients get the ``utf-8`` address type.
@@ -51,6 +57,7 @@ from email.utils import formatdate
 from typing import Callable
 
 from shared.envelope import Envelope, Recipient
+from shared.message import HeaderEdits, HeaderRemover
 from shared.smtp.reply import Reply
 
 RETURN_LIMIT = 50_000          # RET=FULL returns the whole message up to this size
@@ -90,6 +97,8 @@ def make_bounce(envelope: Envelope, qid: str, failures: dict[str, Reply],
             entries.append((rcpt, reply, addr in expired))
     if not entries:
         return None
+    if envelope.header_edits:
+        body_reader = _edited(body_reader, envelope.header_edits)
     to = postmaster if postmaster is not None else envelope.sender
 
     now = time.time() if now is None else now
@@ -237,6 +246,27 @@ def _returned_part(envelope: Envelope, body_reader: Callable[[int], bytes],
     else:
         data = body_reader(HEADER_LIMIT)
     return headers_type, _header_block(data)
+
+
+def _edited(body_reader: Callable[[int], bytes], edits: HeaderEdits) -> Callable[[int], bytes]:
+    """``body_reader`` for the message with ``edits`` applied: the added fields first,
+    the removed ones gone.  When the edited message has at least n bytes, n are
+    returned, however much was removed, so that a message over the return limit is
+    still seen to be over it."""
+    prefix = edits.prefix()
+
+    def read(n: int) -> bytes:
+        want = n
+        while True:
+            data = body_reader(want)
+            whole = len(data) < want
+            remover = HeaderRemover(edits.remove)
+            out = prefix + remover.feed(data) + (remover.flush() if whole else b"")
+            if whole or len(out) >= n:
+                return out[:n]
+            want += n - len(out)        # removed fields made room: read that much more
+
+    return read
 
 
 def _header_block(data: bytes) -> bytes:

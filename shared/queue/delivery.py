@@ -23,6 +23,12 @@ read that reaches the end of a damaged message
 message is never ended: the connection is aborted instead of the final dot,
 so the next hop cannot deliver a damaged message.
 
+Header edits that end-of-data checks asked for (``Envelope.header_edits``)
+are applied as the message is sent -- the added fields first, then the
+message with the removed fields taken out of its header section
+(:class:`shared.message.HeaderRemover`) -- so the queue file is never
+rewritten.  A message without edits goes as it is stored.
+
 What it trusts: the queue (its envelopes, and with ``content_checked`` that
 its messages hold no bare CR or LF).  Of the next hop, only its reply codes.
 """
@@ -34,6 +40,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 
 from shared.envelope import Envelope
 from shared.logging import debug_enabled
+from shared.message import HeaderRemover
 from shared.smtp.client import LocalProtocolError, RemoteProtocolError
 from shared.smtp.reply import Reply
 from shared.transport.client import SMTPClientError
@@ -150,9 +157,18 @@ class QueueDelivery:
         if not ascii_only and "SMTPUTF8" not in session.extensions:
             return everyone(Reply(550, "5.6.7",
                                   f"SMTPUTF8 is required, but was not offered by host {relay}"))
+        edits = env.header_edits
+        prefix = edits.prefix() if edits else b""
+        remover = HeaderRemover(edits.remove) if edits and edits.remove else None
+        # The length sent, for SIZE and the next hop's limit.  Removed fields are not
+        # counted off (that would take reading the header first): with removals it is an
+        # upper estimate, never less than what is sent.  SIZE is "the client's estimate"
+        # (RFC 1870); at worst a message that fits only without its removed fields is
+        # refused as too big.
+        size = body_len + len(prefix)
         limit = session.protocol.conn.max_size
-        if limit is not None and body_len > limit:
-            return everyone(Reply(552, "5.3.4", f"message size {body_len} exceeds size "
+        if limit is not None and size > limit:
+            return everyone(Reply(552, "5.3.4", f"message size {size} exceeds size "
                                                 f"limit {limit} of server {relay}"))
         try:
             await body.opened()
@@ -163,7 +179,7 @@ class QueueDelivery:
         phase = "sending MAIL FROM"
         try:
             mail_reply, rcpt_replies, data_reply = await session.send_envelope(
-                env, xforward=xforward_attributes(qid, env.client), size=body_len)
+                env, xforward=xforward_attributes(qid, env.client), size=size)
             if not mail_reply.positive:
                 return everyone(mail_reply)
             for address, reply in zip(rcpts, rcpt_replies):
@@ -173,7 +189,7 @@ class QueueDelivery:
                 fallback = data_reply or Reply(554, "5.5.1", "Error: no valid recipients")
                 return {a: result.get(a, fallback) for a in rcpts}
             phase = "sending message body"
-            await _send_body(session, body)
+            await _send_body(session, body, prefix, remover)
             phase = "sending end of data -- message may be sent more than once"
             final = await session.end_data()
         except _LocalReadError as exc:
@@ -219,12 +235,18 @@ class QueueDelivery:
             replies={a: str(r) for a, r in result.items()})
 
 
-async def _send_body(session: Session, body: "_QueueFile") -> None:
-    """The message, written as fast as the connection takes it."""
+async def _send_body(session: Session, body: "_QueueFile", prefix: bytes,
+                     remover: HeaderRemover | None) -> None:
+    """The added fields, then the message (through ``remover`` if fields are removed),
+    written as fast as the connection takes it."""
+    if prefix:
+        session.send_data(prefix)
     while chunk := await body.next():
-        session.send_data(chunk)
+        session.send_data(remover.feed(chunk) if remover is not None else chunk)
         if not session.is_writable():
             await session.wait_writable()
+    if remover is not None:
+        session.send_data(remover.flush())
 
 
 class _QueueFile:

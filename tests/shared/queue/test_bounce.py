@@ -5,6 +5,7 @@ import email
 from email.message import Message
 
 from shared.envelope import Recipient
+from shared.message import HeaderEdits
 from shared.queue.bounce import make_bounce
 from shared.smtp.reply import Reply
 from tests.shared.queue.helpers import BODY, PERM, envelope
@@ -90,6 +91,33 @@ def test_ret_full_returns_message_up_to_limit():
     returned = report_parts(parse(data))[2]
     assert returned.get_content_type() == "text/rfc822-headers"     # too big: headers only
     assert "xxxx" not in returned.get_payload()
+
+
+def test_the_returned_message_has_the_header_edits_of_the_checks():
+    edits = HeaderEdits(add=(("X-Spam-Status", "Yes, score=9"),), remove=frozenset({"Message-ID"}))
+    for ret in ("FULL", "HDRS"):
+        env = envelope(ret=ret, received_at=NOW, header_edits=edits)
+        _, data = make_bounce(env, "01Q0000000000000000A", {"bob@example.net": PERM},
+                              "mx.example.org", NOW, reader(BODY), now=NOW)
+        returned = report_parts(parse(data))[2]
+        fields = returned.get_payload()[0] if ret == "FULL" else email.message_from_string(
+            returned.get_payload())
+        assert fields.keys()[:2] == ["X-Spam-Status", "Received"]
+        assert fields["Message-ID"] is None and fields["Subject"] == "test message"
+
+    # The edited message is shorter than the original.  At a limit it fits only once
+    # edited, it is returned whole, not cut where the original was cut; one byte less
+    # and it is headers only.
+    edited = len(BODY) + len(edits.prefix()) - len(b"Message-ID: <m1@example.org>\r\n")
+    assert edited < len(BODY)
+    env = envelope(ret="FULL", received_at=NOW, header_edits=edits)
+    for limit, kind in ((edited, "message/rfc822"), (edited - 1, "text/rfc822-headers")):
+        _, data = make_bounce(env, "01Q0000000000000000A", {"bob@example.net": PERM},
+                              "mx.example.org", NOW, reader(BODY), now=NOW, return_limit=limit)
+        returned = report_parts(parse(data))[2]
+        assert returned.get_content_type() == kind
+        if kind == "message/rfc822":
+            assert returned.get_payload()[0].get_payload() == "Hello Bob,\r\nthis is the body.\r\n"
 
 
 def test_expired_recipient_gets_447_and_last_reply():

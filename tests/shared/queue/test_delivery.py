@@ -1,6 +1,6 @@
 """Queue delivery: QueueDelivery against scripted SMTP servers connected through
 twisted.test.iosim -- batches, the connection cache, queue files that cannot be read
-or are damaged, the next hop's limits, and reading off the reactor thread."""
+or are damaged, the next hop's limits, header edits, and reading off the reactor thread."""
 from __future__ import annotations
 
 import io
@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from shared.blocking import BlockingPool
 from shared.envelope import ClientInfo
+from shared.message import HeaderEdits
 from shared.queue.delivery import BODY_CHUNK
 from shared.queue.store import Spool
 from shared.smtp.reply import Reply
@@ -192,6 +193,79 @@ def test_content_checked_skips_the_line_end_repair_only(checked):
     assert sent[0] == clean                    # dot-stuffed on the wire either way, unstuffed here
     # unchecked content is repaired; checked content is trusted as it is
     assert sent[1] == (bare if checked else bare.replace(b"bare\nLF", b"bare\r\nLF"))
+
+
+# ---- header edits ---------------------------------------------------------------
+
+RECEIVED = b"Received: from client.example.org by filter.example.net\r\n"
+HEADER = (RECEIVED
+          + b"X-Spam-Status: No (forged by the client)\r\n"
+          + b"\tstill forged\r\n"
+          + b"Subject: t\r\n"
+          + b"x-spam-status: again\r\n"
+          + b"\r\n")
+KEPT = RECEIVED + b"Subject: t\r\n\r\n"
+BODY_TEXT = b"X-Spam-Status: a body line, never a field\r\n.dot\r\n"
+EDITS = HeaderEdits(add=(("X-Spam-Status", "Yes, score=7.1\n\ttests=A,B"),        # LF from the check
+                         ("Authentication-Results", "filter.example.net; spf=pass")),
+                    remove=frozenset({"X-Spam-Status"}))
+PREFIX = (b"X-Spam-Status: Yes, score=7.1\r\n\ttests=A,B\r\n"
+          b"Authentication-Results: filter.example.net; spf=pass\r\n")
+
+
+@pytest.mark.parametrize("straddle", [False, True])
+def test_header_edits_are_applied_as_the_message_is_sent(tmp_path, straddle):
+    # straddle: fields first, so that a removed field spans the first chunk's end
+    fill = BODY_CHUNK - 20 - len(RECEIVED)
+    padding = b"".join(b"X-Pad: %08d\r\n" % i for i in range(fill // 17)) if straddle else b""
+    padding += b"X-Pad: " + b"p" * (fill - len(padding) - 9) + b"\r\n" if straddle else b""
+    assert not straddle or len(padding) + len(RECEIVED) == BODY_CHUNK - 20
+    rest = BODY_TEXT + (b"x" * (2 * BODY_CHUNK) + b"\r\n" if straddle else b"")
+    data = padding + HEADER + rest
+    queued = queue_file(tmp_path, data, envelope("x@example.org", header_edits=EDITS))
+    world = World({("mx", 25): {}})
+    results = world.run(world.delivery().deliver_batch([item(queued)]))
+    assert results[0]["x@example.org"].code == 250
+    sent = world.servers[0].messages[0]
+    assert EDITS.prefix() == PREFIX                 # CRLF line ends, whatever the check wrote
+    assert sent["data"] == PREFIX + padding + KEPT + rest       # the body untouched
+    # SIZE counts the added fields, not the removed ones: an upper estimate
+    assert sent["mail"].endswith(b" SIZE=%d" % (len(data) + len(PREFIX)))
+    assert queued.damaged is None
+
+
+def test_added_fields_only_and_the_size_that_counts_them():
+    world = World({("mx", 25): {"extensions": ("PIPELINING", "SIZE 100")}})
+    edits = HeaderEdits(add=(("X-Checked", "yes"),))
+    data = b"Subject: t\r\n\r\n" + b"x" * 80 + b"\r\n"            # 96 bytes: fits without the field
+    results = world.run(world.delivery().deliver_batch([
+        message("Q1", "x@example.org", data=data),
+        message("Q2", "x@example.org", data=data, header_edits=edits)]))
+    assert results[0]["x@example.org"].code == 250
+    assert results[1]["x@example.org"] == Reply(
+        552, "5.3.4", f"message size {len(data) + 16} exceeds size limit 100 of server mx[mx]:25")
+    world = World({("mx", 25): {}})
+    world.run(world.delivery().deliver_batch([
+        message("Q2", "x@example.org", data=data, header_edits=edits)]))
+    assert world.servers[0].messages[0]["data"] == b"X-Checked: yes\r\n" + data
+
+
+@pytest.mark.parametrize("size", ["one chunk", "three chunks"])
+def test_damaged_queue_file_with_header_edits_is_never_ended(tmp_path, size):
+    filler = b"x" * (3 * BODY_CHUNK) + b"\r\n" if size == "three chunks" else b""
+    data = HEADER + BODY_TEXT + filler
+    queued = queue_file(tmp_path, data, envelope("x@example.org", header_edits=EDITS),
+                        flip=len(HEADER) + 3)                     # in the body
+    world = World({("mx", 25): {}})
+    results = world.run(world.delivery().deliver_batch([item(queued)]))
+    reply = results[0]["x@example.org"]
+    assert reply.code == 451 and reply.enhanced == "4.3.0"
+    assert "message checksum mismatch" in reply.text
+    assert queued.damaged == "message checksum mismatch"
+    server = world.servers[0]
+    assert server.in_data and server.messages == [] and server.closed   # no final dot: aborted
+    assert server.buf.startswith(EDITS.prefix())              # the edits went first
+    assert len(server.buf) < len(EDITS.prefix()) + len(data)  # the end of the message never went
 
 
 # ---- reading off the reactor thread -------------------------------------------
