@@ -18,6 +18,7 @@ client string ever names a file.
 """
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import socket
@@ -27,7 +28,10 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from shared.config import schema as rules
+from shared.config.schema import Key, Loading, Section
 from shared.dirsync import DirSyncs
+from shared.message import HeaderEdits, HeaderRemover
 from shared.reserve import FileReserve, write_all
 from shared.smtp.reply import UNKNOWN_USER, Reply, storage_error
 
@@ -35,6 +39,56 @@ log = Logger(namespace="smarthost.maildir")
 WRITE_BEHIND = 64 * 1024      # message bytes held in memory before they are written on the reactor
 CANNOT_WRITE = Reply(451, "4.3.0", "Error: cannot write to mailbox, try again later")
 _seq = count(1)
+
+
+def _finish(ld: Loading) -> None:
+    """Users in hosted domains, aliases pointing at users; the hosted domains are the
+    relay domains unless relay.relay_domains says otherwise; a domain without a
+    postmaster is a warning."""
+    mb = ld.values["mailboxes"]
+    users = set(mb["users"])
+    for user in users:
+        if user.rpartition("@")[2] not in mb["domains"]:
+            raise ld.error("mailboxes.users", f"{user} is not in a hosted domain (mailboxes.domains)")
+    aliases = {}
+    for alias, targets in mb["aliases"].items():
+        key = f"mailboxes.aliases.{alias}"
+        if isinstance(targets, str):
+            targets = [targets]
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ld.error(key, "expected an address or a non-empty array of addresses")
+        try:
+            alias = rules.user_address(alias)
+            targets = [rules.user_address(t) for t in targets]
+        except ValueError as e:
+            raise ld.error(key, str(e)) from None
+        for t in targets:
+            if t not in users:
+                raise ld.error(key, f"target {t} is not a user (mailboxes.users)")
+        aliases[alias] = targets
+    mb["aliases"] = aliases
+    if not ld.values["relay"]["relay_domains"]:
+        ld.values["relay"]["relay_domains"] = list(mb["domains"])
+    known = users | set(aliases)
+    for d in mb["domains"]:
+        if f"postmaster@{d}" not in known:
+            ld.warn("mailboxes.aliases", f"no postmaster@{d} (RFC 5321 4.5.1: every domain has one); "
+                                         f"mail to it, and the filter's double bounces, are refused")
+    if not mb["fsync"]:
+        ld.warn("mailboxes.fsync", "false: a 250 no longer promises that the message survives a "
+                                   "crash or power loss (never in production)")
+
+
+MAILBOXES = Section("mailboxes", {
+    "domains": Key(list, [], "hosted domains", rules.domain, required_in=("domain",)),
+    "maildir_root": Key(str, "", "mailboxes are ROOT/DOMAIN/LOCALPART/Maildir (absolute path)", rules.path,
+                        required_in=("domain",), directory=True),
+    "users": Key(list, [], "user addresses with a mailbox (the local part is a directory name: "
+                           "no '/', no control characters, no leading '.')", rules.user_address),
+    "aliases": Key(dict, {}, "alias address -> list of user addresses"),
+    "fsync": Key(bool, True, "fsync each message and each mailbox's new/ before 250 (never turn off "
+                             "in production)"),
+}, finish=_finish)
 
 
 def ensure_maildir(path: str) -> None:
@@ -122,8 +176,15 @@ class MaildirSink:
     def close(self) -> None:
         self.reserve.close()
 
-    def session(self, engine_session) -> "MaildirSession":
+    def session(self, port) -> "MaildirSession":
         return MaildirSession(self)
+
+    def with_mailboxes(self, mailboxes: Mailboxes) -> "MaildirSink":
+        """This sink (its spool, reserve and fsync sharing) delivering to `mailboxes`:
+        what a reload gives new sessions; those open keep the mailboxes they began with."""
+        other = copy.copy(self)
+        other.mailboxes = mailboxes
+        return other
 
     def unique_name(self, size: int) -> str:
         now = time.time()
@@ -131,11 +192,15 @@ class MaildirSink:
         usec = int((now - sec) * 1_000_000)
         return f"{sec}.M{usec}P{os.getpid()}Q{next(_seq)}.{self.hostname},S={size}"
 
-    def deliver(self, tmp_path: str, fd: int, rest: bytes, size: int, mailboxes: list[str]) -> list[str]:
-        """Runs in the pool: write `rest`, make `tmp_path` durable, link it into every mailbox."""
+    def deliver(self, tmp_path: str, fd: int, rest: bytes, size: int, mailboxes: list[str],
+                edits: HeaderEdits | None = None, head: int = 0) -> list[str]:
+        """Runs in the pool: write `rest`, apply the checks' header `edits` (below the first
+        `head` octets, our Return-Path), make `tmp_path` durable, link it into every mailbox."""
         try:
             write_all(fd, rest)
-            if self.fsync:
+            if edits:
+                size = self._edit(tmp_path, edits, head)
+            if self.fsync and not edits:      # an edited file was fsynced by _edit
                 os.fsync(fd)
         finally:
             os.close(fd)
@@ -150,6 +215,24 @@ class MaildirSink:
         finally:
             os.unlink(tmp_path)
         return delivered
+
+    def _edit(self, tmp_path: str, edits: HeaderEdits, head: int) -> int:
+        """Rewrite the message file with `edits` applied (a new file renamed over it,
+        fsynced when fsync is on); its new size."""
+        remover = HeaderRemover(edits.remove)
+        edited = tmp_path + ".edit"
+        with open(tmp_path, "rb") as fin, open(edited, "xb") as fout:
+            fout.write(fin.read(head))
+            fout.write(edits.prefix())
+            while chunk := fin.read(1 << 20):
+                fout.write(remover.feed(chunk))
+            fout.write(remover.flush())
+            fout.flush()
+            if self.fsync:
+                os.fsync(fout.fileno())
+            size = fout.tell()
+        os.rename(edited, tmp_path)
+        return size
 
     def _link(self, tmp_path: str, mbox: str, name: str) -> None:
         for sub in ("new", "tmp"):                  # tmp: where _copy writes
@@ -188,6 +271,7 @@ class MaildirSession:
         self.pending: list[bytes] = []          # bytes not yet written (see write)
         self.pending_size = 0
         self.write_error: OSError | None = None  # a write failed (disk full): told at end of data
+        self.head = 0                           # octets of our Return-Path at the top of the file
 
     def begin(self, txn):
         self.targets = []
@@ -211,7 +295,9 @@ class MaildirSession:
             return CANNOT_WRITE
         self.size = 0
         self.write_error = None
-        self.write(f"Return-Path: <{txn.envelope.sender}>\r\n".encode("utf-8"))
+        return_path = f"Return-Path: <{txn.envelope.sender}>\r\n".encode("utf-8")
+        self.head = len(return_path)
+        self.write(return_path)
         return None
 
     def write(self, chunk: bytes) -> None:
@@ -233,6 +319,21 @@ class MaildirSession:
             except OSError as e:
                 self.write_error = e
 
+    def body_reader(self, txn):
+        """The message as received (without our Return-Path), read by a pool thread."""
+        if self.fd is None or self.write_error is not None:
+            return None
+        held = b"".join(self.pending)
+        path, on_disk, head = self.path, self.size - len(held), self.head
+
+        def read() -> bytes:
+            with open(path, "rb") as f:        # the session's descriptor is write-only
+                data = f.read(on_disk)
+            if len(data) != on_disk:
+                raise OSError(f"{path} ends at {len(data)} of {on_disk} bytes")
+            return (data + held)[head:]
+        return lambda: self.sink.pool.run(read)
+
     def data_end(self, txn):
         if self.write_error is not None:
             error = self.write_error
@@ -243,7 +344,7 @@ class MaildirSession:
         fd, path, targets = self.fd, self.path, list(self.targets)
         rest, self.pending, self.pending_size = b"".join(self.pending), [], 0
         self.fd = self.path = None
-        d = self.sink.pool.run(self.sink.deliver, path, fd, rest, self.size, targets)
+        d = self.sink.pool.run(self.sink.deliver, path, fd, rest, self.size, targets, txn.edits, self.head)
 
         def done(files):
             where = dict(zip(targets, files))

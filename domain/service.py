@@ -7,23 +7,32 @@ message is fsynced in every recipient's Maildir.
 """
 from __future__ import annotations
 
-from domain.maildir import Mailboxes, MaildirSink
-from shared.daemon import TierParts, writable_directory
+from domain.maildir import MAILBOXES, Mailboxes, MaildirSink
+from shared.checks.helo import HELO_NAME
+from shared.config.schema import TierSpec
+from shared.daemon import writable_directory
+from shared.tier import Component, Configured
 
 
 def mailboxes(settings) -> Mailboxes:
-    mb = settings["mailboxes"]
-    return Mailboxes(mb["maildir_root"], mb["domains"], mb["users"], mb["aliases"])
+    mb = settings.mailboxes
+    return Mailboxes(mb.maildir_root, mb.domains, mb.users, mb.aliases)
 
 
-def build(settings, reactor, pool, dry_run: bool = False) -> TierParts:
-    if dry_run:
-        return TierParts(sink=None, checks=[])
-    with writable_directory(settings, "mailboxes", "maildir_root"):
-        sink = MaildirSink(mailboxes(settings), pool=pool, hostname=settings.hostname,
-                           fsync=settings["queue"]["fsync"])
+class Domain(Component):
+    """The Maildir sink (its spool of messages being received) lives as long as the
+    process; the mailboxes (domains, users, aliases) change on reload."""
 
-    def reload(new) -> None:
-        sink.mailboxes = mailboxes(new)
+    def __init__(self, settings, reactor, pool) -> None:
+        with writable_directory(settings, "mailboxes", "maildir_root"):
+            self.sink = MaildirSink(mailboxes(settings), pool=pool, hostname=settings.hostname,
+                                    fsync=settings.mailboxes.fsync)
 
-    return TierParts(sink=sink, checks=[], reload=reload, stop=sink.close)
+    def configure(self, settings, ctx) -> Configured:
+        return Configured(sink=self.sink.with_mailboxes(mailboxes(settings)))
+
+    def stop(self):
+        self.sink.close()
+
+
+TIER = TierSpec("domain", sections=(MAILBOXES,), checks=(HELO_NAME,), component=Domain)

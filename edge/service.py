@@ -10,23 +10,22 @@ fsynced 250.
 """
 from __future__ import annotations
 
-from shared.daemon import TierParts
-from shared.engine.nexthop import relay_client, route_checks
+from shared.checks.helo import HELO_NAME
+from shared.config.schema import TierSpec
+from shared.engine.nexthop import NEXT_HOP, ROUTE, relay_client
 from shared.engine.proxy import ProxySink
+from shared.tier import Component, Configured
 
 
-def build(settings, reactor, pool, dry_run: bool = False) -> TierParts:
-    if dry_run:
-        return TierParts(sink=None, checks=route_checks(settings))
-    sink = ProxySink(relay_client(settings, reactor))
+class Edge(Component):
+    def __init__(self, settings, reactor, pool) -> None:
+        self.reactor = reactor
 
-    def reload(new) -> None:
-        old, sink.relay_client = sink.relay_client, relay_client(new, reactor)
-        old.close_cached()          # new sessions use the new next hops, and no kept connection
-        parts.checks = route_checks(new)
+    def configure(self, settings, ctx) -> Configured:
+        client = relay_client(settings, self.reactor)
+        ctx.on_retire(client.close_cached)      # kept connections of the old next hops go
+        return Configured(sink=ProxySink(client), next_hop=client)
 
-    def stop():
-        return sink.relay_client.close_cached()
 
-    parts = TierParts(sink=sink, checks=route_checks(settings), stop=stop, reload=reload)
-    return parts
+TIER = TierSpec("edge", sections=(NEXT_HOP,), checks=(ROUTE, HELO_NAME),
+                default_policy={"rcpt": ("route",)}, component=Edge)

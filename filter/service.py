@@ -11,52 +11,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.checks.core import Check
-from shared.config.schema import hostport_text
-from shared.daemon import TierParts, writable_directory
-from shared.engine.nexthop import relay_client, route, route_checks
+from filter.verify import VERIFY
+from shared.checks.helo import HELO_NAME
+from shared.config.schema import TierSpec, hostport_text
+from shared.daemon import writable_directory
+from shared.engine.nexthop import NEXT_HOP, ROUTE, relay_client, route
 from shared.engine.queued import QueueSink
-from shared.queue.manager import QueueManager, QueueSettings
+from shared.queue.config import QUEUE, queue_settings
+from shared.queue.delivery import QueueDelivery
+from shared.queue.manager import QueueManager
 from shared.queue.store import Spool
-from filter.verify import RecipientVerifier
+from shared.tier import Component, Configured
 
 
-def queue_settings(settings) -> QueueSettings:
-    q, nh = settings["queue"], settings["next_hop"]
-    return QueueSettings(retry_min=q["retry_min"], retry_max=q["retry_max"], lifetime=q["lifetime"],
-                         concurrency=q["concurrency"], batch_size=nh["max_messages_per_connection"],
-                         scan_interval=q["scan_interval"], bounce_notice_hostname=settings.hostname,
-                         double_bounce_recipient=q["double_bounce_recipient"])
+class Filter(Component):
+    """The spool and its queue manager live as long as the process; next hops, route and
+    retry settings change on reload (the spool directory needs a restart)."""
 
-
-def checks(settings, verifier) -> list[Check]:
-    out = route_checks(settings)        # no route: refused at RCPT, never queued to wait
-    if settings["verify"]["recipients"]:
-        out.append(Check("verify_recipient", "rcpt", verifier, timeout=settings["next_hop"]["command_timeout"] + 5))
-    return out
-
-
-class FilterTier:
-    """The filter's moving parts: relay client, verifier, spool, queue manager."""
-
-    def __init__(self, settings, reactor) -> None:
+    def __init__(self, settings, reactor, pool) -> None:
         self.settings = settings
         self.reactor = reactor
-        # The queue holds only what our server core accepted (no bare CR or LF) and bounces
-        # built with CRLF: sent without a second line-end check.
-        self.client = relay_client(settings, reactor, content_checked=True)
-        v = settings["verify"]
-        self.verifier = RecipientVerifier(self.client, reactor=reactor, positive_ttl=v["positive_ttl"],
-                                          negative_ttl=v["negative_ttl"])
+        self.pool = pool
         with writable_directory(settings, "queue", "directory"):
-            self.spool = Spool(Path(settings["queue"]["directory"]), reactor=reactor,
-                               fsync=settings["queue"]["fsync"])
-        self.manager = QueueManager(self.spool, self.client.deliver_batch, queue_settings(settings),
-                                    reactor=reactor, route=route(settings),
-                                    relay=",".join(hostport_text(*h) for h in settings["next_hop"]["hosts"]))
-        self.parts = TierParts(sink=QueueSink(self.spool, self.manager),
-                               checks=checks(settings, self.verifier),
-                               start=self.start, stop=self.stop, reload=self.reload)
+            self.spool = Spool(Path(settings.queue.directory), reactor=reactor, fsync=settings.queue.fsync)
+        self.manager = QueueManager(self.spool, None, queue_settings(settings), reactor=reactor)
+        self.sink = QueueSink(self.spool, self.manager)
+        self.client = None            # the running configuration's next hops
+
+    def configure(self, settings, ctx) -> Configured:
+        client = relay_client(settings, self.reactor)
+        ctx.on_retire(client.close_cached)
+        return Configured(sink=self.sink, next_hop=client, settings=settings)
+
+    def activate(self, configured: Configured) -> None:
+        s = configured.settings
+        self.client = configured.next_hop
+        self.manager.reconfigure(QueueDelivery(self.client, self.pool).deliver_batch, queue_settings(s),
+                                 relay=",".join(hostport_text(*h) for h in s.next_hop.hosts), route=route(s))
 
     def start(self) -> None:
         """Lock the spool (its pid file) and start the queue manager, as the user the tier runs as."""
@@ -65,29 +56,10 @@ class FilterTier:
             self.manager.start()     # recovers the spool first: tmp/ cleaned, active/ re-queued, corrupt/ set apart
 
     def stop(self):
-        self.verifier.close()
         d = self.manager.stop()
         d.addBoth(lambda r: (self.spool.stop(), r)[1])
-        d.addBoth(lambda r: self.client.close_cached())
         return d
 
-    def reload(self, new) -> None:
-        """Next hops, verification and retry settings change live; the spool directory does not."""
-        self.settings = new
-        old, self.client = self.client, relay_client(new, self.reactor, content_checked=True)
-        old.close_cached()
-        v = new["verify"]
-        self.verifier.close()
-        self.verifier.relay_client = self.client
-        self.verifier.positive_ttl, self.verifier.negative_ttl = v["positive_ttl"], v["negative_ttl"]
-        self.verifier.cache.clear()
-        self.manager.deliver = self.client.deliver_batch
-        self.manager.settings = queue_settings(new)
-        self.manager.route = route(new)
-        self.parts.checks = checks(new, self.verifier)
 
-
-def build(settings, reactor, pool, dry_run: bool = False) -> TierParts:
-    if dry_run:
-        return TierParts(sink=None, checks=checks(settings, lambda r: None))
-    return FilterTier(settings, reactor).parts
+TIER = TierSpec("filter", sections=(NEXT_HOP, QUEUE), checks=(ROUTE, VERIFY, HELO_NAME),
+                default_policy={"rcpt": ("route", "verify")}, component=Filter)

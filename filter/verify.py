@@ -11,18 +11,47 @@ probe sessions are reused, at most `max_sessions` at once.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from shared.checks.core import CONTINUE, Action, Request, Verdict
+from shared.checks.registry import CheckType
+from shared.config.schema import TTL, Section, setting
 from shared.smtp.reply import Reply
 
 log = Logger(namespace="smarthost.verify")
 
 
+@dataclass(frozen=True)
+class VerifySettings:
+    """recipient verification at RCPT (the check `verify`)"""
+    recipients: bool = setting(True, "filter: ask the next hop about each recipient before answering RCPT")
+    positive_ttl: float = setting(3600.0, "seconds a recipient the next hop accepted stays known "
+                                          "(at most 1 week)", TTL)
+    negative_ttl: float = setting(300.0, "seconds a recipient the next hop rejected stays known "
+                                         "(at most 1 week)", TTL)
+
+
+def _build(own: VerifySettings, ctx):
+    """One verifier per configuration, closed (its probe sessions and their slots) when
+    the configuration is replaced."""
+    if not own.recipients:
+        return None
+    verifier = RecipientVerifier(ctx.next_hop, reactor=ctx.reactor, positive_ttl=own.positive_ttl,
+                                 negative_ttl=own.negative_ttl)
+    ctx.on_retire(verifier.close)
+    return verifier
+
+
+VERIFY = CheckType("verify", phases=("rcpt",), build=_build, section=Section.of("verify", VerifySettings),
+                   timeout=lambda settings: settings.next_hop.command_timeout + 5,
+                   doc="ask the next hop whether it accepts the recipient (cached); its 5xx is ours")
+
+
 class RecipientVerifier:
-    name = "verify_recipient"
+    name = "verify"
 
     def __init__(self, relay_client, *, reactor, positive_ttl: float = 3600, negative_ttl: float = 300,
                  max_sessions: int = 4, cache_size: int = 100_000) -> None:

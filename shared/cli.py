@@ -19,7 +19,7 @@ from shared.config import ConfigError, load, render
 def _check_config(args) -> int:
     """Refuse (exit 2) whatever the tier's daemon would refuse at start-up, with the same
     message; print the warnings to stderr and the effective settings to stdout."""
-    from shared.daemon import build_check_order, preflight
+    from shared.daemon import describe_policies, preflight
     try:
         settings = load(args.tier, args.file)
         preflight(settings)
@@ -29,21 +29,10 @@ def _check_config(args) -> int:
     for w in settings.warnings:
         print(f"smarthost check-config: warning: {w}", file=sys.stderr)
     sys.stdout.write(render(settings))
-    print("\n# check order")
-    for line in build_check_order(settings).splitlines():
+    print("\n# listeners, policies and the order their checks run in")
+    for line in describe_policies(settings).splitlines():
         print(f"#   {line}")
     return 0
-
-
-def _server_key(settings, name: str):
-    """``server.NAME``, or "" when the schema has no such key: settings are becoming typed
-    objects (``settings.server.x``) and were dictionaries (``settings["server"]["x"]``)."""
-    server = getattr(settings, "server", None)
-    if server is None:
-        server = settings["server"]
-    if isinstance(server, dict):
-        return server.get(name, "")
-    return getattr(server, name, "")
 
 
 def _reload(args) -> int:
@@ -55,7 +44,7 @@ def _reload(args) -> int:
     except ConfigError as e:
         print(f"smarthost reload: {e}", file=sys.stderr)
         return 2
-    pid_file = _server_key(settings, "pid_file")
+    pid_file = settings.server.pid_file
     if not pid_file:
         print(f"smarthost reload: {args.config}: server.pid_file is not set: cannot find the running tier",
               file=sys.stderr)
@@ -72,10 +61,10 @@ def _queue(args) -> int:
     except ConfigError as e:
         print(f"smarthost queue: {e}", file=sys.stderr)
         return 2
-    root = settings["queue"]["directory"]
+    root = settings.queue.directory if settings.has("queue") else ""
     if not root:
         print(f"smarthost queue: the {settings.tier} tier of {settings.path} keeps no queue "
-              f"(queue.directory is not set)", file=sys.stderr)
+              f"(it has no [queue] section)", file=sys.stderr)
         return 1 if args.action != "list" else 0
     from shared.queue import admin
     if args.action in ("show", "hold", "release", "delete") and not args.qids:

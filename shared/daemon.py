@@ -1,15 +1,27 @@
-"""Running one tier: listeners, the engine, the tier's parts, signals.
+"""Running one tier: listeners, the engine, the tier's component, signals.
 
 A tier module (``edge.service``, ``filter.service``, ``domain.service``)
-provides ``build(settings, reactor, pool) -> TierParts``: its sink, its checks
-in order, and what it must start and stop (the filter's queue manager).  This
+declares ``TIER`` (:class:`shared.config.schema.TierSpec`): its sections, its
+checks, its default policy and its component (:mod:`shared.tier`).  This
 module does the rest, identically for every tier.
+
+A configuration in use is a :class:`Generation`: everything built from one
+loaded file -- the policies and their checks, the sink and next hops (the
+component's :class:`~shared.tier.Configured`), the TLS context, the reverse
+resolver, the engine and listener settings.  A session takes the generation
+that is current when it opens and keeps it to its end.
 
 Signals: SIGTERM and SIGINT stop accepting connections, give open transactions
 ``server.shutdown_timeout`` seconds to finish (idle sessions get 421 at once),
-stop the tier's parts and exit 0.  SIGHUP reloads the configuration file; a
-file that does not validate is logged with its error and the running settings
-stay.  Listen addresses are bound once: a change to them needs a restart.
+stop the component and exit 0.  SIGHUP reloads by rebuilding: the file is
+loaded and a whole new generation built; only if every part of it was built is
+it swapped in, at once, and the old one retired (its kept connections closed,
+its probe sessions ended).  A file that does not validate, or a part that does
+not build (an unreadable certificate), leaves everything as it was; the reason
+is logged and, with ``server.pid_file``, reported to ``smarthost reload``.
+The log file is reopened (logrotate without copytruncate).  Listeners, the
+spool and the user the tier runs as are set up once: when they changed, the
+log line names them as needing a restart.
 """
 from __future__ import annotations
 
@@ -21,40 +33,32 @@ import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from shared.blocking import BlockingPool
-from shared.checks.core import Chain, Check
-from shared.checks.relay import RelayPolicy
+from shared.checks.registry import BuildContext, Policy, build_policies, describe
 from shared.config import ConfigError, Settings, check_host, load
-from shared.config.schema import hostport_text
-from shared.netlist import NetworkList
+from shared.config.schema import TIER_MODULES, directories, hostport_text, tier_spec
 from shared.engine.session import EngineConfig, EngineSession
+from shared.netlist import NetworkList
 from shared.smtp.server import ServerConfig
-from shared.transport.server import SMTPServerFactory
+from shared.tier import Configured
+from shared.transport import proxyproto
+from shared.transport.server import ListenerConfig, SessionTable, SMTPServerFactory
 
 log = Logger(namespace="smarthost.daemon")
 
-TIER_MODULES = {"edge": "edge.service", "filter": "filter.service", "domain": "domain.service"}
-
-
-@dataclass
-class TierParts:
-    sink: object
-    checks: list[Check] = field(default_factory=list)
-    start: Callable[[], object] | None = None
-    stop: Callable[[], object] | None = None
-    reload: Callable[[Settings], None] | None = None   # may replace `checks`
-
 
 def server_config(settings: Settings) -> ServerConfig:
-    s = settings["server"]
-    return ServerConfig(hostname=s["hostname"], max_message_size=s["max_message_size"],
-                        max_recipients=s["max_recipients"], max_data_line=s["max_line_length"],
-                        hard_error_limit=s["max_errors"], junk_command_limit=s["max_junk_commands"])
+    s = settings.server
+    return ServerConfig(hostname=s.hostname, max_message_size=s.max_message_size,
+                        max_recipients=s.max_recipients, max_data_line=s.max_line_length,
+                        hard_error_limit=s.max_errors, junk_command_limit=s.max_junk_commands)
 
 
 def allowed_clients(settings: Settings) -> NetworkList | None:
@@ -62,40 +66,42 @@ def allowed_clients(settings: Settings) -> NetworkList | None:
     upstream tiers and ``mynetworks``, unless ``server.allow_any_client`` says
     otherwise (a client that reached the filter or the domain tier directly
     would skip the edge's protection and the filter's checks)."""
-    if settings.tier == "edge" or settings["server"]["allow_any_client"]:
+    if settings.tier == "edge" or settings.server.allow_any_client:
         return None
-    return NetworkList([*settings["server"]["upstream_hosts"], *settings["relay"]["mynetworks"]])
+    return NetworkList([*settings.server.upstream_hosts, *settings.relay.mynetworks])
 
 
 def tls_context(settings: Settings):
-    """The STARTTLS context of ``server.tls_cert`` and ``server.tls_key`` (None when unset).
+    """The TLS context of ``server.tls_cert`` and ``server.tls_key`` (None when unset).
 
     Raises ConfigError naming the key whose file cannot be read or holds no PEM
     certificate or key, or ``server.tls_key`` when the key is not the certificate's.
     """
-    s = settings["server"]
-    if not s["tls_cert"]:
+    s = settings.server
+    if not s.tls_cert:
         return None
     from OpenSSL import crypto
     from twisted.internet import ssl
     pem = {}
     for name in ("tls_cert", "tls_key"):
         try:
-            with open(s[name], "rb") as f:
+            with open(getattr(s, name), "rb") as f:
                 pem[name] = f.read()
         except OSError as e:
-            raise ConfigError(settings.path, f"server.{name}", f"cannot read {s[name]}: {e.strerror}") from None
+            raise ConfigError(settings.path, f"server.{name}", f"cannot read {getattr(s, name)}: "
+                                                               f"{e.strerror}") from None
     for name, what, loader in (("tls_cert", "certificate", ssl.Certificate.loadPEM),
                                ("tls_key", "private key", lambda b: ssl.KeyPair.load(b, crypto.FILETYPE_PEM))):
         try:
             loader(pem[name])
         except Exception as e:
-            raise ConfigError(settings.path, f"server.{name}", f"no PEM {what} in {s[name]}: {e}") from None
+            raise ConfigError(settings.path, f"server.{name}", f"no PEM {what} in {getattr(s, name)}: "
+                                                               f"{e}") from None
     try:
         cert = ssl.PrivateCertificate.loadPEM(pem["tls_cert"] + b"\n" + pem["tls_key"])
     except Exception as e:
-        raise ConfigError(settings.path, "server.tls_key", f"{s['tls_key']} does not go with "
-                                                           f"server.tls_cert {s['tls_cert']}: {e}") from None
+        raise ConfigError(settings.path, "server.tls_key", f"{s.tls_key} does not go with "
+                                                           f"server.tls_cert {s.tls_cert}: {e}") from None
     return cert.options()
 
 
@@ -124,130 +130,246 @@ def writable_directory(settings: Settings, section: str, name: str):
             who = f"user {pwd.getpwuid(os.geteuid()).pw_name}"
         except KeyError:
             who = f"uid {os.geteuid()}"
-        path = e.filename or settings[section][name]
+        path = e.filename or getattr(settings.sections[section], name)
         raise ConfigError(settings.path, f"{section}.{name}", f"{path} is not writable by {who}") from None
 
 
-def build_parts(settings: Settings, reactor, pool, dry_run: bool = False) -> TierParts:
-    """The tier's parts; `dry_run` builds them without touching disk or network."""
-    module = importlib.import_module(TIER_MODULES[settings.tier])
-    return module.build(settings, reactor, pool, dry_run=dry_run)
+@implementer(IOpenSSLServerConnectionCreator)
+class CurrentTLS:
+    """The implicit-TLS listeners' connection creator: always the running generation's
+    certificate, so a reload's new certificate serves the next handshake."""
+
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+
+    def serverConnectionForTLS(self, protocol):
+        from OpenSSL import SSL
+        return SSL.Connection(self.daemon.generation.tls.getContext(), None)
+
+
+@dataclass
+class Generation:
+    """Everything built from one loaded configuration (see the module docstring)."""
+    number: int
+    settings: Settings
+    configured: Configured
+    policies: dict[str, Policy]
+    tls: Any
+    resolver: Any
+    engine_config: EngineConfig
+    listeners: dict[str, ListenerConfig] = field(default_factory=dict)
+    closers: list = field(default_factory=list)
+
+    def retire(self):
+        """Close what this generation opened (kept next-hop connections, probe sessions)."""
+        results = []
+        for close in self.closers:
+            try:
+                results.append(defer.maybeDeferred(close))
+            except Exception:
+                log.failure("error while retiring a configuration")
+        return defer.gatherResults(results, consumeErrors=True).addErrback(
+            lambda f: log.failure("error while retiring a configuration", f))
+
+
+# Settings bound once, at start: a change needs a restart (named in the reload line).
+RESTART_KEYS = ("server.user", "server.pid_file", "log.file")
+
+
+def restart_needed(old: Settings, new: Settings) -> list[str]:
+    out = [f"listeners.{n}" for n in sorted(set(old.listeners) | set(new.listeners))
+           if (old.listeners.get(n) and new.listeners.get(n)
+               and (old.listeners[n].endpoint, old.listeners[n].tls) != (new.listeners[n].endpoint,
+                                                                         new.listeners[n].tls))
+           or (n in old.listeners) != (n in new.listeners)]
+    keys = list(RESTART_KEYS) + [f"{s}.{k}" for s, k in directories(new)]
+    for key in keys:
+        section, name = key.split(".")
+        if getattr(old.sections[section], name) != getattr(new.sections[section], name):
+            out.append(key)
+    return out
 
 
 class Daemon:
     def __init__(self, settings: Settings, reactor) -> None:
         self.settings = settings
         self.reactor = reactor
+        self.spec = tier_spec(settings.tier)
         self.pool = BlockingPool(reactor, size=4, name=f"{settings.tier}-blocking")
         self.ports = []
-        self.factories: list[SMTPServerFactory] = []
-        self.parts: TierParts | None = None
-        self.log_observer = None          # set by run(): the level follows reloads
-        self._configure(settings)
+        self.table = SessionTable(reactor, max_connections=settings.server.max_connections,
+                                  max_connections_per_client=settings.server.max_connections_per_client)
+        self.component = None
+        self.generation: Generation | None = None
+        self.log_observer = None          # set by run(): the level follows reloads, the file reopens
+        self.control = None               # set by run() with server.pid_file (shared.control)
+        self.number = 0
 
-    def _configure(self, settings: Settings) -> None:
-        """Everything a reload may change without rebinding sockets."""
-        self.engine_config = EngineConfig(hostname=settings.hostname,
-                                          max_received_headers=settings["server"]["max_received_headers"],
-                                          tier=settings.tier)
-        self.relay = RelayPolicy(settings["relay"]["relay_domains"], settings["relay"]["mynetworks"])
-        self.server_config = server_config(settings)
-        self.allowed_clients = allowed_clients(settings)
-        self.resolver = None
-        if settings["server"]["reverse_lookup"]:
+    # -- building a configuration ------------------------------------------------
+    def build(self, settings: Settings) -> Generation:
+        """A whole new generation from `settings`; raises (ConfigError naming the key, or
+        any error of a part) before anything running is touched.  What was opened for a
+        generation that failed half-way is closed."""
+        tls = tls_context(settings)
+        ctx = BuildContext(settings, self.reactor, self.pool)
+        try:
+            configured = self.component.configure(settings, ctx)
+            ctx.next_hop = configured.next_hop
+            policies = build_policies(settings, self.spec, ctx)
+        except Exception:
+            Generation(0, settings, None, {}, None, None, None, closers=ctx.closers).retire()
+            raise
+        resolver = None
+        if settings.server.reverse_lookup:
             from shared.dns import ReverseResolver
-            self.resolver = ReverseResolver(reactor=self.reactor, nameservers=settings["dns"]["nameservers"] or None,
-                                            timeout=settings["dns"]["timeout"])
+            resolver = ReverseResolver(reactor=self.reactor, nameservers=settings.dns.nameservers or None,
+                                       timeout=settings.dns.timeout)
+        engine = EngineConfig(hostname=settings.hostname, max_received_headers=settings.server.max_received_headers,
+                              tier=settings.tier)
+        gen = Generation(self.number, settings, configured, policies, tls, resolver, engine, closers=ctx.closers)
+        srv, allowed, upstream = server_config(settings), allowed_clients(settings), \
+            NetworkList(settings.server.upstream_hosts)
+        s = settings.server
+        for name, listener in settings.listeners.items():
+            gen.listeners[name] = ListenerConfig(
+                name, srv, self._handler_factory(gen, name, policies[listener.policy]),
+                tls_context=tls if listener.tls == "starttls" else None, upstream_hosts=upstream,
+                allowed_clients=allowed, command_timeout=s.command_timeout, session_timeout=s.session_timeout)
+        return gen
 
-    def _new_session(self, protocol):
-        return EngineSession(protocol, config=self.engine_config, chain=self.chain, relay=self.relay,
-                             sink=self.parts.sink, reactor=self.reactor, resolver=self.resolver)
+    def _handler_factory(self, gen: Generation, listener: str, policy: Policy):
+        sink, reactor = gen.configured.sink, self.reactor
 
-    def start(self) -> None:
-        """Bind every listener, drop privileges, then build and start the tier's parts.
+        def new_session(protocol):
+            return EngineSession(protocol, config=gen.engine_config, chain=policy.chain, relay=policy.relay,
+                                 sink=sink, reactor=reactor, resolver=gen.resolver, listener=listener)
+        return new_session
+
+    def _listener(self, name: str):
+        return lambda: self.generation.listeners[name]
+
+    # -- life ----------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def start(self):
+        """Bind every listener, drop privileges, then build and start the tier.
 
         As Postfix's master and Twisted's ``privilegedStartService`` do, only what
         needs root is done as root: the tier's code is loaded (``server.user`` need
-        not be able to read the installation), the TLS key is read and the ports
-        are bound.  Then the daemon becomes ``server.user``, and only then are the
-        tier's parts built and started, so that everything they create (the
-        filter's spool and its pid lock, the domain tier's Maildir spool, their
-        reserve files) is that user's.  The reactor runs this method: no connection
-        is served before it returns.  The log file was opened before, by
-        :func:`run`.
+        not be able to read the installation), the TLS key is read and every
+        listener's endpoint is listening.  Then the daemon becomes ``server.user``,
+        and only then is the component made and its first generation built, so
+        that everything they create (the filter's spool and its pid lock, the
+        domain tier's Maildir spool, their reserve files) is that user's.  Nothing
+        is served before this returns: the listeners answer only once a generation
+        exists (a connection that arrives earlier waits in the backlog).
 
-        Raises, its listeners closed and its pool stopped, when a listener cannot
-        be bound or a part cannot be built or started.
+        Fails, its listeners closed and its pool stopped, when a listener cannot be
+        bound or a part cannot be built or started.
         """
-        s = self.settings["server"]
-        importlib.import_module(TIER_MODULES[self.settings.tier])     # build_parts finds it loaded
-        tls = tls_context(self.settings)
+        from twisted.internet import endpoints
+        importlib.import_module(TIER_MODULES[self.settings.tier])
+        first_tls = tls_context(self.settings)
         try:
-            for host, port in s["listen"]:
-                factory = SMTPServerFactory(
-                    reactor=self.reactor, server_config=self.server_config,
-                    handler_factory=self._new_session, tls_context=tls,
-                    upstream_hosts=s["upstream_hosts"], command_timeout=s["command_timeout"],
-                    session_timeout=s["session_timeout"], max_connections=s["max_connections"],
-                    max_connections_per_client=s["max_connections_per_client"],
-                    allowed_clients=self.allowed_clients)
-                self.ports.append(self.reactor.listenTCP(port, factory, interface=host, backlog=511))
-                self.factories.append(factory)
-                log.info("listening on {host}:{port}", host=host, port=port)
-            if s["user"]:
-                drop_privileges(s["user"])
-            self.parts = build_parts(self.settings, self.reactor, self.pool)
-            self.chain = Chain(self.parts.checks, reactor=self.reactor)
+            for name, listener in self.settings.listeners.items():
+                factory = SMTPServerFactory(reactor=self.reactor, listener=self._listener(name), table=self.table)
+                if listener.tls == "implicit":
+                    from twisted.protocols.tls import TLSMemoryBIOFactory
+                    if first_tls is None:
+                        raise ConfigError(self.settings.path, f"listeners.{name}.tls",
+                                          "implicit TLS needs server.tls_cert and server.tls_key")
+                    factory = TLSMemoryBIOFactory(CurrentTLS(self), False, factory)
+                proxied, description = proxyproto.split(listener.endpoint)
+                if proxied:
+                    factory = proxyproto.HeaderFirstFactory(factory, self.reactor)
+                endpoint = endpoints.serverFromString(self.reactor, description)
+                port = yield endpoint.listen(factory)
+                self.ports.append(port)
+                address = port.getHost()
+                log.info("listening on {addr} ({name}, policy {policy}, tls {tls})",
+                         addr=hostport_text(getattr(address, "host", "?"), getattr(address, "port", 0)),
+                         name=name, policy=listener.policy, tls=listener.tls)
+            self._pause_listeners()
+            if self.settings.server.user:
+                drop_privileges(self.settings.server.user)
+            self.component = self.spec.component(self.settings, self.reactor, self.pool)
+            self.generation = self.build(self.settings)
+            self.component.activate(self.generation.configured)
             self.pool.start()
-            if self.parts.start:
-                self.parts.start()
+            self.component.start()
         except Exception:
             for p in self.ports:
                 p.stopListening()
             self.pool.stop()
             raise
-        hops = ", ".join(hostport_text(*h) for h in self.settings["next_hop"]["hosts"])
+        self._resume_listeners()
+        hops = ", ".join(hostport_text(*h) for h in self.settings.next_hop.hosts) \
+            if self.settings.has("next_hop") else "-"
         log.info("{tier} started: hostname={h}, next hop={nh}", tier=self.settings.tier,
-                 h=self.settings.hostname, nh=hops or "-")
+                 h=self.settings.hostname, nh=hops)
+        self._report(True, f"started from {self.settings.path}", [])
+
+    def _pause_listeners(self) -> None:
+        for p in self.ports:
+            if hasattr(p, "stopReading"):
+                p.stopReading()
+
+    def _resume_listeners(self) -> None:
+        for p in self.ports:
+            if hasattr(p, "startReading"):
+                p.startReading()
 
     @defer.inlineCallbacks
     def stop(self):
         log.info("stopping: no new connections")
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
-        grace = self.settings["server"]["shutdown_timeout"]
-        yield defer.gatherResults([f.shutdown(grace) for f in self.factories])
-        if self.parts and self.parts.stop:
-            yield defer.maybeDeferred(self.parts.stop)
+        yield self.table.shutdown(self.settings.server.shutdown_timeout)
+        if self.component is not None:
+            yield defer.maybeDeferred(self.component.stop)
+        if self.generation is not None:
+            yield self.generation.retire()
         self.pool.stop()
         log.info("stopped")
 
     def reload(self) -> bool:
+        """SIGHUP: rebuild, then swap (see the module docstring)."""
+        self.number += 1
+        if self.log_observer is not None:
+            problem = self.log_observer.reopen()
+            if problem:
+                log.error("{problem}", problem=problem)
         try:
             new = load(self.settings.tier, self.settings.path)
+            gen = self.build(new)
         except ConfigError as e:
-            log.error("reload refused, keeping the running configuration: {err}", err=str(e))
-            return False
+            return self._refused(str(e))
+        except Exception as e:
+            log.failure("reload: cannot build the new configuration")
+            return self._refused(f"{self.settings.path}: cannot build the new configuration: {e}")
         for w in new.warnings:
             log.warn("{warning}", warning=w)
-        for key in ("listen", "tls_cert", "tls_key"):
-            if new["server"][key] != self.settings["server"][key]:
-                log.warn("server.{key} changed: takes effect at the next restart", key=key)
-        self.settings = new
-        self._configure(new)
-        for f in self.factories:
-            f.server_config = self.server_config
-            f.max_connections = new["server"]["max_connections"]
-            f.max_connections_per_client = new["server"]["max_connections_per_client"]
-            f.command_timeout = new["server"]["command_timeout"]
-            f.upstream_hosts = NetworkList(new["server"]["upstream_hosts"])
-            f.allowed_clients = self.allowed_clients
+        restart = restart_needed(self.settings, new)
+        old, self.generation, self.settings = self.generation, gen, new
+        self.component.activate(gen.configured)
+        self.table.set_limits(max_connections=new.server.max_connections,
+                              max_connections_per_client=new.server.max_connections_per_client)
         if self.log_observer is not None:
-            self.log_observer.set_level(new["log"]["level"])
-        if self.parts and self.parts.reload:
-            self.parts.reload(new)
-            self.chain = Chain(self.parts.checks, reactor=self.reactor)
-        log.info("configuration reloaded from {path}", path=new.path)
+            self.log_observer.set_level(new.log.level)
+        old.retire()
+        note = f"; restart needed for: {', '.join(restart)}" if restart else ""
+        log.info("configuration reloaded from {path}{note}", path=new.path, note=note)
+        self._report(True, f"configuration reloaded from {new.path}", restart)
         return True
+
+    def _refused(self, reason: str) -> bool:
+        log.error("reload refused, keeping the running configuration: {err}", err=reason)
+        self._report(False, reason, [])
+        return False
+
+    def _report(self, ok: bool, message: str, restart: list[str]) -> None:
+        if self.control is not None:
+            problem = self.control.report(self.number, ok, message, restart)
+            if problem:
+                log.error("{problem}", problem=problem)
 
 
 def drop_privileges(user: str) -> None:
@@ -291,26 +413,33 @@ def run(tier: str, config_path: str) -> int:
         return 2
     from twisted.internet import reactor
     from shared.logging import start_logging
-    observer = start_logging(tier, settings["log"]["level"], settings["log"]["file"], os.getpid())
+    observer = start_logging(tier, settings.log.level, settings.log.file, os.getpid())
     for w in settings.warnings:
         log.warn("{warning}", warning=w)
     fds = raise_fd_limit()
-    if fds < 2 * settings["server"]["max_connections"] + 64:
+    if fds < 2 * settings.server.max_connections + 64:
         log.warn("open-file limit {n} is low for server.max_connections = {m}", n=fds,
-                 m=settings["server"]["max_connections"])
+                 m=settings.server.max_connections)
     daemon = Daemon(settings, reactor)
     daemon.log_observer = observer
     status = {"code": 0}
 
+    def cannot_start(e) -> None:
+        log.error("cannot start: {err}", err=str(e))
+        if settings.log.file != "-":      # else that line went to stderr already
+            print(f"smarthost {tier}: cannot start: {e}", file=sys.stderr)
+        if daemon.control is not None:
+            daemon.control.release()
+        status["code"] = 1
+        reactor.stop()
+
     def startup():
         try:
-            daemon.start()
+            daemon.control = claim_control_files(settings)
         except Exception as e:
-            log.error("cannot start: {err}", err=str(e))
-            if settings["log"]["file"] != "-":      # else that line went to stderr already
-                print(f"smarthost {tier}: cannot start: {e}", file=sys.stderr)
-            status["code"] = 1
-            reactor.stop()
+            cannot_start(e)
+            return
+        daemon.start().addErrback(lambda f: cannot_start(f.value))
 
     stopping = []
 
@@ -320,8 +449,10 @@ def run(tier: str, config_path: str) -> int:
         stopping.append(signum)
 
         def go():
-            daemon.stop().addErrback(lambda f: log.failure("error while stopping", f)) \
-                .addBoth(lambda _: reactor.stop())
+            d = daemon.stop().addErrback(lambda f: log.failure("error while stopping", f))
+            if daemon.control is not None:
+                d.addBoth(lambda _: _log_problem(daemon.control.release()))
+            d.addBoth(lambda _: reactor.stop())
         reactor.callFromThread(go)
 
     signal.signal(signal.SIGTERM, on_term)
@@ -332,10 +463,24 @@ def run(tier: str, config_path: str) -> int:
     return status["code"]
 
 
-def build_check_order(settings: Settings) -> str:
-    """The order of checks, as `check-config` prints it, without starting anything."""
-    from twisted.internet.task import Clock
-    from shared.blocking import InlinePool
-    parts = build_parts(settings, Clock(), InlinePool(), dry_run=True)
-    lines = ["rcpt      0. relay control: relay_domains from anyone, other destinations from mynetworks only"]
-    return "\n".join(lines + Chain(parts.checks, reactor=Clock()).describe().splitlines())
+def _log_problem(problem: str | None) -> None:
+    if problem:
+        log.error("{problem}", problem=problem)
+
+
+def claim_control_files(settings: Settings):
+    """The pid and status files of ``server.pid_file`` (None when unset), claimed as the
+    starting user and handed to ``server.user`` before privileges are dropped."""
+    if not settings.server.pid_file:
+        return None
+    from shared.control import ControlFiles
+    control = ControlFiles(settings.server.pid_file)
+    pw = pwd.getpwnam(settings.server.user) if settings.server.user and os.getuid() == 0 else None
+    control.claim(uid=pw.pw_uid if pw else None, gid=pw.pw_gid if pw else None)
+    return control
+
+
+def describe_policies(settings: Settings) -> str:
+    """Every listener with its policy, and each policy's checks in order: what
+    `check-config` prints, without starting anything."""
+    return describe(settings, tier_spec(settings.tier))

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from shared.message import HeaderEdits, MessageView
 from shared.smtp.reply import TEMPFAIL_CHECK, Reply
 
 log = Logger(namespace="smarthost.checks")
 
-PHASES = ("connect", "helo", "mail", "rcpt", "data")
+# The SMTP phases a check can run in: "data" at the DATA command (before the body),
+# "end_of_data" when the message is whole (the only phase that sees it).
+PHASES = ("connect", "helo", "auth", "mail", "rcpt", "data", "end_of_data")
 
 
 class Action(enum.Enum):
@@ -26,9 +29,15 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
+    """A check's answer: what to do (``action``, and the ``reply`` for the client), what it
+    found (``result``: free-form, e.g. "pass" or a mapping, seen by later checks in
+    ``Request.results`` and logged), and header fields to add or remove (``edits``; at
+    end of data, applied by the sink, see :mod:`shared.message`)."""
     action: Action
     reply: Reply | None = None
     check: str = ""             # the name of the check that gave it, for logs
+    result: Any = None
+    edits: HeaderEdits | None = None
 
     @property
     def final(self) -> bool:
@@ -37,6 +46,12 @@ class Verdict:
 
 CONTINUE = Verdict(Action.CONTINUE)
 ACCEPT = Verdict(Action.ACCEPT)
+
+
+def note(result: Any = None, *, add: tuple[tuple[str, str], ...] = (), remove: tuple[str, ...] = ()) -> Verdict:
+    """No opinion on the session, but a result for later checks and header edits."""
+    return Verdict(Action.CONTINUE, result=result,
+                   edits=HeaderEdits(add=tuple(add), remove=frozenset(remove)) if add or remove else None)
 
 
 def accept(reply: Reply | None = None) -> Verdict:
@@ -60,7 +75,12 @@ class Request:
     """What a check may look at: flat and labelled with its phase.
 
     Like a policy-delegation request, a check reads the fields it needs and
-    ignores the rest.  Fields not yet known in a phase are None.
+    ignores the rest.  Fields not yet known in a phase are None.  The client is
+    the original one (from XCLIENT behind the edge); ``tls`` is its TLS protocol
+    and cipher ("TLSv1.3 TLS_AES_256_GCM_SHA384"), None in plaintext; ``login`` its
+    AUTH identity.  ``results`` maps each check that ran before in this
+    transaction (or session, before MAIL) to its Verdict; ``message`` is the
+    message, at end of data only.
     """
     phase: str
     client_address: str
@@ -68,7 +88,7 @@ class Request:
     client_name: str | None = None
     helo: str | None = None
     protocol: str | None = None
-    tls: bool = False
+    tls: str | None = None
     login: str | None = None
     queue_id: str | None = None
     sender: str | None = None
@@ -76,7 +96,10 @@ class Request:
     recipients: tuple[str, ...] = ()
     size: int | None = None
     received_count: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    results: Mapping[str, Verdict] = field(default_factory=dict)
+    message: MessageView | None = None
+    listener: str | None = None
+    mechanism: str | None = None      # auth phase: the SASL mechanism
 
     def at(self, phase: str, **changes: Any) -> "Request":
         return replace(self, phase=phase, **changes)
@@ -104,44 +127,51 @@ class Chain:
         self.reactor = reactor
         self.checks = list(checks)
         self._by_phase = {p: [c for c in self.checks if c.phase == p] for p in PHASES}
-
-    def describe(self) -> str:
-        """The order checks run in, one line each (printed by check-config)."""
-        lines = []
-        for phase in PHASES:
-            for i, c in enumerate(self._by_phase[phase], 1):
-                lines.append(f"{phase:8} {i:2}. {c.name} (timeout {c.timeout:g}s)")
-        return "\n".join(lines) or "(no checks)"
+        self._names = {p: frozenset(c.name for c in cs) for p, cs in self._by_phase.items()}
 
     def has(self, phase: str) -> bool:
         return bool(self._by_phase[phase])
 
-    def run(self, request: Request) -> defer.Deferred:
+    def runs(self, name: str, phase: str) -> bool:
+        """Whether the check `name` runs in `phase` here."""
+        return name in self._names[phase]
+
+    def run(self, request: Request, record: Callable[[str, Verdict], None] | None = None) -> defer.Deferred:
         """Fire the phase's checks in order; a Deferred of the first final Verdict or CONTINUE.
 
+        ``record(name, verdict)`` is told every check's verdict as it comes (the
+        session keeps them: ``Request.results`` of the checks after, header edits).
         A check that answers at once (a cache hit, a table look-up) costs a plain
         call: no timer and no Deferred of its own; only a check that returns a
         Deferred is given its timeout.
         """
-        return self._continue(iter(self._by_phase[request.phase]), request)
+        return self._continue(iter(self._by_phase[request.phase]), request, record)
 
-    def _continue(self, checks, request: Request) -> defer.Deferred:
+    def _continue(self, checks, request: Request, record) -> defer.Deferred:
         for check in checks:
             try:
                 result = check.fn(request)
             except Exception:
-                return defer.succeed(self._failed(Failure(), check))
+                return defer.succeed(self._recorded(self._failed(Failure(), check), check, record))
             if isinstance(result, defer.Deferred):
                 result.addTimeout(check.timeout, self.reactor)
                 result.addCallback(self._checked, check).addErrback(self._failed, check)
-                return result.addCallback(lambda v: v if v.final else self._continue(checks, request))
+                result.addCallback(self._recorded, check, record)
+                return result.addCallback(lambda v: v if v.final else self._continue(checks, request, record))
             try:
                 verdict = self._checked(result, check)
             except Exception:
                 verdict = self._failed(Failure(), check)
+            self._recorded(verdict, check, record)
             if verdict.final:
                 return defer.succeed(verdict)
         return defer.succeed(CONTINUE)
+
+    @staticmethod
+    def _recorded(verdict: Verdict, check: Check, record) -> Verdict:
+        if record is not None:
+            record(check.name, verdict)
+        return verdict
 
     @staticmethod
     def _checked(verdict, check: Check) -> Verdict:

@@ -1,11 +1,23 @@
 """Relay control: denied unless a rule permits.
 
-Mail to a hosted domain (``relay.relay_domains``) is accepted from anyone;
-mail to any other destination only from a client inside ``relay.mynetworks``
-(the original client, as reported by a trusted upstream's XCLIENT).  There is
-no other way to relay: everything else is 554 5.7.1.
+A policy's ``relay`` list names the permit rules, tried in order for each
+recipient; the first that permits lets RCPT go on to the checks, and when none
+does the answer is 554 5.7.1.  There is no other way past it: the checks of the
+rcpt phase run only after it, and none of them can permit what it refused.
+
+- ``relay_domains``: the recipient's domain is hosted here (``relay.relay_domains``),
+  so it is not relaying at all: accepted from anyone;
+- ``mynetworks``: the client (the original one, as a trusted upstream's XCLIENT
+  reports it) is inside ``relay.mynetworks``;
+- ``authenticated``: the client authenticated (SMTP AUTH at the edge, or XCLIENT
+  LOGIN from a trusted upstream tier).
+
+The bare ``postmaster`` is always accepted (RFC 5321 4.5.1).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from shared.checks.core import CONTINUE, Action, Request, Verdict
 from shared.netlist import NetworkList
@@ -16,17 +28,56 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower().rstrip(".")
 
 
-class RelayPolicy:
-    def __init__(self, relay_domains: list[str], mynetworks: list) -> None:
-        self.relay_domains = frozenset(d.lower() for d in relay_domains)
-        self.mynetworks = NetworkList(mynetworks)
+@dataclass(frozen=True)
+class PermitRule:
+    """A relay permit rule: ``build(settings)`` gives ``permits(request) -> bool``."""
+    name: str
+    doc: str
+    build: Callable[[Any], Callable[[Request], bool]]
+
+
+class RelayControl:
+    """One policy's permit rules, as ``(name, permits(request) -> bool)`` pairs."""
+
+    def __init__(self, rules: list[tuple[str, Callable[[Request], bool]]]) -> None:
+        self.rules = tuple(rules)
 
     def __call__(self, request: Request) -> Verdict:
         rcpt = request.recipient or ""
         if "@" not in rcpt and rcpt.lower() == "postmaster":
             return CONTINUE       # RFC 5321: postmaster must be accepted (local postmaster)
-        if domain_of(rcpt) in self.relay_domains:
-            return CONTINUE
-        if request.client_address in self.mynetworks:
-            return CONTINUE
+        for _name, permits in self.rules:
+            if permits(request):
+                return CONTINUE
         return Verdict(Action.REJECT, RELAY_DENIED, "relay")
+
+
+def _relay_domains(settings) -> Callable[[Request], bool]:
+    hosted = frozenset(d.lower() for d in settings.relay.relay_domains)
+    return lambda request: domain_of(request.recipient or "") in hosted
+
+
+def _mynetworks(settings) -> Callable[[Request], bool]:
+    networks = NetworkList(settings.relay.mynetworks)
+    return lambda request: request.client_address in networks
+
+
+def _authenticated(settings) -> Callable[[Request], bool]:
+    return lambda request: bool(request.login)
+
+
+PERMITS = (
+    PermitRule("relay_domains", "the recipient's domain is in relay.relay_domains (hosted here)",
+               _relay_domains),
+    PermitRule("mynetworks", "the client's address is in relay.mynetworks", _mynetworks),
+    PermitRule("authenticated", "the client authenticated (SMTP AUTH, or XCLIENT LOGIN from an "
+                                "upstream tier)", _authenticated),
+)
+
+
+def relay_policy(relay_domains, mynetworks) -> RelayControl:
+    """The default chain (relay_domains, mynetworks) from plain lists: for tests and tools."""
+    hosted = frozenset(d.lower() for d in relay_domains)
+    networks = NetworkList(mynetworks)
+    return RelayControl([("relay_domains", lambda r: domain_of(r.recipient or "") in hosted),
+                         ("mynetworks", lambda r: r.client_address in networks)])

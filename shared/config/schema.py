@@ -22,15 +22,18 @@ run, so the two never disagree about a file.
 from __future__ import annotations
 
 import grp
+import importlib
 import ipaddress
 import os
 import pwd
 import re
 import socket
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass, replace
+from dataclasses import fields as fields_of
 from typing import Any, Callable
 
+from shared.checks.core import PHASES
 from shared.netlist import covers_public_space
 
 TIERS = ("edge", "filter", "domain")
@@ -199,6 +202,13 @@ def _log_file(value: str) -> str:
     return _path(value)
 
 
+# The value rules, for the sections that checks and tiers declare in their own modules.
+hostport, address_port, network, domain, address, mailbox = _hostport, _address_port, _network, _domain, \
+    _address, _mailbox
+user_address, hostname, path = _user_address, _hostname, _path
+SECONDS, TTL, count, choice, bounded = _SECONDS, _TTL, _count, _choice, _range
+
+
 @dataclass(frozen=True)
 class Key:
     type: type | tuple[type, ...]
@@ -207,128 +217,257 @@ class Key:
     item: Callable[[Any], Any] | None = None    # rule for a scalar, or for each list item
     required_in: tuple[str, ...] = ()            # tiers that must set it (not empty)
     tier_defaults: tuple[tuple[str, Any], ...] = ()   # (tier, default) where it differs from `default`
+    directory: bool = False                      # a directory the tier writes in (see check_host)
+    shorthand: bool = False                      # folded into another section while loading; not kept
 
     def default_for(self, tier: str) -> Any:
         return dict(self.tier_defaults).get(tier, self.default)
 
 
-SCHEMA: dict[str, dict[str, Key]] = {
-    "server": {
-        "hostname": Key(str, "", "name in the greeting, EHLO and Received headers (default: the host's FQDN)",
-                        _hostname),
-        "listen": Key(list, ["127.0.0.1:25"], "addresses to listen on, host:port", _hostport),
-        "max_message_size": Key(int, 10_240_000, "largest message accepted, bytes (0: no limit; at most 1 TiB)",
-                                _range(0, TIB)),
-        "max_recipients": Key(int, 1000, "recipients per message (at most 100000)", _count(100_000)),
-        "max_line_length": Key(int, 1000, "longest line in a message, octets with CRLF (RFC 5321: 1000; "
-                                          "0: no limit; else 1000 to 1 MiB)", _range(1000, MIB, or_zero=True)),
-        "max_connections": Key(int, 1000, "simultaneous client sessions (at most 100000)", _count(100_000)),
-        "max_connections_per_client": Key(int, 50, "simultaneous sessions from one client address "
-                                                   "(upstream_hosts are exempt; at most 100000)", _count(100_000)),
-        "max_errors": Key(int, 20, "client errors before the session is closed with 421 (at most 1000)",
-                          _count(1000)),
-        "max_junk_commands": Key(int, 100, "NOOP, RSET, VRFY and HELP commands before each one counts as an "
-                                           "error (0: no limit; at most 100000)", _range(0, 100_000)),
-        "command_timeout": Key((int, float), 300, "seconds to wait for a command or a DATA chunk (at most 1 week)",
-                               _SECONDS),
-        "session_timeout": Key((int, float), 3600, "longest session, seconds (at most 1 week)", _SECONDS),
-        "shutdown_timeout": Key((int, float), 30, "on SIGTERM, seconds open sessions may take to finish "
-                                                  "(at most 1 week)", _range(0, WEEK)),
-        "max_received_headers": Key(int, 50, "mail loop limit: Received headers above this are rejected 554 5.4.6 "
-                                             "(at most 1000)", _count(1000)),
-        "tls_cert": Key(str, "", "PEM certificate chain, absolute path; STARTTLS is offered only when set", _path),
-        "tls_key": Key(str, "", "PEM private key for tls_cert, absolute path", _path),
-        "upstream_hosts": Key(list, [], "clients allowed to send XCLIENT/XFORWARD (addresses or CIDRs)", _network),
-        "allow_public_upstream_hosts": Key(bool, False, "accept upstream_hosts entries that cover public address "
-                                                        "space (wider than an IPv4 /8 or IPv6 /16, not all "
-                                                        "private): anyone there may forge the client's identity "
-                                                        "with XCLIENT"),
-        "reverse_lookup": Key(bool, True, "look up and forward-confirm each client's reverse name before "
-                                          "the greeting (not for upstream_hosts, whose XCLIENT says it; "
-                                          "default on at the edge only: the inner tiers learn the name "
-                                          "from XCLIENT)",
-                              tier_defaults=(("filter", False), ("domain", False))),
-        "user": Key(str, "", "drop privileges to this user after binding the listeners"),
-        "allow_any_client": Key(bool, False, "filter and domain tiers: also take mail from clients outside "
-                                             "upstream_hosts and relay.mynetworks, skipping the tiers before "
-                                             "this one (off: 554 5.7.1 at connect; the edge ignores this key)"),
-    },
-    "relay": {
-        "relay_domains": Key(list, [], "domains accepted from anyone", _domain),
-        "mynetworks": Key(list, [], "clients allowed to relay to any destination (CIDRs)", _network),
-        "allow_public_mynetworks": Key(bool, False, "accept mynetworks entries that cover public address space "
-                                                    "(wider than an IPv4 /8 or IPv6 /16, not all private): "
-                                                    "this tier becomes an open relay for everyone in them"),
-    },
-    "next_hop": {
-        "hosts": Key(list, [], "next tier's SMTP servers, host:port, tried in order", _hostport,
-                     required_in=("edge", "filter")),
-        "connect_timeout": Key((int, float), 30, "seconds (at most 1 week)", _SECONDS),
-        "command_timeout": Key((int, float), 300, "seconds to wait for each reply (at most 1 week)", _SECONDS),
-        "tls": Key(str, "may", "STARTTLS to the next hop: none, may or encrypt", _choice("none", "may", "encrypt")),
-        "xclient": Key(bool, True, "pass the original client with XCLIENT when the next hop offers it"),
-        "max_messages_per_connection": Key(int, 100, "messages carried by one connection (at most 100000)",
-                                           _count(100_000)),
-        "helo_name": Key(str, "", "name sent in EHLO (default: server.hostname)", _hostname),
-        "domains": Key(list, [], "recipient domains the next hop serves (empty: at the filter, "
-                                 "relay.relay_domains; at the edge, every domain); mail for any other "
-                                 "domain has no route and is deferred, never sent", _domain),
-    },
-    "queue": {
-        "directory": Key(str, "", "spool directory, absolute path", _path, required_in=("filter",)),
-        "retry_min": Key((int, float), 300, "first retry delay, seconds (doubles each attempt; at most 1 week)",
-                         _SECONDS),
-        "retry_max": Key((int, float), 4000, "longest retry delay, seconds (at most 1 week)", _SECONDS),
-        "lifetime": Key((int, float), 5 * 86400, "seconds before an undeliverable message bounces "
-                                                 "(at most 365 days)", _range(0, YEAR, above=True)),
-        "concurrency": Key(int, 20, "parallel connections to the next hop (at most 10000)", _count(10_000)),
-        "scan_interval": Key((int, float), 300, "seconds between scans of the deferred queue (at most 1 week)",
-                             _SECONDS),
-        "fsync": Key(bool, True, "fsync queue files and directories before 250 (never turn off in production)"),
-        "double_bounce_recipient": Key(str, "postmaster", "who is told when a bounce cannot be delivered "
-                                                          "(the double bounce)", _mailbox),
-    },
-    "verify": {
-        "recipients": Key(bool, True, "filter: ask the next hop about each recipient before answering RCPT"),
-        "positive_ttl": Key((int, float), 3600, "seconds a recipient the next hop accepted stays known "
-                                                "(at most 1 week)", _TTL),
-        "negative_ttl": Key((int, float), 300, "seconds a recipient the next hop rejected stays known "
-                                               "(at most 1 week)", _TTL),
-    },
-    "mailboxes": {
-        "domains": Key(list, [], "hosted domains", _domain, required_in=("domain",)),
-        "maildir_root": Key(str, "", "mailboxes are ROOT/DOMAIN/LOCALPART/Maildir (absolute path)", _path,
-                            required_in=("domain",)),
-        "users": Key(list, [], "user addresses with a mailbox (the local part is a directory name: "
-                               "no '/', no control characters, no leading '.')", _user_address),
-        "aliases": Key(dict, {}, "alias address -> list of user addresses"),
-    },
-    "dns": {
-        "nameservers": Key(list, [], "DNS servers, IP address:port (empty: those of /etc/resolv.conf)",
-                           _address_port),
-        "timeout": Key((int, float), 5, "seconds one lookup may take before it counts as a temporary failure "
-                                        "(at most 1 week)", _SECONDS),
-    },
-    "log": {
-        "level": Key(str, "info", "debug, info, warn or error", _choice("debug", "info", "warn", "error")),
-        "file": Key(str, "-", "log file (absolute path), or - for standard error", _log_file),
-    },
-}
+def setting(default: Any, doc: str, item: Callable[[Any], Any] | None = None, *,
+            kind: type | tuple[type, ...] | None = None, **key: Any) -> Any:
+    """A field of a check's settings dataclass: its default, meaning and rule, as a Key.
+
+    ``kind`` (the TOML type) defaults to the default's: a float default accepts
+    integers too, a tuple default is an array of strings."""
+    if kind is None:
+        kind = (int, float) if isinstance(default, float) else list if isinstance(default, tuple) \
+            else default.__class__
+    return field(default=default, metadata={"key": Key(kind, list(default) if isinstance(default, tuple)
+                                                        else default, doc, item, **key)})
+
+
+def _frozen(value: Any) -> Any:
+    """What a section object holds: arrays as tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass(frozen=True)
+class Section:
+    """One ``[name]`` table of a tier's file: its keys, and the frozen dataclass
+    (``cls``) the code receives.
+
+    ``named``: a table of tables (``[listeners.NAME]``), each entry one ``cls``.
+    ``finish(loading)`` runs once every section's keys are read: cross-checks that
+    raise ``loading.error(key, reason)``, warnings, and values derived from others.
+    """
+    name: str
+    keys: dict[str, Key]
+    doc: str = ""
+    cls: type | None = None
+    named: bool = False
+    finish: Callable[["Loading"], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.cls is None:
+            fields = [(k, Any) for k, key in self.keys.items() if not key.shorthand]
+            title = "".join(p.title() for p in self.name.split("_")) + "Settings"
+            object.__setattr__(self, "cls", make_dataclass(title, fields, frozen=True, slots=True))
+
+    @classmethod
+    def of(cls, name: str, settings_class: type, doc: str = "", **kw: Any) -> "Section":
+        """The section of a frozen dataclass whose fields are :func:`setting`\\ s."""
+        keys = {f.name: f.metadata["key"] for f in fields_of(settings_class)}
+        return cls(name, keys, doc or (settings_class.__doc__ or "").strip().split("\n")[0],
+                   cls=settings_class, **kw)
+
+    def build(self, values: dict[str, Any]) -> Any:
+        return self.cls(**{k: _frozen(v) for k, v in values.items() if not self.keys[k].shorthand})
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """What a tier declares (its ``service.TIER``): the sections it adds to the core's,
+    the checks and relay permit rules it registers (:mod:`shared.checks.registry`) and
+    the checks its ``default`` policy runs, per phase."""
+    name: str
+    sections: tuple[Section, ...] = ()
+    checks: tuple[Any, ...] = ()              # shared.checks.registry.CheckType
+    permits: tuple[Any, ...] = ()             # shared.checks.registry.PermitRule
+    default_policy: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    component: Callable[..., Any] | None = None   # (settings, reactor, pool) -> the tier's parts
+
+    def all_sections(self) -> list[Section]:
+        out = list(CORE_SECTIONS) + list(self.sections)
+        out += [c.section for c in self.checks if c.section is not None]
+        return out
+
+
+def tier_spec(tier: str) -> TierSpec:
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r} (edge, filter or domain)")
+    return importlib.import_module(TIER_MODULES[tier]).TIER
+
+
+def keys_of(tier: str) -> dict[str, dict[str, Key]]:
+    """Every key a tier's file may hold: {section: {key: Key}} (check-config's list)."""
+    return {s.name: s.keys for s in tier_spec(tier).all_sections()}
+
+
+TIER_MODULES = {"edge": "edge.service", "filter": "filter.service", "domain": "domain.service"}
+
+
+@dataclass
+class Loading:
+    """A file being loaded, for the sections' ``finish`` hooks."""
+    tier: str
+    path: str
+    spec: TierSpec
+    given: dict[str, Any]                        # the TOML document as read
+    values: dict[str, Any]                       # section -> key -> value (checked; may be changed)
+    warnings: list[str] = field(default_factory=list)
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.path, key, reason)
+
+    def warn(self, key: str, text: str) -> None:
+        self.warnings.append(f"{self.path}: {key}: {text}")
+
+    def was_given(self, section: str, key: str) -> bool:
+        return key in self.given.get(section, {})
+
+
+# -- the core's sections: every tier has them ---------------------------------------
+
+SERVER = Section("server", {
+    "hostname": Key(str, "", "name in the greeting, EHLO and Received headers (default: the host's FQDN)",
+                    _hostname),
+    "listen": Key(list, ["127.0.0.1:25"], "addresses to listen on, host:port: a listener each, named smtp, "
+                                          "smtp-2, ... with the default policy (or use [listeners.NAME])",
+                  _hostport, shorthand=True),
+    "max_message_size": Key(int, 10_240_000, "largest message accepted, bytes (0: no limit; at most 1 TiB)",
+                            _range(0, TIB)),
+    "max_recipients": Key(int, 1000, "recipients per message (at most 100000)", _count(100_000)),
+    "max_line_length": Key(int, 1000, "longest line in a message, octets with CRLF (RFC 5321: 1000; "
+                                      "0: no limit; else 1000 to 1 MiB)", _range(1000, MIB, or_zero=True)),
+    "max_connections": Key(int, 1000, "simultaneous client sessions, all listeners together (at most 100000)",
+                           _count(100_000)),
+    "max_connections_per_client": Key(int, 50, "simultaneous sessions from one client address, all listeners "
+                                               "together (upstream_hosts are exempt; at most 100000)",
+                                      _count(100_000)),
+    "max_errors": Key(int, 20, "client errors before the session is closed with 421 (at most 1000)",
+                      _count(1000)),
+    "max_junk_commands": Key(int, 100, "NOOP, RSET, VRFY and HELP commands before each one counts as an "
+                                       "error (0: no limit; at most 100000)", _range(0, 100_000)),
+    "command_timeout": Key((int, float), 300, "seconds to wait for a command or a DATA chunk (at most 1 week)",
+                           _SECONDS),
+    "session_timeout": Key((int, float), 3600, "longest session, seconds (at most 1 week)", _SECONDS),
+    "shutdown_timeout": Key((int, float), 30, "on SIGTERM, seconds open sessions may take to finish "
+                                              "(at most 1 week)", _range(0, WEEK)),
+    "max_received_headers": Key(int, 50, "mail loop limit: Received headers above this are rejected 554 5.4.6 "
+                                         "(at most 1000)", _count(1000)),
+    "tls_cert": Key(str, "", "PEM certificate chain, absolute path; STARTTLS is offered only when set "
+                             "(re-read on reload)", _path),
+    "tls_key": Key(str, "", "PEM private key for tls_cert, absolute path", _path),
+    "upstream_hosts": Key(list, [], "clients allowed to send XCLIENT/XFORWARD (addresses or CIDRs)", _network),
+    "allow_public_upstream_hosts": Key(bool, False, "accept upstream_hosts entries that cover public address "
+                                                    "space (wider than an IPv4 /8 or IPv6 /16, not all "
+                                                    "private): anyone there may forge the client's identity "
+                                                    "with XCLIENT"),
+    "reverse_lookup": Key(bool, True, "look up and forward-confirm each client's reverse name before "
+                                      "the greeting (not for upstream_hosts, whose XCLIENT says it; "
+                                      "default on at the edge only: the inner tiers learn the name "
+                                      "from XCLIENT)",
+                          tier_defaults=(("filter", False), ("domain", False))),
+    "user": Key(str, "", "drop privileges to this user after binding the listeners"),
+    "pid_file": Key(str, "", "file holding the running tier's process id, absolute path (empty: none); "
+                             "`smarthost reload` finds the tier through it", _path),
+    "allow_any_client": Key(bool, False, "filter and domain tiers: also take mail from clients outside "
+                                         "upstream_hosts and relay.mynetworks, skipping the tiers before "
+                                         "this one (off: 554 5.7.1 at connect; the edge ignores this key)"),
+})
+
+
+def _endpoint(value: str) -> str:
+    """A Twisted server endpoint description ("tcp:port=25:interface=0.0.0.0",
+    "ssl:465:privateKey=...", "haproxy:tcp:25"): parsed now, so a typo is refused
+    at load time, not at start-up."""
+    if not value:
+        return value            # unset: refused by the listeners' finish, naming the key
+    from twisted.internet import endpoints, reactor
+    try:
+        endpoints.serverFromString(reactor, value)
+    except Exception as e:
+        raise ValueError(f"{value!r} is not a Twisted endpoint description: {e}") from None
+    return value
+
+
+LISTENER = Section("listeners", {
+    "endpoint": Key(str, "", "where to listen: a Twisted endpoint description, e.g. "
+                             "tcp:port=25:interface=0.0.0.0, or haproxy:tcp:25 behind a PROXY-protocol "
+                             "balancer (bound before privileges are dropped)", _endpoint),
+    "policy": Key(str, "default", "the policy (see [policies.NAME]) of this listener's sessions"),
+    "tls": Key(str, "starttls", "starttls: offered when server.tls_cert is set; implicit: TLS from the "
+                                "first byte with server.tls_cert (port 465, RFC 8314); none",
+               _choice("starttls", "implicit", "none")),
+}, doc="one listener per [listeners.NAME] table", named=True)
+
+PHASE_KEYS = PHASES       # shared.checks.core: connect, helo, auth, mail, rcpt, data, end_of_data
+
+POLICY = Section("policies", {
+    **{phase: Key(list, [], f"checks run at {phase.replace('_', ' ')}, in this order (default: the tier's)")
+       for phase in PHASE_KEYS},
+    "relay": Key(list, [], "relay permit rules, tried in order: a recipient is refused (554 5.7.1) "
+                           "unless one permits it (default: relay_domains, mynetworks)"),
+}, doc="one policy per [policies.NAME] table; a listener names the one its sessions follow", named=True)
+
+RELAY = Section("relay", {
+    "relay_domains": Key(list, [], "domains accepted from anyone", _domain),
+    "mynetworks": Key(list, [], "clients allowed to relay to any destination (CIDRs)", _network),
+    "allow_public_mynetworks": Key(bool, False, "accept mynetworks entries that cover public address space "
+                                                "(wider than an IPv4 /8 or IPv6 /16, not all private): "
+                                                "this tier becomes an open relay for everyone in them"),
+})
+
+DNS = Section("dns", {
+    "nameservers": Key(list, [], "DNS servers, IP address:port (empty: those of /etc/resolv.conf)",
+                       _address_port),
+    "timeout": Key((int, float), 5, "seconds one lookup may take before it counts as a temporary failure "
+                                    "(at most 1 week)", _SECONDS),
+})
+
+LOG = Section("log", {
+    "level": Key(str, "info", "debug, info, warn or error", _choice("debug", "info", "warn", "error")),
+    "file": Key(str, "-", "log file (absolute path), or - for standard error; reopened on reload "
+                          "(logrotate without copytruncate)", _log_file),
+})
+
+CORE_SECTIONS = (SERVER, LISTENER, POLICY, RELAY, DNS, LOG)
 
 
 @dataclass(frozen=True)
 class Settings:
+    """A tier's loaded configuration: ``settings.server``, ``settings.next_hop``, ... are
+    frozen section objects (``settings.listeners`` and ``settings.policies``: name ->
+    object); only the tier's own sections exist."""
     tier: str
     path: str
-    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sections: dict[str, Any] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()      # "FILE: KEY: text", for settings that load but are suspect
 
-    def __getitem__(self, section: str) -> dict[str, Any]:
-        return self.values[section]
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["sections"][name]
+        except KeyError:
+            raise AttributeError(f"the {self.__dict__.get('tier')} tier has no [{name}] section") from None
+
+    def has(self, section: str) -> bool:
+        return section in self.sections
 
     @property
     def hostname(self) -> str:
-        return self.values["server"]["hostname"]
+        return self.sections["server"].hostname
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """{section: {key: value}} (named sections: {section: {name: {key: value}}})."""
+        out = {}
+        for name, obj in self.sections.items():
+            if isinstance(obj, dict):
+                out[name] = {n: asdict(o) for n, o in obj.items()}
+            else:
+                out[name] = asdict(obj)
+        return out
 
 
 def _type_name(t) -> str:
@@ -357,126 +496,180 @@ def _check_value(path: str, name: str, key: Key, value: Any) -> Any:
     return value
 
 
+def _read_keys(tier: str, path: str, prefix: str, keys: dict[str, Key], given: dict[str, Any]) -> dict[str, Any]:
+    for name in given:
+        if name not in keys:
+            raise ConfigError(path, f"{prefix}.{name}", "unknown key")
+    out = {}
+    for name, key in keys.items():
+        full = f"{prefix}.{name}"
+        if name in given:
+            out[name] = _check_value(path, full, key, given[name])
+            if tier in key.required_in and not out[name]:
+                raise ConfigError(path, full, f"required for the {tier} tier: must not be empty")
+        else:
+            if tier in key.required_in:
+                raise ConfigError(path, full, f"required for the {tier} tier")
+            out[name] = _check_value(path, full, key, key.default_for(tier))
+    return out
+
+
+def _elsewhere(section: str, tier: str) -> str:
+    """Which other tiers have a section this tier does not (for the error message)."""
+    owners = []
+    for other in TIERS:
+        if other != tier and any(s.name == section for s in tier_spec(other).all_sections()):
+            owners.append(other)
+    return f": a setting of the {' and '.join(owners)} tier{'s' if len(owners) > 1 else ''}" if owners else ""
+
+
 def parse(tier: str, data: dict[str, Any], path: str = "<config>") -> Settings:
     """Validate a parsed TOML document for `tier` and fill in the defaults."""
     if tier not in TIERS:
         raise ConfigError(path, None, f"unknown tier {tier!r} (edge, filter or domain)")
+    spec = tier_spec(tier)
     data = dict(data)
     declared = data.pop("tier", tier)
     if declared != tier:
         raise ConfigError(path, "tier", f"this file configures the {declared!r} tier, not {tier!r}")
-    for section in data:
-        if section not in SCHEMA:
-            raise ConfigError(path, section, f"unknown section (known: {', '.join(SCHEMA)})")
-        if not isinstance(data[section], dict):
-            raise ConfigError(path, section, "must be a table ([section])")
-    values: dict[str, dict[str, Any]] = {}
-    for section, keys in SCHEMA.items():
-        given = data.get(section, {})
-        for name in given:
-            if name not in keys:
-                raise ConfigError(path, f"{section}.{name}", "unknown key")
-        out = {}
-        for name, key in keys.items():
-            full = f"{section}.{name}"
-            if name in given:
-                out[name] = _check_value(path, full, key, given[name])
-                if tier in key.required_in and not out[name]:
-                    raise ConfigError(path, full, f"required for the {tier} tier: must not be empty")
-            else:
-                if tier in key.required_in:
-                    raise ConfigError(path, full, f"required for the {tier} tier")
-                out[name] = _check_value(path, full, key, key.default_for(tier))
-        values[section] = out
-    _cross_checks(tier, path, values)
-    return Settings(tier, path, values, _warnings(tier, path, data, values))
+    sections = {s.name: s for s in spec.all_sections()}
+    for name in data:
+        if name not in sections:
+            raise ConfigError(path, name, f"not a section of the {tier} tier{_elsewhere(name, tier)} "
+                                          f"(its sections: {', '.join(sections)})")
+        if not isinstance(data[name], dict):
+            raise ConfigError(path, name, "must be a table ([section])")
+    values: dict[str, Any] = {}
+    for name, section in sections.items():
+        given = data.get(name, {})
+        if section.named:
+            values[name] = {}
+            for entry, keys in given.items():
+                if not isinstance(keys, dict):
+                    raise ConfigError(path, f"{name}.{entry}", f"must be a table ([{name}.{entry}])")
+                values[name][entry] = _read_keys(tier, path, f"{name}.{entry}", section.keys, keys)
+        else:
+            values[name] = _read_keys(tier, path, name, section.keys, given)
+    loading = Loading(tier, path, spec, data, values)
+    for section in sections.values():
+        if section.finish is not None:
+            section.finish(loading)
+    built = {}
+    for name, section in sections.items():
+        if section.named:
+            built[name] = {entry: section.build(v) for entry, v in values[name].items()}
+        else:
+            built[name] = section.build(values[name])
+    return Settings(tier, path, built, tuple(loading.warnings))
 
 
-def _cross_checks(tier: str, path: str, v: dict[str, dict[str, Any]]) -> None:
+def _finish_server(ld: Loading) -> None:
+    v = ld.values
     srv = v["server"]
     if not srv["hostname"]:
         fqdn = socket.getfqdn() or "localhost"
         try:
             srv["hostname"] = _hostname(fqdn)
         except ValueError as e:
-            raise ConfigError(path, "server.hostname", f"not set, and this host's own name cannot stand in "
-                                                       f"for it: {e}") from None
-    _public_space(path, "relay.mynetworks", v["relay"]["mynetworks"], "relay.allow_public_mynetworks",
+            raise ld.error("server.hostname", f"not set, and this host's own name cannot stand in "
+                                              f"for it: {e}") from None
+    _public_space(ld, "relay.mynetworks", v["relay"]["mynetworks"], "relay.allow_public_mynetworks",
                   v["relay"]["allow_public_mynetworks"],
                   "this tier would relay mail from anyone there to any destination (an open relay)")
-    _public_space(path, "server.upstream_hosts", srv["upstream_hosts"], "server.allow_public_upstream_hosts",
+    _public_space(ld, "server.upstream_hosts", srv["upstream_hosts"], "server.allow_public_upstream_hosts",
                   srv["allow_public_upstream_hosts"],
                   "anyone there could forge the client's identity with XCLIENT/XFORWARD")
     if bool(srv["tls_cert"]) != bool(srv["tls_key"]):
-        raise ConfigError(path, "server.tls_key" if srv["tls_cert"] else "server.tls_cert",
-                          "tls_cert and tls_key must be set together")
-    if not srv["listen"]:
-        raise ConfigError(path, "server.listen", "at least one listen address is needed")
-    q = v["queue"]
-    if q["retry_max"] < q["retry_min"]:
-        raise ConfigError(path, "queue.retry_max", f"smaller than queue.retry_min ({q['retry_min']})")
-    if not v["next_hop"]["helo_name"]:
-        v["next_hop"]["helo_name"] = srv["hostname"]
-    mb = v["mailboxes"]
-    if tier == "domain":
-        users = set(mb["users"])
-        for user in users:
-            if user.rpartition("@")[2] not in mb["domains"]:
-                raise ConfigError(path, "mailboxes.users", f"{user} is not in a hosted domain (mailboxes.domains)")
-        aliases = {}
-        for alias, targets in mb["aliases"].items():
-            key = f"mailboxes.aliases.{alias}"
-            if isinstance(targets, str):
-                targets = [targets]
-            if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-                raise ConfigError(path, key, "expected an address or a non-empty array of addresses")
-            try:
-                alias = _user_address(alias)
-                targets = [_user_address(t) for t in targets]
-            except ValueError as e:
-                raise ConfigError(path, key, str(e)) from None
-            for t in targets:
-                if t not in users:
-                    raise ConfigError(path, key, f"target {t} is not a user (mailboxes.users)")
-            aliases[alias] = targets
-        mb["aliases"] = aliases
-        if not v["relay"]["relay_domains"]:
-            v["relay"]["relay_domains"] = list(mb["domains"])
+        raise ld.error("server.tls_key" if srv["tls_cert"] else "server.tls_cert",
+                       "tls_cert and tls_key must be set together")
+    for section, name in (("relay", "mynetworks"), ("server", "upstream_hosts")):
+        for given in ld.given.get(section, {}).get(name, []):
+            used = ipaddress.ip_interface(given)
+            if used.ip != used.network.network_address:
+                ld.warn(f"{section}.{name}", f"{given} has host bits set; the network used is {used.network}")
+    if ld.tier == "edge" and not v["relay"]["relay_domains"]:
+        ld.warn("relay.relay_domains", "empty: the edge accepts mail for no domain from clients "
+                                       "outside relay.mynetworks")
 
 
-def _public_space(path: str, key: str, networks: list, allow_key: str, allowed: bool, risk: str) -> None:
+def _finish_listeners(ld: Loading) -> None:
+    """``server.listen`` is the short way to write listeners; [listeners.NAME] the full one."""
+    listeners = ld.values["listeners"]
+    listen = ld.values["server"]["listen"]
+    if listeners and ld.was_given("server", "listen"):
+        raise ld.error("server.listen", "set either server.listen or [listeners.NAME] tables, not both")
+    if not listeners:
+        if not listen:
+            raise ld.error("server.listen", "at least one listen address is needed")
+        for i, (host, port) in enumerate(listen, 1):
+            listeners["smtp" if i == 1 else f"smtp-{i}"] = {
+                "endpoint": tcp_endpoint(host, port), "policy": "default", "tls": "starttls"}
+    for name, listener in listeners.items():
+        if not listener["endpoint"]:
+            raise ld.error(f"listeners.{name}.endpoint", "required: where this listener listens")
+        if listener["tls"] == "implicit" and not ld.values["server"]["tls_cert"]:
+            raise ld.error(f"listeners.{name}.tls", "implicit TLS needs server.tls_cert and server.tls_key")
+
+
+def tcp_endpoint(host: str, port: int) -> str:
+    """The endpoint description of a host:port address."""
+    from twisted.internet.endpoints import quoteStringArgument
+    return f"tcp:port={port}:interface={quoteStringArgument(host)}"
+
+
+def _finish_policies(ld: Loading) -> None:
+    """Every listener's policy exists; each policy lists checks this tier registers, each in
+    a phase it can run in; phases a policy leaves out run the tier's default checks."""
+    policies = ld.values["policies"]
+    default = {phase: list(ld.spec.default_policy.get(phase, ())) for phase in PHASE_KEYS}
+    default["relay"] = list(ld.spec.default_policy.get("relay", ("relay_domains", "mynetworks")))
+    policies.setdefault("default", dict(default))
+    from shared.checks.relay import PERMITS
+    checks = {c.name: c for c in ld.spec.checks}
+    permits = {p.name for p in (*PERMITS, *ld.spec.permits)}
+    for name, policy in policies.items():
+        given = ld.given.get("policies", {}).get(name, {})
+        for phase in (*PHASE_KEYS, "relay"):
+            if phase not in given:
+                policy[phase] = list(default[phase])
+            seen = set()
+            for entry in policy[phase]:
+                key = f"policies.{name}.{phase}"
+                if entry in seen:
+                    raise ld.error(key, f"{entry} is listed twice")
+                seen.add(entry)
+                if phase == "relay":
+                    if entry not in permits:
+                        raise ld.error(key, f"unknown relay permit rule {entry!r} (this tier's: "
+                                            f"{', '.join(sorted(permits))})")
+                    continue
+                check = checks.get(entry)
+                if check is None:
+                    raise ld.error(key, f"unknown check {entry!r} (the {ld.tier} tier's checks: "
+                                        f"{', '.join(sorted(checks)) or 'none'})")
+                if phase not in check.phases:
+                    raise ld.error(key, f"check {entry} runs at {' or '.join(check.phases)}, "
+                                        f"not at {phase.replace('_', ' ')}")
+    for name, listener in ld.values["listeners"].items():
+        if listener["policy"] not in policies:
+            raise ld.error(f"listeners.{name}.policy", f"no policy {listener['policy']!r} "
+                                                       f"(defined: {', '.join(policies)})")
+
+
+SERVER = replace(SERVER, finish=_finish_server)
+LISTENER = replace(LISTENER, finish=_finish_listeners)
+POLICY = replace(POLICY, finish=_finish_policies)
+CORE_SECTIONS = (SERVER, LISTENER, POLICY, RELAY, DNS, LOG)
+
+
+def _public_space(ld: Loading, key: str, networks: list, allow_key: str, allowed: bool, risk: str) -> None:
     """Refuse a `networks` entry that covers public address space unless `allow_key` is set."""
     if allowed:
         return
     for net in networks:
         if covers_public_space(net):
-            raise ConfigError(path, key, f"{net} covers public address space: {risk}; "
-                                         f"set {allow_key} = true if that is really meant")
-
-
-def _warnings(tier: str, path: str, data: dict[str, Any], v: dict[str, dict[str, Any]]) -> tuple[str, ...]:
-    """Lines "FILE: KEY: text" for settings that load but probably do not do what was meant."""
-    out = []
-    for section, name in (("relay", "mynetworks"), ("server", "upstream_hosts")):
-        for given in data.get(section, {}).get(name, []):
-            used = ipaddress.ip_interface(given)
-            if used.ip != used.network.network_address:
-                out.append(f"{path}: {section}.{name}: {given} has host bits set; the network used is "
-                           f"{used.network}")
-    if tier == "edge" and not v["relay"]["relay_domains"]:
-        out.append(f"{path}: relay.relay_domains: empty: the edge accepts mail for no domain from clients "
-                   f"outside relay.mynetworks")
-    if tier in ("filter", "domain") and not v["queue"]["fsync"]:
-        out.append(f"{path}: queue.fsync: false: a 250 no longer promises that the message survives a "
-                   f"crash or power loss (never in production)")
-    if tier == "domain":
-        mb = v["mailboxes"]
-        known = set(mb["users"]) | set(mb["aliases"])
-        for domain in mb["domains"]:
-            if f"postmaster@{domain}" not in known:
-                out.append(f"{path}: mailboxes.aliases: no postmaster@{domain} (RFC 5321 4.5.1: every "
-                           f"domain has one); mail to it, and the filter's double bounces, are refused")
-    return tuple(out)
+            raise ld.error(key, f"{net} covers public address space: {risk}; "
+                                f"set {allow_key} = true if that is really meant")
 
 
 def load(tier: str | None, path: str | os.PathLike) -> Settings:
@@ -524,7 +717,7 @@ def check_host(settings: Settings) -> None:
     ``tls_cert`` and ``tls_key`` readable regular files; the filter's
     ``queue.directory`` and the domain tier's ``mailboxes.maildir_root`` writable
     directories, or creatable (the nearest existing ancestor a writable directory).
-    The log and TLS files are opened by whoever starts the daemon, so they are
+    The log, pid and TLS files are opened by whoever starts the daemon, so they are
     judged for the calling user; the spool and the mailboxes are written after a
     daemon started as root has become ``server.user``, so then they are judged for
     that account, from the permission bits (ACLs are not consulted).
@@ -533,21 +726,21 @@ def check_host(settings: Settings) -> None:
     (:func:`shared.daemon.preflight`); a reload does not, since the log and TLS
     files are opened and the spool made once, at start-up.
     """
-    p, s = settings.path, settings["server"]
+    p, s = settings.path, settings.server
     account = None
-    if s["user"]:
+    if s.user:
         try:
-            account = pwd.getpwnam(s["user"])
+            account = pwd.getpwnam(s.user)
         except KeyError:
-            raise ConfigError(p, "server.user", f"no such user {s['user']!r} on this host") from None
+            raise ConfigError(p, "server.user", f"no such user {s.user!r} on this host") from None
     writer = account if os.getuid() == 0 else None      # shared.daemon.drop_privileges
-    log_file = settings["log"]["file"]
+    log_file = settings.log.file
     if log_file != "-":
         problem = _log_file_problem(log_file)
         if problem:
             raise ConfigError(p, "log.file", problem)
     for name in ("tls_cert", "tls_key"):
-        f = s[name]
+        f = getattr(s, name)
         if not f:
             continue
         if not os.path.exists(f):
@@ -556,12 +749,23 @@ def check_host(settings: Settings) -> None:
             raise ConfigError(p, f"server.{name}", f"{f} is not a regular file")
         if not os.access(f, os.R_OK):
             raise ConfigError(p, f"server.{name}", f"{f} is not readable")
-    directories = {"filter": ("queue", "directory"), "domain": ("mailboxes", "maildir_root")}
-    if settings.tier in directories:
-        section, name = directories[settings.tier]
-        problem = _directory_problem(settings[section][name], writer)
+    if s.pid_file:
+        problem = _log_file_problem(s.pid_file)      # written before the privileges are dropped
+        if problem:
+            raise ConfigError(p, "server.pid_file", problem)
+    for section, name in directories(settings):
+        problem = _directory_problem(getattr(settings.sections[section], name), writer)
         if problem:
             raise ConfigError(p, f"{section}.{name}", problem)
+
+
+def directories(settings: Settings) -> list[tuple[str, str]]:
+    """(section, key) of every directory the tier writes in (``Key.directory``)."""
+    out = []
+    for section in tier_spec(settings.tier).all_sections():
+        if not section.named:
+            out += [(section.name, k) for k, key in section.keys.items() if key.directory]
+    return out
 
 
 def _log_file_problem(path: str) -> str | None:
@@ -621,7 +825,7 @@ def toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], int):   # host, port
+    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], int):  # host, port
         return toml_value(hostport_text(*v))
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
@@ -634,21 +838,45 @@ def toml_value(v: Any) -> str:
 
 
 def dump(tier: str, sections: dict[str, dict[str, Any]]) -> str:
-    """A tier's configuration file from {section: {key: value}}."""
+    """A tier's configuration file from {section: {key: value}} ([listeners] and
+    [policies]: {section: {name: {key: value}}})."""
     lines = [f'tier = "{tier}"']
     for section, keys in sections.items():
+        if section in NAMED_SECTIONS:
+            for entry, values in keys.items():
+                lines.append(f"\n[{section}.{toml_key(entry)}]")
+                lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
+            continue
         lines.append(f"\n[{section}]")
         lines.extend(f"{k} = {toml_value(v)}" for k, v in keys.items())
     return "\n".join(lines) + "\n"
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
+def toml_key(name: str) -> str:
+    return name if _BARE_KEY.match(name) else toml_value(name)
+
+
+NAMED_SECTIONS = frozenset(s.name for s in CORE_SECTIONS if s.named)
+
+
 def render(settings: Settings) -> str:
-    """The effective settings as TOML, each key with its meaning, for `smarthost check-config`."""
+    """The effective settings as TOML, each key with its meaning, for `smarthost check-config`:
+    the tier's own sections only."""
     out = [f"# effective settings of the {settings.tier} tier from {settings.path}",
            f'tier = "{settings.tier}"']
-    for section, keys in SCHEMA.items():
-        out.append(f"\n[{section}]")
-        for name, key in keys.items():
-            out.append(f"# {key.doc}")
-            out.append(f"{name} = {toml_value(settings.values[section][name])}")
+    for section in tier_spec(settings.tier).all_sections():
+        obj = settings.sections[section.name]
+        entries = obj.items() if section.named else [(None, obj)]
+        if section.named:
+            out.append(f"\n# [{section.name}.NAME]: {section.doc}")
+        for entry, values in entries:
+            out.append(f"\n[{section.name}]" if entry is None else f"\n[{section.name}.{entry}]")
+            for name, key in section.keys.items():
+                if key.shorthand:
+                    continue
+                out.append(f"# {key.doc}")
+                out.append(f"{name} = {toml_value(getattr(values, name))}")
     return "\n".join(out) + "\n"

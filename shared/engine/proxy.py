@@ -34,14 +34,14 @@ class ProxySink:
     def __init__(self, relay_client) -> None:
         self.relay_client = relay_client
 
-    def session(self, engine_session) -> "ProxySession":
-        return ProxySession(self, engine_session)
+    def session(self, port) -> "ProxySession":
+        return ProxySession(self, port)
 
 
 class ProxySession:
-    def __init__(self, sink: ProxySink, engine_session) -> None:
+    def __init__(self, sink: ProxySink, port) -> None:
         self.sink = sink
-        self.engine = engine_session
+        self.port = port              # the client's session (shared.engine.session.SinkPort)
         self.upstream = None          # the open next-hop session, if any
         self.opened_by = sink.relay_client   # the relay client it came from (and goes back to)
         self.announced = None         # the ClientInfo its XCLIENT carried
@@ -54,9 +54,8 @@ class ProxySession:
     def _drop(self) -> None:
         if self.upstream is not None:
             up, self.upstream = self.upstream, None
-            if up.protocol.transport is not None:
-                up.protocol.transport.abortConnection()
-        self.engine.protocol.resume_input()
+            up.abort()
+        self.port.resume()
 
     def _failed(self, failure, what: str):
         log.warn("{qid}: next hop failed during {what}: {err}", qid=self._qid, what=what,
@@ -67,8 +66,7 @@ class ProxySession:
 
     @property
     def _qid(self) -> str:
-        txn = self.engine.txn
-        return txn.queue_id if txn else "-"
+        return self.port.queue_id or "-"
 
     # The handlers below answer with plain values when they can and otherwise
     # with one Deferred chain each (no generator machinery on the per-message path).
@@ -82,13 +80,13 @@ class ProxySession:
             self.opened_by.release(up)       # may serve this very request
         else:
             self._drop()
-        self.announced = replace(self.engine.client)
+        self.announced = replace(self.port.client)
         self.opened_by = self.sink.relay_client
 
         def opened(up):
             self.upstream = up
             # What this session forwards passed our server core, which refuses bare CR and LF.
-            up.protocol.conn.crlf_checked = True
+            up.content_checked()
             return up
         return self.opened_by.open_session(self.announced).addCallback(opened)
 
@@ -97,7 +95,7 @@ class ProxySession:
         changed since its XCLIENT (a new EHLO, STARTTLS) or when it broke."""
         self.failed = False
         up = self.upstream
-        if up is not None and up.usable and self.announced == self.engine.client:
+        if up is not None and up.usable and self.announced == self.port.client:
             return self._begin_on(up, txn)
 
         def unreachable(failure):
@@ -194,15 +192,28 @@ class ProxySession:
             self._failed(Failure(), "DATA")
             return
         if not up.is_writable():
-            self.engine.protocol.pause_input()
-            up.wait_writable().addCallbacks(lambda _: self.engine.protocol.resume_input(),
+            self.port.pause()
+            up.wait_writable().addCallbacks(lambda _: self.port.resume(),
                                             lambda f: self._failed(f, "DATA"))
+
+    def body_reader(self, txn):
+        """None: the message went on to the next tier as it came; the edge keeps no copy."""
+        return None
 
     def data_end(self, txn):
         self.in_data = False
-        self.engine.protocol.resume_input()     # whatever the next hop's buffer, the message is whole
+        self.port.resume()                      # whatever the next hop's buffer, the message is whole
         if self.failed or self.upstream is None:
             return NEXT_HOP_LOST
+        if txn.edits:
+            # Edits at end of data need the message held (the filter's queue, the domain
+            # tier's file): here it went to the next tier as it came.  Never send it
+            # without what a check asked for: no final dot.
+            log.error("{qid}: an end_of_data check asked for header edits, which the edge cannot apply "
+                      "to a message it streams; run that check at the filter", qid=txn.queue_id)
+            self._drop()
+            self.failed = True
+            return Reply(451, "4.3.0", "Error: local configuration error, try again later")
         up = self.upstream
         try:
             if self.held:

@@ -5,8 +5,14 @@ the envelope and the completion trailer are appended, the file and its
 directory entry are fsynced (directory fsyncs shared by concurrent
 transactions), and only then is 250 sent.  The queue manager is told at once
 and delivers to the next tier with retries.
+
+Header edits the end-of-data checks asked for are kept with the envelope and
+applied each time the message is sent (:mod:`shared.queue.delivery`): the queue
+file holds the message as received.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 from twisted.logger import Logger
 
@@ -20,7 +26,7 @@ class QueueSink:
         self.spool = spool
         self.manager = manager
 
-    def session(self, engine_session) -> "QueueSession":
+    def session(self, port) -> "QueueSession":
         return QueueSession(self)
 
 
@@ -51,6 +57,12 @@ class QueueSession:
             except OSError as e:          # disk full, I/O error: answered at end of data
                 self.write_error = e
 
+    def body_reader(self, txn):
+        message = self.message
+        if message is None or self.write_error is not None:
+            return None
+        return message.contents
+
     def data_end(self, txn):
         message, self.message = self.message, None
         if self.write_error is not None:
@@ -59,10 +71,11 @@ class QueueSession:
                       err=error.strerror or str(error))
             message.abort()
             return storage_error(error)
-        d = message.commit(txn.envelope)
+        envelope = replace(txn.envelope, header_edits=txn.edits) if txn.edits else txn.envelope
+        d = message.commit(envelope)
 
         def durable(_):
-            self.sink.manager.notify(message.qid, (txn.envelope, message.size), message.body)
+            self.sink.manager.notify(message.qid, (envelope, message.size), message.body)
             return Reply(250, "2.0.0", f"Ok: queued as {message.qid}")
 
         def failed(failure):

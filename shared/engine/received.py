@@ -25,7 +25,7 @@ def _clip(value: str | None) -> str:
 
 def received_header(*, helo: str | None, client_name: str | None, client_addr: str | None,
                     hostname: str, protocol: str, queue_id: str, recipients: list[str],
-                    now: float | None = None) -> bytes:
+                    now: float | None = None, tls: str | None = None) -> bytes:
     """RFC 5321 section 4.4 trace line; 'for' only when there is one recipient.
 
     Every line stays far below 998 octets: names are clipped to 255 octets
@@ -35,8 +35,12 @@ def received_header(*, helo: str | None, client_name: str | None, client_addr: s
     addr = _clip(client_addr)
     literal = f"IPv6:{addr}" if ":" in addr else addr
     name = _clip(client_name)
-    parts = [f"Received: from {_clip(helo)} ({name} [{literal}])",
-             f"\tby {hostname} (smarthost) with {protocol} id {queue_id}"]
+    parts = [f"Received: from {_clip(helo)} ({name} [{literal}])"]
+    if tls:                # "TLSv1.3 TLS_AES_256_GCM_SHA384 256/256 bits", as the session saw it
+        version, _, rest = clip_name(tls).partition(" ")
+        cipher, _, bits = rest.partition(" ")
+        parts.append(f"\t(using {version} with cipher {cipher}" + (f" ({bits}))" if bits else ")"))
+    parts.append(f"\tby {hostname} (smarthost) with {protocol} id {queue_id}")
     date = formatdate(now, localtime=True)      # the real offset ("-0000" says it is unknown)
     if len(recipients) == 1:
         parts.append(f"\tfor <{recipients[0]}>; {date}")

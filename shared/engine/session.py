@@ -12,31 +12,46 @@ checks, and maps the verdict to a reply; what passes goes to the tier's *sink*:
   (:mod:`shared.engine.queued`);
 - the domain tier's sink delivers into Maildir (:mod:`domain.maildir`).
 
+A sink makes one sink session per SMTP session, ``sink.session(port)``, where
+``port`` (:class:`SinkPort`) is all it may use of the session: pause and resume
+reading from the client, the client's identity and TLS, the current queue id.
 A sink session implements::
 
     begin(txn) -> Reply | None | Deferred      after MAIL passed the checks
     rcpt(txn, recipient) -> Reply | None | Deferred
     data_start(txn) -> Reply | None | Deferred
     write(chunk: bytes) -> None                 message bytes, Received header first
-    data_end(txn) -> Reply | Deferred           the final answer (250 only when durable)
+    body_reader(txn) -> (() -> Deferred[bytes]) | None
+                                                at end of data, before the checks: the
+                                                message as written, read off the reactor
+                                                (None: the sink keeps no copy)
+    data_end(txn) -> Reply | Deferred           the final answer (250 only when durable);
+                                                applies txn.edits, the checks' header edits
     abort(txn) -> None                          transaction abandoned
     close() -> None                             session over
+
+Checks' results are kept per session until MAIL and per transaction after it
+(``Request.results``); header edits asked for at ``data`` (the DATA command)
+are written right below our Received field, those asked for at
+``end_of_data`` are handed to the sink in ``txn.edits``.
 
 TRUST: the peer's address comes from the socket, or from XCLIENT when the peer
 is a configured upstream host (the core refuses XCLIENT from anyone else).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from shared.checks.core import CONTINUE, Action, Chain, Request, Verdict
-from shared.checks.relay import RelayPolicy
+from shared.checks.relay import RelayControl
 from shared.engine.received import HeaderScanner, received_header, with_protocol
 from shared.envelope import ClientInfo, Envelope, Recipient
 from shared.ids import new_queue_id
+from shared.message import HeaderEdits, MessageView
 from shared.smtp import events as ev
 from shared.smtp.reply import TOO_MANY_HOPS, Reply
 from shared.transport.server import CloseAfter
@@ -54,6 +69,44 @@ class Transaction:
     size: int = 0
     scanner: HeaderScanner = field(default_factory=HeaderScanner)
     in_data: bool = False
+    results: dict[str, Verdict] = field(default_factory=dict)
+    edits: HeaderEdits = HeaderEdits()      # end_of_data checks' edits, for the sink to apply
+
+
+class SinkPort:
+    """What a sink session may use of the SMTP session it serves."""
+
+    __slots__ = ("_engine",)
+
+    def __init__(self, engine: "EngineSession") -> None:
+        self._engine = engine
+
+    def pause(self) -> None:
+        """Stop reading from the client (the sink's own buffer is full)."""
+        self._engine.protocol.pause_input()
+
+    def resume(self) -> None:
+        self._engine.protocol.resume_input()
+
+    @property
+    def client(self) -> ClientInfo:
+        """The original client as known now (XCLIENT from a trusted upstream included)."""
+        return self._engine.client
+
+    @property
+    def peer(self) -> tuple[str, int | None]:
+        """The address and port of the connected peer (an upstream tier behind the edge)."""
+        return self._engine.protocol.peer_host, self._engine.protocol.peer_port
+
+    @property
+    def tls(self) -> str | None:
+        """This connection's TLS protocol and cipher, or None."""
+        return self._engine.protocol.tls_text()
+
+    @property
+    def queue_id(self) -> str | None:
+        txn = self._engine.txn
+        return txn.queue_id if txn else None
 
 
 @dataclass(frozen=True)
@@ -64,29 +117,38 @@ class EngineConfig:
 
 
 class EngineSession:
-    def __init__(self, protocol, *, config: EngineConfig, chain: Chain, relay: RelayPolicy,
-                 sink, reactor, resolver=None) -> None:
+    def __init__(self, protocol, *, config: EngineConfig, chain: Chain, relay: RelayControl,
+                 sink, reactor, resolver=None, listener: str | None = None) -> None:
         self.protocol = protocol
         self.resolver = resolver
         self.config = config
         self.chain = chain
         self.relay = relay
         self.reactor = reactor
+        self.listener = listener
         self.client = ClientInfo(addr=protocol.peer_host, port=protocol.peer_port)
-        self.sink_session = sink.session(self)
+        self.sink_session = sink.session(SinkPort(self))
         self.txn: Transaction | None = None
         self.upstream_id: str | None = None
         self.session_id = new_queue_id()
         self.xclient_set = False
-        self.trusted_upstream = protocol.factory.upstream_allowed(protocol.peer_host)
+        self.trusted_upstream = protocol.upstream
+        self.results: dict[str, Verdict] = {}      # before MAIL: connect, helo, auth checks
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.txn is not None
 
     # -- helpers ---------------------------------------------------------------
     def _request(self, phase: str, **kw) -> Request:
         c = self.client
+        results = self.txn.results if self.txn is not None else self.results
         return Request(phase=phase, client_address=c.addr or "", client_port=c.port,
-                       client_name=c.name, helo=c.helo, protocol=c.proto,
-                       tls=self.protocol.conn.tls_active if self.protocol.conn else False,
-                       login=c.login, **kw)
+                       client_name=c.name, helo=c.helo, protocol=c.proto, tls=c.tls,
+                       login=c.login, results=MappingProxyType(results), listener=self.listener, **kw)
+
+    def _record(self, name: str, verdict: Verdict) -> None:
+        (self.txn.results if self.txn is not None else self.results)[name] = verdict
 
     def _log(self, fmt: str, **kw) -> None:
         # The ids are fields, never part of the format: the set of formats stays
@@ -111,13 +173,21 @@ class EngineSession:
         """The phase's checks, then `then(verdict)`: a plain call when the phase has none."""
         if not self.chain.has(request.phase):
             return then(CONTINUE)
-        return self.chain.run(request).addCallback(then)
+        return self.chain.run(request, self._record).addCallback(then)
 
     def _run(self, request: Request):
         """Run the phase's checks; Deferred of a Verdict (skips the Deferred when none)."""
         if not self.chain.has(request.phase):
             return defer.succeed(Verdict(Action.CONTINUE))
-        return self.chain.run(request)
+        return self.chain.run(request, self._record)
+
+    def _edits(self, phase: str) -> HeaderEdits:
+        """The header edits the transaction's `phase` checks asked for, in check order."""
+        edits = HeaderEdits()
+        for name, verdict in self.txn.results.items():
+            if verdict.edits and self.chain.runs(name, phase):
+                edits = edits.then(verdict.edits)
+        return edits
 
     # -- phases ----------------------------------------------------------------
     def on_connect(self):
@@ -140,9 +210,14 @@ class EngineSession:
 
     def on_hello(self, e: ev.Hello):
         self._abandon()
-        if not self.xclient_set:     # XCLIENT's HELO and PROTO outrank the upstream's own EHLO
+        if not self.xclient_set:     # XCLIENT's HELO, PROTO and TLS outrank the upstream's own
             self.client.helo = e.domain
             self.client.proto = "ESMTP" if e.verb == "EHLO" else "SMTP"
+            if self.client.tls is None and self.protocol.conn.tls_active:
+                self.client.tls = self.protocol.tls_text()     # the handshake is done by now
+                if self.client.tls:
+                    self._log("TLS connection from {name}[{addr}]: {tls}", name=self.client.name or "unknown",
+                              addr=self.client.addr, tls=self.client.tls)
         d = self._run(self._request("helo"))
         return d.addCallback(lambda v: self._reply_for(v) if v.action is not Action.ACCEPT else None)
 
@@ -158,13 +233,16 @@ class EngineSession:
         if "PORT" in a:
             p = val("PORT")
             self.client.port = int(p) if p and p.isdigit() else None
-        for key, attr in (("NAME", "name"), ("HELO", "helo"), ("PROTO", "proto"), ("LOGIN", "login")):
+        for key, attr in (("NAME", "name"), ("HELO", "helo"), ("PROTO", "proto"), ("LOGIN", "login"),
+                          ("TLS", "tls")):
             if key in a:
                 setattr(self.client, attr, val(key))
         self.xclient_set = True
         self.upstream_id = None        # a new client: its XFORWARD IDENT follows, not the last one's
-        self._log("xclient from {peer}: client={name}[{addr}] helo={helo}", peer=self.protocol.peer_host,
-                  name=self.client.name or "unknown", addr=self.client.addr, helo=self.client.helo)
+        self.results = {}              # a new client: the last one's check results are not its
+        self._log("xclient from {peer}: client={name}[{addr}] helo={helo} tls={tls}", peer=self.protocol.peer_host,
+                  name=self.client.name or "unknown", addr=self.client.addr, helo=self.client.helo,
+                  tls=self.client.tls or "none")
         return None
 
     def on_xforward(self, e: ev.XForward):
@@ -176,8 +254,8 @@ class EngineSession:
     def on_mail_from(self, e: ev.MailFrom):
         self.txn = Transaction(new_queue_id(), Envelope(
             sender=e.sender, recipients=[], ret=e.ret, envid=e.envid, body=e.body,
-            smtputf8=e.smtputf8, client=_copy_client(self.client), upstream_id=self.upstream_id))
-        self.protocol.in_transaction = True
+            smtputf8=e.smtputf8, client=_copy_client(self.client), upstream_id=self.upstream_id),
+            results=dict(self.results))
         req = self._request("mail", queue_id=self.txn.queue_id, sender=e.sender, size=e.size)
 
         def checked(v: Verdict):
@@ -222,7 +300,14 @@ class EngineSession:
 
     def on_data_start(self, e: ev.DataStart):
         txn = self.txn
-        d = defer.maybeDeferred(self.sink_session.data_start, txn)
+        req = self._request("data", queue_id=txn.queue_id, sender=txn.envelope.sender,
+                            recipients=tuple(r.address for r in txn.envelope.recipients))
+
+        def checked(v: Verdict):
+            if v.final and v.action is not Action.ACCEPT:
+                self._log("reject: DATA: {reply}", reply=str(v.reply))
+                return self._reply_for(v)
+            return _call(self.sink_session.data_start, txn, then=started)
 
         def started(answer):
             if answer is None or (isinstance(answer, Reply) and answer.positive):
@@ -234,9 +319,15 @@ class EngineSession:
                     protocol=with_protocol(c.proto != "SMTP", self.protocol.conn.tls_active,
                                            bool(c.login), txn.envelope.smtputf8),
                     queue_id=txn.queue_id, recipients=[r.address for r in txn.envelope.recipients],
-                    now=self.reactor.seconds()))
+                    now=self.reactor.seconds(), tls=c.tls))
+                if self.chain.has("data"):
+                    added = self._edits("data")
+                    if added.add:                     # below our Received field, above the message
+                        self.sink_session.write(added.prefix())
+                    if added.remove:
+                        txn.edits = HeaderEdits(remove=added.remove)
             return answer
-        return d.addCallback(started)
+        return self._checks(req, checked)
 
     def on_data_chunk(self, e: ev.DataChunk) -> None:
         txn = self.txn
@@ -254,15 +345,21 @@ class EngineSession:
             self._log("reject: END-OF-MESSAGE: {reply} ({n} Received headers)", reply=str(TOO_MANY_HOPS), n=count)
             self._abandon()
             return self._after_txn(TOO_MANY_HOPS)
-        req = self._request("data", queue_id=txn.queue_id, sender=txn.envelope.sender,
-                            recipients=tuple(r.address for r in txn.envelope.recipients),
-                            size=txn.size, received_count=count)
+        req = None
+        if self.chain.has("end_of_data"):
+            req = self._request("end_of_data", queue_id=txn.queue_id, sender=txn.envelope.sender,
+                                recipients=tuple(r.address for r in txn.envelope.recipients),
+                                size=txn.size, received_count=count,
+                                message=MessageView(bytes(txn.scanner.buf[1:]), txn.size,
+                                                    self.sink_session.body_reader(txn)))
 
         def checked(v: Verdict):
             if v.final and v.action is not Action.ACCEPT:
                 self._log("reject: END-OF-MESSAGE: {reply}", reply=str(v.reply))
                 self._abandon()
                 return self._after_txn(self._reply_for(v))
+            if req is not None:
+                txn.edits = txn.edits.then(self._edits("end_of_data"))
             txn.envelope.received_at = self.reactor.seconds()
             return _call(self.sink_session.data_end, txn, then=done)
 
@@ -272,7 +369,9 @@ class EngineSession:
                       mid=txn.scanner.message_id() or "-", reply=str(answer))
             self._end_txn()
             return self._after_txn(answer)
-        return self._abandon_on_failure(self._checks(req, checked))
+        if req is None:
+            return self._abandon_on_failure(checked(CONTINUE))
+        return self._abandon_on_failure(self.chain.run(req, self._record).addCallback(checked))
 
     def on_data_aborted(self, e: ev.DataAborted) -> None:
         self._log("reject: END-OF-MESSAGE: {reply}", reply=str(e.reply))
@@ -302,7 +401,7 @@ class EngineSession:
     # -- transaction end ---------------------------------------------------------
     def _after_txn(self, answer):
         """After end of data: during a shutdown, answer and then close."""
-        if not self.protocol.factory.accepting and answer is not None and not isinstance(answer, CloseAfter):
+        if not self.protocol.accepting and answer is not None and not isinstance(answer, CloseAfter):
             return CloseAfter(answer)
         return answer
 
@@ -319,7 +418,6 @@ class EngineSession:
 
     def _end_txn(self) -> None:
         self.txn = None
-        self.protocol.in_transaction = False
 
     def _abandon(self) -> None:
         if self.txn is not None:

@@ -341,8 +341,12 @@ def show(root: Path | str, qid: str) -> str:
             lines.append(f"{name}: {value}")
     client = env.client
     if client.addr or client.helo:
-        lines.append(f"client: {client.name or 'unknown'}[{client.addr}] helo={client.helo} "
-                     f"login={client.login} tls={client.tls}")
+        lines.append(f"client: {client.name or 'unknown'}[{client.addr}] helo={client.helo or '-'} "
+                     f"login={client.login or '-'} tls={client.tls or 'none'}")
+    if env.header_edits:
+        edits = env.header_edits
+        lines.append("header edits: " + "; ".join([*(f"add {n}" for n, _ in edits.add),
+                                                   *(f"remove {n}" for n in sorted(edits.remove))]))
     status = m["status"]
     if status:
         lines.append(f"attempts: {status.get('attempts', 0)}")

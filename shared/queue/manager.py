@@ -218,6 +218,12 @@ class QueueManager:
         self.request_loop = LoopingCall(self.check_requests)
         self.request_loop.clock = reactor
 
+    def reconfigure(self, deliver: DeliverFn, settings: QueueSettings, *, relay: str,
+                    route: Callable[[str], bool] | None) -> None:
+        """A reload: batches started from now on use the new next hops, route and
+        retry settings; those in flight finish with what they started with."""
+        self.deliver, self.settings, self.relay, self.route = deliver, settings, relay, route
+
     # -- lifecycle ------------------------------------------------------------
 
     def start(self, *, recover: bool = True) -> RecoveryReport | None:

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -661,6 +661,15 @@ class Spool(SpoolFiles):
         return report
 
 
+def _read_start(path: str, size: int) -> bytes:
+    """The first `size` octets of `path` (the message's descriptor is write-only)."""
+    with open(path, "rb") as f:
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"{path} ends at {len(data)} of {size} bytes")
+    return data
+
+
 class IncomingMessage:
     """A message being received into tmp/<qid>.
 
@@ -703,6 +712,16 @@ class IncomingMessage:
     def _flush(self) -> None:
         data, self.pending, self.pending_size = b"".join(self.pending), [], 0
         write_all(self.fd, data)
+
+    def contents(self) -> Deferred:
+        """A Deferred of the message written so far (for end-of-data checks): what is in
+        the file is read by a pool thread, what is still in memory is taken now."""
+        held = b"".join(self.pending)
+        on_disk = self.size - len(held)
+        if not on_disk:
+            return succeed(held)
+        path = self.tmp_path
+        return self.spool.run(lambda: _read_start(path, on_disk) + held)
 
     def commit(self, envelope: Envelope) -> Deferred:
         """Fire (with None) once the file and its incoming/ entry are durable.

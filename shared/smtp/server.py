@@ -144,7 +144,8 @@ BARE_NEWLINE = Reply(554, "5.6.0", "Message contains bare CR or LF")
 DATA_LINE_TOO_LONG = Reply(554, "5.6.0", "Message line too long")
 HTTP_REFUSED = Reply(221, "2.7.0", "Error: this is an SMTP server, not an HTTP server")
 
-XCLIENT_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT")
+# Postfix's XCLIENT attributes, and TLS (ours: the original client's TLS protocol and cipher).
+XCLIENT_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT", "TLS")
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 _XCLIENT_SET = frozenset(XCLIENT_ATTRS)
 _XFORWARD_SET = frozenset(XFORWARD_ATTRS)

@@ -175,6 +175,9 @@ def xclient_attributes(info: ClientInfo) -> dict[str, str]:
         "PROTO": info.proto or UNAVAILABLE,
         "HELO": clip_name(info.helo) if info.helo else UNAVAILABLE,
         "LOGIN": info.login or UNAVAILABLE,
+        # Our own attribute: the client's TLS protocol and cipher.  Sent only to a next
+        # hop that offers it (smarthost tiers do; Postfix does not know it).
+        "TLS": clip_name(info.tls) if info.tls else UNAVAILABLE,
     }
 
 

@@ -38,7 +38,8 @@ the core; a handler failure becomes 451 4.3.0, never a traceback on the wire.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
@@ -82,6 +83,8 @@ class SMTPServerProtocol(protocol.Protocol):
     def __init__(self, factory: "SMTPServerFactory") -> None:
         self.factory = factory
         self.reactor = factory.reactor
+        self.config: ListenerConfig | None = None     # the listener's settings when the session began
+        self.upstream = False          # the peer is one of the listener's upstream_hosts
         self.conn: ServerConnection | None = None
         self.handler = None
         self.peer_host: str = ""
@@ -97,7 +100,6 @@ class SMTPServerProtocol(protocol.Protocol):
         self._grace_timer = None
         self._closed = False
         self._closing = False
-        self.in_transaction = False
 
     # -- connection life ------------------------------------------------------
     def connectionMade(self) -> None:
@@ -108,24 +110,25 @@ class SMTPServerProtocol(protocol.Protocol):
         self.peer_host = getattr(peer, "host", "") or ""
         self.peer_port = getattr(peer, "port", None)
         f = self.factory
-        upstream = f.upstream_allowed(self.peer_host)
+        c = self.config = f.listener()
+        upstream = self.upstream = self.peer_host in c.upstream_hosts
         # TLS from the first byte (a listener wrapped in TLS, port 465) is what the
         # transport is, never what a flag claims: a plain listener is never "TLS".
         implicit_tls = ISSLTransport.providedBy(self.transport)
         self.conn = ServerConnection(
-            f.upstream_config if upstream else f.server_config,
-            tls_available=f.tls_context is not None and not implicit_tls,
+            c.upstream_config if upstream else c.server_config,
+            tls_available=c.tls_context is not None and not implicit_tls,
             tls_active=implicit_tls,
             xclient_allowed=upstream,
         )
-        f.opened(self)
-        limit = f.admission(self)
+        f.table.opened(self)
+        limit = f.table.admission(self)
         if limit is not None:
             self.conn.send_greeting(limit)
             self._flush()
             return
-        self.handler = f.handler_factory(self)
-        self._session_timer = self.reactor.callLater(f.session_timeout, self._session_expired)
+        self.handler = c.handler_factory(self)
+        self._session_timer = self.reactor.callLater(c.session_timeout, self._session_expired)
         self._reset_idle()
         self._answer_later(self.handler.on_connect(), self.conn.send_greeting)
 
@@ -141,7 +144,7 @@ class SMTPServerProtocol(protocol.Protocol):
                 self.handler.on_connection_closed(None)
             except Exception:
                 log.failure("handler failed while closing the session")
-        self.factory.closed(self)
+        self.factory.table.closed(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self.conn is None or self._closed or self._closing:
@@ -163,17 +166,17 @@ class SMTPServerProtocol(protocol.Protocol):
 
     # -- timers ---------------------------------------------------------------
     def _reset_idle(self) -> None:
-        t = self.factory.command_timeout
+        t = self.config.command_timeout
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.reset(t)
         else:
             self._idle_timer = self.reactor.callLater(t, self._idle_expired)
 
     def _idle_expired(self) -> None:
-        self.abort_session(Reply(421, "4.4.2", f"{self.factory.server_config.hostname} Error: timeout exceeded"))
+        self.abort_session(Reply(421, "4.4.2", f"{self.config.server_config.hostname} Error: timeout exceeded"))
 
     def _session_expired(self) -> None:
-        self.abort_session(Reply(421, "4.4.2", f"{self.factory.server_config.hostname} Error: session too long"))
+        self.abort_session(Reply(421, "4.4.2", f"{self.config.server_config.hostname} Error: session too long"))
 
     def abort_session(self, reply: Reply) -> None:
         """Say `reply` (a 421) out of turn and close: timeouts and shutdown.
@@ -238,7 +241,7 @@ class SMTPServerProtocol(protocol.Protocol):
         if isinstance(event, ev.StartTLS):
             self._flush()        # the 220 must go out in plaintext before TLS starts
             self._unfed.clear()  # plaintext pipelined behind STARTTLS is dropped (the core's too)
-            self.transport.startTLS(self.factory.tls_context)
+            self.transport.startTLS(self.config.tls_context)
             self._output_full = False    # Twisted moved us to the TLS layer, unpaused
             self.conn.tls_started()
             method(event)
@@ -288,6 +291,33 @@ class SMTPServerProtocol(protocol.Protocol):
         if self.conn.closing and not self._closed:
             self._close()
 
+    # -- what the session handler may ask ---------------------------------------
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a mail transaction is open (a shutdown lets it finish)."""
+        h = self.handler
+        return h is not None and h.in_transaction
+
+    @property
+    def accepting(self) -> bool:
+        """False once the tier is shutting down: answer, then close."""
+        return self.factory.table.accepting
+
+    def tls_text(self) -> str | None:
+        """The TLS protocol and cipher of this connection ("TLSv1.3 TLS_AES_256_GCM_SHA384
+        256/256 bits"), or None before TLS or its handshake."""
+        if self.conn is None or not self.conn.tls_active:
+            return None
+        try:
+            tls = self.transport.getHandle()
+            version, cipher = tls.get_protocol_version_name(), tls.get_cipher_name()
+            bits = tls.get_cipher_bits()
+        except Exception:           # not an OpenSSL connection, or the handshake is not done
+            return None
+        if not version or not cipher or version == "Unknown":
+            return None
+        return f"{version} {cipher} {bits}/{bits} bits" if bits else f"{version} {cipher}"
+
     # -- back-pressure --------------------------------------------------------
     def _apply_backpressure(self) -> None:
         """Pause or resume reading for the three reasons (module docstring)."""
@@ -295,7 +325,7 @@ class SMTPServerProtocol(protocol.Protocol):
             return
         waiting = self.conn.buffered + len(self._unfed)
         want_pause = (self._paused_by_handler or (self._output_full and waiting > 0)
-                      or waiting > self.factory.server_config.max_buffered_input)
+                      or waiting > self.config.server_config.max_buffered_input)
         if want_pause and not self._paused_input:
             self._paused_input = True
             self.transport.pauseProducing()
@@ -348,29 +378,38 @@ def upstream_config(config: ServerConfig) -> ServerConfig:
                    junk_command_limit=0)
 
 
-class SMTPServerFactory(protocol.ServerFactory):
-    """One listener's sessions: limits, upstream trust, TLS, graceful shutdown.
+@dataclass(frozen=True)
+class ListenerConfig:
+    """What one listener's new sessions get, as of the running configuration.
 
-    ``allowed_clients``, when given, is the only address space sessions are
-    taken from (the inner tiers: their upstream tiers and ``mynetworks``);
-    anyone else gets 554 5.7.1 instead of a greeting.
+    The daemon makes a new one for every configuration it loads; a session keeps
+    the one it started with (its timeouts, its TLS context, its handler's policy).
+    """
+    name: str
+    server_config: ServerConfig
+    handler_factory: Any                      # (SMTPServerProtocol) -> the session handler
+    tls_context: Any = None                   # STARTTLS is offered when set (not on implicit TLS)
+    upstream_hosts: NetworkList = NetworkList(())
+    allowed_clients: NetworkList | None = None
+    command_timeout: float = 300
+    session_timeout: float = 3600
+    upstream_config: ServerConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "upstream_config", upstream_config(self.server_config))
+
+
+class SessionTable:
+    """Every session of a tier, all listeners together: the connection limits, and the
+    graceful shutdown.
+
+    ``allowed_clients``, when a listener has it, is the only address space sessions
+    are taken from (the inner tiers: their upstream tiers and ``mynetworks``); anyone
+    else gets 554 5.7.1 instead of a greeting.
     """
 
-    noisy = False
-
-    def __init__(self, *, reactor, server_config: ServerConfig, handler_factory,
-                 tls_context=None, upstream_hosts=(),
-                 command_timeout: float = 300, session_timeout: float = 3600,
-                 max_connections: int = 1000, max_connections_per_client: int = 50,
-                 allowed_clients: NetworkList | None = None) -> None:
+    def __init__(self, reactor, *, max_connections: int = 1000, max_connections_per_client: int = 50) -> None:
         self.reactor = reactor
-        self.server_config = server_config
-        self.allowed_clients = allowed_clients
-        self.handler_factory = handler_factory
-        self.tls_context = tls_context
-        self.upstream_hosts = NetworkList(upstream_hosts)
-        self.command_timeout = command_timeout
-        self.session_timeout = session_timeout
         self.max_connections = max_connections
         self.max_connections_per_client = max_connections_per_client
         self.sessions: set[SMTPServerProtocol] = set()
@@ -378,22 +417,10 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.accepting = True
         self._drained: defer.Deferred | None = None
 
-    def buildProtocol(self, addr):
-        p = SMTPServerProtocol(self)
-        p.factory = self
-        return p
-
-    @property
-    def server_config(self) -> ServerConfig:
-        return self._server_config
-
-    @server_config.setter
-    def server_config(self, config: ServerConfig) -> None:
-        self._server_config = config
-        self.upstream_config = upstream_config(config)
-
-    def upstream_allowed(self, host: str) -> bool:
-        return host in self.upstream_hosts
+    def set_limits(self, *, max_connections: int, max_connections_per_client: int) -> None:
+        """A reload: the new limits hold for sessions that open from now on."""
+        self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client
 
     def opened(self, p: SMTPServerProtocol) -> None:
         self.sessions.add(p)
@@ -412,16 +439,17 @@ class SMTPServerFactory(protocol.ServerFactory):
 
     def admission(self, p: SMTPServerProtocol) -> Reply | None:
         """A refusal greeting when a limit is reached, else None."""
-        host = self.server_config.hostname
+        c = p.config
+        host = c.server_config.hostname
         if not self.accepting:
             return SHUTTING_DOWN
-        if self.allowed_clients is not None and p.peer_host not in self.allowed_clients:
+        if c.allowed_clients is not None and p.peer_host not in c.allowed_clients:
             return Reply(554, "5.7.1", f"{host} Error: access denied for [{p.peer_host}]: "
                                        "this tier takes mail only from its upstream tiers")
         if len(self.sessions) > self.max_connections:
             return Reply(421, "4.7.0", f"{host} Error: too many connections")
         if (self._per_client.get(p.peer_host, 0) > self.max_connections_per_client
-                and not self.upstream_allowed(p.peer_host)):     # an upstream tier carries many clients
+                and not p.upstream):     # an upstream tier carries many clients
             return Reply(421, "4.7.0", f"{host} Error: too many connections from {p.peer_host}")
         return None
 
@@ -441,3 +469,40 @@ class SMTPServerFactory(protocol.ServerFactory):
         timer = self.reactor.callLater(grace, force)
         self._drained.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
         return self._drained
+
+
+class SMTPServerFactory(protocol.ServerFactory):
+    """One listener: its sessions take ``listener()`` (the running configuration's
+    ListenerConfig) when they open, and are counted in the tier's SessionTable."""
+
+    noisy = False
+
+    def __init__(self, *, reactor, listener: Callable[[], ListenerConfig], table: SessionTable) -> None:
+        self.reactor = reactor
+        self.listener = listener
+        self.table = table
+
+    @classmethod
+    def single(cls, *, reactor, server_config: ServerConfig, handler_factory, tls_context=None,
+               upstream_hosts=(), command_timeout: float = 300, session_timeout: float = 3600,
+               max_connections: int = 1000, max_connections_per_client: int = 50,
+               allowed_clients: NetworkList | None = None) -> "SMTPServerFactory":
+        """A listener with a fixed configuration and a session table of its own."""
+        config = ListenerConfig("smtp", server_config, handler_factory, tls_context=tls_context,
+                                upstream_hosts=NetworkList(upstream_hosts), allowed_clients=allowed_clients,
+                                command_timeout=command_timeout, session_timeout=session_timeout)
+        table = SessionTable(reactor, max_connections=max_connections,
+                             max_connections_per_client=max_connections_per_client)
+        return cls(reactor=reactor, listener=lambda: config, table=table)
+
+    def buildProtocol(self, addr):
+        p = SMTPServerProtocol(self)
+        p.factory = self
+        return p
+
+    @property
+    def sessions(self) -> set:
+        return self.table.sessions
+
+    def shutdown(self, grace: float) -> defer.Deferred:
+        return self.table.shutdown(grace)

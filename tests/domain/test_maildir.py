@@ -4,6 +4,7 @@ import pytest
 
 from domain.maildir import Mailboxes, MaildirSink
 from shared.blocking import InlinePool
+from shared.message import HeaderEdits
 from shared.envelope import Envelope, Recipient
 from shared.smtp.reply import UNKNOWN_USER, Reply
 
@@ -12,6 +13,7 @@ class Txn:
     def __init__(self, qid="Q1", sender="s@example.net"):
         self.queue_id = qid
         self.envelope = Envelope(sender=sender, recipients=[])
+        self.edits = HeaderEdits()
 
 
 def result(d):

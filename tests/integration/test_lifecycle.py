@@ -170,12 +170,19 @@ def test_check_config_prints_effective_settings(make_pipeline):
         assert out.returncode == 0, out.stderr
         assert f'tier = "{tier.name}"' in out.stdout
         assert str(tier.config_path) in out.stdout
-        # A key the file sets and a default it does not.
-        assert f"listen = [\"127.0.0.1:{tier.port}\"]" in out.stdout
+        # A key the file sets (server.listen, written as the listener it stands for) and a
+        # default it does not.
+        assert f"[listeners.smtp]\n# " in out.stdout
+        assert f'endpoint = "tcp:port={tier.port}:interface=127.0.0.1"' in out.stdout
         assert "max_received_headers = 50" in out.stdout
-        assert "# check order" in out.stdout
+        assert f"#   listener smtp: tcp:port={tier.port}:interface=127.0.0.1 (tls starttls), policy default" \
+            in out.stdout
+        # Only the tier's own sections.
+        assert ("[queue]" in out.stdout) == (tier.name == "filter")
+        assert ("[mailboxes]" in out.stdout) == (tier.name == "domain")
+        assert ("[next_hop]" in out.stdout) == (tier.name != "domain")
     out = smarthost("check-config", str(p.filter.config_path))
-    assert "verify_recipient" in out.stdout
+    assert "#     rcpt         1. route " in out.stdout and "#     rcpt         2. verify " in out.stdout
 
 
 @pytest.mark.parametrize("edit, key, reason", [

@@ -45,18 +45,8 @@ def test_reload_without_a_pid_file_cannot_find_the_tier(tmp_path, capsys, monkey
                                        "cannot find the running tier\n")
 
 
-@pytest.mark.parametrize("settings", [
-    {"server": {"pid_file": "/run/edge.pid"}},                                 # today's dictionaries
-    type("Settings", (), {"server": type("Server", (), {"pid_file": "/run/edge.pid"})()})(),   # typed
-])
-def test_reload_finds_the_pid_file_in_either_kind_of_settings(settings):
-    from shared.cli import _server_key
-    assert _server_key(settings, "pid_file") == "/run/edge.pid"
-
-
 def test_reload_prints_the_tiers_answer_and_exits_with_its_code(tmp_path, capsys, monkeypatch):
     from shared import cli, control
-    monkeypatch.setattr(cli, "_server_key", lambda settings, name: str(tmp_path / "edge.pid"))
     calls = []
 
     def answer(pid_file, timeout=10.0):
@@ -64,7 +54,8 @@ def test_reload_prints_the_tiers_answer_and_exits_with_its_code(tmp_path, capsys
         return 0, "reloaded: configuration reloaded\nrestart needed for: server.listen"
     monkeypatch.setattr(control, "signal_reload", answer)
     cfg = tmp_path / "edge.toml"
-    cfg.write_text('tier = "edge"\n[next_hop]\nhosts = ["127.0.0.1:10025"]\n')
+    cfg.write_text(f'tier = "edge"\n[server]\npid_file = "{tmp_path / "edge.pid"}"\n'
+                   '[next_hop]\nhosts = ["127.0.0.1:10025"]\n')
     assert main(["reload", "--config", str(cfg), "--timeout", "2.5"]) == 0
     assert calls == [(str(tmp_path / "edge.pid"), 2.5)]
     assert capsys.readouterr().out == "reloaded: configuration reloaded\nrestart needed for: server.listen\n"

@@ -10,7 +10,7 @@ def test_demo_configs_load_from_a_directory_with_quotes_and_backslashes(tmp_path
     paths = write_configs(root, 3525)
     for tier, path in paths.items():
         settings = load(tier, path)
-        assert settings["log"]["file"] == str(root / "log" / f"{tier}.log")
-    assert load("filter", paths["filter"])["queue"]["directory"] == str(root / "spool" / "filter")
-    assert load("domain", paths["domain"])["mailboxes"]["maildir_root"] == str(root / "mail")
-    assert Path(load("edge", paths["edge"])["server"]["tls_cert"]).is_file()
+        assert settings.log.file == str(root / "log" / f"{tier}.log")
+    assert load("filter", paths["filter"]).queue.directory == str(root / "spool" / "filter")
+    assert load("domain", paths["domain"]).mailboxes.maildir_root == str(root / "mail")
+    assert Path(load("edge", paths["edge"]).server.tls_cert).is_file()

@@ -3,7 +3,7 @@ from twisted.internet.task import Clock
 
 from shared.checks import CONTINUE, Chain, Check, Request, reject
 from shared.checks.core import Action
-from shared.checks.relay import RelayPolicy
+from shared.checks.relay import relay_policy
 
 
 def result(d):
@@ -27,8 +27,7 @@ def test_first_final_verdict_wins_in_configured_order():
     v = result(chain.run(REQ))
     assert v.action is Action.REJECT and v.check == "b" and v.reply.code == 550
     assert seen == ["a", "b"]
-    assert chain.describe().splitlines() == ["rcpt      1. a (timeout 30s)", "rcpt      2. b (timeout 30s)",
-                                             "rcpt      3. c (timeout 30s)"]
+    assert chain.runs("b", "rcpt") and not chain.runs("b", "mail")
 
 
 def test_exception_is_tempfail_not_continue():
@@ -80,14 +79,14 @@ def test_other_phases_do_not_run():
 
 
 def test_relay_denied_unless_permitted():
-    policy = RelayPolicy(["example.org"], ["192.0.2.0/28"])
+    policy = relay_policy(["example.org"], ["192.0.2.0/28"])
     assert not policy(REQ.at("rcpt", recipient="x@Example.ORG.")).final
     assert not policy(REQ.at("rcpt", recipient="x@elsewhere.net")).final     # 192.0.2.7 in mynetworks
     outsider = Request(phase="rcpt", client_address="198.51.100.1", recipient="x@elsewhere.net")
     v = policy(outsider)
     assert v.action is Action.REJECT and (v.reply.code, v.reply.enhanced) == (554, "5.7.1")
     assert policy(Request(phase="rcpt", client_address="", recipient="x@elsewhere.net")).final
-    assert RelayPolicy(["example.org"], [])(REQ.at("rcpt", recipient="x@sub.example.org")).final
+    assert relay_policy(["example.org"], [])(REQ.at("rcpt", recipient="x@sub.example.org")).final
 
 
 def test_network_list_membership():

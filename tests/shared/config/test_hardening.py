@@ -9,7 +9,7 @@ import pytest
 
 from shared.cli import main as cli
 from shared.config import ConfigError, check_host, dump, load, parse
-from shared.config.schema import SCHEMA, TIB, WEEK, YEAR
+from shared.config.schema import TIB, WEEK, YEAR, keys_of
 from shared.daemon import preflight, tls_context
 from shared.tlsutil import self_signed
 
@@ -46,7 +46,7 @@ def test_mynetworks_covering_public_space_is_an_open_relay_and_refused(network):
     assert "public address space" in e.reason and "open relay" in e.reason
     assert "relay.allow_public_mynetworks = true" in e.reason
     s = parse("edge", config("edge", relay={"mynetworks": [network], "allow_public_mynetworks": True}), P)
-    assert [str(n) for n in s["relay"]["mynetworks"]] == [network]
+    assert [str(n) for n in s.relay.mynetworks] == [network]
 
 
 @pytest.mark.parametrize("network", ["0.0.0.0/0", "128.0.0.0/1", "::/0", "2000::/3"])
@@ -56,13 +56,13 @@ def test_upstream_hosts_covering_public_space_could_forge_xclient_and_are_refuse
     assert "forge" in e.reason and "XCLIENT" in e.reason
     assert "server.allow_public_upstream_hosts = true" in e.reason
     s = parse("filter", config("filter", server={"upstream_hosts": [network], "allow_public_upstream_hosts": True}))
-    assert [str(n) for n in s["server"]["upstream_hosts"]] == [network]
+    assert [str(n) for n in s.server.upstream_hosts] == [network]
 
 
 def test_private_and_organisation_sized_networks_need_no_permission():
     nets = ["10.0.0.0/8", "fc00::/7", "192.0.2.0/24", "8.8.8.0/24", "127.0.0.1"]
     s = parse("filter", config("filter", relay={"mynetworks": nets}, server={"upstream_hosts": nets}))
-    assert len(s["relay"]["mynetworks"]) == len(s["server"]["upstream_hosts"]) == 5
+    assert len(s.relay.mynetworks) == len(s.server.upstream_hosts) == 5
     assert s.warnings == ()
 
 
@@ -77,7 +77,7 @@ def test_safe_configurations_load_without_warnings():
 def test_cidr_with_host_bits_warns_with_the_given_and_the_used_network(section, name):
     s = parse("filter", config("filter", **{section: {name: ["10.0.0.1/8", "192.0.2.1", "198.51.100.0/24"]}}), P)
     assert s.warnings == (f"{P}: {section}.{name}: 10.0.0.1/8 has host bits set; the network used is 10.0.0.0/8",)
-    assert [str(n) for n in s[section][name]] == ["10.0.0.0/8", "192.0.2.1/32", "198.51.100.0/24"]
+    assert [str(n) for n in getattr(getattr(s, section), name)] == ["10.0.0.0/8", "192.0.2.1/32", "198.51.100.0/24"]
 
 
 def test_empty_edge_relay_domains_warns():
@@ -87,11 +87,11 @@ def test_empty_edge_relay_domains_warns():
     assert "no domain" in s.warnings[0]
 
 
-@pytest.mark.parametrize("tier", ["filter", "domain"])
-def test_fsync_off_warns_that_a_250_is_no_promise(tier):
-    s = parse(tier, config(tier, queue={"fsync": False}), P)
+@pytest.mark.parametrize("tier,section", [("filter", "queue"), ("domain", "mailboxes")])
+def test_fsync_off_warns_that_a_250_is_no_promise(tier, section):
+    s = parse(tier, config(tier, **{section: {"fsync": False}}), P)
     assert len(s.warnings) == 1
-    assert s.warnings[0].startswith(f"{P}: queue.fsync: ")
+    assert s.warnings[0].startswith(f"{P}: {section}.fsync: ")
     assert "250" in s.warnings[0]
 
 
@@ -141,7 +141,7 @@ def test_bad_host_names_are_refused(section, name, value, reason):
 def test_good_host_names_pass():
     for value in ("mx.example.org", "MX-1.Example.org", "mx_1.example.org", "localhost"):
         s = parse("edge", config("edge", server={"hostname": value}))
-        assert s.hostname == s["next_hop"]["helo_name"] == value
+        assert s.hostname == s.next_hop.helo_name == value
 
 
 def test_the_default_hostname_must_be_a_hostname_too(monkeypatch):
@@ -177,34 +177,37 @@ def test_alias_targets_must_be_strings():
 
 # -- numbers ------------------------------------------------------------------------------------
 
-NUMERIC = [(section, name) for section, keys in SCHEMA.items() for name, key in keys.items()
-           if key.type in (int, (int, float))]
-FLOATS = [(section, name) for section, name in NUMERIC if SCHEMA[section][name].type == (int, float)]
+NUMERIC = sorted({(tier, section, name) for tier in BASE for section, keys in keys_of(tier).items()
+                  for name, key in keys.items() if key.type in (int, (int, float))
+                  if section not in ("listeners", "policies")})
+FLOATS = [(tier, section, name) for tier, section, name in NUMERIC
+          if keys_of(tier)[section][name].type == (int, float)]
 
 
-@pytest.mark.parametrize("section,name", NUMERIC)
-def test_every_number_has_an_upper_bound(section, name):
-    e = refused("edge", **{section: {name: 2 ** 63 - 1}})
+@pytest.mark.parametrize("tier,section,name", NUMERIC)
+def test_every_number_has_an_upper_bound(tier, section, name):
+    e = refused(tier, **{section: {name: 2 ** 63 - 1}})
     assert e.key == f"{section}.{name}"
     assert "at most" in e.reason
 
 
-@pytest.mark.parametrize("section,name", FLOATS)
+@pytest.mark.parametrize("tier,section,name", FLOATS)
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_nan_and_infinity_never_pass(section, name, value):
-    assert refused("edge", **{section: {name: value}}).key == f"{section}.{name}"
+def test_nan_and_infinity_never_pass(tier, section, name, value):
+    assert refused(tier, **{section: {name: value}}).key == f"{section}.{name}"
 
 
-@pytest.mark.parametrize("section,name,largest", [
-    ("server", "max_message_size", TIB), ("server", "max_line_length", 1 << 20),
-    ("server", "command_timeout", WEEK), ("server", "shutdown_timeout", WEEK),
-    ("next_hop", "command_timeout", WEEK), ("queue", "lifetime", YEAR), ("queue", "concurrency", 10_000),
-    ("server", "max_recipients", 100_000), ("server", "max_errors", 1000), ("verify", "positive_ttl", WEEK),
-    ("server", "max_junk_commands", 100_000),
+@pytest.mark.parametrize("tier,section,name,largest", [
+    ("edge", "server", "max_message_size", TIB), ("edge", "server", "max_line_length", 1 << 20),
+    ("edge", "server", "command_timeout", WEEK), ("edge", "server", "shutdown_timeout", WEEK),
+    ("edge", "next_hop", "command_timeout", WEEK), ("filter", "queue", "lifetime", YEAR),
+    ("filter", "queue", "concurrency", 10_000), ("edge", "server", "max_recipients", 100_000),
+    ("edge", "server", "max_errors", 1000), ("filter", "verify", "positive_ttl", WEEK),
+    ("edge", "server", "max_junk_commands", 100_000),
 ])
-def test_bounds_are_inclusive(section, name, largest):
-    assert parse("edge", config("edge", **{section: {name: largest}}))[section][name] == largest
-    e = refused("edge", **{section: {name: largest + 1}})
+def test_bounds_are_inclusive(tier, section, name, largest):
+    assert getattr(getattr(parse(tier, config(tier, **{section: {name: largest}})), section), name) == largest
+    e = refused(tier, **{section: {name: largest + 1}})
     assert f"at most {largest}" in e.reason
 
 
@@ -214,7 +217,7 @@ def test_max_message_size_over_64_bits_is_refused_not_advertised():
 
 
 def test_line_length_is_none_or_at_least_what_rfc_5321_requires():
-    assert parse("edge", config("edge", server={"max_line_length": 0}))["server"]["max_line_length"] == 0
+    assert parse("edge", config("edge", server={"max_line_length": 0})).server.max_line_length == 0
     e = refused("edge", server={"max_line_length": 999})
     assert e.key == "server.max_line_length" and "at least 1000" in e.reason
 
@@ -263,7 +266,7 @@ def test_name_servers_are_ip_addresses():
     e = refused("edge", dns={"nameservers": ["dns.example.org:53"]})
     assert e.key == "dns.nameservers" and "not an IP address" in e.reason
     s = parse("edge", config("edge", dns={"nameservers": ["192.0.2.53:53", "[2001:db8::53]:53"]}))
-    assert s["dns"]["nameservers"] == [("192.0.2.53", 53), ("2001:db8::53", 53)]
+    assert s.dns.nameservers == (("192.0.2.53", 53), ("2001:db8::53", 53))
 
 
 def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
@@ -290,6 +293,8 @@ def host(tmp_path, tier="filter", **sections):
         paths.setdefault(section, {}).update(keys)
     if tier != "domain":
         del paths["mailboxes"]
+    if tier != "filter":
+        del paths["queue"]
     return parse(tier, config(tier, **paths), P)
 
 
@@ -386,7 +391,7 @@ def test_preflight_refuses_what_would_crash_the_tls_loader(tmp_path, pairs):
 
 def test_reverse_lookups_are_on_at_the_edge_only_by_default():
     """The inner tiers learn the client's name from XCLIENT: no DNS query for their upstream."""
-    assert parse("edge", config("edge"), P)["server"]["reverse_lookup"] is True
+    assert parse("edge", config("edge"), P).server.reverse_lookup is True
     for tier in ("filter", "domain"):
-        assert parse(tier, config(tier), P)["server"]["reverse_lookup"] is False
-        assert parse(tier, config(tier, server={"reverse_lookup": True}), P)["server"]["reverse_lookup"] is True
+        assert parse(tier, config(tier), P).server.reverse_lookup is False
+        assert parse(tier, config(tier, server={"reverse_lookup": True}), P).server.reverse_lookup is True

@@ -25,9 +25,12 @@ class Upstream:
         self.writable = True
         self.conn = type("Conn", (), {"crlf_checked": False})()
 
-    def abortConnection(self):
+    def abort(self):
         self.aborted = True
         self.usable = False
+
+    def content_checked(self):
+        self.conn.crlf_checked = True
 
     def _cmd(self, verb, *args):
         self.log.append((verb, *args))
@@ -80,21 +83,23 @@ class RelayClient:
         return defer.succeed(self.upstream)
 
 
-class Protocol:
+class Port:
+    """What the proxy may use of the client's session (shared.engine.session.SinkPort)."""
     paused = False
 
-    def pause_input(self):
-        self.paused = True
-
-    def resume_input(self):
-        self.paused = False
-
-
-class Engine:
     def __init__(self):
         self.client = ClientInfo(addr="192.0.2.1", helo="c.example")
         self.txn = None
-        self.protocol = Protocol()
+
+    def pause(self):
+        self.paused = True
+
+    def resume(self):
+        self.paused = False
+
+    @property
+    def queue_id(self):
+        return self.txn.queue_id if self.txn else None
 
 
 def result(d):
@@ -107,7 +112,7 @@ def result(d):
 
 
 def start(upstream, qid="EQID"):
-    engine = Engine()
+    engine = Port()
     session = ProxySink(RelayClient(upstream)).session(engine)
     txn = Transaction(qid, Envelope(sender="s@example.net", recipients=[]))
     engine.txn = txn
@@ -180,9 +185,9 @@ def test_full_next_hop_buffer_pauses_the_client():
     s.write(b"Received: ...\r\n")
     up.writable = False
     s.write(b"x" * 100)
-    assert engine.protocol.paused
+    assert engine.paused
     waiter.callback(None)
-    assert not engine.protocol.paused
+    assert not engine.paused
 
 
 def test_received_header_goes_out_with_the_first_bytes_or_at_the_end():

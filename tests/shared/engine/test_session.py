@@ -5,7 +5,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from shared.checks.core import Chain
-from shared.checks.relay import RelayPolicy
+from shared.checks.relay import relay_policy
 from shared.engine.session import EngineConfig, EngineSession
 from shared.smtp.server import ServerConfig
 from shared.transport.server import SMTPServerFactory
@@ -45,11 +45,11 @@ class Sink:
 
 def connect(sink):
     clock = Clock()
-    factory = SMTPServerFactory(
+    factory = SMTPServerFactory.single(
         reactor=clock, server_config=ServerConfig(hostname="mx.test"),
         handler_factory=lambda proto: EngineSession(
             proto, config=EngineConfig("mx.test"), chain=Chain([], reactor=clock),
-            relay=RelayPolicy(["example.org"], []), sink=sink, reactor=clock))
+            relay=relay_policy(["example.org"], []), sink=sink, reactor=clock))
     proto = factory.buildProtocol(None)
     transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
     proto.makeConnection(transport)

@@ -163,7 +163,7 @@ def test_ehlo_lists_extensions_by_what_is_available():
     assert t.lines == [
         "250-mx.test", "250-PIPELINING", "250-SIZE 10240000", "250-8BITMIME", "250-SMTPUTF8",
         "250-ENHANCEDSTATUSCODES", "250-DSN", "250-STARTTLS",
-        "250-XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT",
+        "250-XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT TLS",
         "250 XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE",
     ]
     t = talk(EHLO, tls_available=True, tls_active=True, smtputf8=False, max_message_size=0)

@@ -6,7 +6,7 @@ from twisted.internet.testing import StringTransport
 
 from shared.netlist import NetworkList
 from shared.smtp.server import ServerConfig
-from shared.transport.server import PIPELINE_ALLOWANCE, SMTPServerFactory
+from shared.transport.server import ListenerConfig, PIPELINE_ALLOWANCE, SMTPServerFactory
 
 
 class Handler:
@@ -30,7 +30,7 @@ def connect(factory, host):
 
 
 def factory(**kw):
-    return SMTPServerFactory(reactor=Clock(), server_config=ServerConfig(hostname="filter.test",
+    return SMTPServerFactory.single(reactor=Clock(), server_config=ServerConfig(hostname="filter.test",
                                                                          max_message_size=1_000_000),
                              handler_factory=Handler, upstream_hosts=["192.0.2.1"], **kw)
 
@@ -45,17 +45,17 @@ def test_an_upstream_tier_may_send_what_the_pipeline_added_on_top_of_the_limit()
     assert b"250-SIZE 1000000\r\n" in other.value()
     # the edge enforces line length and counts each client's errors: an upstream session,
     # carrying many clients and probes, is not cut off for them
-    assert (f.upstream_config.max_data_line, f.upstream_config.hard_error_limit,
-            f.upstream_config.junk_command_limit) == (0, 0, 0)
+    assert (f.listener().upstream_config.max_data_line, f.listener().upstream_config.hard_error_limit,
+            f.listener().upstream_config.junk_command_limit) == (0, 0, 0)
     upstream.dataReceived(b"FOO\r\n" * 30 + b"NOOP\r\n" * 200)
     assert b"421" not in edge.value() and not edge.disconnecting
     client.dataReceived(b"FOO\r\n" * 30)
     assert b"421 4.7.0 filter.test Error: too many errors" in other.value()
-    # a reload replaces the configuration: the allowance follows
-    f.server_config = ServerConfig(hostname="filter.test", max_message_size=2_000_000)
-    assert f.upstream_config.max_message_size == 2_000_000 + PIPELINE_ALLOWANCE
-    f.server_config = ServerConfig(hostname="filter.test", max_message_size=0)
-    assert f.upstream_config.max_message_size == 0          # no limit stays no limit
+    # a reload makes a new listener configuration: the allowance follows
+    bigger = ListenerConfig("smtp", ServerConfig(hostname="filter.test", max_message_size=2_000_000), Handler)
+    assert bigger.upstream_config.max_message_size == 2_000_000 + PIPELINE_ALLOWANCE
+    unlimited = ListenerConfig("smtp", ServerConfig(hostname="filter.test", max_message_size=0), Handler)
+    assert unlimited.upstream_config.max_message_size == 0          # no limit stays no limit
 
 
 def test_inner_tiers_greet_only_their_allowed_clients():

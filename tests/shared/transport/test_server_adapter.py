@@ -52,6 +52,8 @@ class Handler:
             return defer.fail(RuntimeError("async bug"))
         return a
 
+    in_transaction = False
+
     def on_connect(self):
         return None
 
@@ -91,7 +93,7 @@ def make(answers=None, transport=None, **kw):
     opts = dict(reactor=clock, server_config=ServerConfig(hostname="mx.test"), handler_factory=handler_factory,
                 command_timeout=300, session_timeout=3600)
     opts.update(kw)
-    factory = SMTPServerFactory(**opts)
+    factory = SMTPServerFactory.single(**opts)
     proto = factory.buildProtocol(None)
     transport = transport or TLSStringTransport()
     proto.makeConnection(transport)
@@ -330,7 +332,7 @@ def test_implicit_tls_greets_once_the_handshake_is_done(tmp_path):
     cert, key = self_signed(tmp_path, "mx.test")
     ctx = ServerTLS(cert, key)
     clock = Clock()
-    factory = SMTPServerFactory(reactor=clock, server_config=ServerConfig(hostname="mx.test"),
+    factory = SMTPServerFactory.single(reactor=clock, server_config=ServerConfig(hostname="mx.test"),
                                 handler_factory=Handler, tls_context=ctx)
     server = TLSMemoryBIOFactory(ctx, False, factory, clock=clock).buildProtocol(None)
     t = TLSStringTransport()

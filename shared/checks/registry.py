@@ -1,0 +1,109 @@
+"""The check registry: what a tier can run, and the policies that say what it does run.
+
+A check *type* (:class:`CheckType`) is registered by a tier (its ``service.TIER``
+lists them): a name, the phases it can run in, its settings section (a frozen
+dataclass read from its own ``[name]`` table, see
+:meth:`shared.config.schema.Section.of`), and ``build(settings, ctx)``, which
+makes the check function for one configuration (or None: the check is off).
+
+A *policy* (``[policies.NAME]``) lists per phase the checks its sessions run,
+in order, and the relay permit rules (:class:`PermitRule`): a recipient outside
+the hosted domains is refused unless one of them permits it, so no spam rule
+can open the relay.  Each listener names its policy.
+
+:func:`build_policies` makes every policy of a configuration, each check
+built once however many policies use it; a reload builds a new set and the
+daemon swaps it in whole (:mod:`shared.daemon`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from shared.checks.core import Chain, Check, CheckFn
+from shared.checks.relay import PERMITS, PermitRule, RelayControl
+from shared.config.schema import PHASE_KEYS, Section, Settings, TierSpec
+
+
+@dataclass(frozen=True)
+class CheckType:
+    name: str
+    phases: tuple[str, ...]
+    build: Callable[[Any, "BuildContext"], CheckFn | None]
+    section: Section | None = None          # its [name] table; build gets its object
+    doc: str = ""
+    timeout: float | Callable[[Settings], float] = 30.0
+
+    def timeout_for(self, settings: Settings) -> float:
+        return self.timeout(settings) if callable(self.timeout) else self.timeout
+
+
+@dataclass
+class BuildContext:
+    """What a check's ``build`` may use: the whole configuration, the reactor, the
+    bounded pool for blocking work, the tier's next-hop client of this configuration
+    (None in a tier without one, and when only checking a file), and ``on_retire`` to
+    have something closed when this configuration is replaced or the tier stops."""
+    settings: Settings
+    reactor: Any
+    pool: Any
+    next_hop: Any = None
+    closers: list[Callable[[], Any]] = field(default_factory=list)
+
+    def on_retire(self, fn: Callable[[], Any]) -> None:
+        self.closers.append(fn)
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    chain: Chain
+    relay: RelayControl
+
+
+def build_policies(settings: Settings, spec: TierSpec, ctx: BuildContext) -> dict[str, Policy]:
+    """Every ``[policies.NAME]`` of `settings`, built (the file was validated when loaded:
+    each name is a check of `spec` allowed in its phase)."""
+    types = {c.name: c for c in spec.checks}
+    permits = {p.name: p for p in all_permits(spec)}
+    built: dict[str, CheckFn | None] = {}
+    out = {}
+    for name, policy in settings.policies.items():
+        checks = []
+        for phase in PHASE_KEYS:
+            for entry in getattr(policy, phase):
+                if entry not in built:
+                    t = types[entry]
+                    own = settings.sections[t.section.name] if t.section is not None else None
+                    built[entry] = t.build(own, ctx)
+                fn = built[entry]
+                if fn is not None:
+                    checks.append(Check(entry, phase, fn, timeout=types[entry].timeout_for(settings)))
+        rules = [(r, permits[r].build(settings)) for r in policy.relay]
+        out[name] = Policy(name, Chain(checks, reactor=ctx.reactor), RelayControl(rules))
+    return out
+
+
+def all_permits(spec: TierSpec) -> list[PermitRule]:
+    return [*PERMITS, *spec.permits]
+
+
+def describe(settings: Settings, spec: TierSpec) -> str:
+    """Each listener and the policy its sessions follow, then each policy's checks per
+    phase in the order they run, and its relay permit rules: what check-config prints."""
+    types = {c.name: c for c in spec.checks}
+    permits = {p.name: p for p in all_permits(spec)}
+    lines = []
+    for name, listener in settings.listeners.items():
+        lines.append(f"listener {name}: {listener.endpoint} (tls {listener.tls}), policy {listener.policy}")
+    for name, policy in settings.policies.items():
+        lines.append(f"policy {name}:")
+        for phase in PHASE_KEYS:
+            for i, entry in enumerate(getattr(policy, phase), 1):
+                t = types[entry]
+                lines.append(f"  {phase:11} {i:2}. {entry} (timeout {t.timeout_for(settings):g}s): {t.doc}")
+        rules = ", ".join(policy.relay) or "none"
+        lines.append(f"  relay, before the rcpt checks (554 5.7.1 unless one permits): {rules}")
+        for r in policy.relay:
+            lines.append(f"           {r}: {permits[r].doc}")
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""Listeners: several per tier, each a Twisted endpoint description with its own policy;
+implicit TLS and the PROXY protocol; connection limits across all listeners; the client's
+TLS on the log line, in the Received field and downstream in XCLIENT."""
+from __future__ import annotations
+
+import socket
+import ssl
+
+from tests.integration.helpers import (DOMAIN, Client, free_port, message, smarthost, transaction,
+                                       wait_until)
+
+
+def listeners(edge_port: int, **more) -> dict:
+    """Edge overrides: server.listen replaced by [listeners.mx] on the tier's port, plus `more`."""
+    return {"server": {"listen": None},
+            "listeners": {"mx": {"endpoint": f"tcp:port={edge_port}:interface=127.0.0.1"}, **more}}
+
+
+def test_each_listener_follows_its_own_policy(make_pipeline):
+    p = make_pipeline(start=())
+    strict = free_port()
+    p.edge.write_config({**listeners(p.edge.port, strict={"endpoint": f"tcp:port={strict}:interface=127.0.0.1",
+                                                          "policy": "strict"}),
+                         "policies": {"strict": {"helo": ["helo_name"]}}})
+    out = smarthost("check-config", str(p.edge.config_path))
+    assert out.returncode == 0, out.stderr
+    assert f"#   listener strict: tcp:port={strict}:interface=127.0.0.1 (tls starttls), policy strict" in out.stdout
+    assert "#   policy strict:\n#     helo         1. helo_name (timeout 30s)" in out.stdout
+    p.start()
+    with Client(strict) as c:
+        r = c.cmd("EHLO localhost")
+        assert (r.code, r.enhanced) == (504, "5.5.2") and "need fully-qualified hostname" in r.text, r
+        assert c.cmd("EHLO client.example.net").code == 250
+    with Client(p.edge.port) as c:
+        assert c.cmd("EHLO localhost").code == 250           # the default policy has no HELO check
+    p.edge.wait_log(r"listening on 127\.0\.0\.1:%d \(strict, policy strict, tls starttls\)" % strict)
+
+
+def test_a_proxy_protocol_listener_sees_the_balancers_client(make_pipeline):
+    p = make_pipeline(start=())
+    proxied = free_port()
+    p.edge.write_config(listeners(p.edge.port, lb={"endpoint": f"haproxy:tcp:port={proxied}:interface=127.0.0.1"}))
+    p.start()
+    with socket.create_connection(("127.0.0.1", proxied), timeout=10) as s:
+        s.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 40123 25\r\n")
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        s.sendall(b"EHLO client.example.net\r\n")
+        while not f.readline().startswith(b"250 "):
+            pass
+        s.sendall(b"QUIT\r\n")
+    p.edge.wait_log(r"connect from unknown\[203\.0\.113\.9\]")
+
+
+def test_connection_limits_count_all_listeners_together(make_pipeline):
+    p = make_pipeline(start=())
+    second = free_port()
+    p.edge.write_config({**listeners(p.edge.port, second={"endpoint": f"tcp:port={second}:interface=127.0.0.1"}),
+                         "server": {"listen": None, "max_connections_per_client": 1}})
+    p.start()
+
+    def greeted(port) -> bool:
+        with Client(port) as c:
+            return c.greeting.code == 220
+    wait_until(lambda: greeted(p.edge.port), 5, "the start-up probes' sessions to end")
+    with Client(p.edge.port) as first:
+        assert first.greeting.code == 220
+        with Client(second) as other:
+            assert (other.greeting.code, other.greeting.enhanced) == (421, "4.7.0"), other.greeting
+            assert "too many connections from 127.0.0.1" in other.greeting.text
+    wait_until(lambda: greeted(second), 5, "the second listener to take a session again")
+
+
+def _implicit_tls_session(port: int) -> tuple[ssl.SSLSocket, object]:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10))
+    return s, s.makefile("rb")
+
+
+def test_implicit_tls_listener_and_the_clients_tls_travels_downstream(make_pipeline):
+    p = make_pipeline(start=())
+    submissions = free_port()
+    p.edge.write_config(listeners(p.edge.port, submissions={
+        "endpoint": f"tcp:port={submissions}:interface=127.0.0.1", "tls": "implicit"}))
+    p.start()
+    s, f = _implicit_tls_session(submissions)
+    with s:
+        assert f.readline().startswith(b"220 "), "greeting over TLS from the first byte"
+        s.sendall(b"EHLO client.example.net\r\n")
+        ehlo = []
+        while not (line := f.readline()).startswith(b"250 "):
+            ehlo.append(line)
+        assert not any(b"STARTTLS" in ln for ln in ehlo)          # TLS already
+        version = s.version()
+        for cmd in (b"MAIL FROM:<sender@example.net>", f"RCPT TO:<alice@{DOMAIN}>".encode(), b"DATA"):
+            s.sendall(cmd + b"\r\n")
+            assert f.readline()[:1] in (b"2", b"3")
+        s.sendall(message("implicit tls") + b".\r\n")
+        assert f.readline().startswith(b"250 ")
+        s.sendall(b"QUIT\r\n")
+    p.edge.wait_log(rf"TLS connection from unknown\[127\.0\.0\.1\]: {version} ")
+    p.filter.wait_log(rf"xclient from 127\.0\.0\.1: client=unknown\[127\.0\.0\.1\] helo=client\.example\.net "
+                      rf"tls={version} ")
+    mail = p.wait_messages(f"alice@{DOMAIN}", 1)[0].read_text()
+    assert f"(using {version} with cipher " in mail
+    assert mail.count("(using ") == 2        # the edge's Received and the filter's (the original client's TLS)
+
+
+def test_a_plain_listener_never_claims_tls(pipeline):
+    replies = transaction(pipeline.edge.port, "sender@example.net", [f"alice@{DOMAIN}"], message("plain"))
+    assert replies[-1].code == 250, replies
+    mail = pipeline.wait_messages(f"alice@{DOMAIN}", 1)[0].read_text()
+    assert "(using " not in mail and "with ESMTPS" not in mail
+    pipeline.filter.wait_log(r"xclient from 127\.0\.0\.1: client=\S+ helo=client\.example\.net tls=none")
