@@ -39,17 +39,21 @@ def sections(root: Path, base_port: int, cert: str, key: str) -> dict[str, dict[
 
     def log(tier: str) -> dict:
         return {"file": str(root / "log" / f"{tier}.log")}
+
+    def pid(tier: str) -> str:          # `smarthost reload --config DIR/TIER.toml` finds the tier by it
+        return str(root / "run" / f"{tier}.pid")
     return {
         "edge": {
             "server": {"hostname": "edge.example.test", "listen": [f"127.0.0.1:{ports['edge']}"],
-                       "tls_cert": cert, "tls_key": key, "shutdown_timeout": 10, "reverse_lookup": False},
+                       "tls_cert": cert, "tls_key": key, "shutdown_timeout": 10, "reverse_lookup": False,
+                       "pid_file": pid("edge")},
             "relay": {"relay_domains": [DOMAIN]},
             "next_hop": {"hosts": [f"127.0.0.1:{ports['filter']}"], "tls": "none"},
             "log": log("edge"),
         },
         "filter": {
             "server": {"hostname": "filter.example.test", "listen": [f"127.0.0.1:{ports['filter']}"],
-                       "upstream_hosts": ["127.0.0.1"], "shutdown_timeout": 10},
+                       "upstream_hosts": ["127.0.0.1"], "shutdown_timeout": 10, "pid_file": pid("filter")},
             "relay": {"relay_domains": [DOMAIN]},
             "next_hop": {"hosts": [f"127.0.0.1:{ports['domain']}"], "tls": "none"},
             "queue": {"directory": str(root / "spool" / "filter"), "retry_min": 60, "retry_max": 600},
@@ -57,7 +61,7 @@ def sections(root: Path, base_port: int, cert: str, key: str) -> dict[str, dict[
         },
         "domain": {
             "server": {"hostname": "domain.example.test", "listen": [f"127.0.0.1:{ports['domain']}"],
-                       "upstream_hosts": ["127.0.0.1"], "shutdown_timeout": 10},
+                       "upstream_hosts": ["127.0.0.1"], "shutdown_timeout": 10, "pid_file": pid("domain")},
             "mailboxes": {"domains": [DOMAIN], "maildir_root": str(root / "mail"), "users": users,
                           "aliases": {f"postmaster@{DOMAIN}": [users[0]]}},
             "log": log("domain"),
@@ -71,6 +75,7 @@ def write_configs(root: Path, base_port: int) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     cert, key = _demo_certificate(root / "tls", "edge.example.test")
     (root / "log").mkdir(exist_ok=True)
+    (root / "run").mkdir(exist_ok=True)
     paths = {}
     for tier, values in sections(root, base_port, cert, key).items():
         p = root / f"{tier}.toml"
@@ -143,6 +148,7 @@ or
   python3 -c "import smtplib; s=smtplib.SMTP('127.0.0.1', {ports['edge']}); s.starttls(); \\
 s.sendmail('you@example.net', ['alice@{DOMAIN}'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n'); s.quit()"
 Then look in {mailboxes[f'alice@{DOMAIN}']}/new/
+After editing a tier's file: python3 -m shared.cli reload --config {configs['edge']}
 Press Ctrl-C to stop.""", flush=True)
 
     try:
