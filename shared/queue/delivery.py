@@ -34,6 +34,8 @@ its messages hold no bare CR or LF).  Of the next hop, only its reply codes.
 """
 from __future__ import annotations
 
+import io
+
 from typing import Any, BinaryIO, Callable, Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -56,8 +58,9 @@ __all__ = ["QueueDelivery", "BODY_CHUNK", "Message"]
 BODY_CHUNK = 256 * 1024
 
 # (queue id, envelope, open_body, body_len): open_body() returns a binary file
-# positioned at the message, of which body_len bytes are sent.
-Message = tuple[str, Envelope, Callable[[], BinaryIO], int]
+# positioned at the message, of which body_len bytes are sent; or open_body is the
+# message itself, still in memory from its reception (sent without the pool).
+Message = tuple[str, Envelope, "Callable[[], BinaryIO] | bytes", int]
 
 
 class QueueDelivery:
@@ -259,11 +262,16 @@ class _QueueFile:
     always called, whatever became of the message.
     """
 
-    def __init__(self, pool: Any, open_body: Callable[[], BinaryIO], body_len: int) -> None:
+    def __init__(self, pool: Any, open_body: Callable[[], BinaryIO] | bytes, body_len: int) -> None:
         self.pool = pool
         self.remaining = body_len            # bytes not yet in hand
         self.file: BinaryIO | None = None
-        self.opening: Deferred | None = pool.run(_open, open_body, body_len)
+        if isinstance(open_body, bytes):     # still in memory from reception: no I/O, no thread
+            self.run = _now
+            self.opening: Deferred | None = _now(_open, lambda: io.BytesIO(open_body), body_len)
+        else:
+            self.run = pool.run
+            self.opening = pool.run(_open, open_body, body_len)
         self.reading: Deferred[bytes] | None = None     # the next chunk, read or being read
 
     async def opened(self) -> None:
@@ -282,7 +290,7 @@ class _QueueFile:
         chunk = await d
         self.remaining -= len(chunk)
         if self.remaining > 0:
-            self.reading = self.pool.run(_read, self.file, self.remaining)
+            self.reading = self.run(_read, self.file, self.remaining)
         return chunk
 
     async def close(self) -> None:
@@ -302,6 +310,14 @@ class _QueueFile:
 
 class _LocalReadError(Exception):
     """The queue file could not be read to the announced length."""
+
+
+def _now(fn: Callable[..., Any], *args: Any) -> Deferred:
+    """``pool.run``'s contract, run here: for a message held in memory."""
+    try:
+        return succeed(fn(*args))
+    except Exception:
+        return fail()
 
 
 # ---- run in a pool thread --------------------------------------------------

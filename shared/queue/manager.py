@@ -506,7 +506,8 @@ class QueueManager:
         if deliverable:
             items = [(j.qid, replace(j.message.envelope,
                                      recipients=[r for r in j.pending if r.address not in j.unrouted]),
-                      j.message.open_body, j.message.body_len) for j in deliverable]
+                      j.message.body if j.message.body is not None else j.message.open_body,
+                      j.message.body_len) for j in deliverable]
             d = maybeDeferred(self.deliver, items)
             d.addCallback(self.check_results, len(deliverable))
             d.addErrback(self.delivery_failed, len(deliverable))

@@ -326,6 +326,17 @@ def test_queue_files_are_opened_and_read_in_pool_threads_one_job_per_chunk():
     assert pool.jobs == ["_open", "_open", "_read", "_read"]          # one hand-off per chunk
 
 
+def test_a_message_still_in_memory_is_sent_without_the_pool():
+    """A message the manager still holds from its reception needs no I/O: no thread hand-off."""
+    data = b"Subject: m\r\n\r\n" + b"m" * (BODY_CHUNK + 7) + b"\r\n"        # two chunks
+    pool = RecordingPool()
+    world = World({("mx", 25): {}})
+    results = world.run(world.delivery(pool).deliver_batch([("Q1", envelope("x@example.org"), data, len(data))]))
+    assert results[0]["x@example.org"].code == 250
+    assert world.servers[0].messages[0]["data"] == data
+    assert pool.jobs == []
+
+
 def test_a_real_blocking_pool_reads_the_queue_file(tmp_path):
     data = b"Subject: t\r\n\r\n" + b"z" * (BODY_CHUNK + 5) + b"\r\n"
     queued = queue_file(tmp_path, data, envelope("x@example.org"))
