@@ -124,3 +124,46 @@ def test_a_start_failure_reaches_stderr_when_the_log_goes_to_a_file(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("smarthost domain: cannot start: "), out.stderr
     assert str(port) in lines[0] and "Address already in use" in lines[0], out.stderr
     assert "cannot start: " in domain.log_text() and str(port) in domain.log_text()
+
+
+def _free_privileged_port() -> int:
+    for port in range(700, 1000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port below 1024")
+
+
+def test_every_listener_is_bound_before_privileges_are_dropped_and_reload_still_works(base):
+    """As root with server.user: a privileged port and a PROXY-protocol listener are bound
+    first, then the edge is nobody; a reload (run as nobody) rebuilds what it may."""
+    pw = account()
+    ports = {t: free_port() for t in ("edge", "filter", "domain")}
+    low = _free_privileged_port()
+    run = base / "run"
+    run.mkdir()
+    sections = merge(default_sections("edge", base, ports, None), {
+        "server": {"user": USER, "listen": None, "pid_file": str(run / "edge.pid")},
+        "listeners": {"mx": {"endpoint": f"tcp:port={ports['edge']}:interface=127.0.0.1"},
+                      "low": {"endpoint": f"haproxy:tcp:port={low}:interface=127.0.0.1"}}})
+    edge = Tier("edge", base, ports["edge"], sections)
+    try:
+        edge.start()
+        status = Path(f"/proc/{edge.pid}/status").read_text()
+        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+        assert set(uids) == {str(pw.pw_uid)}, status
+        assert f"listening on 127.0.0.1:{low} (low, policy default" in edge.log_text()
+        with socket.create_connection(("127.0.0.1", low), timeout=5) as s:
+            s.sendall(b"PROXY TCP4 198.51.100.4 127.0.0.1 1234 25\r\n")
+            assert s.makefile("rb").readline().startswith(b"220 ")
+        edge.wait_log(r"connect from unknown\[198\.51\.100\.4\]")
+        edge.write_config({"relay": {"relay_domains": [DOMAIN, "example.net"]}})
+        out = smarthost("reload", "--config", str(edge.config_path))
+        assert out.returncode == 0, out.stderr + edge.log_tail()
+        assert edge.stop() == 0
+    finally:
+        if edge.running:
+            edge.stop(timeout=10)
