@@ -221,6 +221,23 @@ class EngineSession:
         d = self._run(self._request("helo"))
         return d.addCallback(lambda v: self._reply_for(v) if v.action is not Action.ACCEPT else None)
 
+    def authenticated(self, login: str, mechanism: str):
+        """The client proved to be `login` with SASL `mechanism` (the SMTP AUTH exchange
+        itself is the server core's): run the ``auth`` checks, which may still refuse
+        (a per-user limit, a listener that takes no AUTH).  A Deferred of the Verdict;
+        unless it refuses, the session is `login`'s from now on (Received "with
+        ESMTPA", XCLIENT LOGIN downstream, the ``authenticated`` relay permit)."""
+        req = replace(self._request("auth"), login=login, mechanism=mechanism)
+
+        def checked(v: Verdict) -> Verdict:
+            if v.final and v.action is not Action.ACCEPT:
+                self._log("reject: AUTH {mech} as {login}: {reply}", mech=mechanism, login=login,
+                          reply=str(v.reply))
+                return v
+            self.client.login = login
+            return v
+        return self._run(req).addCallback(checked)
+
     def on_xclient(self, e: ev.XClient):
         self._abandon()
         a = e.attrs

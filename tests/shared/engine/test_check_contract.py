@@ -153,3 +153,19 @@ def test_message_view_parses_folded_fields():
     v = MessageView(b"Subject: a\r\n b\r\nTo: x@example.org\r\n", 0)
     assert v.headers == (("Subject", "a b"), ("To", "x@example.org"))
     assert v.get("SUBJECT") == "a b" and v.get_all("cc") == []
+
+
+def test_the_auth_phase_runs_its_checks_and_only_then_the_session_is_the_users(tmp_path):
+    seen = []
+
+    def per_user(req):
+        seen.append((req.phase, req.login, req.mechanism))
+        return reject(535, "5.7.8", "Authentication credentials invalid") if req.login == "mallory" else CONTINUE
+    proto, t = session(tmp_path, [Check("users", "auth", per_user)])
+    engine = proto.handler
+    out = []
+    engine.authenticated("mallory", "PLAIN").addCallback(out.append)
+    assert out[0].reply.code == 535 and engine.client.login is None
+    engine.authenticated("alice", "CRAM-MD5").addCallback(out.append)
+    assert engine.client.login == "alice"
+    assert seen == [("auth", "mallory", "PLAIN"), ("auth", "alice", "CRAM-MD5")]
