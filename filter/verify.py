@@ -28,10 +28,10 @@ log = Logger(namespace="smarthost.verify")
 class VerifySettings:
     """recipient verification at RCPT (the check `verify`)"""
     recipients: bool = setting(True, "filter: ask the next hop about each recipient before answering RCPT")
-    positive_ttl: float = setting(3600.0, "seconds a recipient the next hop accepted stays known "
-                                          "(at most 1 week)", TTL)
-    negative_ttl: float = setting(300.0, "seconds a recipient the next hop rejected stays known "
-                                         "(at most 1 week)", TTL)
+    positive_ttl: float = setting(3600, "seconds a recipient the next hop accepted stays known "
+                                          "(at most 1 week)", TTL, kind=(int, float))
+    negative_ttl: float = setting(300, "seconds a recipient the next hop rejected stays known "
+                                         "(at most 1 week)", TTL, kind=(int, float))
 
 
 def _build(own: VerifySettings, ctx):
