@@ -162,14 +162,13 @@ class Generation:
 
     def retire(self):
         """Close what this generation opened (kept next-hop connections, probe sessions)."""
-        results = []
-        for close in self.closers:
-            try:
-                results.append(defer.maybeDeferred(close))
-            except Exception:
-                log.failure("error while retiring a configuration")
-        return defer.gatherResults(results, consumeErrors=True).addErrback(
-            lambda f: log.failure("error while retiring a configuration", f))
+        return close_all(self.closers)
+
+
+def close_all(closers) -> defer.Deferred:
+    """Call every closer (BuildContext.on_retire); a Deferred when all are done, never failing."""
+    d = defer.gatherResults([defer.maybeDeferred(close) for close in closers], consumeErrors=True)
+    return d.addErrback(lambda f: log.failure("error while retiring a configuration", f))
 
 
 # Settings bound once, at start: a change needs a restart (named in the reload line).
@@ -177,13 +176,14 @@ RESTART_KEYS = ("server.user", "server.pid_file", "log.file")
 
 
 def restart_needed(old: Settings, new: Settings) -> list[str]:
-    out = [f"listeners.{n}" for n in sorted(set(old.listeners) | set(new.listeners))
-           if (old.listeners.get(n) and new.listeners.get(n)
-               and (old.listeners[n].endpoint, old.listeners[n].tls) != (new.listeners[n].endpoint,
-                                                                         new.listeners[n].tls))
-           or (n in old.listeners) != (n in new.listeners)]
-    keys = list(RESTART_KEYS) + [f"{s}.{k}" for s, k in directories(new)]
-    for key in keys:
+    """The settings that changed but take effect only at a restart: listeners added,
+    removed or moved, and RESTART_KEYS and the tier's directories."""
+    out = []
+    for name in sorted(set(old.listeners) | set(new.listeners)):
+        a, b = old.listeners.get(name), new.listeners.get(name)
+        if a is None or b is None or (a.endpoint, a.tls) != (b.endpoint, b.tls):
+            out.append(f"listeners.{name}")
+    for key in [*RESTART_KEYS, *(f"{s}.{k}" for s, k in directories(new))]:
         section, name = key.split(".")
         if getattr(old.sections[section], name) != getattr(new.sections[section], name):
             out.append(key)
@@ -217,7 +217,7 @@ class Daemon:
             ctx.next_hop = configured.next_hop
             policies = build_policies(settings, self.spec, ctx)
         except Exception:
-            Generation(0, settings, None, {}, None, None, None, closers=ctx.closers).retire()
+            close_all(ctx.closers)          # what the half-built configuration opened
             raise
         resolver = None
         if settings.server.reverse_lookup:

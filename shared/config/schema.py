@@ -432,9 +432,6 @@ LOG = Section("log", {
                           "(logrotate without copytruncate)", _log_file),
 })
 
-CORE_SECTIONS = (SERVER, LISTENER, POLICY, RELAY, DNS, LOG)
-
-
 @dataclass(frozen=True)
 class Settings:
     """A tier's loaded configuration: ``settings.server``, ``settings.next_hop``, ... are
@@ -656,6 +653,7 @@ def _finish_policies(ld: Loading) -> None:
                                                        f"(defined: {', '.join(policies)})")
 
 
+# The core's cross-checks, defined above with the helpers they use.
 SERVER = replace(SERVER, finish=_finish_server)
 LISTENER = replace(LISTENER, finish=_finish_listeners)
 POLICY = replace(POLICY, finish=_finish_policies)
