@@ -3,7 +3,6 @@ configuration and swap it in, or change nothing and say why; certificates are re
 the log file is reopened, and settings that need a restart are named."""
 from __future__ import annotations
 
-import signal
 import socket
 import ssl
 
