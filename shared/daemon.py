@@ -45,6 +45,7 @@ from shared.checks.registry import BuildContext, Policy, build_policies, describ
 from shared.config import ConfigError, Settings, check_host, load
 from shared.config.schema import TIER_MODULES, directories, hostport_text, tier_spec
 from shared.engine.session import EngineConfig, EngineSession
+from shared.firewall import Firewall, RuleError
 from shared.netlist import NetworkList
 from shared.smtp.server import ServerConfig
 from shared.tier import Configured
@@ -105,12 +106,30 @@ def tls_context(settings: Settings):
     return cert.options()
 
 
+def firewalls(settings: Settings) -> dict[str, tuple[Firewall, ...]]:
+    """Each listener's firewall: its own rules, then the global ones (each compiled once).
+    Raises ConfigError naming the key whose rule file cannot be read or holds a bad line."""
+    def compiled(key: str, rules) -> Firewall:
+        try:
+            return Firewall(rules)
+        except RuleError as e:
+            raise ConfigError(settings.path, key, str(e)) from None
+    shared = compiled("firewall.rules", settings.firewall.rules)
+    out = {}
+    for name, listener in settings.listeners.items():
+        own = compiled(f"listeners.{name}.firewall", listener.firewall)
+        out[name] = tuple(f for f in (own, shared) if f)
+    return out
+
+
 def preflight(settings: Settings) -> None:
     """What a tier needs from this host before it starts, checked without changing it:
-    :func:`shared.config.check_host` and a TLS pair that loads.  Raises ConfigError;
-    ``smarthost check-config`` runs the same, so it refuses whatever start-up would."""
+    :func:`shared.config.check_host`, a TLS pair that loads and firewall rule files that
+    read.  Raises ConfigError; ``smarthost check-config`` runs the same, so it refuses
+    whatever start-up would."""
     check_host(settings)
     tls_context(settings)
+    firewalls(settings)
 
 
 @contextmanager
@@ -171,6 +190,24 @@ def close_all(closers) -> defer.Deferred:
     return d.addErrback(lambda f: log.failure("error while retiring a configuration", f))
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """A configuration file with what it names on disk read: the TLS context and the
+    firewalls.  Reading blocks (files, and compiling large rule lists): a reload does it
+    in the pool."""
+    settings: Settings
+    tls: Any
+    firewalls: dict
+
+    @classmethod
+    def read(cls, settings: Settings) -> "Loaded":
+        return cls(settings, tls_context(settings), firewalls(settings))
+
+    @classmethod
+    def read_file(cls, tier: str, path: str) -> "Loaded":
+        return cls.read(load(tier, path))
+
+
 # Settings bound once, at start: a change needs a restart (named in the reload line).
 RESTART_KEYS = ("server.user", "server.pid_file", "log.file")
 
@@ -204,13 +241,15 @@ class Daemon:
         self.log_observer = None          # set by run(): the level follows reloads, the file reopens
         self.control = None               # set by run() with server.pid_file (shared.control)
         self.number = 0
+        self._reloading: defer.Deferred | None = None
+        self._reload_again = False
 
     # -- building a configuration ------------------------------------------------
-    def build(self, settings: Settings) -> Generation:
-        """A whole new generation from `settings`; raises (ConfigError naming the key, or
+    def build(self, loaded: "Loaded") -> Generation:
+        """A whole new generation from `loaded`; raises (ConfigError naming the key, or
         any error of a part) before anything running is touched.  What was opened for a
         generation that failed half-way is closed."""
-        tls = tls_context(settings)
+        settings, tls, walls = loaded.settings, loaded.tls, loaded.firewalls
         ctx = BuildContext(settings, self.reactor, self.pool)
         try:
             configured = self.component.configure(settings, ctx)
@@ -234,7 +273,8 @@ class Daemon:
             gen.listeners[name] = ListenerConfig(
                 name, srv, self._handler_factory(gen, name, policies[listener.policy]),
                 tls_context=tls if listener.tls == "starttls" else None, upstream_hosts=upstream,
-                allowed_clients=allowed, command_timeout=s.command_timeout, session_timeout=s.session_timeout)
+                allowed_clients=allowed, command_timeout=s.command_timeout, session_timeout=s.session_timeout,
+                firewalls=walls[name])
         return gen
 
     def _handler_factory(self, gen: Generation, listener: str, policy: Policy):
@@ -292,7 +332,7 @@ class Daemon:
             if self.settings.server.user:
                 drop_privileges(self.settings.server.user)
             self.component = self.spec.component(self.settings, self.reactor, self.pool)
-            self.generation = self.build(self.settings)
+            self.generation = self.build(Loaded.read(self.settings))
             self.component.activate(self.generation.configured)
             self.pool.start()
             self.component.start()
@@ -330,16 +370,41 @@ class Daemon:
         self.pool.stop()
         log.info("stopped")
 
-    def reload(self) -> bool:
-        """SIGHUP: rebuild, then swap (see the module docstring)."""
+    def reload(self) -> defer.Deferred:
+        """SIGHUP: rebuild, then swap (see the module docstring); a Deferred of whether the
+        new configuration is in use.  The file, certificates and firewall rule files (a
+        100,000-line feed takes a second or two) are read in the pool, off the reactor; a
+        SIGHUP that comes meanwhile runs once this reload is done."""
+        if self._reloading is not None:
+            self._reload_again = True
+            return self._reloading
         self.number += 1
         if self.log_observer is not None:
             problem = self.log_observer.reopen()
             if problem:
                 log.error("{problem}", problem=problem)
+        d = self.pool.run(Loaded.read_file, self.settings.tier, self.settings.path)
+        d.addCallbacks(self._swap, self._unreadable)
+        self._reloading = d
+
+        def done(ok):
+            self._reloading = None
+            if self._reload_again:
+                self._reload_again = False
+                self.reload()
+            return ok
+        return d.addBoth(done)
+
+    def _unreadable(self, failure) -> bool:
+        if failure.check(ConfigError):
+            return self._refused(str(failure.value))
+        log.failure("reload: cannot read the new configuration", failure)
+        return self._refused(f"{self.settings.path}: cannot read the new configuration: {failure.value}")
+
+    def _swap(self, loaded: "Loaded") -> bool:
+        new = loaded.settings
         try:
-            new = load(self.settings.tier, self.settings.path)
-            gen = self.build(new)
+            gen = self.build(loaded)
         except ConfigError as e:
             return self._refused(str(e))
         except Exception as e:

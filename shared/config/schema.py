@@ -378,6 +378,12 @@ SERVER = Section("server", {
 })
 
 
+def _firewall_rule(value: str) -> str:
+    from shared.firewall import parse_rule
+    parse_rule(value)
+    return value
+
+
 def _endpoint(value: str) -> str:
     """A Twisted server endpoint description ("tcp:port=25:interface=0.0.0.0",
     "ssl:465:privateKey=...", "haproxy:tcp:25"): parsed now, so a typo is refused
@@ -400,7 +406,16 @@ LISTENER = Section("listeners", {
     "tls": Key(str, "starttls", "starttls: offered when server.tls_cert is set; implicit: TLS from the "
                                 "first byte with server.tls_cert (port 465, RFC 8314); none",
                _choice("starttls", "implicit", "none")),
+    "firewall": Key(list, [], "this listener's own firewall rules, tried before [firewall] rules "
+                              "(same syntax)", _firewall_rule),
 }, doc="one listener per [listeners.NAME] table", named=True)
+
+FIREWALL = Section("firewall", {
+    "rules": Key(list, [], "ordered 'allow NETWORK' / 'deny NETWORK' / 'deny file:/PATH' rules by client "
+                           "address (IPv4/IPv6 CIDR; a file holds one network per line, read again on "
+                           "reload); a listener's own rules first, then these; first match wins; no "
+                           "match: allowed; denied: 554 5.7.1 at connect", _firewall_rule),
+})
 
 PHASE_KEYS = PHASES       # shared.checks.core: connect, helo, auth, mail, rcpt, data, end_of_data
 
@@ -600,7 +615,8 @@ def _finish_listeners(ld: Loading) -> None:
             raise ld.error("server.listen", "at least one listen address is needed")
         for i, (host, port) in enumerate(listen, 1):
             listeners["smtp" if i == 1 else f"smtp-{i}"] = {
-                "endpoint": tcp_endpoint(host, port), "policy": "default", "tls": "starttls"}
+                "endpoint": tcp_endpoint(host, port), "policy": "default", "tls": "starttls",
+                "firewall": []}
     for name, listener in listeners.items():
         if not listener["endpoint"]:
             raise ld.error(f"listeners.{name}.endpoint", "required: where this listener listens")
@@ -657,7 +673,7 @@ def _finish_policies(ld: Loading) -> None:
 SERVER = replace(SERVER, finish=_finish_server)
 LISTENER = replace(LISTENER, finish=_finish_listeners)
 POLICY = replace(POLICY, finish=_finish_policies)
-CORE_SECTIONS = (SERVER, LISTENER, POLICY, RELAY, DNS, LOG)
+CORE_SECTIONS = (SERVER, LISTENER, POLICY, RELAY, FIREWALL, DNS, LOG)
 
 
 def _public_space(ld: Loading, key: str, networks: list, allow_key: str, allowed: bool, risk: str) -> None:

@@ -393,7 +393,16 @@ class ListenerConfig:
     allowed_clients: NetworkList | None = None
     command_timeout: float = 300
     session_timeout: float = 3600
+    firewalls: tuple = ()                     # shared.firewall.Firewall: the listener's, then the global
     upstream_config: ServerConfig = field(init=False)
+
+    def firewall_denies(self, address: str):
+        """The deny decision of the first firewall with a matching rule, else None."""
+        for firewall in self.firewalls:
+            decision = firewall.decide(address)
+            if decision is not None:
+                return None if decision.allowed else decision
+        return None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "upstream_config", upstream_config(self.server_config))
@@ -443,6 +452,12 @@ class SessionTable:
         host = c.server_config.hostname
         if not self.accepting:
             return SHUTTING_DOWN
+        if c.firewalls:
+            denied = c.firewall_denies(p.peer_host)
+            if denied is not None:
+                log.info("firewall: deny [{addr}] on {listener} ({rule})", addr=p.peer_host,
+                         listener=c.name, rule=str(denied))
+                return Reply(554, "5.7.1", f"{host} Error: access denied for [{p.peer_host}]")
         if c.allowed_clients is not None and p.peer_host not in c.allowed_clients:
             return Reply(554, "5.7.1", f"{host} Error: access denied for [{p.peer_host}]: "
                                        "this tier takes mail only from its upstream tiers")

@@ -114,3 +114,34 @@ def test_a_plain_listener_never_claims_tls(pipeline):
     mail = pipeline.wait_messages(f"alice@{DOMAIN}", 1)[0].read_text()
     assert "(using " not in mail and "with ESMTPS" not in mail
     pipeline.filter.wait_log(r"xclient from 127\.0\.0\.1: client=\S+ helo=client\.example\.net tls=none")
+
+
+def test_firewall_rules_refuse_at_connect_and_files_are_read_again_on_reload(make_pipeline):
+    p = make_pipeline(start=())
+    feed = p.root / "drop.txt"
+    feed.write_text("# a blocklist feed\n127.0.0.3/32\n")
+    proxied = free_port()
+    p.edge.write_config({**listeners(p.edge.port, lb={"endpoint": f"haproxy:tcp:port={proxied}:interface=127.0.0.1",
+                                                      "firewall": ["deny 203.0.113.0/24"]}),
+                         "server": {"listen": None, "pid_file": str(p.root / "edge.pid")},
+                         "firewall": {"rules": ["allow 127.0.0.4", "deny 127.0.0.0/29", f"deny file:{feed}"]}})
+    p.start()
+    for source, code in (("127.0.0.2", 554), ("127.0.0.3", 554), ("127.0.0.4", 220), ("127.0.0.9", 220)):
+        with Client(p.edge.port, source=source) as c:
+            assert c.greeting.code == code, (source, c.greeting)
+            if code == 554:
+                assert c.greeting.enhanced == "5.7.1" and f"access denied for [{source}]" in c.greeting.text
+                assert c.closed_by_server()
+    p.edge.wait_log(r"firewall: deny \[127\.0\.0\.2\] on mx \(deny 127\.0\.0\.0/29\)")
+    # the balancer's client is the one judged, by the listener's own rules
+    with socket.create_connection(("127.0.0.1", proxied), timeout=10) as s:
+        s.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 40123 25\r\n")
+        assert s.makefile("rb").readline().startswith(b"554 5.7.1 ")
+    # the file changes; a reload reads it again
+    p.edge.write_config({"firewall": {"rules": ["allow 127.0.0.4", f"deny file:{feed}"]}})
+    feed.write_text("127.0.0.4/32\n")
+    assert smarthost("reload", "--config", str(p.edge.config_path)).returncode == 0
+    with Client(p.edge.port, source="127.0.0.2") as c:
+        assert c.greeting.code == 220
+    with Client(p.edge.port, source="127.0.0.4") as c:
+        assert c.greeting.code == 220                # allowed by the earlier rule, whatever the file says
