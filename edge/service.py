@@ -11,6 +11,7 @@ fsynced 250.
 from __future__ import annotations
 
 from shared.checks.helo import HELO_NAME
+from shared.checks.rates import RATE_LIMITS
 from shared.config.schema import TierSpec
 from shared.engine.nexthop import NEXT_HOP, ROUTE, relay_client
 from shared.engine.proxy import ProxySink
@@ -27,5 +28,6 @@ class Edge(Component):
         return Configured(sink=ProxySink(client), next_hop=client)
 
 
-TIER = TierSpec("edge", sections=(NEXT_HOP,), checks=(ROUTE, HELO_NAME),
-                default_policy={"rcpt": ("route",)}, component=Edge)
+TIER = TierSpec("edge", sections=(NEXT_HOP,), checks=(ROUTE, HELO_NAME, RATE_LIMITS),
+                default_policy={"connect": ("rate_limits",), "mail": ("rate_limits",),
+                                "rcpt": ("route", "rate_limits")}, component=Edge)

@@ -241,6 +241,7 @@ class Daemon:
         self.log_observer = None          # set by run(): the level follows reloads, the file reopens
         self.control = None               # set by run() with server.pid_file (shared.control)
         self.number = 0
+        self.kept: dict = {}               # what checks keep across reloads (BuildContext.kept)
         self._reloading: defer.Deferred | None = None
         self._reload_again = False
 
@@ -250,7 +251,7 @@ class Daemon:
         any error of a part) before anything running is touched.  What was opened for a
         generation that failed half-way is closed."""
         settings, tls, walls = loaded.settings, loaded.tls, loaded.firewalls
-        ctx = BuildContext(settings, self.reactor, self.pool)
+        ctx = BuildContext(settings, self.reactor, self.pool, store=self.kept)
         try:
             configured = self.component.configure(settings, ctx)
             ctx.next_hop = configured.next_hop

@@ -42,16 +42,25 @@ class CheckType:
 class BuildContext:
     """What a check's ``build`` may use: the whole configuration, the reactor, the
     bounded pool for blocking work, the tier's next-hop client of this configuration
-    (None in a tier without one, and when only checking a file), and ``on_retire`` to
-    have something closed when this configuration is replaced or the tier stops."""
+    (None in a tier without one, and when only checking a file), ``on_retire`` to
+    have something closed when this configuration is replaced or the tier stops, and
+    ``kept`` for state that outlives a reload (counters, caches)."""
     settings: Settings
     reactor: Any
     pool: Any
     next_hop: Any = None
     closers: list[Callable[[], Any]] = field(default_factory=list)
+    store: dict[str, Any] = field(default_factory=dict)     # the daemon's: the same at every reload
 
     def on_retire(self, fn: Callable[[], Any]) -> None:
         self.closers.append(fn)
+
+    def kept(self, name: str, make: Callable[[], Any]) -> Any:
+        """The object kept under `name` since the process started (made by `make()` the
+        first time): a rate counter does not forget its clients at a reload."""
+        if name not in self.store:
+            self.store[name] = make()
+        return self.store[name]
 
 
 @dataclass(frozen=True)

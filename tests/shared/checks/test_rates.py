@@ -1,0 +1,89 @@
+"""rate_limits: per-client and per-user counts in fixed windows, exemptions, the replies and
+the one log line per client and window; built only when a limit is set."""
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from shared.blocking import InlinePool
+from shared.checks.core import Action, Request
+from shared.checks.rates import Counters, RateLimits, RateSettings, client_key
+from shared.checks.registry import BuildContext, build_policies
+from shared.config import parse
+from shared.config.schema import tier_spec
+from shared.netlist import NetworkList
+
+EDGE = {"server": {"hostname": "mx.example.org"}, "next_hop": {"hosts": ["127.0.0.1:10025"]},
+        "relay": {"relay_domains": ["example.org"], "mynetworks": ["10.0.0.0/8"]}}
+
+
+def limits(clock, **own):
+    return RateLimits(RateSettings(**own), Counters(), NetworkList(["10.0.0.0/8"]), clock, "mx.example.org")
+
+
+def ask(check, phase, addr="192.0.2.1", login=None):
+    return check(Request(phase=phase, client_address=addr, login=login))
+
+
+def test_connection_rate_closes_with_421_and_forgets_after_the_window():
+    clock = Clock()
+    check = limits(clock, connection_rate=2, time_unit=60)
+    assert [ask(check, "connect").action for _ in range(2)] == [Action.CONTINUE] * 2
+    v = ask(check, "connect")
+    assert (v.action, v.reply.code, v.reply.enhanced) == (Action.DISCONNECT, 421, "4.7.0")
+    assert v.reply.text == "mx.example.org Error: too many connections from 192.0.2.1"
+    assert ask(check, "connect", "192.0.2.2").action is Action.CONTINUE     # another client
+    clock.advance(60)
+    assert ask(check, "connect").action is Action.CONTINUE
+    assert ask(check, "connect", "10.1.2.3").action is Action.CONTINUE     # mynetworks: exempt
+    for _ in range(5):
+        assert ask(check, "connect", "10.1.2.3").action is Action.CONTINUE
+
+
+def test_message_and_recipient_rates_are_450_and_users_are_counted_across_addresses():
+    clock = Clock()
+    check = limits(clock, message_rate=1, recipient_rate=3, user_recipient_rate=4)
+    assert ask(check, "mail").action is Action.CONTINUE
+    v = ask(check, "mail")
+    assert (v.action, v.reply.code, v.reply.enhanced, v.reply.text) == (
+        Action.TEMPFAIL, 450, "4.7.1", "Error: too much mail from 192.0.2.1")
+    for addr in ("198.51.100.1", "198.51.100.2"):          # a stolen password used from two places
+        assert ask(check, "rcpt", addr, login="alice").action is Action.CONTINUE
+        assert ask(check, "rcpt", addr, login="alice").action is Action.CONTINUE
+    v = ask(check, "rcpt", "198.51.100.3", login="alice")
+    assert v.reply.code == 450 and v.reply.text == "Error: too many recipients from user alice"
+
+
+def test_ipv6_clients_are_counted_by_prefix():
+    assert client_key("2001:db8:1:2:3::9", 64) == "2001:db8:1:2::/64"
+    assert client_key("::ffff:192.0.2.1", 64) == "192.0.2.1"
+    clock = Clock()
+    check = limits(clock, connection_rate=1)
+    assert ask(check, "connect", "2001:db8:1:2::1").action is Action.CONTINUE
+    assert ask(check, "connect", "2001:db8:1:2::ffff").action is Action.DISCONNECT    # same /64
+    assert ask(check, "connect", "2001:db8:1:3::1").action is Action.CONTINUE
+
+
+def test_one_log_line_per_client_and_window_naming_the_limit():
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        clock = Clock()
+        check = limits(clock, message_rate=1)
+        for _ in range(5):
+            ask(check, "mail")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    lines = [e for e in seen if e.get("log_namespace") == "smarthost.rates"]
+    assert len(lines) == 1 and lines[0]["name"] == "message_rate" and lines[0]["key"] == "192.0.2.1"
+
+
+def test_built_only_when_a_limit_is_set_and_counters_survive_a_rebuild():
+    off = parse("edge", EDGE)
+    ctx = BuildContext(off, Clock(), InlinePool())
+    assert not build_policies(off, tier_spec("edge"), ctx)["default"].chain.has("connect")
+    on = parse("edge", {**EDGE, "rate_limits": {"connection_rate": 1}})
+    store = {}
+    first = build_policies(on, tier_spec("edge"), BuildContext(on, Clock(), InlinePool(), store=store))
+    chain = first["default"].chain
+    assert chain.runs("rate_limits", "connect") and chain.runs("rate_limits", "mail")
+    again = build_policies(on, tier_spec("edge"), BuildContext(on, Clock(), InlinePool(), store=store))
+    assert store["rate_limits"] is not None and again["default"].chain is not chain
