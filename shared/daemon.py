@@ -72,6 +72,12 @@ def allowed_clients(settings: Settings) -> NetworkList | None:
     return NetworkList([*settings.server.upstream_hosts, *settings.relay.mynetworks])
 
 
+def _tls_versions():
+    from twisted.internet.ssl import TLSVersion
+    return {"TLSv1": TLSVersion.TLSv1_0, "TLSv1.1": TLSVersion.TLSv1_1, "TLSv1.2": TLSVersion.TLSv1_2,
+            "TLSv1.3": TLSVersion.TLSv1_3}
+
+
 def tls_context(settings: Settings):
     """The TLS context of ``server.tls_cert`` and ``server.tls_key`` (None when unset).
 
@@ -103,7 +109,25 @@ def tls_context(settings: Settings):
     except Exception as e:
         raise ConfigError(settings.path, "server.tls_key", f"{s.tls_key} does not go with "
                                                            f"server.tls_cert {s.tls_cert}: {e}") from None
-    return cert.options()
+    from OpenSSL import SSL
+    try:
+        SSL.Context(SSL.TLS_METHOD).set_cipher_list(s.tls_ciphers.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError):
+        raise ConfigError(settings.path, "server.tls_ciphers", f"{s.tls_ciphers!r} selects no cipher "
+                                                               f"this OpenSSL knows") from None
+    ciphers = ssl.AcceptableCiphers.fromOpenSSLCipherString(s.tls_ciphers)
+    version = _tls_versions()[s.tls_min_version]
+    floor = {"raiseMinimumTo": version} if version > ssl.TLSVersion.TLSv1_2 else \
+        {"insecurelyLowerMinimumTo": version}
+    # The chain after the server's own certificate: the intermediates a client needs.
+    chain = [ssl.Certificate.loadPEM(b).original for b in _pem_blocks(pem["tls_cert"])[1:]]
+    return ssl.CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original,
+                                  extraCertChain=chain, acceptableCiphers=ciphers, **floor)
+
+
+def _pem_blocks(pem: bytes) -> list[bytes]:
+    end = b"-----END CERTIFICATE-----"
+    return [b + end for b in pem.split(end) if b"-----BEGIN CERTIFICATE-----" in b]
 
 
 def firewalls(settings: Settings) -> dict[str, tuple[Firewall, ...]]:

@@ -359,6 +359,12 @@ SERVER = Section("server", {
     "tls_cert": Key(str, "", "PEM certificate chain, absolute path; STARTTLS is offered only when set "
                              "(re-read on reload)", _path),
     "tls_key": Key(str, "", "PEM private key for tls_cert, absolute path", _path),
+    "tls_min_version": Key(str, "TLSv1.2", "oldest TLS version accepted: TLSv1.2 or TLSv1.3 (TLSv1 and "
+                                           "TLSv1.1 only with a warning: both are deprecated, RFC 8996)",
+                           _choice("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")),
+    "tls_ciphers": Key(str, "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!MD5:!DSS",
+                       "OpenSSL cipher list for TLS 1.2 and older (TLS 1.3's suites are all forward-"
+                       "secret); the default: forward secrecy and AEAD only"),
     "upstream_hosts": Key(list, [], "clients allowed to send XCLIENT/XFORWARD (addresses or CIDRs)", _network),
     "allow_public_upstream_hosts": Key(bool, False, "accept upstream_hosts entries that cover public address "
                                                     "space (wider than an IPv4 /8 or IPv6 /16, not all "
@@ -599,6 +605,9 @@ def _finish_server(ld: Loading) -> None:
             used = ipaddress.ip_interface(given)
             if used.ip != used.network.network_address:
                 ld.warn(f"{section}.{name}", f"{given} has host bits set; the network used is {used.network}")
+    if srv["tls_min_version"] in ("TLSv1", "TLSv1.1"):
+        ld.warn("server.tls_min_version", f"{srv['tls_min_version']}: deprecated (RFC 8996); clients "
+                                          f"that need it are rare and their TLS is weak")
     if ld.tier == "edge" and not v["relay"]["relay_domains"]:
         ld.warn("relay.relay_domains", "empty: the edge accepts mail for no domain from clients "
                                        "outside relay.mynetworks")

@@ -395,3 +395,15 @@ def test_reverse_lookups_are_on_at_the_edge_only_by_default():
     for tier in ("filter", "domain"):
         assert parse(tier, config(tier), P).server.reverse_lookup is False
         assert parse(tier, config(tier, server={"reverse_lookup": True}), P).server.reverse_lookup is True
+
+
+def test_tls_versions_and_ciphers_are_checked_where_start_up_would(tmp_path):
+    cert, key = self_signed(tmp_path, "mx.example.org")
+    tls = {"tls_cert": str(cert), "tls_key": str(key)}
+    assert refused("edge", server={"tls_min_version": "SSLv3"}).key == "server.tls_min_version"
+    old = parse("edge", config("edge", server={**tls, "tls_min_version": "TLSv1.1"}), P)
+    assert any("server.tls_min_version: TLSv1.1: deprecated (RFC 8996)" in w for w in old.warnings)
+    bad = parse("edge", config("edge", server={**tls, "tls_ciphers": "NO-SUCH-CIPHER"}), P)
+    with pytest.raises(ConfigError) as e:
+        tls_context(bad)
+    assert e.value.key == "server.tls_ciphers" and "selects no cipher" in e.value.reason
