@@ -299,7 +299,8 @@ class Daemon:
                 name, srv, self._handler_factory(gen, name, policies[listener.policy]),
                 tls_context=tls if listener.tls == "starttls" else None, upstream_hosts=upstream,
                 allowed_clients=allowed, command_timeout=s.command_timeout, session_timeout=s.session_timeout,
-                firewalls=walls[name])
+                firewalls=walls[name], greet_wait=listener.greet_wait,
+                greet_exempt=NetworkList(settings.relay.mynetworks))
         return gen
 
     def _handler_factory(self, gen: Generation, listener: str, policy: Policy):

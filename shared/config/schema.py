@@ -414,6 +414,10 @@ LISTENER = Section("listeners", {
                _choice("starttls", "implicit", "none")),
     "firewall": Key(list, [], "this listener's own firewall rules, tried before [firewall] rules "
                               "(same syntax)", _firewall_rule),
+    "greet_wait": Key((int, float), 0, "pregreet test, as postscreen's: seconds between the first line of "
+                                       "a multi-line greeting (220-) and the rest; a client that talks "
+                                       "before the end gets 554 5.5.1 and is disconnected (0: no test; "
+                                       "6 is postscreen's; relay.mynetworks exempt)", _range(0, 60)),
 }, doc="one listener per [listeners.NAME] table", named=True)
 
 FIREWALL = Section("firewall", {
@@ -625,7 +629,7 @@ def _finish_listeners(ld: Loading) -> None:
         for i, (host, port) in enumerate(listen, 1):
             listeners["smtp" if i == 1 else f"smtp-{i}"] = {
                 "endpoint": tcp_endpoint(host, port), "policy": "default", "tls": "starttls",
-                "firewall": []}
+                "firewall": [], "greet_wait": 0}
     for name, listener in listeners.items():
         if not listener["endpoint"]:
             raise ld.error(f"listeners.{name}.endpoint", "required: where this listener listens")

@@ -145,3 +145,27 @@ def test_firewall_rules_refuse_at_connect_and_files_are_read_again_on_reload(mak
         assert c.greeting.code == 220
     with Client(p.edge.port, source="127.0.0.4") as c:
         assert c.greeting.code == 220                # allowed by the earlier rule, whatever the file says
+
+
+def test_pregreet_a_client_that_talks_before_the_greeting_is_refused(make_pipeline):
+    p = make_pipeline(start=())
+    p.edge.write_config({"server": {"listen": None},
+                         "listeners": {"mx": {"endpoint": f"tcp:port={p.edge.port}:interface=127.0.0.1",
+                                              "greet_wait": 1}},
+                         "relay": {"mynetworks": ["127.0.0.9/32"]}})
+    p.start()
+    with socket.create_connection(("127.0.0.1", p.edge.port), timeout=10, source_address=("127.0.0.5", 0)) as s:
+        f = s.makefile("rb")
+        assert f.readline() == b"220-edge.example.test ESMTP\r\n"
+        s.sendall(b"EHLO spam.example\r\n")                 # before the rest of the greeting
+        assert f.readline().startswith(b"554 5.5.1 ")
+        assert f.readline() == b""                          # disconnected
+    p.edge.wait_log(r"127\.0\.0\.5: pregreet: 19 octets after 0\.\d\ds: EHLO spam\.example")
+    with socket.create_connection(("127.0.0.1", p.edge.port), timeout=10, source_address=("127.0.0.6", 0)) as s:
+        f = s.makefile("rb")
+        assert f.readline() == b"220-edge.example.test ESMTP\r\n"
+        assert f.readline().startswith(b"220 edge.example.test")      # after the wait: the whole greeting
+        s.sendall(b"EHLO patient.example\r\n")
+        assert f.readline().startswith(b"250-")
+    with Client(p.edge.port, source="127.0.0.9") as c:     # mynetworks: no wait
+        assert c.greeting.code == 220 and len(c.greeting.text.splitlines()) == 1
