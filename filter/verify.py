@@ -46,6 +46,7 @@ def _build(own: VerifySettings, ctx):
 
 
 VERIFY = CheckType("verify", phases=("rcpt",), build=_build, section=Section.of("verify", VerifySettings),
+                   active=lambda own, settings: own.recipients,
                    timeout=lambda settings: settings.next_hop.command_timeout + 5,
                    doc="ask the next hop whether it accepts the recipient (cached); its 5xx is ours")
 

@@ -62,6 +62,13 @@ def server_config(settings: Settings) -> ServerConfig:
                         hard_error_limit=s.max_errors, junk_command_limit=s.max_junk_commands)
 
 
+def session_limits(settings: Settings) -> dict:
+    s = settings.server
+    return dict(max_connections=s.max_connections, max_connections_per_client=s.max_connections_per_client,
+                stress_command_timeout=s.stress_command_timeout,
+                stress_connections_per_client=s.stress_connections_per_client)
+
+
 def allowed_clients(settings: Settings) -> NetworkList | None:
     """Who may open a session: anyone at the edge; at the inner tiers only the
     upstream tiers and ``mynetworks``, unless ``server.allow_any_client`` says
@@ -258,8 +265,7 @@ class Daemon:
         self.spec = tier_spec(settings.tier)
         self.pool = BlockingPool(reactor, size=4, name=f"{settings.tier}-blocking")
         self.ports = []
-        self.table = SessionTable(reactor, max_connections=settings.server.max_connections,
-                                  max_connections_per_client=settings.server.max_connections_per_client)
+        self.table = SessionTable(reactor, **session_limits(settings))
         self.component = None
         self.generation: Generation | None = None
         self.log_observer = None          # set by run(): the level follows reloads, the file reopens
@@ -441,8 +447,7 @@ class Daemon:
         restart = restart_needed(self.settings, new)
         old, self.generation, self.settings = self.generation, gen, new
         self.component.activate(gen.configured)
-        self.table.set_limits(max_connections=new.server.max_connections,
-                              max_connections_per_client=new.server.max_connections_per_client)
+        self.table.set_limits(**session_limits(new))
         if self.log_observer is not None:
             self.log_observer.set_level(new.log.level)
         old.retire()

@@ -158,9 +158,13 @@ class RateLimits:
         return refusal
 
 
+def _active(own: RateSettings, settings=None) -> bool:
+    return any((own.connection_rate, own.message_rate, own.recipient_rate, own.user_message_rate,
+                own.user_recipient_rate))
+
+
 def _build(own: RateSettings, ctx):
-    if not any((own.connection_rate, own.message_rate, own.recipient_rate, own.user_message_rate,
-                own.user_recipient_rate)):
+    if not _active(own):
         return None
     s = ctx.settings
     exempt = NetworkList([*s.relay.mynetworks, *s.server.upstream_hosts])
@@ -168,6 +172,6 @@ def _build(own: RateSettings, ctx):
 
 
 RATE_LIMITS = CheckType("rate_limits", phases=("connect", "mail", "rcpt"), build=_build,
-                        section=Section.of("rate_limits", RateSettings),
+                        section=Section.of("rate_limits", RateSettings), active=_active,
                         doc="per-client connection, message and recipient rates, per-user message and "
                             "recipient rates (off until [rate_limits] sets one)")

@@ -33,6 +33,14 @@ class CheckType:
     section: Section | None = None          # its [name] table; build gets its object
     doc: str = ""
     timeout: float | Callable[[Settings], float] = 30.0
+    # (its settings, the configuration) -> whether build makes a check; None: always.
+    # check-config marks a check listed but off.
+    active: Callable[[Any, Settings], bool] | None = None
+
+    def is_active(self, settings: Settings) -> bool:
+        if self.active is None:
+            return True
+        return self.active(settings.sections[self.section.name] if self.section else None, settings)
 
     def timeout_for(self, settings: Settings) -> float:
         return self.timeout(settings) if callable(self.timeout) else self.timeout
@@ -110,7 +118,8 @@ def describe(settings: Settings, spec: TierSpec) -> str:
         for phase in PHASE_KEYS:
             for i, entry in enumerate(getattr(policy, phase), 1):
                 t = types[entry]
-                lines.append(f"  {phase:11} {i:2}. {entry} (timeout {t.timeout_for(settings):g}s): {t.doc}")
+                state = f"timeout {t.timeout_for(settings):g}s" if t.is_active(settings) else "off"
+                lines.append(f"  {phase:11} {i:2}. {entry} ({state}): {t.doc}")
         rules = ", ".join(policy.relay) or "none"
         lines.append(f"  relay, before the rcpt checks (554 5.7.1 unless one permits): {rules}")
         for r in policy.relay:

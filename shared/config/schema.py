@@ -345,6 +345,12 @@ SERVER = Section("server", {
     "max_connections_per_client": Key(int, 50, "simultaneous sessions from one client address, all listeners "
                                                "together (upstream_hosts are exempt; at most 100000)",
                                       _count(100_000)),
+    "stress_command_timeout": Key((int, float), 10, "under stress (sessions at 80 % of max_connections, "
+                                                    "until below 50 %): seconds an idle session waits "
+                                                    "for a command (as Postfix's ${stress?10})", _SECONDS),
+    "stress_connections_per_client": Key(int, 5, "under stress: sessions one client may hold (the "
+                                                 "smaller of this and max_connections_per_client)",
+                                         _count(100_000)),
     "max_errors": Key(int, 20, "client errors before the session is closed with 421 (at most 1000)",
                       _count(1000)),
     "max_junk_commands": Key(int, 100, "NOOP, RSET, VRFY and HELP commands before each one counts as an "

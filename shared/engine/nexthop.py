@@ -85,4 +85,5 @@ def _build_route(_settings, ctx):
 
 
 ROUTE = CheckType("route", phases=("rcpt",), build=_build_route,
+                  active=lambda own, settings: route(settings) is not None,
                   doc="refuse (450 4.4.4) a recipient whose domain no next hop serves (next_hop.domains)")

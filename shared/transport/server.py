@@ -100,6 +100,7 @@ class SMTPServerProtocol(protocol.Protocol):
         self._grace_timer = None
         self._closed = False
         self._closing = False
+        self.last_active = 0.0         # reactor time of the last input (the idle session closed first)
         self._greet_gate: defer.Deferred | None = None    # the pregreet wait (see _greet_wait)
         self._greet_timer = None
 
@@ -197,11 +198,22 @@ class SMTPServerProtocol(protocol.Protocol):
 
     # -- timers ---------------------------------------------------------------
     def _reset_idle(self) -> None:
-        t = self.config.command_timeout
+        self.last_active = self.reactor.seconds()
+        t = self.factory.table.command_timeout(self.config.command_timeout)
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.reset(t)
         else:
             self._idle_timer = self.reactor.callLater(t, self._idle_expired)
+
+    def tighten_idle(self, timeout: float) -> None:
+        """The tier came under stress: wait at most `timeout` more for the next command."""
+        t = self._idle_timer
+        if t is not None and t.active() and t.getTime() - self.reactor.seconds() > timeout:
+            t.reset(timeout)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing or self._closed
 
     def _idle_expired(self) -> None:
         self.abort_session(Reply(421, "4.4.2", f"{self.config.server_config.hostname} Error: timeout exceeded"))
@@ -448,25 +460,53 @@ class SessionTable:
     ``allowed_clients``, when a listener has it, is the only address space sessions
     are taken from (the inner tiers: their upstream tiers and ``mynetworks``); anyone
     else gets 554 5.7.1 instead of a greeting.
+
+    Stress, as Postfix's: when the sessions reach ``STRESS_AT`` of ``max_connections``
+    the tier is under stress until they fall below ``RELAXED_AT``, and says so in the
+    log both times.  Under stress, idle sessions wait at most ``stress_command_timeout``
+    for their next command (those already waiting get the shorter timeout at once), a
+    client may hold at most ``stress_connections_per_client`` sessions, and at the limit
+    a newcomer is let in by closing the session idle the longest (421), not refused:
+    a thousand idle connections no longer lock everyone else out.
     """
 
-    def __init__(self, reactor, *, max_connections: int = 1000, max_connections_per_client: int = 50) -> None:
+    STRESS_AT = 0.8
+    RELAXED_AT = 0.5
+
+    def __init__(self, reactor, *, max_connections: int = 1000, max_connections_per_client: int = 50,
+                 stress_command_timeout: float = 10, stress_connections_per_client: int = 5) -> None:
         self.reactor = reactor
-        self.max_connections = max_connections
-        self.max_connections_per_client = max_connections_per_client
         self.sessions: set[SMTPServerProtocol] = set()
         self._per_client: dict[str, int] = {}
         self.accepting = True
+        self.stressed = False
         self._drained: defer.Deferred | None = None
+        self.set_limits(max_connections=max_connections, max_connections_per_client=max_connections_per_client,
+                        stress_command_timeout=stress_command_timeout,
+                        stress_connections_per_client=stress_connections_per_client)
 
-    def set_limits(self, *, max_connections: int, max_connections_per_client: int) -> None:
-        """A reload: the new limits hold for sessions that open from now on."""
+    def set_limits(self, *, max_connections: int, max_connections_per_client: int,
+                   stress_command_timeout: float = 10, stress_connections_per_client: int = 5) -> None:
+        """At start and on reload: the new limits hold for sessions that open from now on."""
         self.max_connections = max_connections
         self.max_connections_per_client = max_connections_per_client
+        self.stress_command_timeout = stress_command_timeout
+        self.stress_connections_per_client = stress_connections_per_client
+
+    def command_timeout(self, normal: float) -> float:
+        """How long an idle session waits for its next command now."""
+        return min(normal, self.stress_command_timeout) if self.stressed else normal
 
     def opened(self, p: SMTPServerProtocol) -> None:
         self.sessions.add(p)
         self._per_client[p.peer_host] = self._per_client.get(p.peer_host, 0) + 1
+        if not self.stressed and len(self.sessions) >= self.STRESS_AT * self.max_connections:
+            self.stressed = True
+            log.warn("under stress: {n} of {m} sessions; idle sessions wait {t:g}s, at most {c} per client",
+                     n=len(self.sessions), m=self.max_connections, t=self.stress_command_timeout,
+                     c=self.stress_connections_per_client)
+            for session in list(self.sessions):
+                session.tighten_idle(self.stress_command_timeout)
 
     def closed(self, p: SMTPServerProtocol) -> None:
         self.sessions.discard(p)
@@ -475,6 +515,9 @@ class SessionTable:
             self._per_client[p.peer_host] = n
         else:
             self._per_client.pop(p.peer_host, None)
+        if self.stressed and len(self.sessions) < self.RELAXED_AT * self.max_connections:
+            self.stressed = False
+            log.info("stress over: {n} of {m} sessions", n=len(self.sessions), m=self.max_connections)
         if self._drained is not None and not self.sessions:
             d, self._drained = self._drained, None
             d.callback(None)
@@ -494,12 +537,28 @@ class SessionTable:
         if c.allowed_clients is not None and p.peer_host not in c.allowed_clients:
             return Reply(554, "5.7.1", f"{host} Error: access denied for [{p.peer_host}]: "
                                        "this tier takes mail only from its upstream tiers")
-        if len(self.sessions) > self.max_connections:
-            return Reply(421, "4.7.0", f"{host} Error: too many connections")
-        if (self._per_client.get(p.peer_host, 0) > self.max_connections_per_client
+        per_client = self.max_connections_per_client
+        if self.stressed:
+            per_client = min(per_client, self.stress_connections_per_client)
+        if (self._per_client.get(p.peer_host, 0) > per_client
                 and not p.upstream):     # an upstream tier carries many clients
             return Reply(421, "4.7.0", f"{host} Error: too many connections from {p.peer_host}")
+        if len(self.sessions) > self.max_connections and not self._make_room(p):
+            return Reply(421, "4.7.0", f"{host} Error: too many connections")
         return None
+
+    def _make_room(self, newcomer: SMTPServerProtocol) -> bool:
+        """Close the session idle the longest (no transaction, not an upstream tier's) for
+        `newcomer`; False when every other session is busy."""
+        idle = [p for p in self.sessions
+                if p is not newcomer and p.handler is not None and not p.in_transaction and not p.upstream
+                and not p.closing]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda p: p.last_active)
+        victim.abort_session(Reply(421, "4.7.0", f"{victim.config.server_config.hostname} Error: too many "
+                                                 f"connections; closing an idle session"))
+        return True
 
     def shutdown(self, grace: float) -> defer.Deferred:
         """Stop accepting; idle sessions get 421 now, the others `grace` seconds to finish."""

@@ -25,7 +25,8 @@ def test_each_listener_follows_its_own_policy(make_pipeline):
     out = smarthost("check-config", str(p.edge.config_path))
     assert out.returncode == 0, out.stderr
     assert f"#   listener strict: tcp:port={strict}:interface=127.0.0.1 (tls starttls), policy strict" in out.stdout
-    assert "#   policy strict:\n#     helo         1. helo_name (timeout 30s)" in out.stdout
+    assert "#   policy strict:\n#     connect      1. rate_limits (off): " in out.stdout
+    assert "\n#     helo         1. helo_name (timeout 30s): " in out.stdout
     p.start()
     with Client(strict) as c:
         r = c.cmd("EHLO localhost")
@@ -62,9 +63,15 @@ def test_connection_limits_count_all_listeners_together(make_pipeline):
     def greeted(port) -> bool:
         with Client(port) as c:
             return c.greeting.code == 220
-    wait_until(lambda: greeted(p.edge.port), 5, "the start-up probes' sessions to end")
-    with Client(p.edge.port) as first:
-        assert first.greeting.code == 220
+
+    def held(port) -> Client | None:
+        c = Client(port)
+        if c.greeting.code == 220:
+            return c
+        c.close()
+        return None
+    first = wait_until(lambda: held(p.edge.port), 5, "the start-up probes' sessions to end")
+    with first:
         with Client(second) as other:
             assert (other.greeting.code, other.greeting.enhanced) == (421, "4.7.0"), other.greeting
             assert "too many connections from 127.0.0.1" in other.greeting.text

@@ -178,12 +178,14 @@ def test_starttls_discards_pipelined_plaintext():
 
 
 def test_connection_limits_and_shutdown():
-    clock, factory, proto, t, _ = make(max_connections=1)
+    clock, factory, proto, t, handlers = make(max_connections=1)
+    handlers[0].in_transaction = True          # busy: no idle session to make room with
     p2 = factory.buildProtocol(None)
     t2 = TLSStringTransport()
     p2.makeConnection(t2)
     assert t2.value().startswith(b"421 4.7.0") and t2.disconnecting
     p2.connectionLost()
+    handlers[0].in_transaction = False
     t.clear()
     d = factory.shutdown(10)
     assert b"421 4.3.2" in t.value() and t.disconnecting
