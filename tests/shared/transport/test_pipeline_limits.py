@@ -10,6 +10,9 @@ from shared.transport.server import ListenerConfig, PIPELINE_ALLOWANCE, SMTPServ
 
 
 class Handler:
+    """A session handler that answers every decision with the standard reply."""
+    in_transaction = False
+
     def __init__(self, proto):
         self.proto = proto
 

@@ -1,35 +1,12 @@
 """Stress, as Postfix's: near the connection limit idle sessions get a short timeout, each
 client fewer sessions, and a newcomer at the limit is let in by closing the session idle
 the longest; both the stress and its end are logged."""
-from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
 from shared.smtp.server import ServerConfig
 from shared.transport.server import SMTPServerFactory
-
-
-class Handler:
-    in_transaction = False
-
-    def __init__(self, proto):
-        self.proto = proto
-
-    def on_connect(self):
-        return None
-
-    def __getattr__(self, name):
-        if name.startswith("on_"):
-            return lambda event=None: None
-        raise AttributeError(name)
-
-
-def connect(factory, addr):
-    proto = factory.buildProtocol(None)
-    t = StringTransport(peerAddress=IPv4Address("TCP", addr, 40000))
-    proto.makeConnection(t)
-    return proto, t
+from tests.shared.transport.test_pipeline_limits import Handler, connect
 
 
 def lose(proto, t):
