@@ -352,7 +352,8 @@ class Daemon:
                     factory = TLSMemoryBIOFactory(CurrentTLS(self), False, factory)
                 proxied, description = proxyproto.split(listener.endpoint)
                 if proxied:
-                    factory = proxyproto.HeaderFirstFactory(factory, self.reactor)
+                    factory = proxyproto.HeaderFirstFactory(factory, self.reactor,
+                                                            NetworkList(listener.proxy_hosts))
                 endpoint = endpoints.serverFromString(self.reactor, description)
                 port = yield endpoint.listen(factory)
                 self.ports.append(port)

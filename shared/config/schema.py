@@ -420,6 +420,8 @@ LISTENER = Section("listeners", {
                _choice("starttls", "implicit", "none")),
     "firewall": Key(list, [], "this listener's own firewall rules, tried before [firewall] rules "
                               "(same syntax)", _firewall_rule),
+    "proxy_hosts": Key(list, [], "haproxy: endpoints: the balancers whose PROXY header is believed "
+                                 "(CIDRs; required with such an endpoint); others are disconnected", _network),
     "greet_wait": Key((int, float), 0, "pregreet test, as postscreen's: seconds between the first line of "
                                        "a multi-line greeting (220-) and the rest; a client that talks "
                                        "before the end gets 554 5.5.1 and is disconnected (0: no test; "
@@ -635,10 +637,13 @@ def _finish_listeners(ld: Loading) -> None:
         for i, (host, port) in enumerate(listen, 1):
             listeners["smtp" if i == 1 else f"smtp-{i}"] = {
                 "endpoint": tcp_endpoint(host, port), "policy": "default", "tls": "starttls",
-                "firewall": [], "greet_wait": 0}
+                "firewall": [], "greet_wait": 0, "proxy_hosts": []}
     for name, listener in listeners.items():
         if not listener["endpoint"]:
             raise ld.error(f"listeners.{name}.endpoint", "required: where this listener listens")
+        if listener["endpoint"].startswith("haproxy:") and not listener["proxy_hosts"]:
+            raise ld.error(f"listeners.{name}.proxy_hosts", "required with a haproxy: endpoint: the "
+                                                            "balancers whose PROXY header is believed")
         if listener["tls"] == "implicit" and not ld.values["server"]["tls_cert"]:
             raise ld.error(f"listeners.{name}.tls", "implicit TLS needs server.tls_cert and server.tls_key")
 

@@ -6,18 +6,24 @@ starts the wrapped protocol as soon as the TCP connection is made, before that
 header arrives: the session would greet, and be admitted and logged, as the
 balancer's address.  So the daemon listens on DESCRIPTION itself and wraps the
 sessions in :class:`HeaderFirst`, which parses the header with Twisted's parsers
-and only then starts the SMTP session, whose peer is the proxied client.  A
-connection that sends no valid header within ``HEADER_TIMEOUT`` seconds (as
-Postfix's ``postscreen_upstream_proxy_timeout``, 5 s) is closed without a word.
+and only then starts the SMTP session, whose peer is the proxied client.
+
+The header is believed only from the listener's ``proxy_hosts`` (the balancers):
+a connection from anywhere else is closed at once, or anyone could claim any
+address.  A connection that sends no valid header within ``HEADER_TIMEOUT``
+seconds is closed without a word.
 """
 from __future__ import annotations
 
 from twisted.internet.protocol import Protocol
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
+from twisted.logger import Logger
 from zope.interface import directlyProvides, providedBy
 
+log = Logger(namespace="smarthost.smtpd")
+
 PREFIX = "haproxy:"
-HEADER_TIMEOUT = 5.0
+HEADER_TIMEOUT = 3.0
 
 
 def split(description: str) -> tuple[bool, str]:
@@ -38,6 +44,11 @@ class HeaderFirst(HAProxyProtocolWrapper):
         directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
+        peer = getattr(transport.getPeer(), "host", "")
+        if peer not in self.factory.proxy_hosts:
+            log.info("{peer}: PROXY protocol listener: not one of its proxy_hosts; closed", peer=peer)
+            transport.abortConnection()
+            return
         self._timer = self.factory.reactor.callLater(HEADER_TIMEOUT, transport.abortConnection)
 
     def dataReceived(self, data: bytes) -> None:
@@ -79,6 +90,7 @@ class _Collect:
 class HeaderFirstFactory(HAProxyWrappingFactory):
     protocol = HeaderFirst
 
-    def __init__(self, wrapped, reactor) -> None:
+    def __init__(self, wrapped, reactor, proxy_hosts) -> None:
         super().__init__(wrapped)
         self.reactor = reactor
+        self.proxy_hosts = proxy_hosts           # a NetworkList: whose PROXY header is believed

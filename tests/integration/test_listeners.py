@@ -40,7 +40,7 @@ def test_each_listener_follows_its_own_policy(make_pipeline):
 def test_a_proxy_protocol_listener_sees_the_balancers_client(make_pipeline):
     p = make_pipeline(start=())
     proxied = free_port()
-    p.edge.write_config(listeners(p.edge.port, lb={"endpoint": f"haproxy:tcp:port={proxied}:interface=127.0.0.1"}))
+    p.edge.write_config(listeners(p.edge.port, lb={"endpoint": f"haproxy:tcp:port={proxied}:interface=127.0.0.1", "proxy_hosts": ["127.0.0.1"], "proxy_hosts": ["127.0.0.1"]}))
     p.start()
     with socket.create_connection(("127.0.0.1", proxied), timeout=10) as s:
         s.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 40123 25\r\n")
@@ -51,6 +51,14 @@ def test_a_proxy_protocol_listener_sees_the_balancers_client(make_pipeline):
             pass
         s.sendall(b"QUIT\r\n")
     p.edge.wait_log(r"connect from unknown\[203\.0\.113\.9\]")
+    # from anyone but the balancer, the header is not believed: disconnected at once
+    with socket.create_connection(("127.0.0.1", proxied), timeout=10, source_address=("127.0.0.8", 0)) as s:
+        s.sendall(b"PROXY TCP4 192.0.2.1 127.0.0.1 40123 25\r\n")
+        try:
+            assert s.recv(100) == b""                   # no greeting: closed
+        except ConnectionResetError:                    # (or reset: it had sent what was unread)
+            pass
+    p.edge.wait_log(r"127\.0\.0\.8: PROXY protocol listener: not one of its proxy_hosts; closed")
 
 
 def test_connection_limits_count_all_listeners_together(make_pipeline):
@@ -128,7 +136,7 @@ def test_firewall_rules_refuse_at_connect_and_files_are_read_again_on_reload(mak
     feed = p.root / "drop.txt"
     feed.write_text("# a blocklist feed\n127.0.0.3/32\n")
     proxied = free_port()
-    p.edge.write_config({**listeners(p.edge.port, lb={"endpoint": f"haproxy:tcp:port={proxied}:interface=127.0.0.1",
+    p.edge.write_config({**listeners(p.edge.port, lb={"endpoint": f"haproxy:tcp:port={proxied}:interface=127.0.0.1", "proxy_hosts": ["127.0.0.1"],
                                                       "firewall": ["deny 203.0.113.0/24"]}),
                          "server": {"listen": None, "pid_file": str(p.root / "edge.pid")},
                          "firewall": {"rules": ["allow 127.0.0.4", "deny 127.0.0.0/29", f"deny file:{feed}"]}})

@@ -148,7 +148,7 @@ def test_every_listener_is_bound_before_privileges_are_dropped_and_reload_still_
     sections = merge(default_sections("edge", base, ports, None), {
         "server": {"user": USER, "listen": None, "pid_file": str(run / "edge.pid")},
         "listeners": {"mx": {"endpoint": f"tcp:port={ports['edge']}:interface=127.0.0.1"},
-                      "low": {"endpoint": f"haproxy:tcp:port={low}:interface=127.0.0.1"}}})
+                      "low": {"endpoint": f"haproxy:tcp:port={low}:interface=127.0.0.1", "proxy_hosts": ["127.0.0.1"]}}})
     edge = Tier("edge", base, ports["edge"], sections)
     try:
         edge.start()

@@ -115,7 +115,7 @@ def test_server_listen_is_shorthand_for_one_listener_each():
 def test_listeners_name_their_policy_and_policies_their_checks():
     s = parse("edge", {**EDGE_MIN,
                        "listeners": {"mx": {"endpoint": "tcp:port=2525:interface=127.0.0.1", "policy": "strict"},
-                                     "proxied": {"endpoint": "haproxy:tcp:port=2526:interface=127.0.0.1"}},
+                                     "proxied": {"endpoint": "haproxy:tcp:port=2526:interface=127.0.0.1", "proxy_hosts": ["127.0.0.1"]}},
                        "policies": {"strict": {"helo": ["helo_name"], "relay": ["mynetworks", "relay_domains"]}}})
     assert s.listeners["mx"].policy == "strict" and s.listeners["proxied"].policy == "default"
     strict = s.policies["strict"]
@@ -128,6 +128,7 @@ def test_listeners_name_their_policy_and_policies_their_checks():
      "server.listen", "not both"),
     ({"listeners": {"mx": {"endpoint": "tpc:25"}}}, "listeners.mx.endpoint", "not a Twisted endpoint description"),
     ({"listeners": {"mx": {}}}, "listeners.mx.endpoint", "required"),
+    ({"listeners": {"lb": {"endpoint": "haproxy:tcp:2525"}}}, "listeners.lb.proxy_hosts", "required"),
     ({"listeners": {"mx": {"endpoint": "tcp:25", "policy": "nope"}}}, "listeners.mx.policy", "no policy 'nope'"),
     ({"listeners": {"mx": {"endpoint": "tcp:25", "tls": "implicit"}}}, "listeners.mx.tls", "server.tls_cert"),
     ({"policies": {"default": {"helo": ["helo_nam"]}}}, "policies.default.helo", "unknown check 'helo_nam'"),
