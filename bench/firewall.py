@@ -52,7 +52,7 @@ def main() -> None:
         return (time.perf_counter() - t) / len(addresses)
     small, large = per_lookup(empty), per_lookup(wall)
     denied = sum(1 for a in addresses[:20_000] if (d := wall.decide(a)) is not None and not d.allowed)
-    print(f"firewall: {args.entries} CIDRs from a file -> {len(wall._tables[4][0])} disjoint ranges; "
+    print(f"firewall: {args.entries} CIDRs from a file -> {wall.map.ranges} disjoint ranges; "
           f"build {build:.2f} s, peak memory while building {peak / 1e6:.0f} MB")
     print(f"lookup: {small * 1e6:.2f} us with 1 rule, {large * 1e6:.2f} us with {args.entries} "
           f"({denied / 200:.1f} % of random addresses denied)")

@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from shared.blocking import BlockingPool
-from shared.checks.registry import BuildContext, Policy, build_policies, describe
+from shared.checks.registry import BuildContext, Policy, build_policies, describe, preflight_checks
 from shared.config import ConfigError, Settings, check_host, load
 from shared.config.schema import TIER_MODULES, directories, hostport_text, tier_spec
 from shared.engine.session import EngineConfig, EngineSession
@@ -161,6 +161,7 @@ def preflight(settings: Settings) -> None:
     check_host(settings)
     tls_context(settings)
     firewalls(settings)
+    preflight_checks(settings, tier_spec(settings.tier))
 
 
 @contextmanager

@@ -21,6 +21,7 @@ import heapq
 import socket
 from bisect import bisect_right
 from dataclasses import dataclass
+from typing import Any
 
 ACTIONS = ("allow", "deny")
 
@@ -48,7 +49,7 @@ def parse_rule(text: str) -> tuple[str, str]:
     if target.startswith("file:") and not target[5:].startswith("/"):
         raise RuleError(f"{text!r}: the file must be an absolute path")
     if not target.startswith("file:"):
-        _span(target, text)
+        address_range(target, text)
     return action, target
 
 
@@ -69,7 +70,7 @@ def _address(text: str) -> tuple[int, int, int] | None:
     return version, value, bits
 
 
-def _span(value: str, where: str) -> tuple[int, int, int]:
+def address_range(value: str, where: str) -> tuple[int, int, int]:
     """(version, first address, first address after) of a network "ADDR[/PREFIX]"."""
     addr, slash, prefix = value.partition("/")
     parsed = _address(addr)
@@ -87,7 +88,7 @@ def _span(value: str, where: str) -> tuple[int, int, int]:
 def _networks(target: str):
     """The address ranges of one rule's target, with their label for the log."""
     if not target.startswith("file:"):
-        yield _span(target, target), target
+        yield address_range(target, target), target
         return
     path = target[5:]
     try:
@@ -98,7 +99,39 @@ def _networks(target: str):
         for number, line in enumerate(f, 1):
             entry = line.split("#", 1)[0].strip()
             if entry:
-                yield _span(entry, f"{path} line {number}"), f"{target} ({entry})"
+                yield address_range(entry, f"{path} line {number}"), f"{target} ({entry})"
+
+
+class AddressMap:
+    """A first-match map from address ranges to values: ``entries`` are
+    ``((version, start, end), value)`` in order of priority; :meth:`get` gives the
+    value of the first entry whose range holds an address, in O(log n)."""
+
+    def __init__(self, entries) -> None:
+        spans: dict[int, list[tuple[int, int, int, Any]]] = {4: [], 6: []}
+        for order, ((version, start, end), value) in enumerate(entries):
+            spans[version].append((start, end, order, value))
+        self.count = len(spans[4]) + len(spans[6])
+        self._tables = {v: _disjoint(s) for v, s in spans.items()}
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def ranges(self) -> int:
+        """How many disjoint ranges the entries became."""
+        return sum(len(t[0]) for t in self._tables.values())
+
+    def get(self, address: str) -> Any:
+        parsed = _address(address)
+        if parsed is None:
+            return None
+        version, value, _ = parsed
+        starts, ends, values = self._tables[version]
+        i = bisect_right(starts, value) - 1
+        if i >= 0 and value < ends[i]:
+            return values[i]
+        return None
 
 
 class Firewall:
@@ -106,55 +139,43 @@ class Firewall:
 
     def __init__(self, rules: list[str] | tuple[str, ...]) -> None:
         self.rules = tuple(rules)
-        spans: dict[int, list[tuple[int, int, int, bool, str]]] = {4: [], 6: []}
-        order = 0
+        self.map = AddressMap(self._entries())
+
+    def _entries(self):
         for text in self.rules:
             action, target = parse_rule(text)
-            allowed = action == "allow"
-            for (version, start, end), label in _networks(target):
-                spans[version].append((start, end, order, allowed, f"{action} {label}"))
-                order += 1
-        self.count = order
-        self._tables = {v: _disjoint(s) for v, s in spans.items()}
+            for span, label in _networks(target):
+                yield span, Decision(action == "allow", f"{action} {label}")
 
     def __bool__(self) -> bool:
-        return self.count > 0
+        return len(self.map) > 0
 
     def decide(self, address: str) -> Decision | None:
         """The first matching rule's decision for `address`, or None when none matches."""
-        parsed = _address(address)
-        if parsed is None:
-            return None
-        version, value, _ = parsed
-        starts, ends, decisions = self._tables[version]
-        i = bisect_right(starts, value) - 1
-        if i >= 0 and value < ends[i]:
-            return decisions[i]
-        return None
+        return self.map.get(address)
 
 
-def _disjoint(spans: list[tuple[int, int, int, bool, str]]):
-    """Disjoint ranges [start, end) and, for each, the decision of the first rule (lowest
-    order) covering it: a sweep over the range ends with a heap of the rules open there."""
+def _disjoint(spans: list[tuple[int, int, int, Any]]):
+    """Disjoint ranges [start, end) and, for each, the value of the first entry (lowest
+    order) covering it: a sweep over the range ends with a heap of the entries open there."""
     points = sorted({p for s in spans for p in (s[0], s[1])})
     by_start: dict[int, list] = {}
     for s in spans:
         by_start.setdefault(s[0], []).append(s)
-    starts, ends, decisions = [], [], []
-    active: list[tuple[int, int, bool, str]] = []      # (order, end, allowed, label)
+    starts, ends, values = [], [], []
+    active: list[tuple[int, int, Any]] = []      # (order, end, value)
     for here, nxt in zip(points, points[1:]):
-        for start, end, order, allowed, label in by_start.get(here, ()):
-            heapq.heappush(active, (order, end, allowed, label))
+        for start, end, order, value in by_start.get(here, ()):
+            heapq.heappush(active, (order, end, value))
         while active and active[0][1] <= here:
-            heapq.heappop(active)                       # ended: rules lower in order may show
+            heapq.heappop(active)                 # ended: entries lower in order may show
         if not active:
             continue
-        order, end, allowed, label = active[0]
-        decision = Decision(allowed, label)
-        if ends and ends[-1] == here and decisions[-1] == decision:
-            ends[-1] = nxt                              # the same rule goes on
+        value = active[0][2]
+        if ends and ends[-1] == here and values[-1] is value:
+            ends[-1] = nxt                        # the same entry goes on
         else:
             starts.append(here)
             ends.append(nxt)
-            decisions.append(decision)
-    return starts, ends, decisions
+            values.append(value)
+    return starts, ends, values

@@ -36,6 +36,9 @@ class CheckType:
     # (its settings, the configuration) -> whether build makes a check; None: always.
     # check-config marks a check listed but off.
     active: Callable[[Any, Settings], bool] | None = None
+    # (its settings, the configuration) -> None, or raises ConfigError: what start-up needs
+    # from this host (files it reads), run by check-config and a starting daemon.
+    preflight: Callable[[Any, Settings], None] | None = None
 
     def is_active(self, settings: Settings) -> bool:
         if self.active is None:
@@ -99,6 +102,13 @@ def build_policies(settings: Settings, spec: TierSpec, ctx: BuildContext) -> dic
         rules = [(r, permits[r].build(settings)) for r in policy.relay]
         out[name] = Policy(name, Chain(checks, reactor=ctx.reactor), RelayControl(rules))
     return out
+
+
+def preflight_checks(settings: Settings, spec: TierSpec) -> None:
+    """Every registered check's preflight (see CheckType.preflight)."""
+    for t in spec.checks:
+        if t.preflight is not None:
+            t.preflight(settings.sections[t.section.name] if t.section else None, settings)
 
 
 def all_permits(spec: TierSpec) -> list[PermitRule]:

@@ -29,3 +29,23 @@ def test_a_flooding_client_is_held_to_its_limits_while_another_clients_mail_flow
     replies = transaction(p.edge.port, "other@example.net", [f"bob@{DOMAIN}"], message("still flows"))
     assert replies[-1].code == 250, replies
     p.wait_messages(f"bob@{DOMAIN}", 1)
+
+
+def test_access_tables_answer_each_phase_and_ok_skips_the_limits(make_pipeline):
+    p = make_pipeline(edge={"access": {"client": ["127.0.0.5 reject", "127.0.0.6 ok"],
+                                       "sender": ["spam.example reject 550 5.7.1 no mail from you"],
+                                       "helo": ["localhost tempfail"]},
+                            "rate_limits": {"connection_rate": 1}})
+    with Client(p.edge.port, source="127.0.0.5") as c:
+        assert (c.greeting.code, c.greeting.enhanced) == (554, "5.7.1")
+        assert c.greeting.text == "<127.0.0.5>: Client host rejected: Access denied"
+    for _ in range(3):                                  # ok: the connection rate is not counted
+        with Client(p.edge.port, source="127.0.0.6") as c:
+            assert c.greeting.code == 220
+    with Client(p.edge.port, source="127.0.0.7") as c:
+        r = c.cmd("EHLO localhost")
+        assert (r.code, r.enhanced) == (450, "4.7.1"), r
+        c.ehlo("client.example.net")
+        r = c.cmd("MAIL FROM:<x@spam.example>")
+        assert (r.code, r.enhanced, r.text) == (550, "5.7.1", "no mail from you"), r
+        assert c.cmd("MAIL FROM:<x@fine.example>").code == 250

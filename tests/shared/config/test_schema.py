@@ -119,7 +119,7 @@ def test_listeners_name_their_policy_and_policies_their_checks():
                        "policies": {"strict": {"helo": ["helo_name"], "relay": ["mynetworks", "relay_domains"]}}})
     assert s.listeners["mx"].policy == "strict" and s.listeners["proxied"].policy == "default"
     strict = s.policies["strict"]
-    assert strict.helo == ("helo_name",) and strict.rcpt == ("route", "rate_limits")   # left out: the default
+    assert strict.helo == ("helo_name",) and strict.rcpt == ("route", "access", "rate_limits")   # the default
     assert strict.relay == ("mynetworks", "relay_domains")
 
 
