@@ -90,7 +90,13 @@ def _networks(target: str):
     if not target.startswith("file:"):
         yield address_range(target, target), target
         return
-    path = target[5:]
+    for where, entry in table_file(target[5:]):
+        yield address_range(entry, where), f"{target} ({entry})"
+
+
+def table_file(path: str):
+    """("PATH line N", entry) for each entry of a rule or table file: one per line, blank
+    lines and ``#`` comments skipped.  RuleError names the file it cannot read."""
     try:
         f = open(path, encoding="utf-8")
     except OSError as e:
@@ -99,7 +105,7 @@ def _networks(target: str):
         for number, line in enumerate(f, 1):
             entry = line.split("#", 1)[0].strip()
             if entry:
-                yield address_range(entry, f"{path} line {number}"), f"{target} ({entry})"
+                yield f"{path} line {number}", entry
 
 
 class AddressMap:

@@ -30,7 +30,7 @@ from shared.checks.core import ACCEPT, CONTINUE, Action, Request, Verdict
 from shared.checks.registry import CheckType
 from shared.config.schema import Section, setting
 from shared.config.schema import ConfigError
-from shared.firewall import AddressMap, RuleError, address_range
+from shared.firewall import AddressMap, RuleError, address_range, table_file
 from shared.smtp.reply import Reply
 
 _DEFAULTS = {"reject": (554, "5.7.1"), "tempfail": (450, "4.7.1"), "disconnect": (421, "4.7.0")}
@@ -94,16 +94,8 @@ def _entries(table: tuple[str, ...], name: str):
         if not item.startswith("file:"):
             yield parse_entry(item, f"access.{name}")
             continue
-        path = item[5:]
-        try:
-            f = open(path, encoding="utf-8")
-        except OSError as e:
-            raise RuleError(f"{path}: cannot read: {e.strerror}") from None
-        with f:
-            for number, line in enumerate(f, 1):
-                line = line.split("#", 1)[0].strip()
-                if line:
-                    yield parse_entry(line, f"{path} line {number}")
+        for where, line in table_file(item[5:]):
+            yield parse_entry(line, where)
 
 
 class NameTable:
