@@ -25,7 +25,8 @@ def test_each_listener_follows_its_own_policy(make_pipeline):
     out = smarthost("check-config", str(p.edge.config_path))
     assert out.returncode == 0, out.stderr
     assert f"#   listener strict: tcp:port={strict}:interface=127.0.0.1 (tls starttls), policy strict" in out.stdout
-    assert "#   policy strict:\n#     connect      1. rate_limits (off): " in out.stdout
+    assert "#   policy strict:\n#     connect      1. access (off): " in out.stdout
+    assert "\n#     connect      2. rate_limits (off): " in out.stdout
     assert "\n#     helo         1. helo_name (timeout 30s): " in out.stdout
     p.start()
     with Client(strict) as c:
