@@ -380,81 +380,74 @@ def show_json(root: Path | str, qid: str) -> dict[str, Any]:
             "status": m["status"], "header": m["header"]}
 
 
-def hold(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
-    """Put messages on hold.  Result per qid: "held", "already held",
-    "hold requested" (in delivery: done when the attempt ends), "corrupt",
-    "not found" or "invalid queue id"."""
+def _each(root: Path | str, qids: Iterable[str], attempt) -> dict[str, str]:
+    """``attempt(files, qid)`` for each queue id, its result per qid.  An attempt answers
+    None when the message moved under it (the running daemon picked it up or put it
+    back): it is tried again, ``_TRIES`` times at most, then the result is "not found".
+    An id that is not a queue id is "invalid queue id", never looked for."""
     files = SpoolFiles(root)
     results = {}
     for qid in qids:
         if not valid_qid(qid):
             results[qid] = "invalid queue id"
             continue
-        result = "not found"
+        result = None
         for _ in range(_TRIES):
-            if files.move(qid, "incoming", "hold") or files.move(qid, "deferred", "hold"):
-                files.request(f"{qid}.held")
-                result = "held"
+            result = attempt(files, qid)
+            if result is not None:
                 break
-            state = files.locate(qid)
-            if state == "active":
-                files.request(f"{qid}.hold")
-                result = "hold requested"
-                break
-            if state in ("hold", "corrupt", None):
-                result = {"hold": "already held", "corrupt": "corrupt"}.get(state, "not found")
-                break
-        results[qid] = result
+        results[qid] = result or "not found"
     return results
+
+
+def hold(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
+    """Put messages on hold.  Result per qid: "held", "already held",
+    "hold requested" (in delivery: done when the attempt ends), "corrupt",
+    "not found" or "invalid queue id"."""
+    def attempt(files: SpoolFiles, qid: str) -> str | None:
+        if files.move(qid, "incoming", "hold") or files.move(qid, "deferred", "hold"):
+            files.request(f"{qid}.held")
+            return "held"
+        state = files.locate(qid)
+        if state == "active":
+            files.request(f"{qid}.hold")
+            return "hold requested"
+        if state in ("hold", "corrupt", None):
+            return {"hold": "already held", "corrupt": "corrupt"}.get(state, "not found")
+        return None
+    return _each(root, qids, attempt)
 
 
 def release(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
     """Release held messages: hold/ -> deferred/, due now, and tell the daemon.
     Result per qid: "released", "hold request cancelled", "not held", "invalid queue id"."""
-    files = SpoolFiles(root)
-    results = {}
-    for qid in qids:
-        if not valid_qid(qid):
-            results[qid] = "invalid queue id"
-            continue
+    def attempt(files: SpoolFiles, qid: str) -> str:
         if files.move(qid, "hold", "deferred"):
             files.set_next_attempt(qid, "deferred", time.time())
             files.request(f"{qid}.release")
-            results[qid] = "released"
-        elif f"{qid}.hold" in files.requests():
+            return "released"
+        if f"{qid}.hold" in files.requests():
             files.clear_request(f"{qid}.hold")
-            results[qid] = "hold request cancelled"
-        else:
-            results[qid] = "not held"
-    return results
+            return "hold request cancelled"
+        return "not held"
+    return _each(root, qids, attempt)
 
 
 def delete(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
     """Delete messages without a bounce.  Result per qid: "deleted",
     "delete requested" (in delivery: done when the attempt ends), "not found"
     or "invalid queue id"."""
-    files = SpoolFiles(root)
-    results = {}
-    for qid in qids:
-        if not valid_qid(qid):
-            results[qid] = "invalid queue id"
-            continue
-        result = "not found"
-        for _ in range(_TRIES):
-            if any(files.remove(qid, state) for state in ("incoming", "deferred", "hold", "corrupt")):
-                files.clear_request(f"{qid}.hold")
-                files.request(f"{qid}.deleted")
-                result = "deleted"
-                break
-            state = files.locate(qid)
-            if state == "active":
-                files.request(f"{qid}.delete")
-                result = "delete requested"
-                break
-            if state is None:
-                break
-        results[qid] = result
-    return results
+    def attempt(files: SpoolFiles, qid: str) -> str | None:
+        if any(files.remove(qid, state) for state in ("incoming", "deferred", "hold", "corrupt")):
+            files.clear_request(f"{qid}.hold")
+            files.request(f"{qid}.deleted")
+            return "deleted"
+        state = files.locate(qid)
+        if state == "active":
+            files.request(f"{qid}.delete")
+            return "delete requested"
+        return "not found" if state is None else None
+    return _each(root, qids, attempt)
 
 
 def flush(root: Path | str) -> int:
@@ -472,26 +465,18 @@ def flush_messages(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
     (``postqueue -i``).  Result per qid: "made due now", "in delivery"
     (incoming or active: nothing to wait for), "on hold", "corrupt",
     "not found" or "invalid queue id"."""
-    files = SpoolFiles(root)
     now = time.time()
-    results = {}
-    for qid in qids:
-        if not valid_qid(qid):
-            results[qid] = "invalid queue id"
-            continue
-        result = "not found"
-        for _ in range(_TRIES):
-            if files.set_next_attempt(qid, "deferred", now):
-                files.request(f"{qid}.flush")
-                result = "made due now"
-                break
-            state = files.locate(qid)
-            if state != "deferred":              # deferred: it was in active a moment ago
-                result = {"incoming": "in delivery", "active": "in delivery", "hold": "on hold",
-                          "corrupt": "corrupt", None: "not found"}[state]
-                break
-        results[qid] = result
-    return results
+
+    def attempt(files: SpoolFiles, qid: str) -> str | None:
+        if files.set_next_attempt(qid, "deferred", now):
+            files.request(f"{qid}.flush")
+            return "made due now"
+        state = files.locate(qid)
+        if state == "deferred":                 # it was in active a moment ago
+            return None
+        return {"incoming": "in delivery", "active": "in delivery", "hold": "on hold",
+                "corrupt": "corrupt", None: "not found"}[state]
+    return _each(root, qids, attempt)
 
 
 def _fmt_time(t: float | None) -> str:
