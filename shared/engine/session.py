@@ -317,8 +317,6 @@ class EngineSession:
 
     def on_data_start(self, e: ev.DataStart):
         txn = self.txn
-        req = self._request("data", queue_id=txn.queue_id, sender=txn.envelope.sender,
-                            recipients=tuple(r.address for r in txn.envelope.recipients))
 
         def checked(v: Verdict):
             if v.final and v.action is not Action.ACCEPT:
@@ -344,7 +342,11 @@ class EngineSession:
                     if added.remove:
                         txn.edits = HeaderEdits(remove=added.remove)
             return answer
-        return self._checks(req, checked)
+        if not self.chain.has("data"):          # the usual case: no Request to build
+            return checked(CONTINUE)
+        req = self._request("data", queue_id=txn.queue_id, sender=txn.envelope.sender,
+                            recipients=tuple(r.address for r in txn.envelope.recipients))
+        return self.chain.run(req, self._record).addCallback(checked)
 
     def on_data_chunk(self, e: ev.DataChunk) -> None:
         txn = self.txn
