@@ -1,0 +1,1 @@
+"""SMTP AUTH: the SASL interface, the embedded user store, the Dovecot client."""
