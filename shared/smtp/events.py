@@ -114,7 +114,32 @@ class XForward(Event):
     attrs: dict[str, str]
 
 
+@dataclass(frozen=True)
+class AuthStart(Event):
+    """AUTH (RFC 4954) with a mechanism this connection offers, after the core checked
+    sequence and TLS.  Answers: 334 with a challenge (:func:`shared.smtp.server.challenge`;
+    the client's answer comes as :class:`AuthResponse`), 235 (authenticated), or a
+    4xx/5xx refusal (535 5.7.8 wrong credentials, 454 4.7.0 temporary)."""
+    needs_reply: ClassVar[bool] = True
+    mechanism: str               # upper case, one of the offered mechanisms
+    initial: bytes | None        # the decoded initial response; b"" for "=", None if absent
+
+
+@dataclass(frozen=True)
+class AuthResponse(Event):
+    """The client's answer to a 334 challenge, base64-decoded.  Answers as AuthStart's."""
+    needs_reply: ClassVar[bool] = True
+    data: bytes
+
+
 # -- information ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AuthAborted(Event):
+    """The client cancelled the AUTH exchange ("*") or sent an answer that is not base64;
+    the core answered 501 and the exchange is over."""
+    reply: Reply
+
 
 @dataclass(frozen=True)
 class DataChunk(Event):
@@ -153,4 +178,4 @@ class TooManyErrors(Event):
     """The client reached the error limit; the core answered 421 and is closing."""
 
 
-DECISIONS = (Hello, MailFrom, RcptTo, DataStart, DataEnd, XClient, XForward)
+DECISIONS = (Hello, MailFrom, RcptTo, DataStart, DataEnd, XClient, XForward, AuthStart, AuthResponse)

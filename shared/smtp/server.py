@@ -10,14 +10,16 @@ TRUST: every input byte comes from an untrusted peer.  Bad input never raises:
 it gets an SMTP reply (and, past ``hard_error_limit``, a 421 and a close).  Only
 misuse by the application raises :class:`LocalProtocolError`.  XCLIENT and
 XFORWARD are honoured only when the adapter says the peer is a trusted
-upstream (``xclient_allowed``).
+upstream (``xclient_allowed``).  AUTH is offered only with the mechanisms the
+adapter passes (``auth_mechanisms``), and by default only over TLS: a plaintext
+AUTH is refused 538 5.7.11 before any credential is looked at.
 
 Who answers what
 ----------------
 The core itself answers everything that depends only on syntax and sequence
 (500, 501, 502, 503, 555, NOOP, RSET, VRFY, QUIT, STARTTLS...).  At each point
 where policy decides (HELO/EHLO, MAIL, RCPT, DATA, end of data, XCLIENT,
-XFORWARD) it emits a decision event and parses nothing more until ``respond()``
+XFORWARD, AUTH and each AUTH response) it emits a decision event and parses nothing more until ``respond()``
 is called.  Pipelined commands stay in the input buffer meanwhile, so replies
 always leave in command order, however slowly the application answers.
 
@@ -36,6 +38,8 @@ States and commands (the transition table)
     any but DATA --RSET-------------->  READY, or CONNECTED without HELO
     CONNECTED, READY --STARTTLS------>  TLS  --tls_started()-->  CONNECTED
     CONNECTED, READY --XCLIENT ok---->  CONNECTED   (fresh 220 greeting)
+    READY      --AUTH, 334----------->  AUTH  --response line--> (decision) --334--> AUTH
+    AUTH       --235----------------->  READY, authenticated    (4xx/5xx, "*": READY)
     any        --QUIT, EOF, error limit, HTTP verb, a 421 answer-->  CLOSED
 
     command      needs                         else
@@ -45,6 +49,15 @@ States and commands (the transition table)
     STARTTLS     offered, no transaction       502 5.5.1 / 503 5.5.1
     XCLIENT      trusted peer, no transaction  550 5.7.0 / 503 5.5.1
     XFORWARD     trusted peer, no transaction  550 5.7.0 / 503 5.5.1
+    AUTH         offered; TLS (auth_tls_only);  503 5.5.1 / 538 5.7.11 /
+                 EHLO; not yet authenticated;  503 5.5.1 / 503 5.5.1 /
+                 no transaction; a mechanism   503 5.5.1 / 504 5.5.4
+                 offered
+    MAIL also    TLS when require_tls;          530 5.7.0
+                 AUTH when require_auth        530 5.7.0
+
+An AUTH response line may be up to ``AUTH_LINE`` octets (RFC 4954 4: 12288); it
+is "*" (cancel: 501 5.0.0) or base64 (else 501 5.5.2), never a command.
 
 Framing
 -------
@@ -59,6 +72,8 @@ every line (RFC 5321 4.5.2), which undoes dot-stuffing.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import re
 from collections import deque
@@ -70,7 +85,8 @@ from .reply import Reply
 from .syntax import (AddressError, ParameterError, parse_attributes, parse_envid, parse_notify,
                      parse_orcpt, parse_params, parse_path, split_path)
 
-__all__ = ["ServerConfig", "ServerConnection", "State", "NEED_DATA", "PAUSED", "LocalProtocolError"]
+__all__ = ["ServerConfig", "ServerConnection", "State", "NEED_DATA", "PAUSED", "LocalProtocolError",
+           "challenge"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,7 @@ class State(enum.Enum):
     RCPT = "rcpt"              # at least one recipient accepted
     DATA = "data"              # reading message content
     TLS = "tls"                # 220 to STARTTLS sent; waiting for tls_started()
+    AUTH = "auth"              # 334 sent: the next line is the client's AUTH response
     CLOSED = "closed"          # closing; nothing more is parsed
 
 
@@ -125,6 +142,15 @@ BAD_UTF8 = Reply(500, "5.5.2", "Error: bad UTF-8 syntax")
 UNKNOWN_COMMAND = Reply(500, "5.5.2", "Error: command not recognized")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
 AUTH_NOT_ENABLED = Reply(502, "5.5.1", "Error: authentication not enabled")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
+AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Error: send EHLO first")
+AUTH_UNSUPPORTED = Reply(504, "5.5.4", "Unsupported authentication mechanism")
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication aborted")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+NEED_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+NEED_AUTH = Reply(530, "5.7.0", "Authentication required")
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
@@ -157,17 +183,44 @@ _CRLF = b"\r\n"
 _TERMINATOR = b"\r\n.\r\n"
 _CONTROL_IN_COMMAND = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # TAB tolerated
 _DIGITS = re.compile(r"[0-9]{1,20}")
+_BASE64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
+AUTH_LINE = 12288                  # octets of an AUTH response line, CRLF included (RFC 4954 4)
+
+
+def challenge(data: bytes) -> Reply:
+    """The 334 continuation carrying `data` (base64-encoded; empty data: "334 ")."""
+    return Reply(334, None, base64.b64encode(data).decode("ascii"))
+
+
+def decode_base64(text: bytes) -> bytes | None:
+    """Strict base64 (RFC 4648 alphabet, padding, nothing else), or None."""
+    if len(text) % 4 or not _BASE64.fullmatch(text):
+        return None
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 class ServerConnection:
     """One SMTP session, server side.  See the module docstring for the protocol."""
 
     def __init__(self, config: ServerConfig, *, tls_available: bool = False, tls_active: bool = False,
-                 xclient_allowed: bool = False) -> None:
+                 xclient_allowed: bool = False, auth_mechanisms: tuple[str, ...] = (),
+                 auth_tls_only: bool = True, require_tls: bool = False, require_auth: bool = False) -> None:
+        """`auth_mechanisms`: the SASL mechanisms to offer (none: AUTH is not enabled);
+        `auth_tls_only`: offer and take AUTH only over TLS; `require_tls` and
+        `require_auth`: MAIL needs TLS / a successful AUTH first (530 5.7.0), as on
+        a submission port (RFC 6409, RFC 8314)."""
         self.config = config
         self._tls_available = tls_available
         self._tls_active = tls_active
         self._xclient_allowed = xclient_allowed
+        self._auth_mechanisms = tuple(m.upper() for m in auth_mechanisms)
+        self._auth_tls_only = auth_tls_only
+        self._require_tls = require_tls
+        self._require_auth = require_auth
+        self._authenticated = False
         self._state = State.GREETING
         self._buf = bytearray()
         self._out = bytearray()
@@ -218,6 +271,11 @@ class ServerConnection:
     @property
     def esmtp(self) -> bool:
         return self._esmtp
+
+    @property
+    def authenticated(self) -> bool:
+        """A 235 was given to AUTH in this session (since the last STARTTLS or XCLIENT)."""
+        return self._authenticated
 
     @property
     def in_transaction(self) -> bool:
@@ -291,10 +349,18 @@ class ServerConnection:
         if isinstance(event, ev.DataStart):
             if reply.code < 400 and reply.code != 354:
                 raise LocalProtocolError("a positive answer to DATA must be 354")
+        elif isinstance(event, (ev.AuthStart, ev.AuthResponse)):
+            if reply.code < 400 and reply.code not in (235, 334):
+                raise LocalProtocolError(f"{reply.code} is not an answer to AUTH (235, 334 or 4xx/5xx)")
         elif 300 <= reply.code < 400:
             raise LocalProtocolError(f"{reply.code} is not an answer to {type(event).__name__}")
         self._pending = None
         self._write(reply)
+        if isinstance(event, (ev.AuthStart, ev.AuthResponse)):
+            # 334: the next line is the client's answer; anything else ends the exchange.
+            self._state = State.AUTH if reply.code == 334 else State.READY
+            if reply.code == 235:
+                self._authenticated = True
         if reply.code < 400:
             self._accepted(event)
         elif reply.code == 421:                  # "closing transmission channel" (RFC 5321 4.2.2)
@@ -310,6 +376,7 @@ class ServerConnection:
         self._tls_active = True
         self._helo = None
         self._esmtp = False
+        self._authenticated = False     # RFC 3207 4.2: forget what the plaintext session said
         self._state = State.CONNECTED
 
     def data_to_send(self) -> bytes:
@@ -354,6 +421,8 @@ class ServerConnection:
         lines += ["ENHANCEDSTATUSCODES", "DSN"]
         if self._tls_available and not self._tls_active:
             lines.append("STARTTLS")
+        if self._auth_offered() and not self._authenticated:
+            lines.append("AUTH " + " ".join(self._auth_mechanisms))
         if self._xclient_allowed:
             lines.append("XCLIENT " + " ".join(XCLIENT_ATTRS))
             lines.append("XFORWARD " + " ".join(XFORWARD_ATTRS))
@@ -397,6 +466,7 @@ class ServerConnection:
         elif isinstance(event, ev.XClient):
             self._helo = None          # the session starts over as the original client's
             self._esmtp = False
+            self._authenticated = False
             self._errors = self._junk = 0
             self._state = State.CONNECTED
 
@@ -414,7 +484,8 @@ class ServerConnection:
     def _command_step(self) -> bool:
         """Handle one command line from the buffer; False when no complete line is there."""
         buf = self._buf
-        limit = self.config.max_command_line
+        auth = self._state is State.AUTH
+        limit = max(AUTH_LINE, self.config.max_command_line) if auth else self.config.max_command_line
         nl = buf.find(b"\n")
         if nl < 0:
             if len(buf) < limit:
@@ -430,7 +501,10 @@ class ServerConnection:
             return True
         if line.endswith(b"\r"):
             line = line[:-1]
-        self._command(line)
+        if auth:
+            self._auth_response(line)
+        else:
+            self._command(line)
         return True
 
     def _command(self, line: bytes) -> None:
@@ -468,6 +542,10 @@ class ServerConnection:
             return self._error(NEED_HELO)
         if self._state is not State.READY:
             return self._error(NESTED_MAIL)
+        if self._require_tls and not self._tls_active:
+            return self._error(NEED_STARTTLS)
+        if self._require_auth and not self._authenticated:
+            return self._error(NEED_AUTH)
         if not (arg[:5].isascii() and arg[:5].upper() == "FROM:"):
             return self._error(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
         try:
@@ -488,6 +566,8 @@ class ServerConnection:
                 values["smtputf8"] = True
             elif name == "RET" and value is not None and value.upper() in ("FULL", "HDRS"):
                 values["ret"] = value.upper()
+            elif name == "AUTH" and value is not None and self._auth_mechanisms:
+                pass            # RFC 4954 5: who submitted it first; this hop says it by itself
             elif name == "ENVID" and value is not None:
                 try:
                     values["envid"] = parse_envid(value)
@@ -600,8 +680,50 @@ class ServerConnection:
     def _cmd_not_implemented(self, verb: str, arg: str) -> None:
         self._error(NOT_IMPLEMENTED)
 
+    # -- AUTH (RFC 4954) ----------------------------------------------------------------
+    def _auth_offered(self) -> bool:
+        return bool(self._auth_mechanisms) and (self._tls_active or not self._auth_tls_only)
+
     def _cmd_auth(self, verb: str, arg: str) -> None:
-        self._error(AUTH_NOT_ENABLED)
+        if not self._auth_mechanisms:
+            return self._error(AUTH_NOT_ENABLED)
+        if not self._auth_offered():          # before the argument is even looked at
+            return self._error(AUTH_NEEDS_TLS)
+        if not self._esmtp:
+            return self._error(AUTH_NEEDS_EHLO)
+        if self._authenticated:
+            return self._error(ALREADY_AUTHENTICATED)
+        if self.in_transaction:
+            return self._error(IN_TRANSACTION)
+        parts = arg.split(" ")
+        if not parts[0] or len(parts) > 2:
+            return self._error(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+        mechanism = parts[0].upper()
+        if mechanism not in self._auth_mechanisms:
+            return self._error(AUTH_UNSUPPORTED)
+        initial = None
+        if len(parts) == 2:
+            text = parts[1].encode("ascii", "replace")
+            initial = b"" if text == b"=" else decode_base64(text)
+            if initial is None or text == b"":
+                return self._error(AUTH_BAD_BASE64)
+        self._decide(ev.AuthStart(mechanism, initial))
+
+    def _auth_response(self, line: bytes) -> None:
+        """A line after a 334: the client's answer, "*" to cancel; never a command."""
+        self._state = State.READY
+        text = line.strip(b" \t")
+        if text == b"*":
+            reply = AUTH_CANCELLED
+        else:
+            data = decode_base64(text)
+            if data is not None:
+                self._state = State.AUTH        # until the application answers
+                self._decide(ev.AuthResponse(data))
+                return
+            reply = AUTH_BAD_BASE64
+        self._error(reply)
+        self._events.append(ev.AuthAborted(reply))
 
     def _cmd_starttls(self, verb: str, arg: str) -> None:
         if self._tls_active:
