@@ -1,18 +1,22 @@
 """The edge tier: the Internet-facing listener.
 
 Trusts: nothing it receives.  XCLIENT/XFORWARD are refused unless the peer is
-in ``server.upstream_hosts`` (empty by default).  Exposes: SMTP listeners;
-relays only to ``relay.relay_domains`` unless the client is in
-``relay.mynetworks`` (empty by default: never an open relay).  Accepted
+in ``server.upstream_hosts`` (empty by default).  Exposes: SMTP listeners
+with a role each (mx; submission and submissions, which take AUTH over TLS
+only, see :mod:`shared.auth.service`); relays only to ``relay.relay_domains``
+unless the client is in ``relay.mynetworks`` (empty by default: never an open
+relay) or authenticated.  Accepted
 commands are forwarded to the filter tier inside the client's transaction
 (:mod:`shared.engine.proxy`), so the client's 250 after DATA is the filter's
 fsynced 250.
 """
 from __future__ import annotations
 
+from shared.auth.service import AUTH
 from shared.checks.access import ACCESS
 from shared.checks.helo import HELO_NAME
 from shared.checks.rates import RATE_LIMITS
+from shared.checks.sender_login import SENDER_LOGIN
 from shared.config.schema import TierSpec
 from shared.engine.nexthop import NEXT_HOP, ROUTE, relay_client
 from shared.engine.proxy import ProxySink
@@ -29,7 +33,11 @@ class Edge(Component):
         return Configured(sink=ProxySink(client), next_hop=client)
 
 
-TIER = TierSpec("edge", sections=(NEXT_HOP,), checks=(ROUTE, ACCESS, HELO_NAME, RATE_LIMITS),
+TIER = TierSpec("edge", sections=(NEXT_HOP, AUTH),
+                checks=(ROUTE, ACCESS, HELO_NAME, RATE_LIMITS, SENDER_LOGIN),
                 default_policy={"connect": ("access", "rate_limits"), "helo": ("access",),
                                 "mail": ("access", "rate_limits"), "rcpt": ("route", "access", "rate_limits")},
+                # The submission roles' policy: only authenticated users relay, each as themselves.
+                policies={"submission": {"mail": ("sender_login", "access", "rate_limits"),
+                                         "relay": ("authenticated",)}},
                 component=Edge)

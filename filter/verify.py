@@ -42,7 +42,18 @@ def _build(own: VerifySettings, ctx):
     verifier = RecipientVerifier(ctx.next_hop, reactor=ctx.reactor, positive_ttl=own.positive_ttl,
                                  negative_ttl=own.negative_ttl)
     ctx.on_retire(verifier.close)
-    return verifier
+    from shared.engine.nexthop import route
+    served = route(ctx.settings)
+    if served is None:
+        return verifier
+
+    def verify(request: Request):
+        # The next hop is asked only about what it serves: an authenticated user's
+        # mail for another domain (route permits it) is not the next hop's to judge.
+        if not served(request.recipient or ""):
+            return CONTINUE
+        return verifier(request)
+    return verify
 
 
 VERIFY = CheckType("verify", phases=("rcpt",), build=_build, section=Section.of("verify", VerifySettings),

@@ -7,6 +7,8 @@
     smarthost demo --dir DIR [--base-port N]      all three tiers on 127.0.0.1, mail into Maildir
     smarthost queue ACTION [QID...|ALL] [--json] --config FILE
                                                   list|show|flush|hold|release|delete
+    smarthost user add|passwd|delete|list [NAME] [--cram-md5] [--password-stdin] --config FILE
+                                                  the edge's embedded user store (SMTP AUTH)
 """
 from __future__ import annotations
 
@@ -55,11 +57,18 @@ def _reload(args) -> int:
     return code
 
 
-def _queue(args) -> int:
+def _load(command: str, path: str):
+    """The settings of `path`, or None after printing why not (the caller exits 2)."""
     try:
-        settings = load(None, args.config)
+        return load(None, path)
     except ConfigError as e:
-        print(f"smarthost queue: {e}", file=sys.stderr)
+        print(f"smarthost {command}: {e}", file=sys.stderr)
+        return None
+
+
+def _queue(args) -> int:
+    settings = _load("queue", args.config)
+    if settings is None:
         return 2
     root = settings.queue.directory if settings.has("queue") else ""
     if not root:
@@ -77,6 +86,27 @@ def _queue(args) -> int:
         return admin.main(root, args.action, args.qids, as_json=args.json)
     except admin.AdminError as e:
         print(f"smarthost queue {args.action}: {e}", file=sys.stderr)
+        return 1
+
+
+def _user(args) -> int:
+    settings = _load("user", args.config)
+    if settings is None:
+        return 2
+    if not settings.has("auth"):
+        print(f"smarthost user: {args.config} configures the {settings.tier} tier; users are the edge's",
+              file=sys.stderr)
+        return 2
+    if (args.action != "list") != bool(args.name):
+        print(f"smarthost user {args.action}: " + ("name one user" if args.action != "list" else
+                                                   "list takes no name"), file=sys.stderr)
+        return 2
+    from shared.auth import admin
+    try:
+        return admin.main(settings, args.action, args.name, cram_md5=args.cram_md5,
+                          password_stdin=args.password_stdin)
+    except admin.AdminError as e:
+        print(f"smarthost user {args.action}: {e}", file=sys.stderr)
         return 1
 
 
@@ -142,6 +172,17 @@ def parser() -> argparse.ArgumentParser:
                    help="list, show: one JSON object per message and line")
     q.add_argument("--config", required=True, metavar="FILE")
     q.set_defaults(func=_queue)
+    u = sub.add_parser("user", help="add, change, delete or list the edge's SMTP AUTH users", description=(
+        "Edit the file of the edge's auth.users_file (argon2id hashes). The running edge sees a "
+        "change at the next AUTH, without a reload."))
+    u.add_argument("action", choices=("add", "passwd", "delete", "list"))
+    u.add_argument("name", nargs="?", metavar="NAME", help="the user name (usually the address)")
+    u.add_argument("--cram-md5", action="store_true",
+                   help="add, passwd: also keep a CRAM-MD5 secret (password-equivalent) for this user")
+    u.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of standard input")
+    u.add_argument("--config", required=True, metavar="FILE", help="the edge's TOML configuration")
+    u.set_defaults(func=_user)
     return p
 
 

@@ -40,6 +40,7 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from shared.auth.service import build_authenticator, preflight as auth_preflight
 from shared.blocking import BlockingPool
 from shared.checks.registry import BuildContext, Policy, build_policies, describe, preflight_checks
 from shared.config import ConfigError, Settings, check_host, load
@@ -55,9 +56,10 @@ from shared.transport.server import ListenerConfig, SessionTable, SMTPServerFact
 log = Logger(namespace="smarthost.daemon")
 
 
-def server_config(settings: Settings) -> ServerConfig:
-    s = settings.server
-    return ServerConfig(hostname=s.hostname, max_message_size=s.max_message_size,
+def server_config(settings: Settings, listener=None) -> ServerConfig:
+    """The core's limits: the server section's, or a listener's own where it sets them."""
+    s = listener if listener is not None else settings.server
+    return ServerConfig(hostname=settings.hostname, max_message_size=s.max_message_size,
                         max_recipients=s.max_recipients, max_data_line=s.max_line_length,
                         hard_error_limit=s.max_errors, junk_command_limit=s.max_junk_commands)
 
@@ -85,13 +87,14 @@ def _tls_versions():
             "TLSv1.3": TLSVersion.TLSv1_3}
 
 
-def tls_context(settings: Settings):
-    """The TLS context of ``server.tls_cert`` and ``server.tls_key`` (None when unset).
+def tls_context(settings: Settings, s=None, prefix: str = "server"):
+    """The TLS context of ``server.tls_cert`` and ``server.tls_key`` (None when unset), or
+    of a listener's own (`s`, its keys under `prefix`).
 
     Raises ConfigError naming the key whose file cannot be read or holds no PEM
-    certificate or key, or ``server.tls_key`` when the key is not the certificate's.
+    certificate or key, or ``tls_key`` when the key is not the certificate's.
     """
-    s = settings.server
+    s = s if s is not None else settings.server
     if not s.tls_cert:
         return None
     from OpenSSL import crypto
@@ -102,26 +105,26 @@ def tls_context(settings: Settings):
             with open(getattr(s, name), "rb") as f:
                 pem[name] = f.read()
         except OSError as e:
-            raise ConfigError(settings.path, f"server.{name}", f"cannot read {getattr(s, name)}: "
+            raise ConfigError(settings.path, f"{prefix}.{name}", f"cannot read {getattr(s, name)}: "
                                                                f"{e.strerror}") from None
     for name, what, loader in (("tls_cert", "certificate", ssl.Certificate.loadPEM),
                                ("tls_key", "private key", lambda b: ssl.KeyPair.load(b, crypto.FILETYPE_PEM))):
         try:
             loader(pem[name])
         except Exception as e:
-            raise ConfigError(settings.path, f"server.{name}", f"no PEM {what} in {getattr(s, name)}: "
+            raise ConfigError(settings.path, f"{prefix}.{name}", f"no PEM {what} in {getattr(s, name)}: "
                                                                f"{e}") from None
     try:
         cert = ssl.PrivateCertificate.loadPEM(pem["tls_cert"] + b"\n" + pem["tls_key"])
     except Exception as e:
-        raise ConfigError(settings.path, "server.tls_key", f"{s.tls_key} does not go with "
-                                                           f"server.tls_cert {s.tls_cert}: {e}") from None
+        raise ConfigError(settings.path, f"{prefix}.tls_key", f"{s.tls_key} does not go with "
+                                                               f"{prefix}.tls_cert {s.tls_cert}: {e}") from None
     from OpenSSL import SSL
     try:
         SSL.Context(SSL.TLS_METHOD).set_cipher_list(s.tls_ciphers.encode("ascii"))
     except (SSL.Error, UnicodeEncodeError):
-        raise ConfigError(settings.path, "server.tls_ciphers", f"{s.tls_ciphers!r} selects no cipher "
-                                                               f"this OpenSSL knows") from None
+        raise ConfigError(settings.path, f"{prefix}.tls_ciphers", f"{s.tls_ciphers!r} selects no "
+                                                                   f"cipher this OpenSSL knows") from None
     ciphers = ssl.AcceptableCiphers.fromOpenSSLCipherString(s.tls_ciphers)
     version = _tls_versions()[s.tls_min_version]
     floor = {"raiseMinimumTo": version} if version > ssl.TLSVersion.TLSv1_2 else \
@@ -130,6 +133,23 @@ def tls_context(settings: Settings):
     chain = [ssl.Certificate.loadPEM(b).original for b in _pem_blocks(pem["tls_cert"])[1:]]
     return ssl.CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original,
                                   extraCertChain=chain, acceptableCiphers=ciphers, **floor)
+
+
+_TLS_KEYS = ("tls_cert", "tls_key", "tls_min_version", "tls_ciphers")
+
+
+def tls_contexts(settings: Settings) -> dict[str, Any]:
+    """Each listener's TLS context (None: no certificate), the global one shared by every
+    listener that does not set its own TLS keys."""
+    srv = settings.server
+    shared = tls_context(settings)
+    out = {}
+    for name, listener in settings.listeners.items():
+        if all(getattr(listener, k) == getattr(srv, k) for k in _TLS_KEYS):
+            out[name] = shared
+        else:
+            out[name] = tls_context(settings, listener, f"listeners.{name}")
+    return out
 
 
 def _pem_blocks(pem: bytes) -> list[bytes]:
@@ -159,8 +179,9 @@ def preflight(settings: Settings) -> None:
     read.  Raises ConfigError; ``smarthost check-config`` runs the same, so it refuses
     whatever start-up would."""
     check_host(settings)
-    tls_context(settings)
+    tls_contexts(settings)
     firewalls(settings)
+    auth_preflight(settings)
     preflight_checks(settings, tier_spec(settings.tier))
 
 
@@ -190,12 +211,13 @@ class CurrentTLS:
     """The implicit-TLS listeners' connection creator: always the running generation's
     certificate, so a reload's new certificate serves the next handshake."""
 
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: "Daemon", listener: str) -> None:
         self.daemon = daemon
+        self.listener = listener
 
     def serverConnectionForTLS(self, protocol):
         from OpenSSL import SSL
-        return SSL.Connection(self.daemon.generation.tls.getContext(), None)
+        return SSL.Connection(self.daemon.generation.tls[self.listener].getContext(), None)
 
 
 @dataclass
@@ -205,7 +227,7 @@ class Generation:
     settings: Settings
     configured: Configured
     policies: dict[str, Policy]
-    tls: Any
+    tls: dict[str, Any]                 # listener name -> its TLS context (or None)
     resolver: Any
     engine_config: EngineConfig
     listeners: dict[str, ListenerConfig] = field(default_factory=dict)
@@ -224,8 +246,8 @@ def close_all(closers) -> defer.Deferred:
 
 @dataclass(frozen=True)
 class Loaded:
-    """A configuration file with what it names on disk read: the TLS context and the
-    firewalls.  Reading blocks (files, and compiling large rule lists): a reload does it
+    """A configuration file with what it names on disk read: the listeners' TLS contexts
+    and the firewalls.  Reading blocks (files, and compiling large rule lists): a reload does it
     in the pool."""
     settings: Settings
     tls: Any
@@ -233,7 +255,7 @@ class Loaded:
 
     @classmethod
     def read(cls, settings: Settings) -> "Loaded":
-        return cls(settings, tls_context(settings), firewalls(settings))
+        return cls(settings, tls_contexts(settings), firewalls(settings))
 
     @classmethod
     def read_file(cls, tier: str, path: str) -> "Loaded":
@@ -287,6 +309,7 @@ class Daemon:
             configured = self.component.configure(settings, ctx)
             ctx.next_hop = configured.next_hop
             policies = build_policies(settings, self.spec, ctx)
+            auth = build_authenticator(settings, ctx) if settings.has("auth") else None
         except Exception:
             close_all(ctx.closers)          # what the half-built configuration opened
             raise
@@ -298,16 +321,16 @@ class Daemon:
         engine = EngineConfig(hostname=settings.hostname, max_received_headers=settings.server.max_received_headers,
                               tier=settings.tier)
         gen = Generation(self.number, settings, configured, policies, tls, resolver, engine, closers=ctx.closers)
-        srv, allowed, upstream = server_config(settings), allowed_clients(settings), \
-            NetworkList(settings.server.upstream_hosts)
-        s = settings.server
+        allowed, upstream = allowed_clients(settings), NetworkList(settings.server.upstream_hosts)
         for name, listener in settings.listeners.items():
             gen.listeners[name] = ListenerConfig(
-                name, srv, self._handler_factory(gen, name, policies[listener.policy]),
-                tls_context=tls if listener.tls == "starttls" else None, upstream_hosts=upstream,
-                allowed_clients=allowed, command_timeout=s.command_timeout, session_timeout=s.session_timeout,
-                firewalls=walls[name], greet_wait=listener.greet_wait,
-                greet_exempt=NetworkList(settings.relay.mynetworks))
+                name, server_config(settings, listener), self._handler_factory(gen, name, policies[listener.policy]),
+                tls_context=tls[name] if listener.tls == "starttls" else None, upstream_hosts=upstream,
+                allowed_clients=allowed, command_timeout=listener.command_timeout,
+                session_timeout=listener.session_timeout, firewalls=walls[name], greet_wait=listener.greet_wait,
+                greet_exempt=NetworkList(settings.relay.mynetworks),
+                auth=auth if listener.auth else None, auth_tls_only=not (auth and auth.plaintext),
+                require_tls=listener.require_tls, require_auth=listener.require_auth)
         return gen
 
     def _handler_factory(self, gen: Generation, listener: str, policy: Policy):
@@ -341,16 +364,16 @@ class Daemon:
         """
         from twisted.internet import endpoints
         importlib.import_module(TIER_MODULES[self.settings.tier])
-        first_tls = tls_context(self.settings)
+        first_tls = tls_contexts(self.settings)
         try:
             for name, listener in self.settings.listeners.items():
                 factory = SMTPServerFactory(reactor=self.reactor, listener=self._listener(name), table=self.table)
                 if listener.tls == "implicit":
                     from twisted.protocols.tls import TLSMemoryBIOFactory
-                    if first_tls is None:
+                    if first_tls[name] is None:
                         raise ConfigError(self.settings.path, f"listeners.{name}.tls",
                                           "implicit TLS needs server.tls_cert and server.tls_key")
-                    factory = TLSMemoryBIOFactory(CurrentTLS(self), False, factory)
+                    factory = TLSMemoryBIOFactory(CurrentTLS(self, name), False, factory)
                 proxied, description = proxyproto.split(listener.endpoint)
                 if proxied:
                     factory = proxyproto.HeaderFirstFactory(factory, self.reactor,
@@ -359,9 +382,10 @@ class Daemon:
                 port = yield endpoint.listen(factory)
                 self.ports.append(port)
                 address = port.getHost()
-                log.info("listening on {addr} ({name}, policy {policy}, tls {tls})",
+                log.info("listening on {addr} ({name}: {role}, policy {policy}, tls {tls}, auth {auth})",
                          addr=hostport_text(getattr(address, "host", "?"), getattr(address, "port", 0)),
-                         name=name, policy=listener.policy, tls=listener.tls)
+                         name=name, role=listener.role, policy=listener.policy, tls=listener.tls,
+                         auth="on" if listener.auth else "off")
             self._pause_listeners()
             if self.settings.server.user:
                 drop_privileges(self.settings.server.user)

@@ -2,12 +2,21 @@
 
 Writes three tier configurations under DIR, starts each tier as its own child
 process (exactly as they run on separate machines), waits until all three
-listen, writes DIR/demo.json and prints how to send a test message.  Ctrl-C
+listen, writes DIR/demo.json and prints how to send a test message.
+
+The edge runs the three listener roles: mx on the base port, submission
+(587's role) on base + 3 and submissions (465's, implicit TLS) on base + 4.
+Its users (alice and bob of the hosted domain) get random passwords the first
+time DIR is used, kept in DIR/users.json (mode 0600) and printed that once;
+they are in the embedded user store DIR/users with CRAM-MD5 secrets, so every
+mechanism can be tried.  Ctrl-C
 or SIGTERM stops the three children with SIGTERM and waits for them.
 """
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -20,6 +29,7 @@ from shared.tlsutil import self_signed
 
 DOMAIN = "example.test"
 USERS = ("alice", "bob")
+LISTENERS = (("mx", "edge"), ("submission", "submission"), ("submissions", "submissions"))  # (role, port)
 
 
 def _demo_certificate(tls_dir: Path, hostname: str) -> tuple[str, str]:
@@ -30,11 +40,17 @@ def _demo_certificate(tls_dir: Path, hostname: str) -> tuple[str, str]:
     return str(cert_path), str(key_path)
 
 
+def demo_ports(base_port: int) -> dict[str, int]:
+    return {"edge": base_port, "filter": base_port + 1, "domain": base_port + 2,
+            "submission": base_port + 3, "submissions": base_port + 4}
+
+
 def sections(root: Path, base_port: int, cert: str, key: str) -> dict[str, dict[str, dict]]:
-    """The three tiers' settings for a one-machine pipeline on 127.0.0.1 (edge on base_port,
-    filter on base_port + 1, domain tier on base_port + 2); loopback clients get no reverse
-    DNS lookup."""
-    ports = {"edge": base_port, "filter": base_port + 1, "domain": base_port + 2}
+    """The three tiers' settings for a one-machine pipeline on 127.0.0.1 (edge mx on
+    base_port, filter on base_port + 1, domain on base_port + 2, the edge's submission
+    and submissions on base_port + 3 and + 4); loopback clients get no reverse DNS
+    lookup."""
+    ports = demo_ports(base_port)
     users = [f"{u}@{DOMAIN}" for u in USERS]
 
     def log(tier: str) -> dict:
@@ -44,9 +60,11 @@ def sections(root: Path, base_port: int, cert: str, key: str) -> dict[str, dict[
         return str(root / "run" / f"{tier}.pid")
     return {
         "edge": {
-            "server": {"hostname": "edge.example.test", "listen": [f"127.0.0.1:{ports['edge']}"],
-                       "tls_cert": cert, "tls_key": key, "shutdown_timeout": 10, "reverse_lookup": False,
-                       "pid_file": pid("edge")},
+            "server": {"hostname": "edge.example.test", "tls_cert": cert, "tls_key": key,
+                       "shutdown_timeout": 10, "reverse_lookup": False, "pid_file": pid("edge")},
+            "listeners": {role: {"endpoint": f"tcp:port={ports[port]}:interface=127.0.0.1", "role": role}
+                          for role, port in LISTENERS},
+            "auth": {"users_file": str(root / "users")},
             "relay": {"relay_domains": [DOMAIN]},
             "next_hop": {"hosts": [f"127.0.0.1:{ports['filter']}"], "tls": "none"},
             "log": log("edge"),
@@ -67,6 +85,28 @@ def sections(root: Path, base_port: int, cert: str, key: str) -> dict[str, dict[
             "log": log("domain"),
         },
     }
+
+
+def demo_users(root: Path) -> tuple[dict[str, str], bool]:
+    """The demo's users and passwords: made (random) the first time `root` is used and
+    kept in root/users.json; (users, whether they were made now)."""
+    kept = root / "users.json"
+    try:
+        users = json.loads(kept.read_text())
+        if sorted(users) == sorted(f"{u}@{DOMAIN}" for u in USERS) and (root / "users").exists():
+            return users, False
+    except (OSError, ValueError):
+        pass
+    users = {f"{u}@{DOMAIN}": secrets.token_urlsafe(12) for u in USERS}
+    from shared.auth.store import editing, make_user
+    with editing(str(root / "users")) as store:
+        store.clear()
+        for name, password in users.items():
+            store[name.lower()] = make_user(name, password, cram_md5=True)
+    fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(users, f, indent=2)
+    return users, True
 
 
 def write_configs(root: Path, base_port: int) -> dict[str, Path]:
@@ -92,13 +132,14 @@ def _port_open(port: int) -> bool:
 
 def run_demo(directory: str, base_port: int) -> int:
     root = Path(directory).resolve()
-    ports = {"edge": base_port, "filter": base_port + 1, "domain": base_port + 2}
+    ports = demo_ports(base_port)
     busy = [f"{t} {p}" for t, p in ports.items() if _port_open(p)]
     if busy:
         print(f"smarthost demo: port in use on 127.0.0.1 ({', '.join(busy)}); choose another --base-port",
               file=sys.stderr)
         return 1
     configs = write_configs(root, base_port)
+    users, new_users = demo_users(root)
     from shared.config import load
     children: dict[str, subprocess.Popen] = {}
     stopping: list[int] = []
@@ -137,9 +178,16 @@ def run_demo(directory: str, base_port: int) -> int:
                   for t in ("edge", "filter", "domain")},
         "domain": DOMAIN,
         "mailboxes": mailboxes,
+        "users": users,
     }
+    info["tiers"]["edge"]["listeners"] = {role: f"127.0.0.1:{ports[port]}" for role, port in LISTENERS}
     (root / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
+    if new_users:
+        passwords = ", ".join(f"{u} {p}" for u, p in users.items())
+        print(f"demo users (printed this once; kept in {root / 'users.json'}): {passwords}", flush=True)
+    alice = f"alice@{DOMAIN}"
     print(f"""smarthost demo running: edge 127.0.0.1:{ports['edge']} -> filter :{ports['filter']} -> domain :{ports['domain']}
+edge listeners: mx :{ports['edge']}, submission :{ports['submission']} (STARTTLS + AUTH), submissions :{ports['submissions']} (TLS + AUTH)
 hosted domain {DOMAIN}, users {', '.join(mailboxes)}; logs in {root / 'log'}; details in {root / 'demo.json'}
 
 Send a test message:
@@ -147,7 +195,10 @@ Send a test message:
 or
   python3 -c "import smtplib; s=smtplib.SMTP('127.0.0.1', {ports['edge']}); s.starttls(); \\
 s.sendmail('you@example.net', ['alice@{DOMAIN}'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n'); s.quit()"
-Then look in {mailboxes[f'alice@{DOMAIN}']}/new/
+Submit as alice (her password is in {root / 'users.json'}):
+  swaks --server 127.0.0.1:{ports['submission']} --tls --auth PLAIN --auth-user {alice} --auth-password PASSWORD \\
+    --from {alice} --to bob@{DOMAIN}
+Then look in {mailboxes[alice]}/new/
 After editing a tier's file: python3 -m shared.cli reload --config {configs['edge']}
 Press Ctrl-C to stop.""", flush=True)
 

@@ -122,7 +122,10 @@ def describe(settings: Settings, spec: TierSpec) -> str:
     permits = {p.name: p for p in all_permits(spec)}
     lines = []
     for name, listener in settings.listeners.items():
-        lines.append(f"listener {name}: {listener.endpoint} (tls {listener.tls}), policy {listener.policy}")
+        needs = [w for w, on in (("TLS", listener.require_tls), ("AUTH", listener.require_auth)) if on]
+        lines.append(f"listener {name}: {listener.endpoint} ({listener.role}; tls {listener.tls}; auth "
+                     f"{'on' if listener.auth else 'off'}"
+                     f"{'; MAIL needs ' + ' and '.join(needs) if needs else ''}), policy {listener.policy}")
     for name, policy in settings.policies.items():
         lines.append(f"policy {name}:")
         for phase in PHASE_KEYS:

@@ -285,6 +285,9 @@ class TierSpec:
     checks: tuple[Any, ...] = ()              # shared.checks.registry.CheckType
     permits: tuple[Any, ...] = ()             # shared.checks.registry.PermitRule
     default_policy: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Built-in policies besides "default" (e.g. the edge's "submission"): {name: {phase: checks}},
+    # phases left out as in default_policy; defined when a listener names them.
+    policies: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
     component: Callable[..., Any] | None = None   # (settings, reactor, pool) -> the tier's parts
 
     def all_sections(self) -> list[Section]:
@@ -410,14 +413,37 @@ def _endpoint(value: str) -> str:
     return value
 
 
+# What a listener's role sets, for the keys its table leaves out.
+ROLES = {
+    "mx": {"tls": "starttls", "auth": False, "require_tls": False, "require_auth": False, "policy": "default"},
+    "submission": {"tls": "starttls", "auth": True, "require_tls": True, "require_auth": True,
+                   "policy": "submission"},
+    "submissions": {"tls": "implicit", "auth": True, "require_tls": True, "require_auth": True,
+                    "policy": "submission"},
+}
+
+# [server] keys a listener may set for itself (its table's value wins; unset: the global one).
+LISTENER_OVERRIDES = ("command_timeout", "session_timeout", "max_message_size", "max_recipients",
+                      "max_line_length", "max_errors", "max_junk_commands", "tls_cert", "tls_key",
+                      "tls_min_version", "tls_ciphers")
+
 LISTENER = Section("listeners", {
     "endpoint": Key(str, "", "where to listen: a Twisted endpoint description, e.g. "
                              "tcp:port=25:interface=0.0.0.0, or haproxy:tcp:25 behind a PROXY-protocol "
                              "balancer (bound before privileges are dropped)", _endpoint),
-    "policy": Key(str, "default", "the policy (see [policies.NAME]) of this listener's sessions"),
-    "tls": Key(str, "starttls", "starttls: offered when server.tls_cert is set; implicit: TLS from the "
-                                "first byte with server.tls_cert (port 465, RFC 8314); none",
-               _choice("starttls", "implicit", "none")),
+    "role": Key(str, "mx", "mx: mail from the Internet (STARTTLS offered, no AUTH); submission: port 587, "
+                           "RFC 6409 (STARTTLS, then AUTH, before MAIL; policy submission); submissions: "
+                           "port 465, RFC 8314 (implicit TLS, AUTH before MAIL); the role sets the defaults "
+                           "of tls, auth, require_tls, require_auth and policy",
+                _choice(*ROLES)),
+    "policy": Key(str, "", "the policy (see [policies.NAME]) of this listener's sessions (default: the "
+                           "role's: default for mx, submission for the others)"),
+    "tls": Key(str, "", "starttls: offered when a certificate is set; implicit: TLS from the first byte "
+                        "(port 465, RFC 8314); none (default: the role's)",
+               lambda v: _choice("starttls", "implicit", "none")(v) if v else v),
+    "auth": Key(bool, False, "offer SMTP AUTH (over TLS only, see [auth]); default: the role's"),
+    "require_tls": Key(bool, False, "MAIL needs TLS first: 530 5.7.0 (default: the role's)"),
+    "require_auth": Key(bool, False, "MAIL needs AUTH first: 530 5.7.0 (default: the role's)"),
     "firewall": Key(list, [], "this listener's own firewall rules, tried before [firewall] rules "
                               "(same syntax)", _firewall_rule),
     "proxy_hosts": Key(list, [], "haproxy: endpoints: the balancers whose PROXY header is believed "
@@ -426,6 +452,9 @@ LISTENER = Section("listeners", {
                                        "a multi-line greeting (220-) and the rest; a client that talks "
                                        "before the end gets 554 5.5.1 and is disconnected (0: no test; "
                                        "6 is postscreen's; relay.mynetworks exempt)", _range(0, 60)),
+    **{name: replace(SERVER.keys[name], default=None, tier_defaults=(), shorthand=False,
+                     doc=f"this listener's own server.{name} (default: the global one)")
+       for name in LISTENER_OVERRIDES},
 }, doc="one listener per [listeners.NAME] table", named=True)
 
 FIREWALL = Section("firewall", {
@@ -436,12 +465,15 @@ FIREWALL = Section("firewall", {
 })
 
 PHASE_KEYS = PHASES       # shared.checks.core: connect, helo, auth, mail, rcpt, data, end_of_data
+# Postfix's smtpd_relay_restrictions: permit_mynetworks, permit_sasl_authenticated, defer_unauth_destination.
+DEFAULT_RELAY = ("relay_domains", "mynetworks", "authenticated")
 
 POLICY = Section("policies", {
     **{phase: Key(list, [], f"checks run at {phase.replace('_', ' ')}, in this order (default: the tier's)")
        for phase in PHASE_KEYS},
     "relay": Key(list, [], "relay permit rules, tried in order: a recipient is refused (554 5.7.1) "
-                           "unless one permits it (default: relay_domains, mynetworks)"),
+                           "unless one permits it (default: relay_domains, mynetworks, authenticated; "
+                           "the edge's submission policy: authenticated)"),
 }, doc="one policy per [policies.NAME] table; a listener names the one its sessions follow", named=True)
 
 RELAY = Section("relay", {
@@ -508,6 +540,8 @@ def _type_name(t) -> str:
 
 
 def _check_value(path: str, name: str, key: Key, value: Any) -> Any:
+    if value is None and key.default is None:
+        return None              # not set: a listener's override key, filled in by its finish
     # TOML booleans are ints in Python: keep them apart.
     if isinstance(value, bool) and key.type is not bool:
         raise ConfigError(path, name, f"expected {_type_name(key.type)}, got a boolean")
@@ -636,16 +670,41 @@ def _finish_listeners(ld: Loading) -> None:
             raise ld.error("server.listen", "at least one listen address is needed")
         for i, (host, port) in enumerate(listen, 1):
             listeners["smtp" if i == 1 else f"smtp-{i}"] = {
-                "endpoint": tcp_endpoint(host, port), "policy": "default", "tls": "starttls",
-                "firewall": [], "greet_wait": 0, "proxy_hosts": []}
+                **{k: key.default for k, key in LISTENER.keys.items()}, "endpoint": tcp_endpoint(host, port)}
+    has_auth = any(s.name == "auth" for s in ld.spec.all_sections())
     for name, listener in listeners.items():
+        given = ld.given.get("listeners", {}).get(name, {})
+        for key, value in ROLES[listener["role"]].items():
+            if key not in given:
+                listener[key] = value
+        for key in LISTENER_OVERRIDES:
+            if listener[key] is None:
+                listener[key] = ld.values["server"][key]
+        if (listener["auth"] or listener["require_auth"]) and not has_auth:
+            what = "auth" if "auth" in given or "require_auth" not in given else "require_auth"
+            raise ld.error(f"listeners.{name}.{what if what in given else 'role'}",
+                           f"SMTP AUTH is the edge tier's; the {ld.tier} tier trusts the edge's XCLIENT LOGIN")
+        if listener["require_auth"] and not listener["auth"]:
+            raise ld.error(f"listeners.{name}.require_auth", "needs auth = true on this listener")
+        if bool(listener["tls_cert"]) != bool(listener["tls_key"]):
+            raise ld.error(f"listeners.{name}.tls_key" if listener["tls_cert"] else f"listeners.{name}.tls_cert",
+                           "tls_cert and tls_key must be set together")
         if not listener["endpoint"]:
             raise ld.error(f"listeners.{name}.endpoint", "required: where this listener listens")
         if listener["endpoint"].startswith("haproxy:") and not listener["proxy_hosts"]:
             raise ld.error(f"listeners.{name}.proxy_hosts", "required with a haproxy: endpoint: the "
                                                             "balancers whose PROXY header is believed")
-        if listener["tls"] == "implicit" and not ld.values["server"]["tls_cert"]:
-            raise ld.error(f"listeners.{name}.tls", "implicit TLS needs server.tls_cert and server.tls_key")
+        if listener["tls"] == "implicit" and not listener["tls_cert"]:
+            raise ld.error(f"listeners.{name}.tls", "implicit TLS needs a certificate: server.tls_cert and "
+                                                    "server.tls_key, or this listener's own")
+        if (listener["require_tls"] or listener["auth"]) and listener["tls"] == "none" \
+                and not ld.values.get("auth", {}).get("plaintext"):
+            raise ld.error(f"listeners.{name}.tls", "none: this listener requires TLS (require_tls, or auth "
+                                                    "over TLS only)")
+        if (listener["require_tls"] or listener["auth"]) and not listener["tls_cert"] \
+                and not ld.values.get("auth", {}).get("plaintext"):
+            raise ld.error(f"listeners.{name}.tls_cert", f"listener {name} ({listener['role']}) needs TLS: set "
+                                                         "server.tls_cert and server.tls_key, or its own")
 
 
 def tcp_endpoint(host: str, port: int) -> str:
@@ -658,17 +717,26 @@ def _finish_policies(ld: Loading) -> None:
     """Every listener's policy exists; each policy lists checks this tier registers, each in
     a phase it can run in; phases a policy leaves out run the tier's default checks."""
     policies = ld.values["policies"]
-    default = {phase: list(ld.spec.default_policy.get(phase, ())) for phase in PHASE_KEYS}
-    default["relay"] = list(ld.spec.default_policy.get("relay", ("relay_domains", "mynetworks")))
-    policies.setdefault("default", dict(default))
+
+    def builtin(spec_policy: dict) -> dict:
+        base = {phase: list(spec_policy.get(phase, ())) for phase in PHASE_KEYS}
+        base["relay"] = list(spec_policy.get("relay", DEFAULT_RELAY))
+        return base
+    default = builtin(ld.spec.default_policy)
+    builtins = {"default": default, **{n: builtin({**ld.spec.default_policy, **p})
+                                       for n, p in ld.spec.policies.items()}}
+    for name, policy in builtins.items():
+        if name == "default" or any(lst["policy"] == name for lst in ld.values["listeners"].values()):
+            policies.setdefault(name, dict(policy))
     from shared.checks.relay import PERMITS
     checks = {c.name: c for c in ld.spec.checks}
     permits = {p.name for p in (*PERMITS, *ld.spec.permits)}
     for name, policy in policies.items():
         given = ld.given.get("policies", {}).get(name, {})
+        base = builtins.get(name, default)        # a phase left out: the built-in one of that name
         for phase in (*PHASE_KEYS, "relay"):
             if phase not in given:
-                policy[phase] = list(default[phase])
+                policy[phase] = list(base[phase])
             seen = set()
             for entry in policy[phase]:
                 key = f"policies.{name}.{phase}"

@@ -62,9 +62,13 @@ class Route:
 
     def check(self, request: Request) -> Verdict:
         """At RCPT: a recipient without a route is refused while the client waits,
-        never accepted to sit in a queue (450: a configuration that may change)."""
+        never accepted to sit in a queue (450: a configuration that may change).
+
+        An authenticated user's mail is the exception: it may go anywhere (the relay
+        permitted it), so it is accepted and follows the queue's routing, which holds
+        it deferred ("no route") until a next hop serves its domain."""
         rcpt = request.recipient or ""
-        if self(rcpt):
+        if self(rcpt) or request.login:
             return CONTINUE
         return tempfail(450, "4.4.4", f"<{rcpt}>: Recipient address rejected: no route to "
                                       f"{domain_of(rcpt) or rcpt}")

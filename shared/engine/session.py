@@ -46,6 +46,7 @@ from types import MappingProxyType
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from shared.auth.sasl import Challenge, ClientContext, Success
 from shared.checks.core import CONTINUE, Action, Chain, Request, Verdict
 from shared.checks.relay import RelayControl
 from shared.engine.received import HeaderScanner, received_header, with_protocol
@@ -54,11 +55,14 @@ from shared.ids import new_queue_id
 from shared.message import HeaderEdits, MessageView
 from shared.smtp import events as ev
 from shared.smtp.reply import TOO_MANY_HOPS, Reply
+from shared.smtp.server import AUTH_OK, challenge
 from shared.transport.server import CloseAfter
 
 log = Logger(namespace="smarthost.session")
 
 _UNAVAILABLE = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
+AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
+AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
 
 
 @dataclass
@@ -134,6 +138,7 @@ class EngineSession:
         self.xclient_set = False
         self.trusted_upstream = protocol.upstream
         self.results: dict[str, Verdict] = {}      # before MAIL: connect, helo, auth checks
+        self._exchange = None                      # (mechanism, shared.auth.sasl.Exchange) during AUTH
 
     @property
     def in_transaction(self) -> bool:
@@ -237,6 +242,67 @@ class EngineSession:
             self.client.login = login
             return v
         return self._run(req).addCallback(checked)
+
+    # -- AUTH: the core runs the SMTP side, the listener's authenticator the mechanism --
+    def on_auth_start(self, e: ev.AuthStart):
+        auth = self.protocol.config.auth
+        if auth.guard.blocked(self.client.addr) == "client":
+            return self._auth_blocked()
+        p = self.protocol
+        ctx = ClientContext(remote_ip=self.client.addr or "", remote_port=self.client.port,
+                            local_ip=p.local_host, local_port=p.local_port, secured=p.conn.tls_active,
+                            session_id=self.session_id)
+        self._exchange = (e.mechanism, auth.backend.start(e.mechanism, ctx))
+        return self._auth_step(e.initial)
+
+    def on_auth_response(self, e: ev.AuthResponse):
+        return self._auth_step(e.data)
+
+    def on_auth_aborted(self, e: ev.AuthAborted) -> None:
+        mechanism = self._end_exchange()
+        self._log("auth aborted: client={name}[{addr}] mechanism={mech}: {reply}",
+                  name=self.client.name or "unknown", addr=self.client.addr, mech=mechanism, reply=str(e.reply))
+
+    def _end_exchange(self) -> str | None:
+        if self._exchange is None:
+            return None
+        mechanism, exchange = self._exchange
+        self._exchange = None
+        exchange.cancel()
+        return mechanism
+
+    def _auth_step(self, data: bytes | None):
+        mechanism, exchange = self._exchange
+        return exchange.step(data).addCallback(self._auth_answer, mechanism)
+
+    def _auth_answer(self, step, mechanism: str):
+        if isinstance(step, Challenge):
+            return challenge(step.data)
+        self._exchange = None
+        guard = self.protocol.config.auth.guard
+        if isinstance(step, Success):
+            if guard.blocked(self.client.addr, step.login) != "user":
+                return self.authenticated(step.login, mechanism).addCallback(self._authenticated, mechanism)
+            step = _Refused(f"user {step.login} is blocked after too many failures", False, step.login)
+        self._log("auth failed: client={name}[{addr}] mechanism={mech} user=<{user}> reason={reason}",
+                  name=self.client.name or "unknown", addr=self.client.addr, mech=mechanism,
+                  user=step.user or "", reason=step.reason)
+        if step.temporary:
+            return AUTH_TEMPFAIL
+        if guard.failed(self.client.addr or "", step.user) == "client":
+            return self._auth_blocked()
+        return AUTH_FAILED
+
+    def _authenticated(self, verdict: Verdict, mechanism: str):
+        if verdict.final and verdict.action is not Action.ACCEPT:
+            return self._reply_for(verdict)
+        self._log("auth: client={name}[{addr}] mechanism={mech} user=<{user}>", name=self.client.name or "unknown",
+                  addr=self.client.addr, mech=mechanism, user=self.client.login)
+        return AUTH_OK
+
+    def _auth_blocked(self) -> CloseAfter:
+        return CloseAfter(Reply(421, "4.7.0", f"{self.config.hostname} Error: too many failed "
+                                              f"authentications from {self.client.addr}; try again later"))
 
     def on_xclient(self, e: ev.XClient):
         self._abandon()
@@ -383,9 +449,11 @@ class EngineSession:
             return _call(self.sink_session.data_end, txn, then=done)
 
         def done(answer):
-            self._log("from=<{sender}>, size={size}, nrcpt={n}, message-id={mid}: {reply}",
+            login = txn.envelope.client.login
+            self._log("from=<{sender}>, size={size}, nrcpt={n}, message-id={mid}"
+                      + (", login=<{login}>" if login else "") + ": {reply}",
                       sender=txn.envelope.sender, size=txn.size, n=len(txn.envelope.recipients),
-                      mid=txn.scanner.message_id() or "-", reply=str(answer))
+                      mid=txn.scanner.message_id() or "-", login=login, reply=str(answer))
             self._end_txn()
             return self._after_txn(answer)
         if req is None:
@@ -411,6 +479,7 @@ class EngineSession:
         self._abandon()
 
     def on_connection_closed(self, e) -> None:
+        self._end_exchange()
         if self.txn is not None:
             self._log("lost connection from {addr} during the transaction", addr=self.client.addr)
         self._abandon()
@@ -442,6 +511,14 @@ class EngineSession:
         if self.txn is not None:
             self.sink_session.abort(self.txn)
             self._end_txn()
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A Success turned into a failure (its user name is blocked)."""
+    reason: str
+    temporary: bool
+    user: str | None
 
 
 def _call(fn, *args, then):

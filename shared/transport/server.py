@@ -73,6 +73,7 @@ _HANDLER_NAMES = {
     ev.DataAborted: "on_data_aborted", ev.XClient: "on_xclient", ev.XForward: "on_xforward",
     ev.Reset: "on_reset", ev.StartTLS: "on_starttls", ev.Quit: "on_quit",
     ev.ConnectionClosed: "on_connection_closed", ev.TooManyErrors: "on_too_many_errors",
+    ev.AuthStart: "on_auth_start", ev.AuthResponse: "on_auth_response", ev.AuthAborted: "on_auth_aborted",
 }
 
 
@@ -89,6 +90,8 @@ class SMTPServerProtocol(protocol.Protocol):
         self.handler = None
         self.peer_host: str = ""
         self.peer_port: int | None = None
+        self.local_host: str = ""
+        self.local_port: int | None = None
         self._pumping = False
         self._waiting = False          # a decision is out with the handler
         self._unfed = bytearray()      # input not yet given to the core (see _feed)
@@ -112,6 +115,9 @@ class SMTPServerProtocol(protocol.Protocol):
         peer = self.transport.getPeer()
         self.peer_host = getattr(peer, "host", "") or ""
         self.peer_port = getattr(peer, "port", None)
+        local = self.transport.getHost()
+        self.local_host = getattr(local, "host", "") or ""
+        self.local_port = getattr(local, "port", None)
         f = self.factory
         c = self.config = f.listener()
         upstream = self.upstream = self.peer_host in c.upstream_hosts
@@ -123,6 +129,10 @@ class SMTPServerProtocol(protocol.Protocol):
             tls_available=c.tls_context is not None and not implicit_tls,
             tls_active=implicit_tls,
             xclient_allowed=upstream,
+            auth_mechanisms=c.auth.mechanisms() if c.auth is not None and not upstream else (),
+            auth_tls_only=c.auth_tls_only,
+            require_tls=c.require_tls and not upstream,
+            require_auth=c.require_auth and not upstream,
         )
         f.table.opened(self)
         limit = f.table.admission(self)
@@ -439,6 +449,10 @@ class ListenerConfig:
     firewalls: tuple = ()                     # shared.firewall.Firewall: the listener's, then the global
     greet_wait: float = 0                     # seconds of the pregreet test (0: none)
     greet_exempt: NetworkList = NetworkList(())
+    auth: Any = None                          # shared.auth.Authenticator: AUTH is offered when set
+    auth_tls_only: bool = True                # ... and then only over TLS (RFC 8314 4.1)
+    require_tls: bool = False                 # MAIL needs STARTTLS first (530 5.7.0)
+    require_auth: bool = False                # MAIL needs AUTH first (530 5.7.0)
     upstream_config: ServerConfig = field(init=False)
 
     def firewall_denies(self, address: str):

@@ -17,7 +17,7 @@ import pytest
 
 from tests.e2e import smtp_send
 from tests.e2e.harness import (DOMAIN, PYTHON, REPO, check_delivered, child_env, children_of, compose,
-                               find_by_message_id, free_port_block, pid_alive, received_by, swaks,
+                               find_by_message_id, free_port_block, pid_alive, received_by, split_trace, swaks,
                                swaks_replies, tail, wait_for_message, wait_until)
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def running_demo(root: Path, *, argv=None, cwd: Path = REPO):
     proc = demo = None
     try:
         for _ in range(3):                       # another process may take the ports meanwhile
-            base = free_port_block(3)
+            base = free_port_block(5)           # mx, filter, domain, submission, submissions
             with open(root / "demo.out", "ab") as out:
                 proc = subprocess.Popen(argv(base), cwd=cwd, env=child_env(),
                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
@@ -215,3 +215,49 @@ def test_compose_demo_puts_a_relative_dir_where_it_is_run(tmp_path):
         assert r["data"][0] == 250, r
         wait_for_message(demo.maildir(ALICE), f"<{tag}@e2e.test>")
     assert not (REPO / "here").exists()
+
+
+def test_demo_runs_the_three_listener_roles_with_its_users(demo):
+    listeners = demo.info["tiers"]["edge"]["listeners"]
+    assert set(listeners) == {"mx", "submission", "submissions"}
+    assert listeners["mx"] == demo.info["tiers"]["edge"]["smtp"]
+    users = demo.info["users"]
+    assert set(users) == {ALICE, BOB} and all(len(p) >= 12 for p in users.values())
+    assert users[ALICE] != users[BOB]
+    assert os.stat(demo.root / "users.json").st_mode & 0o077 == 0
+    out = (demo.root / "demo.out").read_text()
+    assert out.count(users[ALICE]) == 1          # printed once, on the first run of the directory
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5"])
+@pytest.mark.parametrize("role, tls", [("submission", "--tls"), ("submissions", "--tlsc")])
+def test_swaks_submits_with_auth(demo, role, tls, mechanism):
+    host, port = demo.info["tiers"]["edge"]["listeners"][role].rsplit(":", 1)
+    tag = f"demo-auth-{role}-{mechanism}-{os.getpid()}"
+    r = subprocess.run(["swaks", "--server", f"{host}:{port}", tls, "--auth", mechanism, "--auth-user", BOB,
+                        "--auth-password", demo.info["users"][BOB], "--from", BOB, "--to", ALICE,
+                        "--header", f"Message-Id: <{tag}@example.net>"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "235 2.7.0 Authentication successful" in r.stdout
+    found = wait_for_message(demo.maildir(ALICE), f"<{tag}@example.net>")
+    edge = [f for f in split_trace(found)[0] if b"by edge.example.test" in f]
+    assert len(edge) == 1 and b"with ESMTPSA" in edge[0], edge
+
+
+def test_demo_submission_needs_auth_and_tls(demo):
+    host, port = demo.info["tiers"]["edge"]["listeners"]["submission"].rsplit(":", 1)
+    r = subprocess.run(["swaks", "--server", f"{host}:{port}", "--from", BOB, "--to", ALICE,
+                        "--quit-after", "MAIL"], capture_output=True, text=True, timeout=60)
+    assert "530 5.7.0 Must issue a STARTTLS command first" in r.stdout
+    r = subprocess.run(["swaks", "--server", f"{host}:{port}", "--tls", "--from", BOB, "--to", ALICE,
+                        "--quit-after", "MAIL"], capture_output=True, text=True, timeout=60)
+    assert "530 5.7.0 Authentication required" in r.stdout
+
+
+def test_a_second_run_keeps_the_passwords(tmp_path):
+    with running_demo(tmp_path / "again") as first:
+        users = first.info["users"]
+    with running_demo(tmp_path / "again") as second:
+        assert second.info["users"] == users
+    assert (tmp_path / "again" / "demo.out").read_text().count(users[ALICE]) == 1

@@ -175,7 +175,7 @@ def test_check_config_prints_effective_settings(make_pipeline):
         assert f"[listeners.smtp]\n# " in out.stdout
         assert f'endpoint = "tcp:port={tier.port}:interface=127.0.0.1"' in out.stdout
         assert "max_received_headers = 50" in out.stdout
-        assert f"#   listener smtp: tcp:port={tier.port}:interface=127.0.0.1 (tls starttls), policy default" \
+        assert f"#   listener smtp: tcp:port={tier.port}:interface=127.0.0.1 (mx; tls starttls; auth off), policy default" \
             in out.stdout
         # Only the tier's own sections.
         assert ("[queue]" in out.stdout) == (tier.name == "filter")

@@ -24,7 +24,8 @@ def test_each_listener_follows_its_own_policy(make_pipeline):
                          "policies": {"strict": {"helo": ["helo_name"]}}})
     out = smarthost("check-config", str(p.edge.config_path))
     assert out.returncode == 0, out.stderr
-    assert f"#   listener strict: tcp:port={strict}:interface=127.0.0.1 (tls starttls), policy strict" in out.stdout
+    assert f"#   listener strict: tcp:port={strict}:interface=127.0.0.1 (mx; tls starttls; auth off), policy strict" \
+        in out.stdout
     assert "#   policy strict:\n#     connect      1. access (off): " in out.stdout
     assert "\n#     connect      2. rate_limits (off): " in out.stdout
     assert "\n#     helo         1. helo_name (timeout 30s): " in out.stdout
@@ -35,7 +36,7 @@ def test_each_listener_follows_its_own_policy(make_pipeline):
         assert c.cmd("EHLO client.example.net").code == 250
     with Client(p.edge.port) as c:
         assert c.cmd("EHLO localhost").code == 250           # the default policy has no HELO check
-    p.edge.wait_log(r"listening on 127\.0\.0\.1:%d \(strict, policy strict, tls starttls\)" % strict)
+    p.edge.wait_log(r"listening on 127\.0\.0\.1:%d \(strict: mx, policy strict, tls starttls, auth off\)" % strict)
 
 
 def test_a_proxy_protocol_listener_sees_the_balancers_client(make_pipeline):

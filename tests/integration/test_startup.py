@@ -155,7 +155,7 @@ def test_every_listener_is_bound_before_privileges_are_dropped_and_reload_still_
         status = Path(f"/proc/{edge.pid}/status").read_text()
         uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
         assert set(uids) == {str(pw.pw_uid)}, status
-        assert f"listening on 127.0.0.1:{low} (low, policy default" in edge.log_text()
+        assert f"listening on 127.0.0.1:{low} (low: mx, policy default" in edge.log_text()
         with socket.create_connection(("127.0.0.1", low), timeout=5) as s:
             s.sendall(b"PROXY TCP4 198.51.100.4 127.0.0.1 1234 25\r\n")
             assert s.makefile("rb").readline().startswith(b"220 ")

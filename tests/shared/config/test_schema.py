@@ -12,7 +12,7 @@ def test_defaults_are_safe():
     assert s.relay.mynetworks == ()          # never an open relay by default
     assert s.server.upstream_hosts == ()     # XCLIENT from nobody
     assert s.next_hop.hosts == (("127.0.0.1", 10025),)
-    assert s.policies["default"].relay == ("relay_domains", "mynetworks")
+    assert s.policies["default"].relay == ("relay_domains", "mynetworks", "authenticated")
     f = parse("filter", {"next_hop": {"hosts": ["127.0.0.1:10025"]}, "queue": {"directory": "/q"}})
     assert f.queue.fsync is True
     assert f.queue.retry_min == 300 and f.queue.retry_max == 4000
