@@ -15,7 +15,7 @@ from shared.smtp.client import DataEncoder
 from shared.smtp.events import NEED_DATA, PAUSED
 from shared.smtp.reply import Reply
 from shared.smtp.server import ServerConfig, ServerConnection, State
-from tests.shared.smtp.test_server import EHLO, HOST, QUEUED, TXN, Peer, talk
+from tests.shared.smtp.test_server import EHLO, HOST, TXN, Peer, talk
 
 BARE = "554 5.6.0 Message contains bare CR or LF"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
