@@ -1,5 +1,6 @@
 """SMTP spot checks against the running edge with raw sockets: pipelining,
-end-of-data smuggling, over-long lines, STARTTLS command injection."""
+end-of-data smuggling, over-long lines, STARTTLS command injection, BDAT
+(smtplib has none) relayed with DATA."""
 from __future__ import annotations
 
 import time
