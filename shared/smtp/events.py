@@ -85,13 +85,20 @@ class RcptTo(Event):
 
 @dataclass(frozen=True)
 class DataStart(Event):
-    """DATA, with at least one recipient accepted.  Positive answer: 354."""
+    """DATA, or the first BDAT of a message, with at least one recipient accepted.
+
+    Positive answer: 354 for DATA; for BDAT any positive answer (None, 354...)
+    means "go on" and nothing is written: the chunk's octets follow the command
+    without waiting.  A refusal is written, and a BDAT chunk's octets skipped.
+    """
     needs_reply: ClassVar[bool] = True
+    bdat: bool = False       # the message comes in BDAT chunks (RFC 3030), not after a 354
 
 
 @dataclass(frozen=True)
 class DataEnd(Event):
-    """The real end of data arrived and nothing was wrong with the content.
+    """The real end of data (or the end of the LAST BDAT chunk) arrived and nothing
+    was wrong with the content.
 
     There is no standard positive reply: the application must answer with its
     own (250 with a queue id once the message is safely stored, or a verdict).
@@ -143,13 +150,14 @@ class AuthAborted(Event):
 
 @dataclass(frozen=True)
 class DataChunk(Event):
-    """A piece of message content: dot-unstuffed, line endings as received."""
+    """A piece of message content: dot-unstuffed (DATA), line endings as received."""
     data: bytes
 
 
 @dataclass(frozen=True)
 class DataAborted(Event):
-    """The content was unacceptable; ``reply`` was already sent after the end of data."""
+    """The content was unacceptable; ``reply`` was already sent after the end of data
+    (or of the BDAT chunk where the problem showed)."""
     reply: Reply
 
 

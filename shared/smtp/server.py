@@ -17,9 +17,11 @@ AUTH is refused 538 5.7.11 before any credential is looked at.
 Who answers what
 ----------------
 The core itself answers everything that depends only on syntax and sequence
-(500, 501, 502, 503, 555, NOOP, RSET, VRFY, QUIT, STARTTLS...).  At each point
-where policy decides (HELO/EHLO, MAIL, RCPT, DATA, end of data, XCLIENT,
-XFORWARD, AUTH and each AUTH response) it emits a decision event and parses nothing more until ``respond()``
+(500, 501, 502, 503, 555, NOOP, RSET, VRFY, QUIT, STARTTLS, the 250 to a BDAT
+chunk that is not the last...).  At each point where policy decides (HELO/EHLO,
+MAIL, RCPT, DATA or the first BDAT of a message, end of data, XCLIENT,
+XFORWARD, AUTH and each AUTH response) it emits a decision event and parses
+nothing more until ``respond()``
 is called.  Pipelined commands stay in the input buffer meanwhile, so replies
 always leave in command order, however slowly the application answers.
 
@@ -34,8 +36,13 @@ States and commands (the transition table)
     RCPT       --RCPT ok------------->  RCPT
     RCPT       --DATA, 354----------->  DATA
     DATA       --<CRLF>.<CRLF>------->  READY       (DataEnd or DataAborted)
-    MAIL, RCPT --RSET, HELO/EHLO----->  READY       (Reset event first)
-    any but DATA --RSET-------------->  READY, or CONNECTED without HELO
+    RCPT       --BDAT, ok------------>  CHUNK       (DataStart(bdat=True) first; no 354)
+    BDAT       --BDAT---------------->  CHUNK
+    CHUNK      --its octets---------->  BDAT        (250 <n> octets received)
+    CHUNK      --its octets, LAST---->  READY       (DataEnd or DataAborted)
+    CHUNK      --its octets, bad----->  READY       (DataAborted; see Framing)
+    MAIL, RCPT, BDAT --RSET, HELO/EHLO-->  READY    (Reset event first)
+    any but DATA, CHUNK --RSET------->  READY, or CONNECTED without HELO
     CONNECTED, READY --STARTTLS------>  TLS  --tls_started()-->  CONNECTED
     CONNECTED, READY --XCLIENT ok---->  CONNECTED   (fresh 220 greeting)
     READY      --AUTH, 334----------->  AUTH  --response line--> (decision) --334--> AUTH
@@ -45,7 +52,9 @@ States and commands (the transition table)
     command      needs                         else
     MAIL         HELO/EHLO, no transaction     503 5.5.1
     RCPT         MAIL                          503 5.5.1
-    DATA         an accepted RCPT              554 5.5.1 (RCPTs all refused) / 503 5.5.1
+    DATA         an accepted RCPT, no BDAT     554 5.5.1 (RCPTs all refused) / 503 5.5.1
+    BDAT         an accepted RCPT              554 5.5.1 (RCPTs all refused) / 503 5.5.1
+    RCPT         no BDAT yet                   503 5.5.1
     STARTTLS     offered, no transaction       502 5.5.1 / 503 5.5.1
     XCLIENT      trusted peer, no transaction  550 5.7.0 / 503 5.5.1
     XFORWARD     trusted peer, no transaction  550 5.7.0 / 503 5.5.1
@@ -69,6 +78,26 @@ line by line in Python.  A bare CR or LF, an over-long line or an oversized
 message makes the core stop handing out content; at the real end of data it
 replies once and emits :class:`DataAborted`.  A line-start dot is removed from
 every line (RFC 5321 4.5.2), which undoes dot-stuffing.
+
+BDAT (CHUNKING, RFC 3030) frames by count: exactly ``<size>`` octets after the
+CRLF of ``BDAT <size> [LAST]`` are content, whatever they hold, and are never
+looked at for commands -- nor are those of a BDAT the core or the application
+refuses: they are read and thrown away.  (A BDAT line with bad syntax is a 501
+whose octets are skipped when its first word is a size; without one there is
+no telling where they end, and what follows is read as commands.)  There is no
+dot-stuffing to undo and no terminator to look for; the content goes through
+the same checks as DATA's, with the scanning state carried from chunk to chunk
+(a CRLF may straddle two chunks).  A message that does not end with CRLF gets
+one, as a DATA message always has.  Content is handed out as it arrives, so a
+chunk of any size streams.  A content problem is answered once, at the end of
+the chunk where it shows (RFC 3030 2: the octets are read, then the reply), and
+ends the transaction with :class:`DataAborted`; a refused first BDAT leaves the
+transaction open, as a refused DATA does.  Either way the chunks of that
+message still on their way (pipelined, up to its LAST) get the same reply and
+are skipped, counted as junk commands rather than errors, so that a client
+which checks only its last reply still sees the failure, and no later chunk
+becomes a message with its beginning missing.  An empty chunk that is not the
+last moves no mail either: it counts as a junk command too.
 """
 from __future__ import annotations
 
@@ -122,6 +151,8 @@ class State(enum.Enum):
     MAIL = "mail"              # MAIL accepted, no recipient accepted yet
     RCPT = "rcpt"              # at least one recipient accepted
     DATA = "data"              # reading message content
+    BDAT = "bdat"              # a BDAT chunk accepted and read; the next one (or RSET...) awaited
+    CHUNK = "chunk"            # reading the octets of an accepted BDAT chunk
     TLS = "tls"                # 220 to STARTTLS sent; waiting for tls_started()
     AUTH = "auth"              # 334 sent: the next line is the client's AUTH response
     CLOSED = "closed"          # closing; nothing more is parsed
@@ -135,7 +166,7 @@ DATA_GO_AHEAD = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 BYE = Reply(221, "2.0.0", "Bye")
 TLS_GO_AHEAD = Reply(220, "2.0.0", "Ready to start TLS")
 VRFY_REPLY = Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
-HELP_REPLY = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY STARTTLS")
+HELP_REPLY = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
 BAD_UTF8 = Reply(500, "5.5.2", "Error: bad UTF-8 syntax")
@@ -158,6 +189,9 @@ NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "Error: DATA after BDAT")
+RCPT_AFTER_BDAT = Reply(503, "5.5.1", "Error: RCPT after BDAT")
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
 BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
 BAD_PARAMETER = Reply(501, "5.5.4", "Bad parameter syntax")
@@ -183,6 +217,8 @@ _CRLF = b"\r\n"
 _TERMINATOR = b"\r\n.\r\n"
 _CONTROL_IN_COMMAND = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # TAB tolerated
 _DIGITS = re.compile(r"[0-9]{1,20}")
+_BDAT_ARGS = re.compile(r"([0-9]{1,20})(?: +(LAST))?", re.IGNORECASE)
+_BDAT_SIZE = re.compile(r"[0-9]{1,20}(?= |$)")        # a size readable in a bad BDAT line
 _BASE64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
 AUTH_LINE = 12288                  # octets of an AUTH response line, CRLF included (RFC 4954 4)
 
@@ -244,6 +280,12 @@ class ServerConnection:
         self._bad_newline = False
         self._long_line = False
         self._too_big = False
+        # BDAT
+        self._chunk_left = 0             # octets of the current chunk not yet read (content or skipped)
+        self._chunk_size = 0
+        self._chunk_last = False
+        self._chunking = False           # the transaction has had a BDAT: no DATA, no RCPT now
+        self._chunk_failure: Reply | None = None   # said to the rest of a failed message's chunks
 
     # -- properties ----------------------------------------------------------------
     @property
@@ -254,6 +296,12 @@ class ServerConnection:
     def buffered(self) -> int:
         """Input octets received but not yet processed."""
         return len(self._buf)
+
+    @property
+    def chunk_ahead(self) -> int:
+        """Octets of the current BDAT chunk still to come: input that will be read as
+        it is, never as commands (0 when no chunk is being read)."""
+        return max(0, self._chunk_left - len(self._buf))
 
     @property
     def closing(self) -> bool:
@@ -279,7 +327,7 @@ class ServerConnection:
 
     @property
     def in_transaction(self) -> bool:
-        return self._state in (State.MAIL, State.RCPT, State.DATA)
+        return self._state in (State.MAIL, State.RCPT, State.DATA, State.BDAT, State.CHUNK)
 
     # -- the public verbs -----------------------------------------------------------
     def send_greeting(self, reply: Reply | None = None) -> None:
@@ -328,7 +376,9 @@ class ServerConnection:
             return PAUSED
         while not self._events and self._pending is None and not self._closing \
                 and self._state is not State.TLS:
-            step = self._data_step if self._state is State.DATA else self._command_step
+            state = self._state
+            step = (self._data_step if state is State.DATA else
+                    self._chunk_step if state is State.CHUNK else self._command_step)
             if not step():
                 break
         if self._events:
@@ -346,8 +396,9 @@ class ServerConnection:
             reply = self._standard_reply(event)
         elif not isinstance(reply, Reply):
             raise LocalProtocolError(f"respond() wants a Reply or None, not {type(reply).__name__}")
+        bdat = isinstance(event, ev.DataStart) and event.bdat
         if isinstance(event, ev.DataStart):
-            if reply.code < 400 and reply.code != 354:
+            if reply.code < 400 and reply.code != 354 and not bdat:
                 raise LocalProtocolError("a positive answer to DATA must be 354")
         elif isinstance(event, (ev.AuthStart, ev.AuthResponse)):
             if reply.code < 400 and reply.code not in (235, 334):
@@ -355,19 +406,26 @@ class ServerConnection:
         elif 300 <= reply.code < 400:
             raise LocalProtocolError(f"{reply.code} is not an answer to {type(event).__name__}")
         self._pending = None
-        self._write(reply)
         if isinstance(event, (ev.AuthStart, ev.AuthResponse)):
             # 334: the next line is the client's answer; anything else ends the exchange.
             self._state = State.AUTH if reply.code == 334 else State.READY
             if reply.code == 235:
                 self._authenticated = True
         if reply.code < 400:
+            if not bdat:                         # BDAT goes on without a word (RFC 3030 2)
+                self._write(reply)
             self._accepted(event)
-        elif reply.code == 421:                  # "closing transmission channel" (RFC 5321 4.2.2)
+            return
+        self._write(reply)
+        if reply.code == 421:                    # "closing transmission channel" (RFC 5321 4.2.2)
             self._clear_transaction()
             self._close()
-        else:
-            self._count_error()
+            return
+        self._count_error()
+        if bdat:                                 # its octets are skipped, and the message's next chunks
+            self._chunking = True
+            if not self._chunk_last:
+                self._chunk_failure = reply
 
     def tls_started(self) -> None:
         """The adapter has switched the transport to TLS after a StartTLS event."""
@@ -418,7 +476,7 @@ class ServerConnection:
                  "8BITMIME"]
         if c.smtputf8:
             lines.append("SMTPUTF8")
-        lines += ["ENHANCEDSTATUSCODES", "DSN"]
+        lines += ["ENHANCEDSTATUSCODES", "DSN", "CHUNKING"]
         if self._tls_available and not self._tls_active:
             lines.append("STARTTLS")
         if self._auth_offered() and not self._authenticated:
@@ -452,12 +510,14 @@ class ServerConnection:
         elif isinstance(event, ev.MailFrom):
             self._smtputf8 = event.smtputf8
             self._rcpt_tried = self._rcpt_accepted = 0
+            self._chunk_failure = None
             self._state = State.MAIL
         elif isinstance(event, ev.RcptTo):
             self._rcpt_accepted += 1
             self._state = State.RCPT
         elif isinstance(event, ev.DataStart):
-            self._state = State.DATA
+            self._state = State.CHUNK if event.bdat else State.DATA
+            self._chunking = event.bdat
             self._prev2 = _CRLF
             self._line_len = self._size = 0
             self._bad_newline = self._long_line = self._too_big = False
@@ -473,7 +533,9 @@ class ServerConnection:
     def _clear_transaction(self) -> None:
         self._smtputf8 = False
         self._rcpt_tried = self._rcpt_accepted = 0
-        if self._state in (State.MAIL, State.RCPT, State.DATA):
+        self._chunking = False
+        self._chunk_failure = None
+        if self.in_transaction:
             self._state = State.READY
 
     def _decide(self, event: Event) -> None:
@@ -484,6 +546,12 @@ class ServerConnection:
     def _command_step(self) -> bool:
         """Handle one command line from the buffer; False when no complete line is there."""
         buf = self._buf
+        if self._chunk_left:                   # the octets of a refused BDAT chunk: skipped
+            n = min(self._chunk_left, len(buf))
+            del buf[:n]
+            self._chunk_left -= n
+            if self._chunk_left:
+                return False
         auth = self._state is State.AUTH
         limit = max(AUTH_LINE, self.config.max_command_line) if auth else self.config.max_command_line
         nl = buf.find(b"\n")
@@ -532,7 +600,7 @@ class ServerConnection:
         if not arg or " " in arg:
             self._error(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
             return
-        if self._state in (State.MAIL, State.RCPT):
+        if self.in_transaction:
             self._clear_transaction()
             self._events.append(ev.Reset())
         self._decide(ev.Hello(verb, arg))
@@ -585,6 +653,8 @@ class ServerConnection:
         self._decide(ev.MailFrom(sender, **values))
 
     def _cmd_rcpt(self, verb: str, arg: str) -> None:
+        if self._chunking:
+            return self._error(RCPT_AFTER_BDAT)
         if self._state not in (State.MAIL, State.RCPT):
             return self._error(NEED_MAIL)
         self._rcpt_tried += 1
@@ -631,14 +701,47 @@ class ServerConnection:
             return None
         return params
 
-    def _cmd_data(self, verb: str, arg: str) -> None:
+    def _message_refusal(self) -> Reply | None:
+        """Why DATA or a first BDAT cannot begin a message now, or None."""
         if self._state not in (State.MAIL, State.RCPT):
-            return self._error(NEED_RCPT)
+            return NEED_RCPT
         if self._rcpt_accepted == 0:
-            return self._error(NO_VALID_RECIPIENTS if self._rcpt_tried else NEED_RCPT)
+            return NO_VALID_RECIPIENTS if self._rcpt_tried else NEED_RCPT
+        return None
+
+    def _cmd_data(self, verb: str, arg: str) -> None:
+        if self._chunking:                     # RFC 3030 2: not both in one transaction
+            return self._error(DATA_AFTER_BDAT)
+        refusal = self._message_refusal()
+        if refusal is not None:
+            return self._error(refusal)
         if arg:
             return self._error(Reply(501, "5.5.4", "Syntax: DATA"))
         self._decide(ev.DataStart())
+
+    def _cmd_bdat(self, verb: str, arg: str) -> None:
+        m = _BDAT_ARGS.fullmatch(arg)
+        if m is None:
+            size = _BDAT_SIZE.match(arg)
+            self._chunk_left = int(size.group()) if size else 0
+            return self._error(BDAT_SYNTAX)
+        size, last = int(m.group(1)), m.group(2) is not None
+        self._chunk_left = size                # read as content if the chunk is taken, else skipped
+        if self._chunk_failure is not None:    # a chunk of a message already refused
+            self._write(self._chunk_failure)
+            if last:
+                self._chunk_failure = None
+            self._count_junk()
+            return
+        if self._state is not State.BDAT:
+            refusal = self._message_refusal()
+            if refusal is not None:
+                return self._error(refusal)
+        self._chunk_size, self._chunk_last = size, last
+        if self._state is State.BDAT:
+            self._state = State.CHUNK
+        else:
+            self._decide(ev.DataStart(bdat=True))
 
     def _cmd_rset(self, verb: str, arg: str) -> None:
         if arg:
@@ -780,15 +883,47 @@ class ServerConnection:
             if consumed <= 0:
                 return False
         del buf[:consumed]
-        chunk = self._scan(w[:stop])
-        if chunk:
-            self._events.append(ev.DataChunk(chunk))
+        self._hand_out(self._scan(w[:stop]))
         if end >= 0:
-            self._end_of_data()
+            self._end_of_message()
         return True
 
-    def _scan(self, ctx: bytes) -> bytes | None:
-        """Check the content in ``ctx[2:]`` (``ctx[:2]`` is context) and return it unstuffed.
+    def _hand_out(self, content: bytes | None) -> None:
+        if content:
+            self._events.append(ev.DataChunk(content))
+
+    # -- BDAT mode ----------------------------------------------------------------------
+    def _chunk_step(self) -> bool:
+        """Take what is buffered of the current chunk; at its end, answer for it."""
+        buf = self._buf
+        n = min(len(buf), self._chunk_left)
+        if n:
+            ctx = self._prev2 + buf[:n]
+            del buf[:n]
+            self._chunk_left -= n
+            self._hand_out(self._scan(ctx, unstuff=False))
+        if self._chunk_left:
+            return False
+        if self._chunk_last:
+            if self._prev2 != _CRLF:           # end the last line (a lone CR there is bare)
+                self._hand_out(self._scan(self._prev2 + _CRLF, unstuff=False))
+            self._end_of_message()
+            return True
+        problem = self._content_problem()
+        if problem is not None:
+            self._end_of_message()
+            self._chunk_failure = problem      # and to the chunks still on their way
+        else:
+            self._write(Reply(250, "2.0.0", f"{self._chunk_size} octets received"))
+            self._state = State.BDAT
+            if not self._chunk_size:
+                self._count_junk()
+        return True
+
+    # -- content checks -------------------------------------------------------------------
+    def _scan(self, ctx: bytes, unstuff: bool = True) -> bytes | None:
+        """Check the content in ``ctx[2:]`` (``ctx[:2]`` is context) and return it,
+        unstuffed when it came by DATA.
 
         Returns None once the message is known to be unacceptable.
         """
@@ -807,7 +942,7 @@ class ServerConnection:
         limit = self.config.max_data_line
         if limit and not self._long_line:
             self._check_line_lengths(ctx, limit)
-        dots = ctx.count(b"\r\n.")                             # line-start dots to remove
+        dots = ctx.count(b"\r\n.") if unstuff else 0           # line-start dots to remove
         self._size += n - dots
         if self.config.max_message_size and self._size > self.config.max_message_size:
             self._too_big = True
@@ -844,15 +979,19 @@ class ServerConnection:
             pos = last + 1
         self._line_len = end - pos
 
-    def _end_of_data(self) -> None:
+    def _content_problem(self) -> Reply | None:
         if self._bad_newline:
-            problem = BARE_NEWLINE
-        elif self._long_line:
-            problem = DATA_LINE_TOO_LONG
-        elif self._too_big:
-            problem = SIZE_EXCEEDED
-        else:
-            problem = None
+            return BARE_NEWLINE
+        if self._long_line:
+            return DATA_LINE_TOO_LONG
+        if self._too_big:
+            return SIZE_EXCEEDED
+        return None
+
+    def _end_of_message(self) -> None:
+        """The end of data, or of the last or a failed BDAT chunk: DataEnd to decide,
+        or the content problem answered once."""
+        problem = self._content_problem()
         size = self._size
         self._clear_transaction()
         if problem is None:
@@ -875,7 +1014,7 @@ _COMMANDS = {
     "VRFY": ServerConnection._cmd_vrfy,
     "EXPN": ServerConnection._cmd_not_implemented,
     "HELP": ServerConnection._cmd_help,
-    "BDAT": ServerConnection._cmd_not_implemented,
+    "BDAT": ServerConnection._cmd_bdat,
     "AUTH": ServerConnection._cmd_auth,
     "STARTTLS": ServerConnection._cmd_starttls,
     "XCLIENT": ServerConnection._cmd_xclient,

@@ -30,8 +30,10 @@ given to the core at most ``COMMAND_SLICE`` octets at a time (the 4096-octet
 stream buffer of Postfix's smtpd), and each slice's replies go to the
 transport, which may pause us, before the next slice: unsent replies stay under
 the transport's buffer plus the answers to one slice.  Message content is given
-whole, a read at a time; the commands pipelined behind the end of data in that
-same read are answered in one round.
+whole, a read at a time: in DATA all the input (the commands pipelined behind
+the end of data in that same read are answered in one round), in a BDAT chunk
+the rest of the chunk (``ServerConnection.chunk_ahead``) and at most one slice
+beyond it.
 
 SECURITY: everything read from the peer is untrusted and is only ever parsed by
 the core; a handler failure becomes 451 4.3.0, never a traceback on the wire.
@@ -192,17 +194,26 @@ class SMTPServerProtocol(protocol.Protocol):
             self._pregreet(data)
             return
         self._reset_idle()
-        if self._unfed or (len(data) > COMMAND_SLICE and self.conn.state is not State.DATA):
+        n = self._piece()
+        if self._unfed or (n is not None and len(data) > n):
             self._unfed += data
         else:
             self.conn.receive_data(data)
         self._pump()
 
+    def _piece(self) -> int | None:
+        """How much input the core may be given at once now (see Back-pressure):
+        None (all of it) in DATA, else COMMAND_SLICE beyond the rest of a BDAT chunk."""
+        if self.conn.state is State.DATA:
+            return None
+        return COMMAND_SLICE + self.conn.chunk_ahead
+
     def _feed(self) -> None:
-        """Give the core the next piece of the input held back by dataReceived:
-        all of it in DATA, else at most COMMAND_SLICE octets."""
+        """Give the core the next piece of the input held back by dataReceived."""
         unfed = self._unfed
-        n = len(unfed) if self.conn.state is State.DATA else COMMAND_SLICE
+        n = self._piece()
+        if n is None:
+            n = len(unfed)
         self.conn.receive_data(bytes(unfed[:n]))
         del unfed[:n]
 

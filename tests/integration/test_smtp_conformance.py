@@ -1,5 +1,6 @@
 """SMTP spot checks against the running edge with raw sockets: pipelining,
-end-of-data smuggling, over-long lines, STARTTLS command injection."""
+end-of-data smuggling, over-long lines, STARTTLS command injection, BDAT
+(smtplib has none) relayed with DATA."""
 from __future__ import annotations
 
 import time
@@ -126,3 +127,45 @@ def test_starttls_discards_pipelined_plaintext(shared_pipeline):
     edge_received = [f for f in parse_mail(path).get_all("Received") if f" by {HOSTNAMES['edge']} " in " ".join(f.split())]
     assert edge_received and "with ESMTPS" in edge_received[0], edge_received
     assert injected not in p.edge.log_text()
+
+
+def _trace_removed(raw: bytes) -> bytes:
+    """A delivered file without what the tiers put on top: Return-Path and Received fields."""
+    while raw.startswith((b"Return-Path:", b"Received:")):
+        end = raw.index(b"\r\n")
+        while raw[end + 2:end + 3] in (b" ", b"\t"):        # folded continuation lines
+            end = raw.index(b"\r\n", end + 2)
+        raw = raw[end + 2:]
+    return raw
+
+
+def test_a_message_sent_with_bdat_is_delivered_byte_for_byte(shared_pipeline):
+    """BDAT at the edge, DATA (dot-stuffed) to the filter and on to the domain tier:
+    lines "." and ".x" arrive unchanged, and an end of data followed by commands
+    inside a chunk stays content at every hop."""
+    p = shared_pipeline
+    before = {u: len(p.messages(u)) for u in (ALICE, BOB)}
+    smuggler = "chunk-smuggler@attacker.example"
+    mark = {t: p.tiers[t].log_size() for t in ("edge", "filter", "domain")}
+    content = (message("bdat", body="first\r\n.\r\n.x\r\n..two dots\r\n") +
+               f".\r\nMAIL FROM:<{smuggler}>\r\nRCPT TO:<{BOB}>\r\nDATA\r\nsmuggled\r\n.\r\n".encode() +
+               b"last line\r\n")
+    cuts = [0, 10, content.index(b"\r\n.\r\n") + 1, content.index(b".x"), len(content) - 1, len(content)]
+    chunks = [content[a:b] for a, b in zip(cuts, cuts[1:])]       # one ends between CR and LF
+    with Client(p.edge.port) as c:
+        assert "CHUNKING" in c.ehlo().text.splitlines()
+        c.send(f"MAIL FROM:<sender@example.net>\r\nRCPT TO:<{ALICE}>\r\n".encode() +
+               b"".join(b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if i == len(chunks) - 1 else b"") + chunk
+                        for i, chunk in enumerate(chunks)) + b"NOOP\r\n")
+        got = [c.reply() for _ in range(3 + len(chunks))]
+        assert [(r.code, r.enhanced) for r in got[:2]] == [(250, "2.1.0"), (250, "2.1.5")], got
+        assert [r.text for r in got[2:-2]] == [f"{len(chunk)} octets received" for chunk in chunks[:-1]], got
+        queued_id(got[-2])
+        assert got[-1].code == 250                              # the NOOP, after the LAST chunk
+        assert c.pending(0.3) == b"", f"more replies than commands: {c.buf!r}"
+    [path] = p.wait_messages(ALICE, before[ALICE] + 1)[before[ALICE]:]
+    assert _trace_removed(path.read_bytes()) == content
+    for t in ("edge", "filter", "domain"):
+        assert smuggler not in p.tiers[t].log_text()[mark[t]:], f"{t} saw a second transaction"
+    time.sleep(0.5)
+    assert len(p.messages(BOB)) == before[BOB], "the smuggled message was delivered"

@@ -1,4 +1,5 @@
-"""The engine session between the adapter and a sink: what a failing sink leaves behind."""
+"""The engine session between the adapter and a sink: what a failing sink leaves behind,
+and a message by BDAT reaching the sink as one by DATA does."""
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -7,16 +8,18 @@ from twisted.internet.testing import StringTransport
 from shared.checks.core import Chain
 from shared.checks.relay import relay_policy
 from shared.engine.session import EngineConfig, EngineSession
+from shared.smtp.reply import Reply
 from shared.smtp.server import ServerConfig
 from shared.transport.server import SMTPServerFactory
 
 
 class Sink:
-    """A sink session whose answers the test sets; records aborts."""
+    """A sink session whose answers the test sets; records what is written, and aborts."""
 
-    def __init__(self, begin=None, data_end=None):
-        self.answers = {"begin": begin, "data_end": data_end}
+    def __init__(self, begin=None, data_end=None, data_start=None):
+        self.answers = {"begin": begin, "data_end": data_end, "data_start": data_start}
         self.aborted = 0
+        self.written = b""
 
     def session(self, engine_session):
         return self
@@ -28,10 +31,10 @@ class Sink:
         return None
 
     def data_start(self, txn):
-        return None
+        return self.answers["data_start"]
 
     def write(self, chunk):
-        pass
+        self.written += chunk
 
     def data_end(self, txn):
         return self.answers["data_end"]
@@ -74,3 +77,33 @@ def test_a_failed_sink_answer_to_end_of_data_ends_the_transaction():
                        b"DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
     assert t.value().endswith(b"451 4.3.0 Temporary local problem, try again later\r\n")
     assert not proto.in_transaction and proto.handler.txn is None and sink.aborted == 1
+
+
+def test_a_message_by_bdat_reaches_the_sink_as_one_by_data():
+    content = b"Subject: chunks\r\n\r\n.\r\n.x\r\nend\r\n"
+    envelope = b"EHLO c.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\n"
+    queued = Reply(250, "2.0.0", "Ok: queued as X")
+    by_data, by_bdat = Sink(data_end=queued), Sink(data_end=queued)
+    proto, t = connect(by_data)
+    proto.dataReceived(envelope + b"DATA\r\n" + content.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+    proto, t = connect(by_bdat)
+    proto.dataReceived(envelope + b"BDAT 20\r\n" + content[:20] + b"BDAT %d LAST\r\n" % (len(content) - 20)
+                       + content[20:])
+    assert t.value().endswith(b"250 2.1.5 Ok\r\n250 2.0.0 20 octets received\r\n250 2.0.0 Ok: queued as X\r\n")
+    assert by_bdat.written.startswith(b"Received: from c.example") and by_bdat.written.endswith(content)
+    def message(sink):                                   # what follows our Received header
+        return sink.written[sink.written.index(b"\r\nSubject:") + 2:]
+    assert message(by_bdat) == message(by_data) == content
+    assert not proto.in_transaction
+
+
+def test_a_sink_refusing_a_bdat_message_sees_none_of_it():
+    sink = Sink(data_start=Reply(451, "4.4.1", "Next hop not reachable, try again later"))
+    proto, t = connect(sink)
+    proto.dataReceived(b"EHLO c.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\n"
+                       b"BDAT 6\r\nRSET\r\nBDAT 6 LAST\r\nQUIT\r\nNOOP\r\n")
+    assert t.value().endswith(b"250 2.1.5 Ok\r\n" + b"451 4.4.1 Next hop not reachable, try again later\r\n" * 2
+                              + b"250 2.0.0 Ok\r\n")
+    assert sink.written == b"" and sink.aborted == 0 and proto.in_transaction
+    proto.dataReceived(b"RSET\r\n")
+    assert sink.aborted == 1 and not proto.in_transaction

@@ -4,7 +4,8 @@
   only ever gives events and well-formed replies, never an exception, and its
   input buffer stays bounded.
 * Splitting the input differently never changes what happens.
-* Well-formed messages come out exactly as sent, dot-stuffing undone.
+* Well-formed messages come out exactly as sent, dot-stuffing undone, and
+  exactly as sent in BDAT chunks of any sizes.
 """
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ FRAGMENTS = [
     b"RCPT TO:<c@d.test>\r\n", b"RCPT TO:<c@d.test> NOTIFY=NEVER ORCPT=rfc822;c+40d\r\n",
     b"RCPT TO:<postmaster>\r\n", b"DATA\r\n", b"RSET\r\n", b"NOOP\r\n", b"QUIT\r\n", b"STARTTLS\r\n",
     b"XCLIENT ADDR=192.0.2.1 NAME=x\r\n", b"XFORWARD IDENT=1\r\n", b"VRFY x\r\n", b"BDAT 1 LAST\r\n",
+    b"BDAT 3\r\n", b"BDAT 0\r\n", b"BDAT 0 LAST\r\n", b"BDAT 12 LAST\r\n", b"BDAT x\r\n",
     b"\r\n.\r\n", b".\r\n", b"..\r\n", b"\n.\n", b"\r.\r", b"\r", b"\n", b"\r\n", b".", b" ", b"\x00", b"\xff",
     "MAIL FROM:<ü@ö.test> SMTPUTF8\r\n".encode(), b"x" * 700, b"y" * 2100,
 ]
 PREFIXES = [b"", b"EHLO client.test\r\n", b"EHLO client.test\r\nMAIL FROM:<a@b.test>\r\n",
             b"EHLO client.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n",
-            b"EHLO client.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n"]
+            b"EHLO client.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n",
+            b"EHLO client.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nBDAT 30\r\n"]
 fragment = st.one_of(st.sampled_from(FRAGMENTS), st.binary(max_size=40))
 # A valid start often, so that the later states (DATA above all) are reached.
 SUFFIXES = [b"", b"\r\n.\r\n", b"\r\n.\r\nQUIT\r\n"]
@@ -90,6 +93,8 @@ class Driver:
             if event is NEED_DATA:
                 if conn.state is State.DATA:
                     assert conn.buffered <= 2
+                elif conn.state is State.CHUNK:
+                    assert conn.buffered == 0
                 else:
                     assert conn.buffered < conn.config.max_command_line
                 break
@@ -171,13 +176,11 @@ content_line = st.one_of(
     st.sampled_from([b"", b".", b"..", b".x", b"From x", b"\xc3\xa9t\xc3\xa9"]))
 
 
-@settings(max_examples=200, deadline=None)
-@given(lines=st.lists(content_line, max_size=40), lengths=sizes, seed=st.integers(0, 2**32))
-def test_well_formed_messages_arrive_intact(lines, lengths, seed):
-    content = b"".join(line + b"\r\n" for line in lines)
-    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
-    session = (b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n" + stuffed
-               + b".\r\nQUIT\r\n")
+ENVELOPE = b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n"
+
+
+def assert_delivered_intact(session: bytes, content: bytes, lengths: list[int], seed: int) -> None:
+    """`session`, cut at random, delivers exactly `content` once, then QUITs."""
     rng = random.Random(seed)
     pieces = cut(session, [rng.randint(1, 64) for _ in lengths] + lengths)
     conn = ServerConnection(ServerConfig("mx.test"))
@@ -188,3 +191,20 @@ def test_well_formed_messages_arrive_intact(lines, lengths, seed):
     assert [e for e in driver.events if isinstance(e, ev.DataEnd)] == [ev.DataEnd(len(content))]
     assert isinstance(driver.events[-1], ev.Quit)
     check_output(bytes(driver.out))
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(content_line, max_size=40), lengths=sizes, seed=st.integers(0, 2**32))
+def test_well_formed_messages_arrive_intact(lines, lengths, seed):
+    content = b"".join(line + b"\r\n" for line in lines)
+    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    assert_delivered_intact(ENVELOPE + b"DATA\r\n" + stuffed + b".\r\nQUIT\r\n", content, lengths, seed)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(content_line, max_size=40), chunk_sizes=st.lists(st.integers(0, 200), max_size=10),
+       lengths=sizes, seed=st.integers(0, 2**32))
+def test_well_formed_messages_arrive_intact_in_chunks(lines, chunk_sizes, lengths, seed):
+    content = b"".join(line + b"\r\n" for line in lines)
+    chunks = b"".join(b"BDAT %d\r\n" % len(c) + c for c in cut(content, chunk_sizes))
+    assert_delivered_intact(ENVELOPE + chunks + b"BDAT 0 LAST\r\nQUIT\r\n", content, lengths, seed)

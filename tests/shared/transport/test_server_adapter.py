@@ -297,6 +297,72 @@ def test_input_and_output_backpressure_do_not_release_each_other():
     assert lines(t) == ["250 2.0.0 Ok"] * 20000 + [""]
 
 
+QUEUED = Reply(250, "2.0.0", "Ok: queued as 1")
+ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n"
+
+
+def chunks_of(h):
+    return [e.data for n, e in h.events if n == "on_data_chunk"]
+
+
+def test_a_bdat_chunk_is_given_to_the_core_a_read_at_a_time_like_data():
+    clock, factory, proto, t, [h] = make({"on_data_end": QUEUED})
+    proto.dataReceived(ENVELOPE)
+    body = b"x" * 998 + b"\r\n"
+    reads = [b"BDAT %d LAST\r\n" % (64 * len(body)) + body * 16] + [body * 16] * 3
+    for data in reads:
+        proto.dataReceived(data)
+    assert b"".join(chunks_of(h)) == body * 64
+    assert len(chunks_of(h)) <= len(reads) + 1          # not one per COMMAND_SLICE
+    assert lines(t)[-2:] == ["250 2.0.0 Ok: queued as 1", ""]
+
+
+def test_commands_behind_a_chunk_are_still_answered_a_slice_at_a_time():
+    clock, factory, proto, t, [h] = make({"on_data_end": QUEUED}, transport=BufferedTransport(),
+                                         upstream_hosts=UPSTREAM)
+    proto.dataReceived(ENVELOPE)
+    t.clear()
+    count = 65536 // len(b"NOOP\r\n")
+    chunk = (b"z" * 998 + b"\r\n") * 10                 # longer than a slice
+    proto.dataReceived(b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"NOOP\r\n" * count)
+    one_slice = (COMMAND_SLICE // len(b"NOOP\r\n") + 1) * len(b"250 2.0.0 Ok\r\n")
+    assert t.bufferSize < len(t.value()) <= t.bufferSize + one_slice + len(QUEUED.to_bytes())
+    assert t.producerState == "paused"
+    answered = []
+    while t.producerState == "paused":
+        answered += t.drain()[:-1]
+    answered += lines(t)[:-1]
+    assert answered == ["250 2.0.0 Ok: queued as 1"] + ["250 2.0.0 Ok"] * count
+    assert b"".join(chunks_of(h)) == chunk
+
+
+def test_a_chunk_waiting_for_its_data_start_answer_pauses_reading():
+    clock, factory, proto, t, [h] = make({"on_data_start": "defer", "on_data_end": QUEUED},
+                                         upstream_hosts=UPSTREAM)
+    proto.dataReceived(ENVELOPE)
+    body = b"y" * 98 + b"\r\n"
+    proto.dataReceived(b"BDAT %d LAST\r\n" % (2000 * len(body)))
+    proto.dataReceived(body * 1000)                       # 100 kB behind the pending DataStart
+    assert t.producerState == "paused" and chunks_of(h) == []
+    t.clear()
+    h.pending.pop(0).callback(None)
+    assert t.value() == b""                               # no 354 for BDAT
+    assert t.producerState == "producing"
+    proto.dataReceived(body * 1000)
+    assert b"".join(chunks_of(h)) == body * 2000
+    assert lines(t) == ["250 2.0.0 Ok: queued as 1", ""]
+
+
+def test_the_sink_can_pause_reading_inside_a_chunk():
+    clock, factory, proto, t, [h] = make({"on_data_end": QUEUED})
+    proto.dataReceived(ENVELOPE + b"BDAT 10 LAST\r\n12345")
+    proto.pause_input()
+    assert t.producerState == "paused"
+    proto.resume_input()
+    proto.dataReceived(b"678\r\n")
+    assert t.producerState == "producing" and b"".join(chunks_of(h)) == b"12345678\r\n"
+
+
 def test_nothing_is_answered_once_the_transport_stops_its_producer():
     clock, factory, proto, t, _ = make()
     t.clear()
