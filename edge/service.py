@@ -11,6 +11,7 @@ fsynced 250.
 from __future__ import annotations
 
 from shared.checks.access import ACCESS
+from shared.checks.dnsbl import DNSBL
 from shared.checks.helo import HELO_NAME
 from shared.checks.rates import RATE_LIMITS
 from shared.config.schema import TierSpec
@@ -29,7 +30,7 @@ class Edge(Component):
         return Configured(sink=ProxySink(client), next_hop=client)
 
 
-TIER = TierSpec("edge", sections=(NEXT_HOP,), checks=(ROUTE, ACCESS, HELO_NAME, RATE_LIMITS),
-                default_policy={"connect": ("access", "rate_limits"), "helo": ("access",),
+TIER = TierSpec("edge", sections=(NEXT_HOP,), checks=(ROUTE, ACCESS, HELO_NAME, RATE_LIMITS, DNSBL),
+                default_policy={"connect": ("access", "rate_limits", "dnsbl"), "helo": ("access",),
                                 "mail": ("access", "rate_limits"), "rcpt": ("route", "access", "rate_limits")},
                 component=Edge)
