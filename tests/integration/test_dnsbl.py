@@ -3,9 +3,13 @@
 The edge's ``[dns] nameservers`` is the test DNS server; clients connect from
 127.0.0.2 and 127.0.0.7 (every 127/8 address is the loopback interface's, so the
 client socket can be bound to it): the first is listed in both zones and is
-refused at connect, the second in neither and is greeted.
+refused at connect, the second in neither and is greeted.  A client an allowlist
+vouches for is greeted without the pregreet wait of its listener.
 """
 from __future__ import annotations
+
+import socket
+import time
 
 import pytest
 
@@ -40,5 +44,31 @@ def test_a_listed_client_gets_554_at_connect_and_an_unlisted_one_is_greeted(tmp_
             assert c.greeting.code == 220, c.greeting
             c.ehlo()
         assert len(p.edge.log_lines("dnsbl: ")) == 1
+    finally:
+        dns.stop()
+
+
+
+def test_an_allowlisted_client_skips_the_pregreet_wait(tmp_path, make_pipeline):
+    dns = start_dns_server(tmp_path / "dns", {"wl.example": [("6.0.0.127", "A", "127.0.10.2")]})
+    try:
+        p = make_pipeline(start=())
+        p.edge.write_config({
+            "server": {"listen": None},
+            "listeners": {"mx": {"endpoint": f"tcp:port={p.edge.port}:interface=127.0.0.1", "greet_wait": 3}},
+            "dns": {"nameservers": [f"{dns.host}:{dns.port}"], "timeout": 2},
+            "dnsbl": {"zones": ["wl.example=127.0.[0..255].[1..3]*-5"], "allowlist_threshold": -1}})
+        p.start(("edge",))
+        for client, waits in (("127.0.0.6", False), ("127.0.0.7", True)):
+            with socket.create_connection(("127.0.0.1", p.edge.port), timeout=10, source_address=(client, 0)) as s:
+                f = s.makefile("rb")
+                assert f.readline() == b"220-edge.example.test ESMTP\r\n"
+                start = time.monotonic()
+                assert f.readline().startswith(b"220 edge.example.test")
+                assert (time.monotonic() - start > 2.5) is waits, client
+                s.sendall(b"EHLO client.example.net\r\n")
+                assert f.readline().startswith(b"250-")
+        p.edge.wait_log(r"dnsbl: score -5 for \[127\.0\.0\.6\]:\d+ \(allowlist threshold -1; "
+                        r"wl\.example=127\.0\.\[0\.\.255\]\.\[1\.\.3\]\*-5\): allowlisted")
     finally:
         dns.stop()
