@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from shared.auth.service import AUTH
 from shared.checks.access import ACCESS
+from shared.checks.dnsbl import DNSBL
 from shared.checks.helo import HELO_NAME
 from shared.checks.rates import RATE_LIMITS
 from shared.checks.sender_login import SENDER_LOGIN
@@ -34,10 +35,12 @@ class Edge(Component):
 
 
 TIER = TierSpec("edge", sections=(NEXT_HOP, AUTH),
-                checks=(ROUTE, ACCESS, HELO_NAME, RATE_LIMITS, SENDER_LOGIN),
-                default_policy={"connect": ("access", "rate_limits"), "helo": ("access",),
+                checks=(ROUTE, ACCESS, HELO_NAME, RATE_LIMITS, SENDER_LOGIN, DNSBL),
+                default_policy={"connect": ("access", "rate_limits", "dnsbl"), "helo": ("access",),
                                 "mail": ("access", "rate_limits"), "rcpt": ("route", "access", "rate_limits")},
-                # The submission roles' policy: only authenticated users relay, each as themselves.
-                policies={"submission": {"mail": ("sender_login", "access", "rate_limits"),
+                # The submission roles' policy: only authenticated users relay, each as themselves;
+                # no DNS blocklist (users submit from dynamic addresses that policy lists name).
+                policies={"submission": {"connect": ("access", "rate_limits"),
+                                         "mail": ("sender_login", "access", "rate_limits"),
                                          "relay": ("authenticated",)}},
                 component=Edge)

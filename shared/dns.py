@@ -38,6 +38,10 @@ Results are cached per address: positive ones for min(record TTLs, 3600 s),
 negative ones ("none", "unverified") for 60 s; temporary failures are not
 cached.  The cache is bounded (oldest entry evicted first).  Concurrent lookups
 of one address share one DNS exchange.
+
+The DNSBL check (:mod:`shared.checks.dnsbl`) shares the parts that are not about
+reverse names: the twisted.names client (:func:`client_resolver`, its retry
+schedule), the bounded cache (:class:`ExpiringCache`) and :func:`records_for`.
 """
 from __future__ import annotations
 
@@ -120,8 +124,10 @@ def client_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
-class ReverseCache:
-    """Address -> ReverseName, each entry with its own expiry, at most `size` entries."""
+class ExpiringCache:
+    """Key -> value, each entry with its own expiry, at most `size` entries (the oldest
+    written is dropped first).  Reverse names (address -> ReverseName) and DNSBL
+    answers (:mod:`shared.checks.dnsbl`) are kept in one."""
 
     def __init__(self, clock, size: int = CACHE_SIZE) -> None:
         if size < 1:
@@ -142,6 +148,12 @@ class ReverseCache:
             return None
         return entry[1]
 
+    def resize(self, size: int) -> None:
+        """At most `size` entries from now on (the oldest go at the next write)."""
+        if size < 1:
+            raise ValueError("cache size must be at least 1")
+        self.size = size
+
     def put(self, key: str, value: ReverseName, ttl: float) -> None:
         if ttl <= 0:
             return
@@ -151,12 +163,15 @@ class ReverseCache:
             self.entries.popitem(last=False)
 
 
+ReverseCache = ExpiringCache     # its name where it holds reverse names
+
+
 def _name_text(raw: bytes) -> str:
     """A DNS name as lower-case text without the trailing dot (ASCII case folding only)."""
     return raw.lower().decode("latin-1").rstrip(".")
 
 
-def _records(answers, qname: str, rtype: int) -> list[tuple[Any, int]]:
+def records_for(answers, qname: str, rtype: int) -> list[tuple[Any, int]]:
     """(payload, ttl) of the `rtype` records answering `qname`, following CNAMEs in the answer.
 
     The TTL of each record is capped by the TTLs of the CNAMEs that led to it.
@@ -189,6 +204,29 @@ def _is_negative(reason: Failure) -> bool:
     return reason.check(dns_error.DNSNameError) is not None
 
 
+def retry_schedule(timeout: float) -> tuple[float, float]:
+    """One query's retransmission schedule: a first try and one retry, `timeout` together."""
+    return (timeout * 0.4, timeout * 0.6)
+
+
+def client_resolver(reactor, nameservers: list[tuple[str, int]] | None, retries: tuple[float, ...],
+                    resolv_conf: str = "/etc/resolv.conf"):
+    """A twisted.names client for `nameservers` ((host, port) pairs) or, without them, the
+    servers of `resolv_conf` (read now, and again each minute when it changed: see
+    :func:`retire_resolver`)."""
+    from twisted.names import client
+    if nameservers:
+        return client.Resolver(servers=list(nameservers), timeout=retries, reactor=reactor)
+    return client.Resolver(resolv=resolv_conf, timeout=retries, reactor=reactor)
+
+
+def retire_resolver(resolver) -> None:
+    """Stop a client_resolver's timer that reads resolv.conf again (it would run forever)."""
+    call = getattr(resolver, "_parseCall", None)
+    if call is not None and call.active():
+        call.cancel()
+
+
 class ReverseResolver:
     """Looks up verified reverse names; see the module docstring.
 
@@ -206,8 +244,7 @@ class ReverseResolver:
         self.reactor = reactor
         self.nameservers = [(str(h), int(p)) for h, p in nameservers] if nameservers else None
         self.timeout = float(timeout)
-        # Per-query retransmission schedule: first try, one retry; together `timeout`.
-        self.retries = (self.timeout * 0.4, self.timeout * 0.6)
+        self.retries = retry_schedule(self.timeout)
         self.resolv_conf = resolv_conf
         self.resolver = resolver
         self.cache = ReverseCache(reactor, cache_size)
@@ -217,13 +254,7 @@ class ReverseResolver:
     def backend(self):
         """The IResolver the queries go to, made on first use."""
         if self.resolver is None:
-            from twisted.names import client
-            if self.nameservers:
-                self.resolver = client.Resolver(servers=self.nameservers, timeout=self.retries,
-                                                reactor=self.reactor)
-            else:
-                self.resolver = client.Resolver(resolv=self.resolv_conf, timeout=self.retries,
-                                                reactor=self.reactor)
+            self.resolver = client_resolver(self.reactor, self.nameservers, self.retries, self.resolv_conf)
         return self.resolver
 
     def lookup(self, address: str) -> defer.Deferred:
@@ -316,7 +347,7 @@ class _Lookup:
         if isinstance(result, Failure):
             self.finish(NONE if _is_negative(result) else TEMPFAIL)
             return
-        records = _records(result[0], self.ip.reverse_pointer, dns.PTR)
+        records = records_for(result[0], self.ip.reverse_pointer, dns.PTR)
         if not records:
             self.finish(NONE)
             return
@@ -344,7 +375,7 @@ class _Lookup:
                 if not _is_negative(result):
                     self.forward_tempfail = True
             else:
-                for payload, ttl in _records(result[0], name, kind):
+                for payload, ttl in records_for(result[0], name, kind):
                     if ipaddress.ip_address(payload.address) == self.ip:
                         self.finish(VERIFIED, name, min(ptr_ttl, ttl))
                         return

@@ -26,8 +26,17 @@ Each zone gets an SOA (negative TTL 60) and an NS record unless it has its own N
 Instead of records, a zone may be given as BIND zone-file text (``$ORIGIN`` and
 ``$TTL`` are the only directives Twisted's server reads).
 
+- "SERVFAIL" (value ignored, may be None): every query of that name fails
+  inside the server, which answers SERVFAIL (a broken list, or its resolver
+  unable to reach it).
+
 The server answers only for its zones: names outside them get NXDOMAIN; it does
 not recurse.
+
+The clients of such a server want a real reactor that a test can spin:
+``RealReactor`` (the ``real`` fixture) is a private SelectReactor instance, never
+installed and never run; ``wait(d)`` iterates it until `d` fires, within a
+deadline, and ``close()`` releases its sockets and timers.
 """
 from __future__ import annotations
 
@@ -48,6 +57,17 @@ DEFAULT_TTL = 300
 NEGATIVE_TTL = 60
 
 _NAME_TYPES = {"PTR", "CNAME", "NS"}
+
+# In the zone file (executed by the server): a record whose every use raises, so that a
+# query of its name fails inside the server's resolver chain, which then answers SERVFAIL.
+_UNANSWERABLE = '''class Unanswerable:
+    TYPE = None
+
+    @property
+    def ttl(self):
+        raise RuntimeError("this name answers SERVFAIL, on purpose")
+
+'''
 
 
 def free_port_udp_tcp(host: str = "127.0.0.1") -> int:
@@ -92,6 +112,8 @@ def _record_source(zone: str, record: Sequence) -> str:
     if rtype == "MX":
         pref, exchange = value if isinstance(value, (tuple, list)) else str(value).split(None, 1)
         return f"MX({name!r}, {int(pref)}, {_absolute(str(exchange), zone)!r}, ttl={ttl})"
+    if rtype == "SERVFAIL":
+        return f"({name.lower().encode()!r}, Unanswerable())"
     if rtype == "TXT":
         strings = [value] if isinstance(value, (str, bytes)) else list(value)
         data = ", ".join(repr(s.encode() if isinstance(s, str) else bytes(s)) for s in strings)
@@ -103,7 +125,8 @@ def zone_source(zone: str, records: Iterable[Sequence]) -> str:
     """The Python-syntax zone file (twisted.names PySourceAuthority) for `records`."""
     zone = zone.rstrip(".")
     records = list(records)
-    lines = ["zone = [",
+    lines = [_UNANSWERABLE] if any(r[1].upper() == "SERVFAIL" for r in records) else []
+    lines += ["zone = [",
              f"    SOA({zone!r}, mname={'ns.' + zone!r}, rname={'hostmaster.' + zone!r},"
              f" serial=1, refresh=3600, retry=600, expire=86400, minimum={NEGATIVE_TTL},"
              f" ttl={NEGATIVE_TTL}),"]
@@ -227,6 +250,44 @@ def start_dns_server(directory: Path, zones: dict[str, Iterable[Sequence] | str]
         stderr = (workdir / "dns.stderr").read_text(errors="replace")
         last_error = f"exit status {proc.returncode}\n{stderr[-2000:]}\n{server.log_tail()}"
     raise RuntimeError(f"DNS server did not answer on {host}:{use_port}: {last_error}")
+
+
+class RealReactor:
+    """A private real reactor, spun with iterate() until a Deferred fires (see module docstring)."""
+
+    def __init__(self) -> None:
+        from twisted.internet.selectreactor import SelectReactor
+        self.reactor = SelectReactor()
+
+    def wait(self, d, limit: float = 10.0):
+        from twisted.python.failure import Failure
+        box = []
+        d.addBoth(box.append)
+        deadline = time.monotonic() + limit
+        while not box:
+            assert time.monotonic() < deadline, "Deferred did not fire in time"
+            self.reactor.iterate(0.01)
+        assert not isinstance(box[0], Failure), box[0]
+        return box[0]
+
+    def close(self) -> None:
+        from twisted.internet import error
+        from twisted.python.failure import Failure
+        for _ in range(3):                     # let finished queries close their UDP ports
+            self.reactor.iterate(0)
+        for call in self.reactor.getDelayedCalls():
+            call.cancel()
+        for selectable in self.reactor.removeAll():
+            selectable.connectionLost(Failure(error.ConnectionDone()))
+        self.reactor.waker.connectionLost(None)
+
+
+@pytest.fixture
+def real():
+    """A RealReactor, closed after the test."""
+    r = RealReactor()
+    yield r
+    r.close()
 
 
 @pytest.fixture

@@ -32,7 +32,9 @@ class Verdict:
     """A check's answer: what to do (``action``, and the ``reply`` for the client), what it
     found (``result``: free-form, e.g. "pass" or a mapping, seen by later checks in
     ``Request.results`` and logged), and header fields to add or remove (``edits``; at
-    end of data, applied by the sink, see :mod:`shared.message`)."""
+    end of data, applied by the sink, see :mod:`shared.message`).  A result whose
+    ``allowlisted`` attribute is true before MAIL (the dnsbl check's) vouches for the
+    client: the listener's pregreet wait ends for it."""
     action: Action
     reply: Reply | None = None
     check: str = ""             # the name of the check that gave it, for logs

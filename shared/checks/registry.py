@@ -39,11 +39,18 @@ class CheckType:
     # (its settings, the configuration) -> None, or raises ConfigError: what start-up needs
     # from this host (files it reads), run by check-config and a starting daemon.
     preflight: Callable[[Any, Settings], None] | None = None
+    # (its settings, the configuration) -> what check-config prints under the check when it
+    # is on: what it was given to work with (zones, limits), in one line.
+    summary: Callable[[Any, Settings], str] | None = None
+
+    def own(self, settings: Settings) -> Any:
+        """Its settings object in `settings` (None: it has no section)."""
+        return settings.sections[self.section.name] if self.section is not None else None
 
     def is_active(self, settings: Settings) -> bool:
         if self.active is None:
             return True
-        return self.active(settings.sections[self.section.name] if self.section else None, settings)
+        return self.active(self.own(settings), settings)
 
     def timeout_for(self, settings: Settings) -> float:
         return self.timeout(settings) if callable(self.timeout) else self.timeout
@@ -94,8 +101,7 @@ def build_policies(settings: Settings, spec: TierSpec, ctx: BuildContext) -> dic
             for entry in getattr(policy, phase):
                 if entry not in built:
                     t = types[entry]
-                    own = settings.sections[t.section.name] if t.section is not None else None
-                    built[entry] = t.build(own, ctx)
+                    built[entry] = t.build(t.own(settings), ctx)
                 fn = built[entry]
                 if fn is not None:
                     checks.append(Check(entry, phase, fn, timeout=types[entry].timeout_for(settings)))
@@ -108,7 +114,7 @@ def preflight_checks(settings: Settings, spec: TierSpec) -> None:
     """Every registered check's preflight (see CheckType.preflight)."""
     for t in spec.checks:
         if t.preflight is not None:
-            t.preflight(settings.sections[t.section.name] if t.section else None, settings)
+            t.preflight(t.own(settings), settings)
 
 
 def all_permits(spec: TierSpec) -> list[PermitRule]:
@@ -133,6 +139,8 @@ def describe(settings: Settings, spec: TierSpec) -> str:
                 t = types[entry]
                 state = f"timeout {t.timeout_for(settings):g}s" if t.is_active(settings) else "off"
                 lines.append(f"  {phase:11} {i:2}. {entry} ({state}): {t.doc}")
+                if t.summary is not None and t.is_active(settings):
+                    lines.append(f"{'':18}{t.summary(t.own(settings), settings)}")
         rules = ", ".join(policy.relay) or "none"
         lines.append(f"  relay, before the rcpt checks (554 5.7.1 unless one permits): {rules}")
         for r in policy.relay:

@@ -144,6 +144,13 @@ class EngineSession:
     def in_transaction(self) -> bool:
         return self.txn is not None
 
+    @property
+    def vouched_for(self) -> bool:
+        """Whether a check vouched for the client before MAIL: a result whose ``allowlisted``
+        is true (the dnsbl check's, :class:`shared.checks.dnsbl.DnsblResult`).  The
+        adapter's pregreet wait ends for such a client."""
+        return any(getattr(v.result, "allowlisted", False) for v in self.results.values())
+
     # -- helpers ---------------------------------------------------------------
     def _request(self, phase: str, **kw) -> Request:
         c = self.client

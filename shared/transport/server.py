@@ -154,13 +154,23 @@ class SMTPServerProtocol(protocol.Protocol):
         """Postscreen's pregreet test: say the first line of a multi-line greeting
         ("220-"), wait ``greet_wait`` seconds, and only then the rest.  A real client
         waits for the whole greeting (RFC 5321 4.3.1); a spam engine that talks first
-        is refused (dataReceived) before it costs anything more."""
+        is refused (dataReceived) before it costs anything more.  A client the connect
+        checks vouch for (the handler's ``vouched_for``: a DNS allowlist) is greeted as
+        soon as they have answered, as postscreen lets an allowlisted client skip it."""
         self._write(f"220-{c.server_config.hostname} ESMTP\r\n".encode())
         gate = self._greet_gate = defer.Deferred()
         self._greet_timer = self.reactor.callLater(c.greet_wait, gate.callback, None)
         self._greet_started = self.reactor.seconds()
-        both = defer.gatherResults([defer.maybeDeferred(lambda: greeting), gate], consumeErrors=True)
+        answer = defer.maybeDeferred(lambda: greeting).addCallback(self._vouched, gate)
+        both = defer.gatherResults([answer, gate], consumeErrors=True)
         return both.addCallbacks(lambda results: results[0], lambda f: f.value.subFailure)
+
+    def _vouched(self, answer, gate: defer.Deferred):
+        """The connect checks' answer: for a client they greet and vouch for, the wait ends."""
+        if answer is None and not gate.called and getattr(self.handler, "vouched_for", False):
+            self._greet_timer.cancel()
+            gate.callback(None)
+        return answer
 
     def _pregreet(self, data: bytes) -> None:
         """The client talked before the greeting was over: refuse and close."""
@@ -618,11 +628,12 @@ class SMTPServerFactory(protocol.ServerFactory):
     def single(cls, *, reactor, server_config: ServerConfig, handler_factory, tls_context=None,
                upstream_hosts=(), command_timeout: float = 300, session_timeout: float = 3600,
                max_connections: int = 1000, max_connections_per_client: int = 50,
-               allowed_clients: NetworkList | None = None) -> "SMTPServerFactory":
+               allowed_clients: NetworkList | None = None, greet_wait: float = 0) -> "SMTPServerFactory":
         """A listener with a fixed configuration and a session table of its own."""
         config = ListenerConfig("smtp", server_config, handler_factory, tls_context=tls_context,
                                 upstream_hosts=NetworkList(upstream_hosts), allowed_clients=allowed_clients,
-                                command_timeout=command_timeout, session_timeout=session_timeout)
+                                command_timeout=command_timeout, session_timeout=session_timeout,
+                                greet_wait=greet_wait)
         table = SessionTable(reactor, max_connections=max_connections,
                              max_connections_per_client=max_connections_per_client)
         return cls(reactor=reactor, listener=lambda: config, table=table)

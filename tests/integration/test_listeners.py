@@ -28,6 +28,7 @@ def test_each_listener_follows_its_own_policy(make_pipeline):
         in out.stdout
     assert "#   policy strict:\n#     connect      1. access (off): " in out.stdout
     assert "\n#     connect      2. rate_limits (off): " in out.stdout
+    assert "\n#     connect      3. dnsbl (off): " in out.stdout
     assert "\n#     helo         1. helo_name (timeout 30s): " in out.stdout
     p.start()
     with Client(strict) as c:

@@ -9,8 +9,9 @@ Two parts:
 
 The integration tests need a real reactor.  Each test gets a private
 SelectReactor instance (never the global one, never installed, never run);
-``RealReactor.wait`` spins it with ``iterate()`` until one Deferred fires,
-bounded by a deadline, and ``close`` releases its sockets and timers.
+``RealReactor.wait`` (tests.dnsserver, the ``real`` fixture) spins it with
+``iterate()`` until one Deferred fires, bounded by a deadline, and ``close``
+releases its sockets and timers.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from twisted.python.failure import Failure
 
 from shared.dns import (NEGATIVE_TTL, NONE, POSITIVE_TTL_MAX, TEMPFAIL, UNVERIFIED, VERIFIED,
                         ReverseCache, ReverseName, ReverseResolver, client_ip, valid_hostname)
-from tests.dnsserver import dns_server, free_port_udp_tcp, start_dns_server  # noqa: F401
+from tests.dnsserver import dns_server, free_port_udp_tcp, real, start_dns_server  # noqa: F401
 
 
 def rev(address: str) -> str:
@@ -413,40 +414,6 @@ ZONES = {
         (rev("2001:db8::26") + ".", "PTR", "v6liar.test."),
     ],
 }
-
-
-class RealReactor:
-    """A private real reactor, spun with iterate() until a Deferred fires (see module docstring)."""
-
-    def __init__(self) -> None:
-        from twisted.internet.selectreactor import SelectReactor
-        self.reactor = SelectReactor()
-
-    def wait(self, d: defer.Deferred, limit: float = 10.0):
-        box = []
-        d.addBoth(box.append)
-        deadline = time.monotonic() + limit
-        while not box:
-            assert time.monotonic() < deadline, "Deferred did not fire in time"
-            self.reactor.iterate(0.01)
-        assert not isinstance(box[0], Failure), box[0]
-        return box[0]
-
-    def close(self) -> None:
-        for _ in range(3):                     # let finished queries close their UDP ports
-            self.reactor.iterate(0)
-        for call in self.reactor.getDelayedCalls():
-            call.cancel()
-        for selectable in self.reactor.removeAll():
-            selectable.connectionLost(Failure(net_error.ConnectionDone()))
-        self.reactor.waker.connectionLost(None)
-
-
-@pytest.fixture
-def real():
-    r = RealReactor()
-    yield r
-    r.close()
 
 
 @pytest.fixture(scope="module")

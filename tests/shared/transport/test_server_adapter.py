@@ -1,4 +1,5 @@
 """The Twisted adapter around the server core, with StringTransport and Clock."""
+import pytest
 from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
@@ -448,3 +449,28 @@ def test_a_peer_that_does_not_read_our_last_reply_is_cut_off_whoever_closes():
         assert not aborted
         clock.advance(0.2)
         assert aborted, command
+
+
+@pytest.mark.parametrize("vouched", [True, False])
+def test_the_pregreet_wait_ends_once_the_connect_checks_vouch_for_the_client(vouched):
+    connect = defer.Deferred()
+
+    class Checked(Handler):
+        vouched_for = vouched            # as EngineSession's: a DNS allowlist said so
+
+        def on_connect(self):
+            return connect
+
+    clock, factory, proto, t, _ = make(handler_factory=Checked, greet_wait=6)
+    assert t.value() == b"220-mx.test ESMTP\r\n"
+    clock.advance(1)
+    connect.callback(None)                                  # the checks answered: greet
+    assert lines(t)[1].startswith("220 mx.test") is vouched
+    if not vouched:
+        proto.dataReceived(b"EHLO early.test\r\n")          # still inside the wait: refused
+        assert lines(t)[1].startswith("554 5.5.1 ") and t.disconnecting
+        return
+    proto.dataReceived(b"EHLO vouched.test\r\n")
+    assert lines(t)[2].startswith("250-mx.test")
+    clock.advance(5)                                        # where the wait would have ended: nothing
+    assert [line[:4] for line in lines(t)].count("220 ") == 1
