@@ -5,10 +5,11 @@ from twisted.logger import globalLogPublisher
 
 from shared.blocking import InlinePool
 from shared.checks.core import Action, Request
-from shared.checks.rates import Counters, RateLimits, RateSettings, client_key
+from shared.checks.rates import RateLimits, RateSettings, client_key
 from shared.checks.registry import BuildContext, build_policies
 from shared.config import parse
 from shared.config.schema import tier_spec
+from shared.counters import LocalCounters
 from shared.netlist import NetworkList
 
 EDGE = {"server": {"hostname": "mx.example.org"}, "next_hop": {"hosts": ["127.0.0.1:10025"]},
@@ -16,7 +17,7 @@ EDGE = {"server": {"hostname": "mx.example.org"}, "next_hop": {"hosts": ["127.0.
 
 
 def limits(clock, **own):
-    return RateLimits(RateSettings(**own), Counters(), NetworkList(["10.0.0.0/8"]), clock, "mx.example.org")
+    return RateLimits(RateSettings(**own), LocalCounters(clock), NetworkList(["10.0.0.0/8"]), "mx.example.org")
 
 
 def ask(check, phase, addr="192.0.2.1", login=None):
@@ -82,8 +83,18 @@ def test_built_only_when_a_limit_is_set_and_counters_survive_a_rebuild():
     assert not build_policies(off, tier_spec("edge"), ctx)["default"].chain.has("connect")
     on = parse("edge", {**EDGE, "rate_limits": {"connection_rate": 1}})
     store = {}
-    first = build_policies(on, tier_spec("edge"), BuildContext(on, Clock(), InlinePool(), store=store))
+    clock = Clock()
+    first = build_policies(on, tier_spec("edge"), BuildContext(on, clock, InlinePool(), store=store))
     chain = first["default"].chain
     assert chain.runs("rate_limits", "connect") and chain.runs("rate_limits", "mail")
-    again = build_policies(on, tier_spec("edge"), BuildContext(on, Clock(), InlinePool(), store=store))
-    assert store["rate_limits"] is not None and again["default"].chain is not chain
+    assert verdict(chain, "connect").action is Action.CONTINUE
+    again = build_policies(on, tier_spec("edge"), BuildContext(on, clock, InlinePool(), store=store))
+    assert again["default"].chain is not chain
+    assert verdict(again["default"].chain, "connect").action is Action.DISCONNECT    # the count was kept
+
+
+def verdict(chain, phase, addr="192.0.2.1", login=None):
+    """What the chain answers at once (counted locally)."""
+    out = []
+    chain.run(Request(phase=phase, client_address=addr, login=login)).addCallback(out.append)
+    return out[0]
