@@ -6,7 +6,9 @@ relays only to ``relay.relay_domains`` unless the client is in
 ``relay.mynetworks`` (empty by default: never an open relay).  Accepted
 commands are forwarded to the filter tier inside the client's transaction
 (:mod:`shared.engine.proxy`), so the client's 250 after DATA is the filter's
-fsynced 250.
+fsynced 250.  With ``redis.servers`` it shares its rate counters with the other
+edge nodes through that Redis (:mod:`shared.redisconn`: trusted, on a private
+network).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from shared.checks.rates import RATE_LIMITS
 from shared.config.schema import TierSpec
 from shared.engine.nexthop import NEXT_HOP, ROUTE, relay_client
 from shared.engine.proxy import ProxySink
+from shared.redisconn import REDIS
 from shared.tier import Component, Configured
 
 
@@ -29,7 +32,7 @@ class Edge(Component):
         return Configured(sink=ProxySink(client), next_hop=client)
 
 
-TIER = TierSpec("edge", sections=(NEXT_HOP,), checks=(ROUTE, ACCESS, HELO_NAME, RATE_LIMITS),
+TIER = TierSpec("edge", sections=(NEXT_HOP, REDIS), checks=(ROUTE, ACCESS, HELO_NAME, RATE_LIMITS),
                 default_policy={"connect": ("access", "rate_limits"), "helo": ("access",),
                                 "mail": ("access", "rate_limits"), "rcpt": ("route", "access", "rate_limits")},
                 component=Edge)

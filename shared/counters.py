@@ -7,23 +7,50 @@ counts the window holds, this one included, and the next count after the
 window has passed starts a new one at 1.  A client can burst up to twice a
 limit across a window boundary, never more.
 
-:class:`LocalCounters` counts in this process; ``add`` answers at once, an
-int (no Deferred: a check that counts runs for every connection, MAIL and
-RCPT).  The interface (:class:`Counters`) lets a store answer a Deferred, for
-a store shared by several nodes.
+Two stores, one interface (:class:`Counters`):
+
+- :class:`LocalCounters`: in this process; ``add`` answers at once, an int (no
+  Deferred: a check that counts runs for every connection, MAIL and RCPT).
+- :class:`RedisCounters`: in Redis, shared by every node that uses the same
+  server, prefix and names; ``add`` answers a Deferred of the shared count.
+  The key of a count is ``redis.key_prefix + name + ":" + key``; one Lua script
+  per count increments it and, at its first count, sets it to expire with
+  the window, in one round trip and atomically, so the window ends the same
+  for every node (no clocks compared).  The node counts in its local store
+  as well (a dictionary update), and answers from it when Redis cannot: from
+  the first failure or timeout until Redis answers again (:mod:`shared.redisconn`:
+  one log line each way), each node then holds its clients to the limits by
+  itself, from its own share of the window.  Never no limit, and never a
+  refusal because Redis is down.  Counts made locally during an outage are not
+  copied to Redis afterwards.
 
 ``first_refusal(name, key)`` says whether a refusal is the first of its
 window on this node, so the refusal is logged once per client and window;
-each node logs its own refusals.
+it is answered locally with either store (each node logs its own refusals).
 
-:func:`counters` gives a check the store of its configuration; it lives as
-long as the process (``BuildContext.kept``: a reload forgets no count).
+:func:`counters` gives a check the store of its configuration: the local
+store lives as long as the process (``BuildContext.kept``: a reload forgets
+no count), and the Redis link is closed when the last configuration using it
+is retired.
 """
 from __future__ import annotations
 
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
+
+from shared.redisconn import describe as describe_redis
+from shared.redisconn import shared_link
+
+# KEYS[1]: the count; ARGV[1]: the window, ms.  A key found without an expiry (written by
+# something else) gets one, so that no count can outlive its window.
+_INCR = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 or redis.call('PTTL', KEYS[1]) == -1 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return n
+"""
 
 
 class Counters(Protocol):
@@ -80,7 +107,49 @@ class LocalCounters:
             self.logged.discard(counted)
 
 
-def counters(ctx) -> LocalCounters:
-    """The store of a configuration (``ctx``: a :class:`shared.checks.registry.BuildContext`).
-    Every check that counts uses it, each under its own names."""
-    return ctx.kept("counters", lambda: LocalCounters(ctx.reactor))
+class RedisCounters:
+    """The counts in Redis, shared by the nodes using it; the local store counts too and
+    answers while Redis does not (see the module docstring)."""
+
+    def __init__(self, local: LocalCounters, link, key_prefix: str) -> None:
+        self.local = local
+        self.link = link                         # shared.redisconn.RedisLink
+        self.key_prefix = key_prefix
+        self._incr = link.client.register_script(_INCR)
+
+    def add(self, name: str, key: str, unit: float) -> int | Deferred:
+        n = self.local.add(name, key, unit)
+        d = self.link.call(self._incr, [self._key(name, key)], [max(1, round(unit * 1000))])
+        if d is None:
+            return n
+        return d.addCallback(int).addErrback(lambda _: n)
+
+    def get(self, name: str, key: str) -> int | Deferred:
+        n = self.local.get(name, key)
+        d = self.link.call(self.link.client.get, self._key(name, key))
+        if d is None:
+            return n
+        return d.addCallback(lambda v: int(v or 0)).addErrback(lambda _: n)
+
+    def first_refusal(self, name: str, key: str) -> bool:
+        return self.local.first_refusal(name, key)
+
+    def _key(self, name: str, key: str) -> str:
+        return f"{self.key_prefix}{name}:{key}"
+
+
+def counters(ctx) -> LocalCounters | RedisCounters:
+    """The store of a configuration (``ctx``: a :class:`shared.checks.registry.BuildContext`):
+    in Redis when ``[redis]`` names a server, else local.  Every check that counts uses it,
+    each under its own names."""
+    local = ctx.kept("counters", lambda: LocalCounters(ctx.reactor))
+    link = shared_link(ctx, "counters", fallback="counting locally", restored="counting in redis")
+    return local if link is None else RedisCounters(local, link, ctx.settings.redis.key_prefix)
+
+
+def describe(settings) -> str:
+    """Where the counters of `settings` are, for check-config."""
+    if settings.has("redis") and settings.redis.servers:
+        return (f"counters: in redis at {describe_redis(settings.redis)}, shared by every node using it; "
+                f"in this process while it does not answer")
+    return "counters: in this process (no redis.servers): each node counts by itself"

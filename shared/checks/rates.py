@@ -17,10 +17,13 @@ original client behind an upstream tier is counted, not the tier).  0 turns a
 limit off; all are off by default, as Postfix's.  The first refusal of a client
 in a window is logged, naming the limit.
 
-The counts are :mod:`shared.counters`': in fixed windows (as anvil's per time
+The counting is :mod:`shared.counters`: fixed windows (as anvil's per time
 unit: a client may burst up to twice a limit across a window boundary, never
-more), kept across reloads, in this process (several edge nodes each count
-their own share).
+more), kept across reloads, in this process -- or, with ``redis.servers``, in
+Redis, so that every edge node using the same server holds a client to one
+count (connection_rate = 10: six connections to one node and five to another,
+and the eleventh is refused); while Redis does not answer, each node counts by
+itself.
 """
 from __future__ import annotations
 
