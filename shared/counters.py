@@ -14,9 +14,10 @@ Two stores, one interface (:class:`Counters`):
 - :class:`RedisCounters`: in Redis, shared by every node that uses the same
   server, prefix and names; ``add`` answers a Deferred of the shared count.
   The key of a count is ``redis.key_prefix + name + ":" + key``; one Lua script
-  per count increments it and, at its first count, sets it to expire with
-  the window, in one round trip and atomically, so the window ends the same
-  for every node (no clocks compared).  The node counts in its local store
+  per count (EVAL: Redis keeps it compiled) increments it and, at its first
+  count, sets it to expire with the window, atomically, so the window ends
+  the same for every node (no clocks compared); the link pipelines the counts
+  of many sessions into one round trip when they come together.  The node counts in its local store
   as well (a dictionary update), and answers from it when Redis cannot: from
   the first failure or timeout until Redis answers again (:mod:`shared.redisconn`:
   one log line each way), each node then holds its clients to the limits by
@@ -115,18 +116,17 @@ class RedisCounters:
         self.local = local
         self.link = link                         # shared.redisconn.RedisLink
         self.key_prefix = key_prefix
-        self._incr = link.client.register_script(_INCR)
 
     def add(self, name: str, key: str, unit: float) -> int | Deferred:
         n = self.local.add(name, key, unit)
-        d = self.link.call(self._incr, [self._key(name, key)], [max(1, round(unit * 1000))])
+        d = self.link.command("EVAL", _INCR, 1, self._key(name, key), max(1, round(unit * 1000)))
         if d is None:
             return n
         return d.addCallback(int).addErrback(lambda _: n)
 
     def get(self, name: str, key: str) -> int | Deferred:
         n = self.local.get(name, key)
-        d = self.link.call(self.link.client.get, self._key(name, key))
+        d = self.link.command("GET", self._key(name, key))
         if d is None:
             return n
         return d.addCallback(lambda v: int(v or 0)).addErrback(lambda _: n)

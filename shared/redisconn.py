@@ -9,24 +9,26 @@ file is refused as a setting of the tiers that have one.  ``servers`` empty
 server for now; a list leaves room for Redis Sentinel, whose addresses it
 will hold.
 
-A :class:`RedisLink` calls redis-py in a small pool of its own threads
-(:data:`THREADS`), not in the tier's :class:`shared.blocking.BlockingPool`:
-that pool fsyncs the spool and reads reloaded files, and neither should wait
-behind Redis calls stuck in their timeout during an outage, nor a connection's
-count wait behind a slow disk (it would be taken for a Redis outage).  Every
-call gets one attempt (redis-py's own retries are off) and must answer within
-``redis.timeout`` seconds, counted on the reactor from the moment it is handed
-over, so the wait in the pool's queue counts too; a call still queued at its
-deadline is dropped unsent.
+A :class:`RedisLink` sends commands with redis-py from a small pool of its own
+threads (:data:`THREADS`), not from the tier's
+:class:`shared.blocking.BlockingPool`: that pool fsyncs the spool and reads
+reloaded files, and neither should wait behind Redis commands stuck in their
+timeout during an outage, nor a connection's count wait behind a slow disk (it
+would be taken for a Redis outage).  Commands asked while both threads wait
+for Redis are pipelined together (one write, one round trip).  Every command
+gets one attempt (redis-py's own retries are off) and must be answered within
+``redis.timeout`` seconds, counted on the reactor from the moment it is asked,
+so a wait for a free thread counts too; a command still unsent at its
+deadline is dropped.
 
-Outage: the first call that fails or times out marks the server down and logs
-one line ("redis unavailable at HOST:PORT (REASON): counting locally"); from
-then on :meth:`RedisLink.call` answers None at once (the caller does without:
-:mod:`shared.counters` counts locally) except for one call, a probe, after a
-back-off of 1 s doubling to 30 s.  The probe that succeeds logs one line
-("redis at HOST:PORT answers again after N s: counting in redis") and calls
-go to Redis again.  Calls that were in flight when the outage began do not
-change that state, so one slow answer cannot make the lines flap.
+Outage: the first command that fails or times out marks the server down and
+logs one line ("redis unavailable at HOST:PORT (REASON): counting locally");
+from then on :meth:`RedisLink.command` answers None at once (the caller does
+without: :mod:`shared.counters` counts locally) except for one command, a
+probe, after a back-off of 1 s doubling to 30 s.  The probe that succeeds logs
+one line ("redis at HOST:PORT answers again after N s: counting in redis")
+and commands go to Redis again.  Commands that were in flight when the outage
+began do not change that state, so one slow answer cannot make the lines flap.
 
 A link is shared by the generations of a configuration while ``[redis]`` stays
 the same (:func:`shared_link`): a reload keeps its connections, its state and
@@ -42,7 +44,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -53,7 +55,8 @@ from shared.config.schema import Section, bounded, hostport, hostport_text, sett
 
 log = Logger(namespace="smarthost.redis")
 
-THREADS = 2                    # calls in flight at once (each holds one connection)
+THREADS = 2                    # batches in flight at once (each holds one connection)
+BATCH = 256                    # commands in one pipeline at most
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
 
 
@@ -95,11 +98,17 @@ def describe(own: RedisSettings) -> str:
 
 
 class _Expired(Exception):
-    """A call that waited in the pool's queue past its deadline (its caller did without)."""
+    """A command that waited past its deadline (its caller did without): not sent."""
 
 
 class RedisLink:
     """One Redis server, called from a pool of its own threads (see the module docstring).
+
+    Commands are pipelined as they come: while every thread waits for Redis, the commands
+    asked meanwhile gather, and the next free thread sends them together (up to
+    :data:`BATCH`), in one write and one round trip.  At a light load each command goes
+    alone, as soon as it is asked; at a heavy one the syscalls and the round trip are
+    shared by many counts.
 
     `fallback` and `restored` end the two log lines of an outage: what the node does
     while the server is down, and once it answers again."""
@@ -118,21 +127,23 @@ class RedisLink:
                                   socket_timeout=own.timeout, socket_connect_timeout=own.timeout,
                                   retry=Retry(NoBackoff(), 0), max_connections=threads)
         self.pool = WorkerPool(reactor, threads, name="redis")
+        self.pending: list[tuple[tuple, defer.Deferred, float]] = []    # (command, its Deferred, deadline)
+        self.sending = 0                          # batches in the threads
         self.first_backoff, self.max_backoff = backoff
         self.backoff = self.first_backoff
         self.down_since: float | None = None     # reactor time the outage began; None: up
         self.retry_at = 0.0
-        self.probing = False                      # the one call of an outage in flight
+        self.probing = False                      # the one command of an outage in flight
         self.closed = False
 
     @property
     def up(self) -> bool:
         return self.down_since is None
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred | None:
-        """``fn(*args)`` (a redis-py call) in a pool thread: a Deferred of its result, which
-        fails with the error or when there is no answer within the timeout.  None, at once,
-        while the server is down and no retry is due, or once the link is closed: the caller
+    def command(self, *args: Any) -> defer.Deferred | None:
+        """Send the Redis command `args` ("GET", key): a Deferred of its reply, which fails
+        with the error or when there is no reply within the timeout.  None, at once, while
+        the server is down and no retry is due, or once the link is closed: the caller
         does without Redis."""
         if self.closed:
             return None
@@ -141,17 +152,47 @@ class RedisLink:
             if self.probing or self.reactor.seconds() < self.retry_at:
                 return None
             self.probing = probe = True
-        if not self.pool.started:
-            self.pool.start()
-        deadline = time.monotonic() + self.timeout
-
-        def job():
-            if time.monotonic() > deadline:
-                raise _Expired()
-            return fn(*args)
-        d = self.pool.run(job)
+        d = defer.Deferred()
+        self.pending.append((args, d, time.monotonic() + self.timeout))
+        self._send()
         d.addTimeout(self.timeout, self.reactor)
         return d.addCallbacks(self._answered, self._failed, callbackArgs=(probe,), errbackArgs=(probe,))
+
+    def _send(self) -> None:
+        """Hand the pending commands to a free thread, if there is one."""
+        if not self.pending or self.sending >= self.pool.max:
+            return
+        if not self.pool.started:
+            self.pool.start()
+        batch, self.pending = self.pending[:BATCH], self.pending[BATCH:]
+        self.sending += 1
+        self.pool.run(self._pipeline, [(args, deadline) for args, _, deadline in batch]).addBoth(
+            self._replied, [d for _, d, _ in batch])
+
+    def _pipeline(self, batch: list[tuple[tuple, float]]) -> list:
+        """In a pool thread: the commands still within their deadline, in one pipeline;
+        each one's reply or error (raises when the server cannot be reached)."""
+        now = time.monotonic()
+        live = [args for args, deadline in batch if now <= deadline]
+        if not live:
+            return [_Expired()] * len(batch)
+        pipe = self.client.pipeline(transaction=False)
+        for args in live:
+            pipe.execute_command(*args)
+        replies = iter(pipe.execute(raise_on_error=False))
+        return [next(replies) if now <= deadline else _Expired() for _, deadline in batch]
+
+    def _replied(self, replies, waiting: list[defer.Deferred]) -> None:
+        self.sending -= 1
+        for i, d in enumerate(waiting):
+            if d.called:                          # timed out already
+                continue
+            reply = replies if isinstance(replies, Failure) else replies[i]
+            if isinstance(reply, (Exception, Failure)):
+                d.errback(reply)
+            else:
+                d.callback(reply)
+        self._send()
 
     def _answered(self, result: Any, probe: bool) -> Any:
         if probe:
@@ -179,9 +220,14 @@ class RedisLink:
         return f"{type(failure.value).__name__}: {failure.value}"
 
     def close(self) -> defer.Deferred:
-        """Stop calling Redis and close the connections (in a pool thread, after the calls
-        already handed over); the threads end without being waited for."""
+        """Stop sending; the commands not yet sent fail (their callers do without).  The
+        connections are closed in a pool thread, after the batches already handed over;
+        the threads end without being waited for."""
         self.closed = True
+        pending, self.pending = self.pending, []
+        for _, d, _ in pending:
+            if not d.called:
+                d.errback(_Expired())
         if not self.pool.started:
             return defer.succeed(None)
         d = self.pool.run(self.client.close)

@@ -125,6 +125,24 @@ def test_two_nodes_share_counts_and_a_window_ends_with_its_key(redis_server):
     assert gone == 0 and again == 1        # Redis expired the window; the next count opens one
 
 
+def test_counts_asked_together_are_pipelined_each_with_its_own_reply(redis_server):
+    server = redis_server()
+
+    async def scenario(reactor):
+        a = node(reactor, server)
+        try:
+            asked = [a.add("rcpt", "x" if i % 3 else "y", 60) for i in range(300)]     # none awaited yet
+            peeked = a.get("rcpt", "x")
+            return [await counted(d) for d in asked], await counted(peeked), a.link.sending
+        finally:
+            await a.link.close()
+    replies, peeked, sending = on_real_reactor(scenario)
+    xs = [n for i, n in enumerate(replies) if i % 3]
+    ys = [n for i, n in enumerate(replies) if not i % 3]
+    assert sorted(xs) == list(range(1, 201)) and sorted(ys) == list(range(1, 101))
+    assert 0 < peeked <= 200 and sending == 0
+
+
 def test_a_key_left_without_expiry_gets_the_window_as_ttl(redis_server):
     server = redis_server()
     server.client().set("smarthost:connection_rate:192.0.2.1", 7)
