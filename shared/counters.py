@@ -17,13 +17,13 @@ Two stores, one interface (:class:`Counters`):
   per count (EVAL: Redis keeps it compiled) increments it and, at its first
   count, sets it to expire with the window, atomically, so the window ends
   the same for every node (no clocks compared); the link pipelines the counts
-  of many sessions into one round trip when they come together.  The node counts in its local store
-  as well (a dictionary update), and answers from it when Redis cannot: from
-  the first failure or timeout until Redis answers again (:mod:`shared.redisconn`:
-  one log line each way), each node then holds its clients to the limits by
-  itself, from its own share of the window.  Never no limit, and never a
-  refusal because Redis is down.  Counts made locally during an outage are not
-  copied to Redis afterwards.
+  of many sessions into one round trip when they come together.  The node
+  counts in its local store as well (a dictionary update), and answers from
+  it when Redis cannot: from the first failure or timeout until Redis answers
+  again (:mod:`shared.redisconn`: one log line each way), each node holds its
+  clients to the limits by itself, from its own share of the window.  Never
+  no limit, and never a refusal because Redis is down.  Counts made locally
+  during an outage are not copied to Redis afterwards.
 
 ``first_refusal(name, key)`` says whether a refusal is the first of its
 window on this node, so the refusal is logged once per client and window;

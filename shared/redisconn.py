@@ -92,7 +92,7 @@ REDIS = Section.of("redis", RedisSettings, finish=_finish_redis)
 
 
 def describe(own: RedisSettings) -> str:
-    """Where the server is, for check-config and the log."""
+    """Where the server is, for check-config."""
     host, port = own.servers[0]
     return f"{hostport_text(host, port)} db {own.db}, keys {own.key_prefix}*, timeout {own.timeout:g}s"
 
