@@ -8,7 +8,9 @@ unless the client is in ``relay.mynetworks`` (empty by default: never an open
 relay) or authenticated.  Accepted
 commands are forwarded to the filter tier inside the client's transaction
 (:mod:`shared.engine.proxy`), so the client's 250 after DATA is the filter's
-fsynced 250.
+fsynced 250.  With ``redis.servers`` it shares its rate counters with the other
+edge nodes through that Redis (:mod:`shared.redisconn`: trusted, on a private
+network).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from shared.checks.sender_login import SENDER_LOGIN
 from shared.config.schema import TierSpec
 from shared.engine.nexthop import NEXT_HOP, ROUTE, relay_client
 from shared.engine.proxy import ProxySink
+from shared.redisconn import REDIS
 from shared.tier import Component, Configured
 
 
@@ -34,7 +37,7 @@ class Edge(Component):
         return Configured(sink=ProxySink(client), next_hop=client)
 
 
-TIER = TierSpec("edge", sections=(NEXT_HOP, AUTH),
+TIER = TierSpec("edge", sections=(NEXT_HOP, AUTH, REDIS),
                 checks=(ROUTE, ACCESS, HELO_NAME, RATE_LIMITS, SENDER_LOGIN, DNSBL),
                 default_policy={"connect": ("access", "rate_limits", "dnsbl"), "helo": ("access",),
                                 "mail": ("access", "rate_limits"), "rcpt": ("route", "access", "rate_limits")},

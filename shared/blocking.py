@@ -43,15 +43,18 @@ class WorkerPool:
             t.start()
             self._threads.append(t)
 
-    def stop(self) -> None:
-        """Finish the jobs already handed over, then end the threads (waits for them)."""
+    def stop(self, wait: bool = True) -> None:
+        """Finish the jobs already handed over, then end the threads; `wait`: until they
+        have ended (without it, the reactor thread is never held by a job that is slow to
+        finish, such as a network call waiting for its timeout)."""
         if not self.started:
             return
         self.started = False
         for _ in self._threads:
             self._jobs.put(_STOP)
-        for t in self._threads:
-            t.join()
+        if wait:
+            for t in self._threads:
+                t.join()
         self._threads = []
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:

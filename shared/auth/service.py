@@ -18,18 +18,21 @@ configuration is its backend -- the embedded user store (``backend = "file"``,
 
 Each failure is one log line and each block another, in a form meant for
 fail2ban (``auth failed: client=NAME[ADDR] ...``, ``auth blocked: client=[ADDR]
-...``; see docs/edge.md).  The counts are kept across reloads.
+...``; see docs/edge.md).  The counts are :mod:`shared.counters`': kept across
+reloads, and shared by every edge node through Redis when ``[redis]`` is set.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from shared.auth.local import MECHANISMS, FileBackend
 from shared.auth.store import UserStore
 from shared.blocking import WorkerPool
-from shared.checks.rates import Counters, client_key
+from shared.checks.rates import client_key
+from shared.counters import counters
 from shared.config.schema import Loading, Section, bounded, choice, path, setting
 from shared.netlist import NetworkList
 
@@ -99,55 +102,57 @@ AUTH = Section.of("auth", AuthSettings, finish=_finish)
 
 
 class FailureGuard:
-    """Failed AUTHs per client and per user name, and the blocks they lead to."""
+    """Failed AUTHs per client and per user name, and the blocks they lead to, counted in
+    the configuration's counters (:mod:`shared.counters`: this process, or Redis shared by
+    every edge node).  Answers are values or, with Redis, Deferreds of them (never failing)."""
 
-    def __init__(self, own: AuthSettings, exempt: NetworkList, reactor) -> None:
-        self.reactor = reactor
-        self.counters = Counters()
-        self.blocked_until: dict[str, float] = {}
-        self.configure(own, exempt)
+    FAILURES, BLOCKED = "auth_failures", "auth_blocked"
 
-    def configure(self, own: AuthSettings, exempt: NetworkList) -> None:
-        """A reload's limits; the counts and blocks so far are kept."""
+    def __init__(self, own: AuthSettings, exempt: NetworkList, store) -> None:
         self.own = own
         self.exempt = exempt
+        self.store = store
 
-    def _key(self, address: str) -> str:
-        return "client:" + client_key(address, self.own.ipv6_prefix)
+    def _keys(self, address: str, user: str | None) -> list[tuple[str, str, int]]:
+        """(what, key, limit) of a client and, when known, a user name."""
+        keys = [("client", f"client:{client_key(address, self.own.ipv6_prefix)}", self.own.client_failure_limit)]
+        if user:
+            keys.insert(0, ("user", f"user:{user.lower()}", self.own.user_failure_limit))
+        return keys
 
-    def blocked(self, address: str, user: str | None = None) -> str | None:
+    def blocked(self, address: str, user: str | None = None):
         """What is blocked ("client" or "user"), or None."""
-        now = self.reactor.seconds()
-        for what, key in (("client", self._key(address)), ("user", f"user:{(user or '').lower()}")):
-            if what == "user" and not user:
-                continue
-            until = self.blocked_until.get(key)
-            if until is not None:
-                if now < until:
-                    return what
-                del self.blocked_until[key]
-        return None
+        keys = self._keys(address, user)
+        return when_all([self.store.get(self.BLOCKED, key) for _, key, _ in keys],
+                        lambda counts: next((what for (what, _, _), n in zip(keys, counts) if n), None))
 
-    def failed(self, address: str, user: str | None) -> str | None:
-        """Count one failure; what this failure blocked ("client" or "user"), or None."""
+    def failed(self, address: str, user: str | None):
+        """Count one failure; what it blocked ("client", or "user" alone), or None."""
         if address in self.exempt:
             return None
-        own, now = self.own, self.reactor.seconds()
-        outcome = None
-        for what, key, limit in (("user", f"user:{(user or '').lower()}", own.user_failure_limit),
-                                 ("client", self._key(address), own.client_failure_limit)):
-            if not limit or (what == "user" and not user):
+        keys = [k for k in self._keys(address, user) if k[2]]
+        counts = [self.store.add(self.FAILURES, key, self.own.failure_time_unit) for _, key, _ in keys]
+        return when_all(counts, lambda ns: self._block(address, user, keys, ns))
+
+    def _block(self, address: str, user: str | None, keys, counts):
+        own, outcome = self.own, None
+        for (what, key, limit), n in zip(keys, counts):
+            if n < limit:
                 continue
-            n = self.counters.add(key, now, own.failure_time_unit)
-            if n >= limit and key not in self.blocked_until:
-                self.blocked_until[key] = now + own.block_time
+            self.store.add(self.BLOCKED, key, own.block_time)      # the block's window starts once
+            if self.store.first_refusal(self.BLOCKED, key):
                 log.warn("auth blocked: {what}={who} after {n} failures in {unit:g}s; blocked for {t:g}s",
                          what=what, who=f"[{address}]" if what == "client" else f"<{user}>", n=n,
                          unit=own.failure_time_unit, t=own.block_time)
-                outcome = what
-        if len(self.blocked_until) > 100_000:          # forget expired blocks
-            self.blocked_until = {k: t for k, t in self.blocked_until.items() if t > now}
+            outcome = what if outcome is None or what == "client" else outcome
         return outcome
+
+
+def when_all(values, then):
+    """`then(values)`, once every value that is a Deferred has fired (a plain call when none is)."""
+    if not any(isinstance(v, defer.Deferred) for v in values):
+        return then(values)
+    return defer.gatherResults([defer.maybeDeferred(lambda v=v: v) for v in values]).addCallback(then)
 
 
 @dataclass
@@ -179,9 +184,7 @@ def build_authenticator(settings, ctx) -> Authenticator | None:
                               pool, settings.hostname, mechanisms=own.mechanisms, max_pending=own.max_pending)
         backend.run(backend.store.refresh)          # read it now (CRAM-MD5 is offered if a user has it)
     exempt = NetworkList([*settings.relay.mynetworks, *settings.server.upstream_hosts])
-    guard = ctx.kept("auth-guard", lambda: FailureGuard(own, exempt, ctx.reactor))
-    guard.configure(own, exempt)
-    return Authenticator(backend, guard, own.plaintext)
+    return Authenticator(backend, FailureGuard(own, exempt, counters(ctx)), own.plaintext)
 
 
 def preflight(settings) -> None:

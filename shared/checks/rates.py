@@ -15,22 +15,28 @@ recipients past ``user_message_rate`` and ``user_recipient_rate`` get 450
 ``relay.mynetworks`` and the tier's ``server.upstream_hosts`` are exempt (the
 original client behind an upstream tier is counted, not the tier).  0 turns a
 limit off; all are off by default, as Postfix's.  The first refusal of a client
-in a window is logged, naming the limit; the counters are kept across reloads
-and live in this process (several edge nodes each count their own share).
+in a window is logged, naming the limit.
 
-Windows are fixed (a count per key and window start, as anvil's per time unit):
-a client may burst up to twice a limit across a window boundary, never more.
+The counting is :mod:`shared.counters`: fixed windows (as anvil's per time
+unit: a client may burst up to twice a limit across a window boundary, never
+more), kept across reloads, in this process -- or, with ``redis.servers``, in
+Redis, so that every edge node using the same server holds a client to one
+count (connection_rate = 10: six connections to one node and five to another,
+and the eleventh is refused); while Redis does not answer, each node counts by
+itself.
 """
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from shared.checks.core import CONTINUE, Request, Verdict, disconnect, tempfail
 from shared.checks.registry import CheckType
 from shared.config.schema import Section, bounded, setting
+from shared.counters import Counters, counters
 from shared.netlist import NetworkList
 
 log = Logger(namespace="smarthost.rates")
@@ -60,42 +66,6 @@ class RateSettings:
                                bounded(48, 128))
 
 
-class Counters:
-    """Counts per key in fixed windows: ``add(key, now, unit)`` -> the count in this window.
-
-    Old windows are forgotten as the clock passes them (one sweep per ``unit`` at
-    most), so memory follows the clients of the last window, not of all time."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, tuple[float, int]] = {}
-        self.logged: set[str] = set()       # keys whose refusal this window was logged
-        self.swept = 0.0
-
-    def add(self, key: str, now: float, unit: float) -> int:
-        if now - self.swept >= unit:
-            self._sweep(now, unit)
-        start, n = self.counts.get(key, (0.0, 0))
-        if now - start >= unit:
-            start, n = now, 0
-            self.logged.discard(key)
-        n += 1
-        self.counts[key] = (start, n)
-        return n
-
-    def _sweep(self, now: float, unit: float) -> None:
-        self.swept = now
-        stale = [k for k, (start, _) in self.counts.items() if now - start >= unit]
-        for k in stale:
-            del self.counts[k]
-            self.logged.discard(k)
-
-    def first_refusal(self, key: str) -> bool:
-        if key in self.logged:
-            return False
-        self.logged.add(key)
-        return True
-
-
 def client_key(address: str, ipv6_prefix: int) -> str:
     try:
         ip = ipaddress.ip_address(address)
@@ -109,22 +79,21 @@ def client_key(address: str, ipv6_prefix: int) -> str:
 
 
 class RateLimits:
-    def __init__(self, own: RateSettings, counters: Counters, exempt: NetworkList, reactor, hostname: str) -> None:
+    def __init__(self, own: RateSettings, counters: Counters, exempt: NetworkList, hostname: str) -> None:
         self.own = own
         self.counters = counters
         self.exempt = exempt
-        self.reactor = reactor
         self.hostname = hostname
 
-    def __call__(self, request: Request) -> Verdict:
+    def __call__(self, request: Request) -> Verdict | Deferred:
         own, phase = self.own, request.phase
         if request.client_address in self.exempt:
             return CONTINUE
         client = client_key(request.client_address, own.ipv6_prefix)
         if phase == "connect":
-            return self._count("connection_rate", client, own.connection_rate, own.time_unit,
-                               disconnect(421, "4.7.0", f"{self.hostname} Error: too many connections from "
-                                                        f"{request.client_address}"))
+            return self._count([("connection_rate", client, own.connection_rate, own.time_unit,
+                                 disconnect(421, "4.7.0", f"{self.hostname} Error: too many connections "
+                                                          f"from {request.client_address}"))])
         if phase == "mail":
             limits = [("message_rate", client, own.message_rate, own.time_unit,
                        f"too much mail from {request.client_address}")]
@@ -139,20 +108,31 @@ class RateLimits:
                                own.user_time_unit, f"too many recipients from user {request.login}"))
         else:
             return CONTINUE
-        for name, key, limit, unit, text in limits:
-            verdict = self._count(name, key, limit, unit, tempfail(450, "4.7.1", f"Error: {text}"))
+        return self._count([(name, key, limit, unit, tempfail(450, "4.7.1", f"Error: {text}"))
+                            for name, key, limit, unit, text in limits])
+
+    def _count(self, limits: list) -> Verdict | Deferred:
+        """Count each limit in turn (that are set) until one refuses: its verdict, or CONTINUE;
+        a Deferred of it from the first count that is not answered at once (in Redis)."""
+        for i, (name, key, limit, unit, refusal) in enumerate(limits):
+            if not limit:
+                continue
+            n = self.counters.add(name, key, unit)
+            if isinstance(n, Deferred):
+                return n.addCallback(self._counted, limits, i)
+            verdict = self._judge(n, name, key, limit, unit, refusal)
             if verdict is not CONTINUE:
                 return verdict
         return CONTINUE
 
-    def _count(self, name: str, key: str, limit: int, unit: float, refusal: Verdict) -> Verdict:
-        if not limit:
-            return CONTINUE
-        counted = f"{name}:{key}"
-        n = self.counters.add(counted, self.reactor.seconds(), unit)
+    def _counted(self, n: int, limits: list, i: int) -> Verdict | Deferred:
+        verdict = self._judge(n, *limits[i])
+        return verdict if verdict is not CONTINUE else self._count(limits[i + 1:])
+
+    def _judge(self, n: int, name: str, key: str, limit: int, unit: float, refusal: Verdict) -> Verdict:
         if n <= limit:
             return CONTINUE
-        if self.counters.first_refusal(counted):
+        if self.counters.first_refusal(name, key):
             log.info("rate limit: {name} {limit}/{unit:g}s exceeded by {key}: {reply}", name=name, limit=limit,
                      unit=unit, key=key, reply=str(refusal.reply))
         return refusal
@@ -168,7 +148,7 @@ def _build(own: RateSettings, ctx):
         return None
     s = ctx.settings
     exempt = NetworkList([*s.relay.mynetworks, *s.server.upstream_hosts])
-    return RateLimits(own, ctx.kept("rate_limits", Counters), exempt, ctx.reactor, s.hostname)
+    return RateLimits(own, counters(ctx), exempt, s.hostname)
 
 
 RATE_LIMITS = CheckType("rate_limits", phases=("connect", "mail", "rcpt"), build=_build,

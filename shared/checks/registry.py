@@ -23,6 +23,7 @@ from typing import Any, Callable
 from shared.checks.core import Chain, Check, CheckFn
 from shared.checks.relay import PERMITS, PermitRule, RelayControl
 from shared.config.schema import PHASE_KEYS, Section, Settings, TierSpec
+from shared.counters import describe as counters_where
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,8 @@ def all_permits(spec: TierSpec) -> list[PermitRule]:
 
 def describe(settings: Settings, spec: TierSpec) -> str:
     """Each listener and the policy its sessions follow, then each policy's checks per
-    phase in the order they run, and its relay permit rules: what check-config prints."""
+    phase in the order they run, and its relay permit rules, then where the counters
+    are (in a tier with a ``[redis]`` section): what check-config prints."""
     types = {c.name: c for c in spec.checks}
     permits = {p.name: p for p in all_permits(spec)}
     lines = []
@@ -145,4 +147,6 @@ def describe(settings: Settings, spec: TierSpec) -> str:
         lines.append(f"  relay, before the rcpt checks (554 5.7.1 unless one permits): {rules}")
         for r in policy.relay:
             lines.append(f"           {r}: {permits[r].doc}")
+    if settings.has("redis"):
+        lines.append(counters_where(settings))
     return "\n".join(lines)

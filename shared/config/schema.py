@@ -219,6 +219,7 @@ class Key:
     tier_defaults: tuple[tuple[str, Any], ...] = ()   # (tier, default) where it differs from `default`
     directory: bool = False                      # a directory the tier writes in (see check_host)
     shorthand: bool = False                      # folded into another section while loading; not kept
+    secret: bool = False                         # a password: check-config does not print its value
 
     def default_for(self, tier: str) -> Any:
         return dict(self.tier_defaults).get(tier, self.default)
@@ -970,7 +971,8 @@ NAMED_SECTIONS = frozenset(s.name for s in CORE_SECTIONS if s.named)
 
 def render(settings: Settings) -> str:
     """The effective settings as TOML, each key with its meaning, for `smarthost check-config`:
-    the tier's own sections only."""
+    the tier's own sections only.  A secret that is set (``redis.password``) is left out,
+    commented: the output is often pasted into a ticket."""
     out = [f"# effective settings of the {settings.tier} tier from {settings.path}",
            f'tier = "{settings.tier}"']
     for section in tier_spec(settings.tier).all_sections():
@@ -984,5 +986,9 @@ def render(settings: Settings) -> str:
                 if key.shorthand:
                     continue
                 out.append(f"# {key.doc}")
-                out.append(f"{name} = {toml_value(getattr(values, name))}")
+                value = getattr(values, name)
+                if key.secret and value:
+                    out.append(f"# {name} = (set; not shown)")
+                else:
+                    out.append(f"{name} = {toml_value(value)}")
     return "\n".join(out) + "\n"

@@ -252,10 +252,11 @@ class EngineSession:
 
     # -- AUTH: the core runs the SMTP side, the listener's authenticator the mechanism --
     def on_auth_start(self, e: ev.AuthStart):
-        auth = self.protocol.config.auth
-        if auth.guard.blocked(self.client.addr) == "client":
-            return self._auth_blocked()
-        p = self.protocol
+        return _then(self.protocol.config.auth.guard.blocked(self.client.addr or ""),
+                     lambda blocked: self._auth_blocked() if blocked == "client" else self._auth_begin(e))
+
+    def _auth_begin(self, e: ev.AuthStart):
+        auth, p = self.protocol.config.auth, self.protocol
         ctx = ClientContext(remote_ip=self.client.addr or "", remote_port=self.client.port,
                             local_ip=p.local_host, local_port=p.local_port, secured=p.conn.tls_active,
                             session_id=self.session_id)
@@ -286,19 +287,25 @@ class EngineSession:
         if isinstance(step, Challenge):
             return challenge(step.data)
         self._exchange = None
-        guard = self.protocol.config.auth.guard
         if isinstance(step, Success):
-            if guard.blocked(self.client.addr, step.login) != "user":
-                return self.authenticated(step.login, mechanism).addCallback(self._authenticated, mechanism)
-            step = _Refused(f"user {step.login} is blocked after too many failures", False, step.login)
+            # Even the right password is refused while its user name is blocked.
+            return _then(self.protocol.config.auth.guard.blocked(self.client.addr or "", step.login),
+                         lambda blocked: self._auth_success(step.login, mechanism) if blocked != "user" else
+                         self._auth_failed(_Refused(f"user {step.login} is blocked after too many failures",
+                                                    False, step.login), mechanism))
+        return self._auth_failed(step, mechanism)
+
+    def _auth_success(self, login: str, mechanism: str):
+        return self.authenticated(login, mechanism).addCallback(self._authenticated, mechanism)
+
+    def _auth_failed(self, step, mechanism: str):
         self._log("auth failed: client={name}[{addr}] mechanism={mech} user=<{user}> reason={reason}",
                   name=self.client.name or "unknown", addr=self.client.addr, mech=mechanism,
                   user=step.user or "", reason=step.reason)
         if step.temporary:
             return AUTH_TEMPFAIL
-        if guard.failed(self.client.addr or "", step.user) == "client":
-            return self._auth_blocked()
-        return AUTH_FAILED
+        return _then(self.protocol.config.auth.guard.failed(self.client.addr or "", step.user),
+                     lambda blocked: self._auth_blocked() if blocked == "client" else AUTH_FAILED)
 
     def _authenticated(self, verdict: Verdict, mechanism: str):
         if verdict.final and verdict.action is not Action.ACCEPT:
@@ -526,6 +533,13 @@ class _Refused:
     reason: str
     temporary: bool
     user: str | None
+
+
+def _then(value, fn):
+    """`fn(value)`, once `value` has fired if it is a Deferred."""
+    if isinstance(value, defer.Deferred):
+        return value.addCallback(fn)
+    return fn(value)
 
 
 def _call(fn, *args, then):

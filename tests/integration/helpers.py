@@ -269,6 +269,15 @@ class Pipeline:
     def domain(self) -> Tier:
         return self.tiers["domain"]
 
+    def add_edge(self, key: str, overrides: Overrides = None) -> Tier:
+        """Another edge node in front of the same filter, ``tiers[key]``: the first edge's
+        settings with its own port, directory and log, and `overrides`.  Not started;
+        stopped with the pipeline by the fixtures."""
+        root, port = self.root / key, free_port()
+        own = {"server": {"listen": [f"127.0.0.1:{port}"]}, "log": {"file": str(root / "log" / "edge.log")}}
+        self.tiers[key] = Tier("edge", root, port, merge(merge(self.edge.sections, own), overrides))
+        return self.tiers[key]
+
     def start(self, tiers: Iterable[str] = TIERS) -> "Pipeline":
         for t in TIERS:
             if t in tiers:

@@ -72,3 +72,20 @@ def test_stop_finishes_queued_jobs_and_run_after_stop_fails():
     assert failures and "not running" in str(failures[0].value)
     with pytest.raises(ValueError):
         WorkerPool(reactor, 0)
+
+
+def test_stop_without_waiting_leaves_a_slow_job_to_finish_in_its_thread():
+    reactor = SelectReactor()
+    pool = WorkerPool(reactor, 2)
+    pool.start()
+    threads = list(pool._threads)
+    release = threading.Event()
+    pool.run(release.wait, 10)
+    started = time.monotonic()
+    pool.stop(wait=False)
+    assert time.monotonic() - started < 0.5 and not pool.started
+    assert any(t.is_alive() for t in threads)        # still in its job
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in threads)    # then each took its stop

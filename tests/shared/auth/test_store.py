@@ -14,6 +14,7 @@ from shared.auth.sasl import Challenge, ClientContext, Failure, Success
 from shared.auth.service import AuthSettings, FailureGuard
 from shared.auth.store import StoreError, UserStore, editing, make_user, parse
 from shared.blocking import InlinePool
+from shared.counters import LocalCounters
 from shared.netlist import NetworkList
 
 CLIENT = ClientContext("192.0.2.1", 40000, secured=True)
@@ -155,7 +156,7 @@ def test_failure_guard_blocks_a_client_then_forgets(users_file):
     clock = task.Clock()
     own = AuthSettings(users_file=users_file, client_failure_limit=3, user_failure_limit=0,
                        failure_time_unit=60, block_time=120)
-    g = FailureGuard(own, NetworkList(["10.0.0.0/8"]), clock)
+    g = FailureGuard(own, NetworkList(["10.0.0.0/8"]), LocalCounters(clock))
     assert [g.failed("192.0.2.1", "x") for _ in range(3)] == [None, None, "client"]
     assert g.blocked("192.0.2.1") == "client"
     assert g.blocked("192.0.2.2") is None
@@ -169,7 +170,7 @@ def test_failure_guard_blocks_a_client_then_forgets(users_file):
 def test_failure_guard_groups_ipv6_by_prefix_and_blocks_a_user_name(users_file):
     clock = task.Clock()
     own = AuthSettings(users_file=users_file, client_failure_limit=2, user_failure_limit=3)
-    g = FailureGuard(own, NetworkList([]), clock)
+    g = FailureGuard(own, NetworkList([]), LocalCounters(clock))
     g.failed("2001:db8::1", None)
     assert g.failed("2001:db8::ffff", None) == "client"           # the same /64
     assert g.blocked("2001:db8::5") == "client"

@@ -1,22 +1,27 @@
 """rate_limits: per-client and per-user counts in fixed windows, exemptions, the replies and
-the one log line per client and window; built only when a limit is set."""
+the one log line per client and window; built only when a limit is set; two nodes sharing
+a real redis-server share the counts."""
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from shared.blocking import InlinePool
 from shared.checks.core import Action, Request
-from shared.checks.rates import Counters, RateLimits, RateSettings, client_key
+from shared.checks.rates import RateLimits, RateSettings, client_key
 from shared.checks.registry import BuildContext, build_policies
 from shared.config import parse
 from shared.config.schema import tier_spec
+from shared.counters import LocalCounters
+from shared.daemon import close_all
 from shared.netlist import NetworkList
+from tests.redisserver import redis_server  # noqa: F401  (the fixture)
+from tests.support import on_real_reactor
 
 EDGE = {"server": {"hostname": "mx.example.org"}, "next_hop": {"hosts": ["127.0.0.1:10025"]},
         "relay": {"relay_domains": ["example.org"], "mynetworks": ["10.0.0.0/8"]}}
 
 
 def limits(clock, **own):
-    return RateLimits(RateSettings(**own), Counters(), NetworkList(["10.0.0.0/8"]), clock, "mx.example.org")
+    return RateLimits(RateSettings(**own), LocalCounters(clock), NetworkList(["10.0.0.0/8"]), "mx.example.org")
 
 
 def ask(check, phase, addr="192.0.2.1", login=None):
@@ -82,8 +87,48 @@ def test_built_only_when_a_limit_is_set_and_counters_survive_a_rebuild():
     assert not build_policies(off, tier_spec("edge"), ctx)["default"].chain.has("connect")
     on = parse("edge", {**EDGE, "rate_limits": {"connection_rate": 1}})
     store = {}
-    first = build_policies(on, tier_spec("edge"), BuildContext(on, Clock(), InlinePool(), store=store))
+    clock = Clock()
+    first = build_policies(on, tier_spec("edge"), BuildContext(on, clock, InlinePool(), store=store))
     chain = first["default"].chain
     assert chain.runs("rate_limits", "connect") and chain.runs("rate_limits", "mail")
-    again = build_policies(on, tier_spec("edge"), BuildContext(on, Clock(), InlinePool(), store=store))
-    assert store["rate_limits"] is not None and again["default"].chain is not chain
+    assert verdict(chain, "connect").action is Action.CONTINUE
+    again = build_policies(on, tier_spec("edge"), BuildContext(on, clock, InlinePool(), store=store))
+    assert again["default"].chain is not chain
+    assert verdict(again["default"].chain, "connect").action is Action.DISCONNECT    # the count was kept
+
+
+def verdict(chain, phase, addr="192.0.2.1", login=None):
+    """What the chain answers at once (counted locally)."""
+    out = []
+    chain.run(Request(phase=phase, client_address=addr, login=login)).addCallback(out.append)
+    return out[0]
+
+
+def test_two_edge_nodes_sharing_redis_hold_clients_and_users_to_one_count(redis_server):
+    server = redis_server()
+    conf = parse("edge", {**EDGE, "redis": {"servers": [server.address]},
+                          "rate_limits": {"connection_rate": 10, "message_rate": 3, "user_message_rate": 4}})
+
+    async def scenario(reactor):
+        nodes = [BuildContext(conf, reactor, InlinePool(), store={}) for _ in "ab"]    # two processes
+        a, b = (build_policies(conf, tier_spec("edge"), ctx)["default"].chain for ctx in nodes)
+
+        async def ask(chain, phase, addr="192.0.2.1", login=None):
+            return await chain.run(Request(phase=phase, client_address=addr, login=login))
+        try:
+            connects = [await ask(a, "connect") for _ in range(6)] + [await ask(b, "connect") for _ in range(5)]
+            mails = [await ask(a, "mail", "198.51.100.1", "alice") for _ in range(2)]
+            mails += [await ask(b, "mail", "198.51.100.2", "alice") for _ in range(2)]
+            mails += [await ask(a, "mail", "198.51.100.3", "alice")]        # her fifth, from a third place
+            mails += [await ask(b, "mail", "198.51.100.1") for _ in range(2)]    # that client's third, fourth
+            return connects, mails
+        finally:
+            for ctx in nodes:
+                await close_all(ctx.closers)
+    connects, mails = on_real_reactor(scenario)
+    assert [v.action for v in connects] == [Action.CONTINUE] * 10 + [Action.DISCONNECT]
+    assert (connects[-1].reply.code, connects[-1].reply.enhanced) == (421, "4.7.0")
+    assert [v.action for v in mails[:4]] == [Action.CONTINUE] * 4
+    assert (mails[4].reply.code, mails[4].reply.text) == (450, "Error: too much mail from user alice")
+    assert mails[5].action is Action.CONTINUE
+    assert (mails[6].reply.code, mails[6].reply.text) == (450, "Error: too much mail from 198.51.100.1")
