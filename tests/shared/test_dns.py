@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from shared.dns import (NEGATIVE_TTL, NONE, POSITIVE_TTL_MAX, TEMPFAIL, UNVERIFIED, VERIFIED,
                         ReverseCache, ReverseName, ReverseResolver, client_ip, valid_hostname)
 from tests.dnsserver import dns_server, free_port_udp_tcp, start_dns_server  # noqa: F401
+from tests.support import RealReactor
 
 
 def rev(address: str) -> str:
@@ -413,33 +414,6 @@ ZONES = {
         (rev("2001:db8::26") + ".", "PTR", "v6liar.test."),
     ],
 }
-
-
-class RealReactor:
-    """A private real reactor, spun with iterate() until a Deferred fires (see module docstring)."""
-
-    def __init__(self) -> None:
-        from twisted.internet.selectreactor import SelectReactor
-        self.reactor = SelectReactor()
-
-    def wait(self, d: defer.Deferred, limit: float = 10.0):
-        box = []
-        d.addBoth(box.append)
-        deadline = time.monotonic() + limit
-        while not box:
-            assert time.monotonic() < deadline, "Deferred did not fire in time"
-            self.reactor.iterate(0.01)
-        assert not isinstance(box[0], Failure), box[0]
-        return box[0]
-
-    def close(self) -> None:
-        for _ in range(3):                     # let finished queries close their UDP ports
-            self.reactor.iterate(0)
-        for call in self.reactor.getDelayedCalls():
-            call.cancel()
-        for selectable in self.reactor.removeAll():
-            selectable.connectionLost(Failure(net_error.ConnectionDone()))
-        self.reactor.waker.connectionLost(None)
 
 
 @pytest.fixture
