@@ -37,7 +37,7 @@ directory (the package's /etc/dovecot is never read):
 - ``ssl = no``; ``auth_mechanisms`` as asked (default plain login cram-md5);
 - ``service auth``: ``unix_listener smarthost-auth`` (mode 0600, in base_dir;
   :attr:`DovecotServer.socket`) and ``inet_listener`` on a free port of
-  127.0.0.1 (:attr:`DovecotServer.tcp_address`);
+  127.0.0.1, or of the `host` asked for (:attr:`DovecotServer.tcp_address`);
 - ``auth_failure_delay = 0``: a wrong password is answered at once instead of
   after 2 s.  Dovecot's penalty still applies (after a failure from an address,
   that address's next requests wait seconds): give each test that fails
@@ -114,6 +114,12 @@ def dovecot_binary() -> str | None:
         (p for p in ("/usr/sbin/dovecot", "/usr/local/sbin/dovecot") if os.access(p, os.X_OK)), None)
 
 
+def require_dovecot() -> None:
+    """Skip the test when Dovecot is not installed."""
+    if dovecot_binary() is None:
+        pytest.skip("dovecot is not installed (tests/run installs dovecot-core)")
+
+
 def password_hash(config: Path, scheme: str, password: str) -> str:
     """``{SCHEME}...``, as ``doveadm pw`` makes it (with our config, not /etc/dovecot's)."""
     doveadm = shutil.which("doveadm") or str(Path(dovecot_binary() or "/usr/sbin/dovecot").with_name("doveadm"))
@@ -164,8 +170,8 @@ class DovecotServer:
 
     @property
     def tcp_address(self) -> str:
-        """The auth service's TCP listener as ``host:port``."""
-        return f"{self.host}:{self.port}"
+        """The auth service's TCP listener as ``host:port`` (``[host]:port`` for IPv6)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @property
     def log(self) -> Path:
@@ -194,7 +200,8 @@ class DovecotServer:
         while time.monotonic() < deadline and self.running():
             connections = self.client_connections()
             if (_handshake(socket.AF_UNIX, self.socket)
-                    and _handshake(socket.AF_INET, (self.host, self.port))):
+                    and _handshake(socket.AF_INET6 if ":" in self.host else socket.AF_INET,
+                                   (self.host, self.port))):
                 # the log process writes a little later: wait for the probes' lines, so that
                 # client_connections() counts from here on only the connections of the test
                 while self.client_connections() < connections + 2 and time.monotonic() < deadline:
@@ -354,8 +361,7 @@ def start_dovecot(directory: Path, users: Mapping[str, tuple[str, str]] = USERS,
 @pytest.fixture
 def dovecot(tmp_path):
     """Factory fixture: ``dovecot(users=USERS, **kw) -> DovecotServer``; all are stopped after the test."""
-    if dovecot_binary() is None:
-        pytest.skip("dovecot is not installed (tests/run installs dovecot-core)")
+    require_dovecot()
     started: list[DovecotServer] = []
 
     def start(users: Mapping[str, tuple[str, str]] = USERS, **kwargs) -> DovecotServer:

@@ -35,7 +35,7 @@ from twisted.logger import capturedLogs
 
 from shared.auth.dovecot import DovecotBackend, auth_request, escape, parse_address, unescape
 from shared.auth.sasl import Challenge, ClientContext, Failure, Success
-from tests.dovecot import TEMPFAIL_USER, USERS, dovecot, start_dovecot  # noqa: F401
+from tests.dovecot import TEMPFAIL_USER, USERS, dovecot, require_dovecot, start_dovecot  # noqa: F401
 from tests.support import RealReactor, free_port
 
 CRAM, CRAM_PASSWORD = "cram", USERS["cram"][1]
@@ -131,6 +131,7 @@ def test_backend_refuses_bad_settings(kwargs, message):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    require_dovecot()
     dovecot_server = start_dovecot(tmp_path_factory.mktemp("dovecot"))
     yield dovecot_server
     dovecot_server.cleanup()
@@ -190,6 +191,13 @@ def test_plain_right_and_wrong_password(server, real, backends, transport):
         Failure("authentication failed", temporary=False, user=HASHED)]
     # the login is the name Dovecot knows the user by (auth_username_format lower-cases it)
     assert run(real, backend.start("plain", client()), plain("CRAM", CRAM_PASSWORD)) == [Success(CRAM)]
+
+
+def test_tcp_over_ipv6(dovecot, real, backends):
+    server = dovecot(host="::1")
+    assert server.tcp_address.startswith("[::1]:")
+    backend = backends(server.tcp_address)
+    assert run(real, backend.start("PLAIN", client()), plain(CRAM, CRAM_PASSWORD)) == [Success(CRAM)]
 
 
 def test_plain_without_initial_response_answers_dovecots_empty_challenge(server, real, backends):
