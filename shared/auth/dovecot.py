@@ -40,11 +40,12 @@ way.  Mind Dovecot's own delays: ``auth_failure_delay`` (2 s by default) and
 its penalty for addresses that failed before (up to 15 s) come before a
 FAIL, and an answer later than ``timeout`` becomes a temporary failure.
 
-Connection life: the backend connects at construction.  After a connection is
-lost it reconnects at once; after a failed attempt it tries again after 1 s,
-2 s, 4 s ... at most 30 s, and an exchange that finds no connection starts an
-attempt at once (every such exchange then fails quickly while Dovecot is
-down).  One line is logged (namespace ``smarthost.auth``) when Dovecot becomes
+Connection life: the backend connects at construction.  An exchange that
+finds no connection starts an attempt at once (so while Dovecot is down each
+one fails quickly, and the first after it is back connects); without
+exchanges, the backend reconnects 1 s after a connection is lost, and after a
+failed attempt tries again after 1 s, 2 s, 4 s ... at most 30 s (a Dovecot
+that drops every connection is not hammered).  One line is logged (namespace ``smarthost.auth``) when Dovecot becomes
 unreachable and one when it is back, never one per exchange.
 
 Mechanisms: smarthost advertises at most PLAIN, LOGIN and CRAM-MD5
@@ -532,7 +533,7 @@ class DovecotBackend:
             self._attempt_failed(reason)
         elif connection is self._connection:
             self._connection = None
-            self._retry = self.reactor.callLater(0, self._connect)
+            self._retry = self.reactor.callLater(RETRY_FIRST, self._connect)
             self._fail_exchanges(connection, f"connection to Dovecot lost: {reason}")
 
     def _attempt_failed(self, reason: str) -> None:

@@ -23,6 +23,7 @@ import ipaddress
 import itertools
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -350,6 +351,48 @@ def test_dovecot_stopped_then_started_again(dovecot, real, backends):
     assert auth_events(events)[1:] == ["Dovecot auth service {address} is reachable again"]
 
 
+def spin_until(real, predicate, limit: float):
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        real.reactor.iterate(0.01)
+
+
+def test_the_backend_reconnects_by_itself_when_dovecot_is_back(dovecot, real, backends):
+    server = dovecot()
+    backend = backends(server.socket)
+    assert run(real, backend.start("PLAIN", client()), plain(CRAM, CRAM_PASSWORD)) == [Success(CRAM)]
+    with capturedLogs() as events:
+        server.stop()
+        spin_until(real, lambda: auth_events(events), limit=3.0)          # a retry 1 s after the loss
+        before = server.client_connections()
+        server.start()
+        spin_until(real, lambda: len(auth_events(events)) == 2, limit=5.0)
+    assert auth_events(events)[1] == "Dovecot auth service {address} is reachable again"
+    # the fixture's two probes, and the backend's one connection that no exchange asked for
+    assert server.client_connections() - before == 2 + 1
+
+
+def test_reconnection_backs_off_while_connections_are_dropped(real, backends):
+    """A listener that hangs up at once (not a Dovecot): attempts at 0 s, 1 s, 3 s, 7 s ..."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        listener.setblocking(False)
+        backends("127.0.0.1:%d" % listener.getsockname()[1], timeout=1.0)
+        accepted = 0
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            real.reactor.iterate(0.01)
+            try:
+                connection, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            connection.close()
+            accepted += 1
+    assert accepted == 3
+
+
 def test_an_auth_process_that_dies_fails_the_exchange_under_way_at_once(dovecot, real, backends):
     server = dovecot()
     backend = backends(server.socket, timeout=5.0)
@@ -439,6 +482,6 @@ def test_close_fails_what_is_under_way_and_does_not_reconnect(dovecot, real, bac
     assert step.temporary
     step, = run(real, backend.start("PLAIN", client()), plain(CRAM, CRAM_PASSWORD))
     assert step.temporary and "closed" in step.reason
-    real.wait(deferLater(real.reactor, 0.5))          # a lost connection is retried at once: not this one
+    real.wait(deferLater(real.reactor, 1.5))          # a lost connection is retried after 1 s: not this one
     assert server.client_connections() - before == 1
 
