@@ -26,9 +26,11 @@ over its client protocol (version 1.2; Dovecot's ``auth-client`` socket, or a
 One connection serves every exchange of a backend, multiplexed by id.  Ids
 count up per connection and are not reused while their exchange lives here;
 Dovecot drops a client that reuses an id it still holds, and it still holds
-the request of an exchange we abandoned (the documented protocol has no way
-to tell it; Dovecot times such requests out itself), so an abandoned id only
-comes round again after 2**32 - 1 others.  Dovecot also drops a client that
+the request of an exchange we abandoned until it times it out itself: the
+protocol as documented has no command to abandon one (Dovecot's own client
+library sends an undocumented CANCEL; we do not, because a Dovecot that does
+not know a command drops the connection, and every exchange on it).  So an
+abandoned id only comes round again after 2**32 - 1 others.  Dovecot also drops a client that
 asks for a mechanism it did not list, so an exchange for one is answered
 here, as is a response too long for the protocol's line limit.
 
@@ -45,8 +47,9 @@ finds no connection starts an attempt at once (so while Dovecot is down each
 one fails quickly, and the first after it is back connects); without
 exchanges, the backend reconnects 1 s after a connection is lost, and after a
 failed attempt tries again after 1 s, 2 s, 4 s ... at most 30 s (a Dovecot
-that drops every connection is not hammered).  One line is logged (namespace ``smarthost.auth``) when Dovecot becomes
-unreachable and one when it is back, never one per exchange.
+that drops every connection is not hammered).  One line is logged (namespace
+``smarthost.auth``) when Dovecot becomes unreachable and one when it is back,
+never one per exchange.
 
 Mechanisms: smarthost advertises at most PLAIN, LOGIN and CRAM-MD5
 (:data:`SUPPORTED`), and of those what Dovecot lists and the configuration
