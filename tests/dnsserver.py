@@ -53,6 +53,8 @@ from typing import Iterable, Sequence
 
 import pytest
 
+from tests.support import RealReactor  # noqa: F401  (the tests take it from here too)
+
 DEFAULT_TTL = 300
 NEGATIVE_TTL = 60
 
@@ -250,36 +252,6 @@ def start_dns_server(directory: Path, zones: dict[str, Iterable[Sequence] | str]
         stderr = (workdir / "dns.stderr").read_text(errors="replace")
         last_error = f"exit status {proc.returncode}\n{stderr[-2000:]}\n{server.log_tail()}"
     raise RuntimeError(f"DNS server did not answer on {host}:{use_port}: {last_error}")
-
-
-class RealReactor:
-    """A private real reactor, spun with iterate() until a Deferred fires (see module docstring)."""
-
-    def __init__(self) -> None:
-        from twisted.internet.selectreactor import SelectReactor
-        self.reactor = SelectReactor()
-
-    def wait(self, d, limit: float = 10.0):
-        from twisted.python.failure import Failure
-        box = []
-        d.addBoth(box.append)
-        deadline = time.monotonic() + limit
-        while not box:
-            assert time.monotonic() < deadline, "Deferred did not fire in time"
-            self.reactor.iterate(0.01)
-        assert not isinstance(box[0], Failure), box[0]
-        return box[0]
-
-    def close(self) -> None:
-        from twisted.internet import error
-        from twisted.python.failure import Failure
-        for _ in range(3):                     # let finished queries close their UDP ports
-            self.reactor.iterate(0)
-        for call in self.reactor.getDelayedCalls():
-            call.cancel()
-        for selectable in self.reactor.removeAll():
-            selectable.connectionLost(Failure(error.ConnectionDone()))
-        self.reactor.waker.connectionLost(None)
 
 
 @pytest.fixture

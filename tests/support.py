@@ -5,6 +5,9 @@ import socket
 import time
 from typing import Any, Callable
 
+from twisted.internet import defer, error as net_error
+from twisted.python.failure import Failure
+
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll `predicate` until it returns something true; AssertionError naming `what` on timeout."""
@@ -19,7 +22,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -43,3 +46,35 @@ def on_real_reactor(scenario: Callable[[Any], Any], timeout: float = 30) -> Any:
     if isinstance(out[0], Failure):
         out[0].raiseException()
     return out[0]
+
+
+class RealReactor:
+    """A private real reactor (a SelectReactor, never installed, never run).
+
+    ``wait`` spins it with ``iterate()`` until one Deferred fires, bounded by
+    a deadline, and returns the result (asserting it is not a Failure);
+    ``close`` releases its sockets and timers.
+    """
+
+    def __init__(self) -> None:
+        from twisted.internet.selectreactor import SelectReactor
+        self.reactor = SelectReactor()
+
+    def wait(self, d: defer.Deferred, limit: float = 10.0):
+        box = []
+        d.addBoth(box.append)
+        deadline = time.monotonic() + limit
+        while not box:
+            assert time.monotonic() < deadline, "Deferred did not fire in time"
+            self.reactor.iterate(0.01)
+        assert not isinstance(box[0], Failure), box[0]
+        return box[0]
+
+    def close(self) -> None:
+        for _ in range(3):                     # let finished exchanges close their sockets
+            self.reactor.iterate(0)
+        for call in self.reactor.getDelayedCalls():
+            call.cancel()
+        for selectable in self.reactor.removeAll():
+            selectable.connectionLost(Failure(net_error.ConnectionDone()))
+        self.reactor.waker.connectionLost(None)
