@@ -199,3 +199,34 @@ def test_a_listener_with_auth_needs_a_backend_and_tls(make_pipeline):
     out = smarthost("check-config", str(p.edge.config_path))
     assert out.returncode == 2 and "listeners.submission.tls_cert: listener submission (submission) needs TLS" \
         in out.stderr, out.stderr
+
+
+# -- the Dovecot backend (smtpd_sasl_type = dovecot) ------------------------------------
+
+from tests.dovecot import dovecot  # noqa: E402,F401  (the fixture)
+
+
+def test_the_edge_authenticates_through_a_real_dovecot(make_pipeline, dovecot):
+    server = dovecot({ALICE: ("SHA512-CRYPT", "alice-dovecot"), BOB: ("CRAM-MD5", "bob-dovecot")})
+    p = make_pipeline(start=())
+    sections = roles(p, backend="dovecot", dovecot=server.socket)
+    sections["auth"].pop("users_file")
+    p.edge.write_config(sections)
+    p.start()
+    for role, tls, mechanism, user, password in (
+            ("submission", "--tls", "PLAIN", ALICE, "alice-dovecot"),
+            ("submission", "--tls", "LOGIN", ALICE, "alice-dovecot"),
+            ("submissions", "--tlsc", "CRAM-MD5", BOB, "bob-dovecot")):
+        out = swaks(p.auth_ports[role], tls, mechanism, user, password, ALICE if user == BOB else BOB)
+        assert out.returncode == 0 and "235 2.7.0" in out.stdout, out.stdout + out.stderr
+    p.wait_messages(BOB, 2)
+    p.wait_messages(ALICE, 1)
+    wrong = swaks(p.auth_ports["submission"], "--tls", "PLAIN", ALICE, "nope", BOB)
+    assert "535 5.7.8" in wrong.stdout, wrong.stdout
+    p.edge.wait_log(r"auth failed: client=unknown\[127\.0\.0\.1\] mechanism=PLAIN user=<alice@example\.test>")
+    server.stop()                       # Dovecot down: a temporary failure, never a pass
+    down = swaks(p.auth_ports["submission"], "--tls", "PLAIN", ALICE, "alice-dovecot", BOB)
+    assert "454 4.7.0 Temporary authentication failure" in down.stdout, down.stdout
+    server.start()
+    again = swaks(p.auth_ports["submission"], "--tls", "PLAIN", ALICE, "alice-dovecot", BOB)
+    assert again.returncode == 0, again.stdout
