@@ -321,6 +321,11 @@ class ServerConnection:
         return self._esmtp
 
     @property
+    def errors(self) -> int:
+        """Client-caused errors so far (they start over after a delivered message)."""
+        return self._errors
+
+    @property
     def authenticated(self) -> bool:
         """A 235 was given to AUTH in this session (since the last STARTTLS or XCLIENT)."""
         return self._authenticated

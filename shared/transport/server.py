@@ -108,6 +108,8 @@ class SMTPServerProtocol(protocol.Protocol):
         self.last_active = 0.0         # reactor time of the last input (the idle session closed first)
         self._greet_gate: defer.Deferred | None = None    # the pregreet wait (see _greet_wait)
         self._greet_timer = None
+        self._errors_seen = 0          # the core's error count at the last tarpit check
+        self._tarpit_timer = None      # replies held back after an error (see _tarpit)
 
     # -- connection life ------------------------------------------------------
     def connectionMade(self) -> None:
@@ -187,7 +189,8 @@ class SMTPServerProtocol(protocol.Protocol):
         if self._closed:
             return
         self._closed = True
-        for t in (self._idle_timer, self._session_timer, self._grace_timer, self._greet_timer):
+        for t in (self._idle_timer, self._session_timer, self._grace_timer, self._greet_timer,
+                  self._tarpit_timer):
             if t is not None and t.active():
                 t.cancel()
         if self.handler is not None:
@@ -287,7 +290,10 @@ class SMTPServerProtocol(protocol.Protocol):
             return
         self._pumping = True
         try:
-            while not (self._waiting or self._output_full or self._closed or self._closing):
+            while not (self._waiting or self._output_full or self._closed or self._closing
+                       or self._tarpit_timer is not None):
+                if self.conn.errors != self._errors_seen and self._tarpit():
+                    break
                 event = self.conn.next_event()
                 if event is NEED_DATA:
                     if not self._unfed:
@@ -309,6 +315,23 @@ class SMTPServerProtocol(protocol.Protocol):
             self._pumping = False
         self._flush()
         self._apply_backpressure()
+
+    def _tarpit(self) -> bool:
+        """After ``soft_error_limit`` errors, each further error reply waits
+        ``error_sleep`` seconds before it is sent (as Postfix's smtpd_error_sleep_time):
+        a client probing addresses or passwords gets slower at it, and pipelined
+        commands behind the error wait too.  True when the pump must stop meanwhile."""
+        errors, self._errors_seen = self.conn.errors, self.conn.errors
+        c = self.config
+        if self.upstream or not c.error_sleep or errors <= c.soft_error_limit or self.conn.closing:
+            return False
+        self._tarpit_timer = self.reactor.callLater(c.error_sleep, self._tarpit_over)
+        self._apply_backpressure()
+        return True
+
+    def _tarpit_over(self) -> None:
+        self._tarpit_timer = None
+        self._pump()
 
     def _dispatch(self, event) -> None:
         method = getattr(self.handler, _HANDLER_NAMES[type(event)])
@@ -359,6 +382,10 @@ class SMTPServerProtocol(protocol.Protocol):
         respond(answer)
 
     def _flush(self) -> None:
+        if self.conn.errors != self._errors_seen:
+            self._tarpit()
+        if self._tarpit_timer is not None and not self.conn.closing:
+            return                     # held back until the tarpit's wait is over
         out = self.conn.data_to_send()
         if out:
             self._write(out)
@@ -399,6 +426,7 @@ class SMTPServerProtocol(protocol.Protocol):
             return
         waiting = self.conn.buffered + len(self._unfed)
         want_pause = (self._paused_by_handler or (self._output_full and waiting > 0)
+                      or self._tarpit_timer is not None
                       or waiting > self.config.server_config.max_buffered_input)
         if want_pause and not self._paused_input:
             self._paused_input = True
@@ -470,6 +498,8 @@ class ListenerConfig:
     firewalls: tuple = ()                     # shared.firewall.Firewall: the listener's, then the global
     greet_wait: float = 0                     # seconds of the pregreet test (0: none)
     greet_exempt: NetworkList = NetworkList(())
+    soft_error_limit: int = 10                # errors before each further one is answered late
+    error_sleep: float = 1.0                  # seconds each such reply waits (0: no tarpit)
     auth: Any = None                          # shared.auth.Authenticator: AUTH is offered when set
     auth_tls_only: bool = True                # ... and then only over TLS (RFC 8314 4.1)
     require_tls: bool = False                 # MAIL needs STARTTLS first (530 5.7.0)
@@ -628,12 +658,15 @@ class SMTPServerFactory(protocol.ServerFactory):
     def single(cls, *, reactor, server_config: ServerConfig, handler_factory, tls_context=None,
                upstream_hosts=(), command_timeout: float = 300, session_timeout: float = 3600,
                max_connections: int = 1000, max_connections_per_client: int = 50,
-               allowed_clients: NetworkList | None = None, greet_wait: float = 0) -> "SMTPServerFactory":
-        """A listener with a fixed configuration and a session table of its own."""
+               allowed_clients: NetworkList | None = None, greet_wait: float = 0,
+               soft_error_limit: int = 10, error_sleep: float = 0) -> "SMTPServerFactory":
+        """A listener with a fixed configuration and a session table of its own (no tarpit
+        unless `error_sleep` is given)."""
         config = ListenerConfig("smtp", server_config, handler_factory, tls_context=tls_context,
                                 upstream_hosts=NetworkList(upstream_hosts), allowed_clients=allowed_clients,
                                 command_timeout=command_timeout, session_timeout=session_timeout,
-                                greet_wait=greet_wait)
+                                greet_wait=greet_wait, soft_error_limit=soft_error_limit,
+                                error_sleep=error_sleep)
         table = SessionTable(reactor, max_connections=max_connections,
                              max_connections_per_client=max_connections_per_client)
         return cls(reactor=reactor, listener=lambda: config, table=table)

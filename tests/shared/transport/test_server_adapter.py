@@ -474,3 +474,34 @@ def test_the_pregreet_wait_ends_once_the_connect_checks_vouch_for_the_client(vou
     assert lines(t)[2].startswith("250-mx.test")
     clock.advance(5)                                        # where the wait would have ended: nothing
     assert [line[:4] for line in lines(t)].count("220 ") == 1
+
+
+def test_the_tarpit_holds_error_replies_past_the_soft_limit():
+    """Past soft_error_limit each error reply waits error_sleep seconds (smtpd_error_sleep_time),
+    and nothing pipelined behind it is read or answered meanwhile."""
+    clock, factory, proto, t, [h] = make(soft_error_limit=2, error_sleep=1.5,
+                                         server_config=ServerConfig(hostname="mx.test", hard_error_limit=6))
+    t.clear()
+    proto.dataReceived(b"EHLO c.test\r\n")
+    for _ in range(2):                                    # within the soft limit: answered at once
+        t.clear()
+        proto.dataReceived(b"BOGUS\r\n")
+        assert lines(t)[0] == "500 5.5.2 Error: command not recognized"
+    t.clear()
+    proto.dataReceived(b"BOGUS\r\n")                      # the third error: held back
+    assert t.value() == b""
+    assert t.producerState == "paused"                    # and no reading meanwhile
+    proto.dataReceived(b"NOOP\r\n")                       # (already in flight) waits too
+    clock.advance(1.4)
+    assert t.value() == b""
+    clock.advance(0.2)
+    assert lines(t)[:2] == ["500 5.5.2 Error: command not recognized", "250 2.0.0 Ok"]
+    assert t.producerState == "producing"
+
+
+def test_no_tarpit_for_an_upstream_tier():
+    clock, factory, proto, t, [h] = make(soft_error_limit=1, error_sleep=5, upstream_hosts=UPSTREAM)
+    proto.dataReceived(b"EHLO c.test\r\n")
+    t.clear()
+    proto.dataReceived(b"BOGUS\r\nBOGUS\r\nBOGUS\r\n")
+    assert lines(t)[:3] == ["500 5.5.2 Error: command not recognized"] * 3
