@@ -43,7 +43,10 @@ TIER = TierSpec("edge", sections=(NEXT_HOP, AUTH, REDIS),
                                 "mail": ("access", "rate_limits"), "rcpt": ("route", "access", "rate_limits")},
                 # The submission roles' policy: only authenticated users relay, each as themselves;
                 # no DNS blocklist (users submit from dynamic addresses that policy lists name).
+                # A stolen password must not make a spam cannon: per-user hourly limits by default.
                 policies={"submission": {"connect": ("access", "rate_limits"),
                                          "mail": ("sender_login", "access", "rate_limits"),
-                                         "relay": ("authenticated",)}},
+                                         "relay": ("authenticated",),
+                                         "settings": {"rate_limits": {"user_message_rate": 200,
+                                                                      "user_recipient_rate": 1000}}}},
                 component=Edge)

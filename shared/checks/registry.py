@@ -17,7 +17,7 @@ daemon swaps it in whole (:mod:`shared.daemon`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from shared.checks.core import Chain, Check, CheckFn
@@ -44,14 +44,19 @@ class CheckType:
     # is on: what it was given to work with (zones, limits), in one line.
     summary: Callable[[Any, Settings], str] | None = None
 
-    def own(self, settings: Settings) -> Any:
-        """Its settings object in `settings` (None: it has no section)."""
-        return settings.sections[self.section.name] if self.section is not None else None
+    def own(self, settings: Settings, policy: str | None = None) -> Any:
+        """Its settings object in `settings` (None: it has no section), with what `policy`'s
+        ``[policies.NAME.CHECK]`` table sets for it."""
+        if self.section is None:
+            return None
+        own = settings.sections[self.section.name]
+        changed = settings.policies[policy].settings.get(self.section.name) if policy is not None else None
+        return replace(own, **changed) if changed else own
 
-    def is_active(self, settings: Settings) -> bool:
+    def is_active(self, settings: Settings, policy: str | None = None) -> bool:
         if self.active is None:
             return True
-        return self.active(self.own(settings), settings)
+        return self.active(self.own(settings, policy), settings)
 
     def timeout_for(self, settings: Settings) -> float:
         return self.timeout(settings) if callable(self.timeout) else self.timeout
@@ -94,16 +99,21 @@ def build_policies(settings: Settings, spec: TierSpec, ctx: BuildContext) -> dic
     each name is a check of `spec` allowed in its phase)."""
     types = {c.name: c for c in spec.checks}
     permits = {p.name: p for p in all_permits(spec)}
-    built: dict[str, CheckFn | None] = {}
+    built: dict[tuple, CheckFn | None] = {}     # each check once per distinct settings
     out = {}
     for name, policy in settings.policies.items():
         checks = []
         for phase in PHASE_KEYS:
             for entry in getattr(policy, phase):
-                if entry not in built:
-                    t = types[entry]
-                    built[entry] = t.build(t.own(settings), ctx)
-                fn = built[entry]
+                t = types[entry]
+                own = t.own(settings, name)
+                try:
+                    key = (entry, hash(own) and own)
+                except TypeError:                     # settings that cannot be compared: per policy
+                    key = (entry, name)
+                if key not in built:
+                    built[key] = t.build(own, ctx)
+                fn = built[key]
                 if fn is not None:
                     checks.append(Check(entry, phase, fn, timeout=types[entry].timeout_for(settings)))
         rules = [(r, permits[r].build(settings)) for r in policy.relay]
@@ -139,10 +149,14 @@ def describe(settings: Settings, spec: TierSpec) -> str:
         for phase in PHASE_KEYS:
             for i, entry in enumerate(getattr(policy, phase), 1):
                 t = types[entry]
-                state = f"timeout {t.timeout_for(settings):g}s" if t.is_active(settings) else "off"
+                active = t.is_active(settings, name)
+                state = f"timeout {t.timeout_for(settings):g}s" if active else "off"
                 lines.append(f"  {phase:11} {i:2}. {entry} ({state}): {t.doc}")
-                if t.summary is not None and t.is_active(settings):
-                    lines.append(f"{'':18}{t.summary(t.own(settings), settings)}")
+                if t.summary is not None and active:
+                    lines.append(f"{'':18}{t.summary(t.own(settings, name), settings)}")
+                if t.section is not None and t.section.name in policy.settings:
+                    own = ", ".join(f"{k} = {v!r}" for k, v in policy.settings[t.section.name].items())
+                    lines.append(f"{'':18}this policy's own settings: {own}")
         rules = ", ".join(policy.relay) or "none"
         lines.append(f"  relay, before the rcpt checks (554 5.7.1 unless one permits): {rules}")
         for r in policy.relay:

@@ -287,7 +287,8 @@ class TierSpec:
     permits: tuple[Any, ...] = ()             # shared.checks.registry.PermitRule
     default_policy: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Built-in policies besides "default" (e.g. the edge's "submission"): {name: {phase: checks}},
-    # phases left out as in default_policy; defined when a listener names them.
+    # phases left out as in default_policy; defined when a listener names them; "settings":
+    # {check section: {key: value}}, the policy's own check settings ([policies.NAME.CHECK]).
     policies: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
     component: Callable[..., Any] | None = None   # (settings, reactor, pool) -> the tier's parts
 
@@ -357,6 +358,12 @@ SERVER = Section("server", {
                                          _count(100_000)),
     "max_errors": Key(int, 20, "client errors before the session is closed with 421 (at most 1000)",
                       _count(1000)),
+    "soft_error_limit": Key(int, 10, "client errors after which each further error reply waits "
+                                     "error_sleep_time (as Postfix's smtpd_soft_error_limit; at most 1000)",
+                            _count(1000)),
+    "error_sleep_time": Key((int, float), 1, "seconds an error reply waits past soft_error_limit (the "
+                                             "tarpit, as Postfix's smtpd_error_sleep_time; 0: none; at most "
+                                             "60)", _range(0, 60)),
     "max_junk_commands": Key(int, 100, "NOOP, RSET, VRFY and HELP commands before each one counts as an "
                                        "error (0: no limit; at most 100000)", _range(0, 100_000)),
     "command_timeout": Key((int, float), 300, "seconds to wait for a command or a DATA chunk (at most 1 week)",
@@ -425,8 +432,8 @@ ROLES = {
 
 # [server] keys a listener may set for itself (its table's value wins; unset: the global one).
 LISTENER_OVERRIDES = ("command_timeout", "session_timeout", "max_message_size", "max_recipients",
-                      "max_line_length", "max_errors", "max_junk_commands", "tls_cert", "tls_key",
-                      "tls_min_version", "tls_ciphers")
+                      "max_line_length", "max_errors", "soft_error_limit", "error_sleep_time",
+                      "max_junk_commands", "tls_cert", "tls_key", "tls_min_version", "tls_ciphers")
 
 LISTENER = Section("listeners", {
     "endpoint": Key(str, "", "where to listen: a Twisted endpoint description, e.g. "
@@ -472,6 +479,9 @@ DEFAULT_RELAY = ("relay_domains", "mynetworks", "authenticated")
 POLICY = Section("policies", {
     **{phase: Key(list, [], f"checks run at {phase.replace('_', ' ')}, in this order (default: the tier's)")
        for phase in PHASE_KEYS},
+    "settings": Key(dict, {}, "this policy's own settings of its checks, as [policies.NAME.CHECK] tables "
+                              "(e.g. [policies.submission.rate_limits] user_message_rate = 100); keys left "
+                              "out: the [CHECK] section's"),
     "relay": Key(list, [], "relay permit rules, tried in order: a recipient is refused (554 5.7.1) "
                            "unless one permits it (default: relay_domains, mynetworks, authenticated; "
                            "the edge's submission policy: authenticated)"),
@@ -612,7 +622,10 @@ def parse(tier: str, data: dict[str, Any], path: str = "<config>") -> Settings:
             for entry, keys in given.items():
                 if not isinstance(keys, dict):
                     raise ConfigError(path, f"{name}.{entry}", f"must be a table ([{name}.{entry}])")
+                overrides = _policy_overrides(spec, path, entry, keys) if name == "policies" else None
                 values[name][entry] = _read_keys(tier, path, f"{name}.{entry}", section.keys, keys)
+                if overrides is not None:
+                    values[name][entry]["settings"] = overrides
         else:
             values[name] = _read_keys(tier, path, name, section.keys, given)
     loading = Loading(tier, path, spec, data, values)
@@ -626,6 +639,27 @@ def parse(tier: str, data: dict[str, Any], path: str = "<config>") -> Settings:
         else:
             built[name] = section.build(values[name])
     return Settings(tier, path, built, tuple(loading.warnings))
+
+
+def _policy_overrides(spec: TierSpec, path: str, policy: str, keys: dict[str, Any]) -> dict[str, dict]:
+    """A policy's own settings of its checks: ``[policies.NAME.CHECK]`` tables (e.g.
+    ``[policies.submission.rate_limits]``), each key validated as in the check's section and
+    taken out of `keys`.  Keys the table leaves out keep the check's section's values."""
+    sections = {c.section.name: c.section for c in spec.checks if c.section is not None}
+    out = {}
+    for name in [k for k, v in keys.items() if isinstance(v, dict)]:
+        where = f"policies.{policy}.{name}"
+        section = sections.get(name)
+        if section is None:
+            raise ConfigError(path, where, f"not the settings of a check of the {spec.name} tier (its checks' "
+                                           f"sections: {', '.join(sorted(sections)) or 'none'})")
+        given = keys.pop(name)
+        for key in given:
+            if key not in section.keys:
+                raise ConfigError(path, f"{where}.{key}", "unknown key")
+        out[name] = {key: _frozen(_check_value(path, f"{where}.{key}", section.keys[key], value))
+                     for key, value in given.items()}
+    return out
 
 
 def _finish_server(ld: Loading) -> None:
@@ -722,6 +756,7 @@ def _finish_policies(ld: Loading) -> None:
     def builtin(spec_policy: dict) -> dict:
         base = {phase: list(spec_policy.get(phase, ())) for phase in PHASE_KEYS}
         base["relay"] = list(spec_policy.get("relay", DEFAULT_RELAY))
+        base["settings"] = {check: dict(keys) for check, keys in spec_policy.get("settings", {}).items()}
         return base
     default = builtin(ld.spec.default_policy)
     builtins = {"default": default, **{n: builtin({**ld.spec.default_policy, **p})
@@ -734,7 +769,10 @@ def _finish_policies(ld: Loading) -> None:
     permits = {p.name for p in (*PERMITS, *ld.spec.permits)}
     for name, policy in policies.items():
         given = ld.given.get("policies", {}).get(name, {})
-        base = builtins.get(name, default)        # a phase left out: the built-in one of that name
+        base = builtins.get(name, default)
+        mine = policy.get("settings") or {}            # a built-in policy's check settings, then the file's
+        policy["settings"] = {check: {**base["settings"].get(check, {}), **mine.get(check, {})}
+                              for check in {*base["settings"], *mine}}        # a phase left out: the built-in one of that name
         for phase in (*PHASE_KEYS, "relay"):
             if phase not in given:
                 policy[phase] = list(base[phase])
@@ -983,12 +1021,15 @@ def render(settings: Settings) -> str:
         for entry, values in entries:
             out.append(f"\n[{section.name}]" if entry is None else f"\n[{section.name}.{entry}]")
             for name, key in section.keys.items():
-                if key.shorthand:
-                    continue
+                if key.shorthand or (section.name == "policies" and name == "settings"):
+                    continue                  # (the policy's settings: as tables, below)
                 out.append(f"# {key.doc}")
                 value = getattr(values, name)
                 if key.secret and value:
                     out.append(f"# {name} = (set; not shown)")
                 else:
                     out.append(f"{name} = {toml_value(value)}")
+            for check, keys in (getattr(values, "settings", None) or {}).items():
+                out.append(f"\n[{section.name}.{entry}.{check}]")
+                out.extend(f"{k} = {toml_value(v)}" for k, v in keys.items())
     return "\n".join(out) + "\n"

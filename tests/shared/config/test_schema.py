@@ -1,3 +1,5 @@
+import tomllib
+
 import pytest
 
 from shared.config import ConfigError, load, parse, render
@@ -76,7 +78,7 @@ def test_render_round_trips(tmp_path):
     for section, keys in keys_of("domain").items():
         assert f"[{section}" in text
         for name, key in keys.items():
-            if not key.shorthand:
+            if not key.shorthand and (section, name) != ("policies", "settings"):   # (as tables)
                 assert f"# {key.doc}\n{name} = " in text
     assert "[queue]" not in text and "[next_hop]" not in text and "[verify]" not in text
 
@@ -162,3 +164,29 @@ def test_render_of_listeners_and_policies_round_trips(tmp_path):
     p = tmp_path / "effective.toml"
     p.write_text(render(s))
     assert load(None, p).values == s.values
+
+
+def test_a_policy_sets_its_own_check_settings():
+    """[policies.NAME.CHECK]: a listener's policy with its own limits; the rest from [CHECK]."""
+    s = parse("edge", {"next_hop": {"hosts": ["127.0.0.1:10025"]},
+                       "rate_limits": {"message_rate": 100, "recipient_rate": 500},
+                       "policies": {"strict": {"rate_limits": {"message_rate": 5}}}})
+    from shared.checks.registry import CheckType  # noqa: F401
+    from edge.service import TIER
+    rates = next(c for c in TIER.checks if c.name == "rate_limits")
+    assert rates.own(s, "strict").message_rate == 5
+    assert rates.own(s, "strict").recipient_rate == 500
+    assert rates.own(s, "default").message_rate == 100
+    assert "\n[policies.strict.rate_limits]\nmessage_rate = 5\n" in render(s)
+    assert parse("edge", tomllib.loads(render(s))).policies["strict"].settings == {"rate_limits": {"message_rate": 5}}
+
+
+@pytest.mark.parametrize("table, where", [
+    ({"queue": {"retry_min": 1}}, "policies.p.queue"),
+    ({"rate_limits": {"nope": 1}}, "policies.p.rate_limits.nope"),
+    ({"rate_limits": {"message_rate": -1}}, "policies.p.rate_limits.message_rate"),
+])
+def test_bad_policy_settings_are_named(table, where):
+    with pytest.raises(ConfigError) as e:
+        parse("edge", {"next_hop": {"hosts": ["127.0.0.1:10025"]}, "policies": {"p": table}})
+    assert f": {where}: " in str(e.value)
