@@ -165,6 +165,20 @@ def test_brute_force_is_blocked_with_a_fail2ban_line(auth_pipeline):
     failed = p.edge.log_lines("auth failed: client=unknown[127.0.0.1] mechanism=PLAIN user=<alice@example.test>")
     assert len(failed) == 3
     p.edge.wait_log(r"auth blocked: client=\[127\.0\.0\.1\] after 3 failures in 900s; blocked for 60s")
+    # the fail2ban filter of docs/edge.md matches each failure and the block, naming the client
+    failregex = fail2ban_regexes()
+    hits = [m.group("host") for line in p.edge.log_text().splitlines() for rx in failregex
+            if (m := rx.search(line))]
+    assert hits == ["127.0.0.1"] * 4
+
+
+def fail2ban_regexes() -> list:
+    """The failregex lines of docs/edge.md, with fail2ban's <HOST> as an address group."""
+    import re
+    text = (REPO / "docs" / "edge.md").read_text()
+    block = text.split("failregex = ", 1)[1].split("```", 1)[0]
+    return [re.compile(line.strip().replace("<HOST>", r"(?P<host>[0-9A-Fa-f.:]+)"))
+            for line in block.splitlines() if line.strip()]
 
 
 def test_user_command(make_pipeline, tmp_path):
@@ -230,3 +244,38 @@ def test_the_edge_authenticates_through_a_real_dovecot(make_pipeline, dovecot):
     server.start()
     again = swaks(p.auth_ports["submission"], "--tls", "PLAIN", ALICE, "alice-dovecot", BOB)
     assert again.returncode == 0, again.stdout
+
+
+RELAY_TRICKS = ["someone@remote.example.net", "someone%remote.example.net@example.test",
+                '"someone@remote.example.net"@example.test', "@example.test:someone@remote.example.net",
+                "someone@remote.example.net@example.test", "someone@[192.0.2.1]", "someone@remote.example.net.",
+                "someone@example.test@remote.example.net", "remote.example.net!someone@example.test"]
+
+
+def test_no_listener_is_an_open_relay(auth_pipeline):
+    """The open-relay battery against every listener: without AUTH nothing is relayed
+    (refused at RCPT, or MAIL refused until AUTH); no trick of address syntax gets a 250."""
+    p = auth_pipeline()
+    with Client(p.edge.port) as c:                       # mx: relay refused, tricks refused
+        c.ehlo()
+        assert c.cmd("MAIL FROM:<spammer@remote.example.net>").code == 250
+        for rcpt in RELAY_TRICKS:
+            r = c.cmd(f"RCPT TO:<{rcpt}>")
+            assert r.code >= 500, (rcpt, r)
+    with Client(p.auth_ports["submission"]) as c:       # submission: no MAIL without TLS and AUTH
+        c.ehlo()
+        assert c.cmd("MAIL FROM:<spammer@remote.example.net>").code == 530
+        assert c.cmd("STARTTLS").code == 220
+        c.starttls()
+        c.ehlo()
+        assert c.cmd("MAIL FROM:<spammer@remote.example.net>").code == 530
+        r = c.cmd("RCPT TO:<someone@remote.example.net>")
+        assert r.code == 503, r
+    c = tls_client(p.auth_ports["submissions"])
+    try:
+        c.ehlo()
+        assert c.cmd("MAIL FROM:<spammer@remote.example.net>").code == 530
+        assert c.cmd("RCPT TO:<someone@remote.example.net>").code == 503
+    finally:
+        c.close()
+    assert not p.messages(ALICE) and not p.messages(BOB)
