@@ -14,6 +14,7 @@ new file at the same path.
 from __future__ import annotations
 
 import os
+import re
 import string
 import sys
 import time
@@ -41,6 +42,17 @@ def _compile(fmt: str):
         parts.append((literal, field))
     return parts
 
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _safe(value: str) -> str:
+    """A field value on one line: control characters (a user name from a client, say) as \\xNN,
+    so no value can start a forged log line (fail2ban reads these lines)."""
+    if _CONTROL.search(value) is None:
+        return value
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", value)
 
 class LineObserver:
     def __init__(self, stream, tier: str, pid: int, level: str = "info", *, is_global: bool = False,
@@ -96,7 +108,7 @@ class LineObserver:
         if parts is None:
             return formatEvent(event)
         try:
-            return "".join(lit + (str(event[field]) if field is not None else "") for lit, field in parts)
+            return "".join(lit + (_safe(str(event[field])) if field is not None else "") for lit, field in parts)
         except KeyError:
             return formatEvent(event)
 

@@ -288,14 +288,14 @@ class EngineSession:
             return challenge(step.data)
         self._exchange = None
         if isinstance(step, Success):
-            # Even the right password is refused while its user name is blocked.
-            return _then(self.protocol.config.auth.guard.blocked(self.client.addr or "", step.login),
-                         lambda blocked: self._auth_success(step.login, mechanism) if blocked != "user" else
-                         self._auth_failed(_Refused(f"user {step.login} is blocked after too many failures",
-                                                    False, step.login), mechanism))
+            blocked = self.protocol.config.auth.guard.blocked(self.client.addr or "", step.login)
+            return _then(blocked, lambda what: self._auth_success(step.login, mechanism, what))
         return self._auth_failed(step, mechanism)
 
-    def _auth_success(self, login: str, mechanism: str):
+    def _auth_success(self, login: str, mechanism: str, blocked: str | None):
+        if blocked == "user":          # even the right password, while the user name is blocked
+            return self._auth_failed(_Refused(f"user {login} is blocked after too many failures", False,
+                                              login), mechanism)
         return self.authenticated(login, mechanism).addCallback(self._authenticated, mechanism)
 
     def _auth_failed(self, step, mechanism: str):

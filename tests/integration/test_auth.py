@@ -279,3 +279,17 @@ def test_no_listener_is_an_open_relay(auth_pipeline):
     finally:
         c.close()
     assert not p.messages(ALICE) and not p.messages(BOB)
+
+
+def test_a_user_name_under_attack_is_blocked_even_for_its_password(auth_pipeline):
+    p = auth_pipeline(client_failure_limit=0, user_failure_limit=2)
+    c = tls_client(p.auth_ports["submissions"])
+    try:
+        c.ehlo()
+        assert [c.cmd(f"AUTH PLAIN {plain(ALICE, f'guess{i}')}").code for i in range(2)] == [535, 535]
+        assert c.cmd(f"AUTH PLAIN {plain(ALICE, PASSWORDS[ALICE])}").code == 535     # blocked
+        assert c.cmd(f"AUTH PLAIN {plain(BOB, PASSWORDS[BOB])}").code == 235         # others are not
+    finally:
+        c.close()
+    p.edge.wait_log(r"auth blocked: user=<alice@example\.test> after 2 failures")
+    p.edge.wait_log(r"user=<alice@example\.test> reason=user alice@example\.test is blocked after too many")

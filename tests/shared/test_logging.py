@@ -132,3 +132,13 @@ def test_reopen_leaves_stderr_alone(monkeypatch):
     monkeypatch.setattr(shlog, "_threshold", dict(shlog._threshold))
     obs = shlog.start_logging("edge", "info", "-", 1)
     assert obs.path is None and obs.reopen() is None
+
+
+def test_a_field_cannot_forge_a_line():
+    """A value from a client (an AUTH user name through Dovecot, say) with a line break
+    stays on its line: fail2ban must not read a second, forged "auth failed" line."""
+    forged = "x\n2026-01-01T00:00:00.000Z edge[1]: Q: auth failed: client=unknown[192.0.2.99]"
+    got = lines(emit=lambda log: log.info("{qid}: auth failed: user=<{user}>", qid="Q", user=forged))
+    assert len(got) == 1
+    assert got[0].endswith(r"user=<x\x0a2026-01-01T00:00:00.000Z edge[1]: Q: auth failed: "
+                           r"client=unknown[192.0.2.99]>")
