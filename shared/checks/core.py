@@ -14,9 +14,10 @@ from shared.smtp.reply import TEMPFAIL_CHECK, Reply
 
 log = Logger(namespace="smarthost.checks")
 
-# The SMTP phases a check can run in: "data" at the DATA command (before the body),
-# "end_of_data" when the message is whole (the only phase that sees it).
-PHASES = ("connect", "helo", "auth", "mail", "rcpt", "data", "end_of_data")
+# The SMTP phases a check can run in: "starttls" at the STARTTLS command, before the
+# handshake (a refusal, 454, keeps the session in plaintext); "data" at the DATA command
+# (before the body); "end_of_data" when the message is whole (the only phase that sees it).
+PHASES = ("connect", "helo", "starttls", "auth", "mail", "rcpt", "data", "end_of_data")
 
 
 class Action(enum.Enum):

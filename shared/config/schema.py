@@ -465,7 +465,7 @@ FIREWALL = Section("firewall", {
                            "match: allowed; denied: 554 5.7.1 at connect", _firewall_rule),
 })
 
-PHASE_KEYS = PHASES       # shared.checks.core: connect, helo, auth, mail, rcpt, data, end_of_data
+PHASE_KEYS = PHASES       # shared.checks.core: connect, helo, starttls, auth, mail, rcpt, data, end_of_data
 # Postfix's smtpd_relay_restrictions: permit_mynetworks, permit_sasl_authenticated, defer_unauth_destination.
 DEFAULT_RELAY = ("relay_domains", "mynetworks", "authenticated")
 

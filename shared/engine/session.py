@@ -137,7 +137,7 @@ class EngineSession:
         self.session_id = new_queue_id()
         self.xclient_set = False
         self.trusted_upstream = protocol.upstream
-        self.results: dict[str, Verdict] = {}      # before MAIL: connect, helo, auth checks
+        self.results: dict[str, Verdict] = {}      # before MAIL: connect, helo, starttls, auth checks
         self._exchange = None                      # (mechanism, shared.auth.sasl.Exchange) during AUTH
 
     @property
@@ -480,6 +480,17 @@ class EngineSession:
 
     def on_reset(self, e: ev.Reset) -> None:
         self._abandon()
+
+    def on_starttls_request(self, e: ev.StartTLSRequest):
+        """STARTTLS: the starttls checks may refuse it (454 4.7.0); the session then goes
+        on in plaintext."""
+        def checked(v: Verdict):
+            if v.final and v.action is not Action.ACCEPT:
+                self._log("reject: STARTTLS from {name}[{addr}]: {reply}", name=self.client.name or "unknown",
+                          addr=self.client.addr, reply=str(v.reply))
+                return self._reply_for(v)
+            return None
+        return self._checks(self._request("starttls"), checked)
 
     def on_starttls(self, e: ev.StartTLS) -> None:
         self._abandon()

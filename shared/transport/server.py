@@ -73,7 +73,8 @@ _HANDLER_NAMES = {
     ev.Hello: "on_hello", ev.MailFrom: "on_mail_from", ev.RcptTo: "on_rcpt_to",
     ev.DataStart: "on_data_start", ev.DataChunk: "on_data_chunk", ev.DataEnd: "on_data_end",
     ev.DataAborted: "on_data_aborted", ev.XClient: "on_xclient", ev.XForward: "on_xforward",
-    ev.Reset: "on_reset", ev.StartTLS: "on_starttls", ev.Quit: "on_quit",
+    ev.Reset: "on_reset", ev.StartTLSRequest: "on_starttls_request", ev.StartTLS: "on_starttls",
+    ev.Quit: "on_quit",
     ev.ConnectionClosed: "on_connection_closed", ev.TooManyErrors: "on_too_many_errors",
     ev.AuthStart: "on_auth_start", ev.AuthResponse: "on_auth_response", ev.AuthAborted: "on_auth_aborted",
 }
