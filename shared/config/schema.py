@@ -202,6 +202,24 @@ def _log_file(value: str) -> str:
     return _path(value)
 
 
+def _sni_entry(value: str) -> str:
+    """A ``tls_sni`` entry, 'NAME CERT KEY': a server name (or *.DOMAIN, any name one
+    label below DOMAIN), then the absolute paths of its PEM certificate chain and key.
+    The name is kept in lower case (a client's SNI name is compared so)."""
+    parts = value.split()
+    if len(parts) != 3:
+        raise ValueError(f"{value!r} is not 'NAME CERT KEY' (a server name or *.DOMAIN, then the absolute "
+                         f"paths of its PEM certificate chain and private key)")
+    name, cert, key = parts
+    bare = name[2:] if name.startswith("*.") else name
+    if not _is_hostname(bare) or (bare != name and "." not in bare):
+        raise ValueError(f"{value!r}: {name!r} is not a server name, nor *. and a domain of two labels or "
+                         f"more (an internationalized name is written in its xn-- form)")
+    for f in (cert, key):
+        _path(f)
+    return f"{name.lower()} {cert} {key}"
+
+
 # The value rules, for the sections that checks and tiers declare in their own modules.
 hostport, address_port, network, domain, address, mailbox = _hostport, _address_port, _network, _domain, \
     _address, _mailbox
@@ -375,6 +393,11 @@ SERVER = Section("server", {
     "tls_ciphers": Key(str, "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!MD5:!DSS",
                        "OpenSSL cipher list for TLS 1.2 and older (TLS 1.3's suites are all forward-"
                        "secret); the default: forward secrecy and AEAD only"),
+    "tls_sni": Key(list, [], "certificates by the server name a client asks for (SNI): 'NAME CERT KEY' "
+                             "entries, NAME a server name or *.DOMAIN (any name one label below DOMAIN; an "
+                             "exact name wins), CERT and KEY the absolute paths of a PEM chain and its key; "
+                             "a client that names no listed server gets tls_cert (re-read on reload)",
+                   _sni_entry),
     "upstream_hosts": Key(list, [], "clients allowed to send XCLIENT/XFORWARD (addresses or CIDRs)", _network),
     "allow_public_upstream_hosts": Key(bool, False, "accept upstream_hosts entries that cover public address "
                                                     "space (wider than an IPv4 /8 or IPv6 /16, not all "
@@ -426,7 +449,7 @@ ROLES = {
 # [server] keys a listener may set for itself (its table's value wins; unset: the global one).
 LISTENER_OVERRIDES = ("command_timeout", "session_timeout", "max_message_size", "max_recipients",
                       "max_line_length", "max_errors", "max_junk_commands", "tls_cert", "tls_key",
-                      "tls_min_version", "tls_ciphers")
+                      "tls_min_version", "tls_ciphers", "tls_sni")
 
 LISTENER = Section("listeners", {
     "endpoint": Key(str, "", "where to listen: a Twisted endpoint description, e.g. "
@@ -644,9 +667,7 @@ def _finish_server(ld: Loading) -> None:
     _public_space(ld, "server.upstream_hosts", srv["upstream_hosts"], "server.allow_public_upstream_hosts",
                   srv["allow_public_upstream_hosts"],
                   "anyone there could forge the client's identity with XCLIENT/XFORWARD")
-    if bool(srv["tls_cert"]) != bool(srv["tls_key"]):
-        raise ld.error("server.tls_key" if srv["tls_cert"] else "server.tls_cert",
-                       "tls_cert and tls_key must be set together")
+    _finish_tls(ld, "server", srv)
     for section, name in (("relay", "mynetworks"), ("server", "upstream_hosts")):
         for given in ld.given.get(section, {}).get(name, []):
             used = ipaddress.ip_interface(given)
@@ -658,6 +679,22 @@ def _finish_server(ld: Loading) -> None:
     if ld.tier == "edge" and not v["relay"]["relay_domains"]:
         ld.warn("relay.relay_domains", "empty: the edge accepts mail for no domain from clients "
                                        "outside relay.mynetworks")
+
+
+def _finish_tls(ld: Loading, prefix: str, s: dict) -> None:
+    """The TLS keys of [server] or of one listener (`s`, its keys under `prefix`), together:
+    a certificate comes with its key, and ``tls_sni`` names each server once and needs a
+    default certificate for the clients that name none of them."""
+    if bool(s["tls_cert"]) != bool(s["tls_key"]):
+        raise ld.error(f"{prefix}.tls_key" if s["tls_cert"] else f"{prefix}.tls_cert",
+                       "tls_cert and tls_key must be set together")
+    names = [entry.split()[0] for entry in s["tls_sni"]]
+    if names and not s["tls_cert"]:
+        raise ld.error(f"{prefix}.tls_sni", "needs tls_cert and tls_key: the certificate for clients that "
+                                            "name no server, or one not listed")
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice:
+        raise ld.error(f"{prefix}.tls_sni", f"{twice} is listed twice")
 
 
 def _finish_listeners(ld: Loading) -> None:
@@ -687,9 +724,7 @@ def _finish_listeners(ld: Loading) -> None:
                            f"SMTP AUTH is the edge tier's; the {ld.tier} tier trusts the edge's XCLIENT LOGIN")
         if listener["require_auth"] and not listener["auth"]:
             raise ld.error(f"listeners.{name}.require_auth", "needs auth = true on this listener")
-        if bool(listener["tls_cert"]) != bool(listener["tls_key"]):
-            raise ld.error(f"listeners.{name}.tls_key" if listener["tls_cert"] else f"listeners.{name}.tls_cert",
-                           "tls_cert and tls_key must be set together")
+        _finish_tls(ld, f"listeners.{name}", listener)
         if not listener["endpoint"]:
             raise ld.error(f"listeners.{name}.endpoint", "required: where this listener listens")
         if listener["endpoint"].startswith("haproxy:") and not listener["proxy_hosts"]:
@@ -821,7 +856,7 @@ def check_host(settings: Settings) -> None:
 
     Nothing is created or changed.  ``server.user`` must be an account here;
     ``log.file`` a writable file, or creatable in an existing writable directory;
-    ``tls_cert`` and ``tls_key`` readable regular files; the filter's
+    ``tls_cert``, ``tls_key`` and the files of ``tls_sni`` readable regular files; the filter's
     ``queue.directory`` and the domain tier's ``mailboxes.maildir_root`` writable
     directories, or creatable (the nearest existing ancestor a writable directory).
     The log, pid and TLS files are opened by whoever starts the daemon, so they are
@@ -846,16 +881,17 @@ def check_host(settings: Settings) -> None:
         problem = _log_file_problem(log_file)
         if problem:
             raise ConfigError(p, "log.file", problem)
-    for name in ("tls_cert", "tls_key"):
-        f = getattr(s, name)
+    tls_files = [(name, "", getattr(s, name)) for name in ("tls_cert", "tls_key")]
+    tls_files += [("tls_sni", f"{name}: ", f) for name, *pair in map(str.split, s.tls_sni) for f in pair]
+    for name, entry, f in tls_files:
         if not f:
             continue
         if not os.path.exists(f):
-            raise ConfigError(p, f"server.{name}", f"{f} does not exist")
+            raise ConfigError(p, f"server.{name}", f"{entry}{f} does not exist")
         if not os.path.isfile(f):
-            raise ConfigError(p, f"server.{name}", f"{f} is not a regular file")
+            raise ConfigError(p, f"server.{name}", f"{entry}{f} is not a regular file")
         if not os.access(f, os.R_OK):
-            raise ConfigError(p, f"server.{name}", f"{f} is not readable")
+            raise ConfigError(p, f"server.{name}", f"{entry}{f} is not readable")
     if s.pid_file:
         problem = _log_file_problem(s.pid_file)      # written before the privileges are dropped
         if problem:

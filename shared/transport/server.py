@@ -463,7 +463,8 @@ class ListenerConfig:
     name: str
     server_config: ServerConfig
     handler_factory: Any                      # (SMTPServerProtocol) -> the session handler
-    tls_context: Any = None                   # STARTTLS is offered when set (not on implicit TLS)
+    tls_context: Any = None                   # shared.transport.tls.ServerTLS: STARTTLS is offered when
+                                              # set (not on implicit TLS)
     upstream_hosts: NetworkList = NetworkList(())
     allowed_clients: NetworkList | None = None
     command_timeout: float = 300

@@ -1,12 +1,16 @@
-"""TLS as administrators expect: TLS 1.2 and 1.3 only by default, forward-secret ciphers
-only, both configurable, judged against real clients on STARTTLS."""
+"""TLS as administrators expect, judged against real clients on STARTTLS and port
+465: TLS 1.2 and 1.3 only by default, forward-secret ciphers only, both
+configurable; certificates chosen by SNI, per listener, read again on SIGHUP."""
 from __future__ import annotations
 
+import re
+import signal
 import ssl
+from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import Client
+from tests.integration.helpers import DOMAIN, Client, free_port, message, self_signed, smarthost
 
 
 def handshake(port: int, *, maximum=None, minimum=None, ciphers=None) -> ssl.SSLSocket:
@@ -49,3 +53,132 @@ def test_the_floor_and_the_ciphers_are_configurable(make_pipeline):
     refused(p.edge.port, maximum=ssl.TLSVersion.TLSv1_2)
     with handshake(p.edge.port) as s:
         assert s.version() == "TLSv1.3"
+
+
+# -- certificates chosen by SNI ---------------------------------------------------------------
+
+def der(cert: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(cert.read_text())
+
+
+def sni(pairs: dict[str, tuple[Path, Path]]) -> list[str]:
+    return [f"{name} {cert} {key}" for name, (cert, key) in pairs.items()]
+
+
+def served(port: int, name: str | None, *, implicit: bool = False) -> bytes:
+    """The certificate the listener presents to a client asking for `name` (None: no SNI)."""
+    with Client(port, implicit_tls=implicit, server_name=name) as c:
+        if not implicit:
+            c.ehlo()
+            assert c.cmd("STARTTLS").code == 220
+            c.starttls(server_name=name)
+        return c.server_certificate()
+
+
+@pytest.fixture(scope="module")
+def names(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    root = tmp_path_factory.mktemp("sni")
+    return {name: self_signed(root / name.replace("*", "star"), name)
+            for name in ("mail.example.org", "smtp.example.net", "*.example.org", "other.example.org")}
+
+
+def with_listeners(p, **more) -> dict:
+    """[listeners.mx] on the edge's port, plus `more`, each {"port": N, key: value...}."""
+    tables = {"mx": {"endpoint": f"tcp:port={p.edge.port}:interface=127.0.0.1"}}
+    for name, keys in more.items():
+        keys = dict(keys)
+        tables[name] = {"endpoint": f"tcp:port={keys.pop('port')}:interface=127.0.0.1", **keys}
+    return {"server": {"listen": None}, "listeners": tables}
+
+
+def test_sni_picks_the_certificate_by_name_and_each_listener_may_have_its_own(make_pipeline, names, edge_tls):
+    p = make_pipeline(start=())
+    implicit, own = free_port(), free_port()
+    wanted = {n: names[n] for n in ("mail.example.org", "smtp.example.net", "*.example.org")}
+    p.edge.write_config({**with_listeners(p, smtps={"port": implicit, "tls": "implicit"},
+                                          special={"port": own, "tls_sni": sni({"mail.example.org":
+                                                                               names["other.example.org"]})}),
+                         "server": {"listen": None, "tls_sni": sni(wanted)}})
+    p.start()
+    default = der(edge_tls[0])
+    for port, implicit_tls in ((p.edge.port, False), (implicit, True)):     # STARTTLS and port 465 alike
+        assert served(port, "mail.example.org", implicit=implicit_tls) == der(names["mail.example.org"][0])
+        assert served(port, "MAIL.example.ORG", implicit=implicit_tls) == der(names["mail.example.org"][0])
+        assert served(port, "smtp.example.net", implicit=implicit_tls) == der(names["smtp.example.net"][0])
+        assert served(port, "relay.example.org", implicit=implicit_tls) == der(names["*.example.org"][0])
+        assert served(port, "a.relay.example.org", implicit=implicit_tls) == default   # one label only
+        assert served(port, "example.org", implicit=implicit_tls) == default
+        assert served(port, "unknown.example.com", implicit=implicit_tls) == default
+        assert served(port, None, implicit=implicit_tls) == default                   # no SNI at all
+    # the listener with tls_sni of its own: its list replaces the global one
+    assert served(own, "mail.example.org") == der(names["other.example.org"][0])
+    assert served(own, "relay.example.org") == default
+    # and the session goes on over the chosen certificate's TLS
+    with Client(p.edge.port) as c:
+        c.ehlo()
+        assert c.cmd("STARTTLS").code == 220
+        c.starttls(server_name="smtp.example.net")
+        assert c.ehlo().code == 250
+        assert c.cmd("MAIL FROM:<sender@example.net>").code == 250
+        assert c.cmd(f"RCPT TO:<alice@{DOMAIN}>").code == 250
+
+
+def test_sni_certificates_are_read_again_on_sighup_and_open_sessions_keep_theirs(make_pipeline, tmp_path):
+    p = make_pipeline(start=())
+    directory = tmp_path / "mail"
+    cert, key = self_signed(directory, "mail.example.org")
+    p.edge.write_config({"server": {"tls_sni": [f"mail.example.org {cert} {key}"]}})
+    p.start()
+    old = der(cert)
+    held = Client(p.edge.port)
+    held.ehlo()
+    assert held.cmd("STARTTLS").code == 220
+    held.starttls(server_name="mail.example.org")
+    assert held.server_certificate() == old
+    assert held.ehlo().code == 250
+    self_signed(directory, "mail.example.org")          # renewed in place, as certbot does
+    new = der(cert)
+    assert new != old
+    mark = p.edge.log_size()
+    p.edge.signal(signal.SIGHUP)
+    p.edge.wait_log(r"configuration reloaded from ", since=mark)
+    assert served(p.edge.port, "mail.example.org") == new
+    # the session opened before the reload goes on, over its own handshake's certificate
+    with held:
+        assert held.server_certificate() == old
+        assert held.cmd("MAIL FROM:<sender@example.net>").code == 250
+        assert held.cmd(f"RCPT TO:<alice@{DOMAIN}>").code == 250
+        assert held.cmd("DATA").code == 354
+        held.send(message("across a reload") + b".\r\n")
+        assert held.reply().code == 250
+    # a pair that does not go together: the reload is refused, the running certificates stay
+    other = self_signed(tmp_path / "other", "mail.example.org")
+    p.edge.write_config({"server": {"tls_sni": [f"mail.example.org {cert} {other[1]}"]}})
+    mark = p.edge.log_size()
+    p.edge.signal(signal.SIGHUP)
+    p.edge.wait_log(rf"reload refused, keeping the running configuration: {re.escape(str(p.edge.config_path))}: "
+                    rf"server\.tls_sni: mail\.example\.org: {re.escape(str(other[1]))} does not go with "
+                    rf"certificate {re.escape(str(cert))}", since=mark)
+    assert served(p.edge.port, "mail.example.org") == new
+
+
+@pytest.mark.parametrize("entry, reason", [
+    ("mail.example.org {cert} {other_key}", "server.tls_sni: mail.example.org: {other_key} does not go with "
+                                            "certificate {cert}"),
+    ("mail.example.org {cert} {missing}", "server.tls_sni: mail.example.org: {missing} does not exist"),
+    ("mail.example.org {key} {key}", "server.tls_sni: mail.example.org: no PEM certificate in {key}"),
+    ("mail.example.org {cert}", "server.tls_sni: 'mail.example.org {cert}' is not 'NAME CERT KEY'"),
+    ("*.org {cert} {key}", "server.tls_sni: '*.org {cert} {key}': '*.org' is not a server name"),
+])
+def test_a_bad_sni_entry_is_refused_naming_the_key(make_pipeline, tmp_path, entry, reason):
+    p = make_pipeline(start=())
+    cert, key = self_signed(tmp_path / "a", "mail.example.org")
+    paths = {"cert": cert, "key": key, "other_key": self_signed(tmp_path / "b", "mail.example.org")[1],
+             "missing": tmp_path / "missing.pem"}
+    p.edge.write_config({"server": {"tls_sni": [entry.format(**paths)]}})
+    out = smarthost("check-config", str(p.edge.config_path))
+    assert out.returncode == 2
+    assert f"smarthost check-config: {p.edge.config_path}: {reason.format(**paths)}" in out.stderr, out.stderr
+    p.edge.start(wait=False)                            # the daemon refuses it as check-config does
+    assert p.edge.wait_exit() == 2
+    assert reason.format(**paths) in p.edge.output_text()
