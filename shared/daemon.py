@@ -173,7 +173,7 @@ def close_all(closers) -> defer.Deferred:
 @dataclass(frozen=True)
 class Loaded:
     """A configuration file with what it names on disk read: the listeners' TLS (every
-    certificate and key, the ``tls_sni`` ones too) and the firewalls.
+    certificate and key, the ``tls_sni`` ones too, and the client CAs) and the firewalls.
     Reading blocks (files, and compiling large rule lists): a reload does it in the pool."""
     settings: Settings
     tls: Any

@@ -220,6 +220,20 @@ def _sni_entry(value: str) -> str:
     return f"{name.lower()} {cert} {key}"
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _fingerprint(value: str) -> str:
+    """A SHA-256 certificate fingerprint, 64 hex digits with or without colons, as
+    "AB:CD:..." (the way ``openssl x509 -fingerprint -sha256`` and the TLS log line
+    write it)."""
+    digits = value.strip().replace(":", "")
+    if len(digits) != 64 or not set(digits) <= _HEX:
+        raise ValueError(f"{value!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed)")
+    digits = digits.upper()
+    return ":".join(digits[i:i + 2] for i in range(0, 64, 2))
+
+
 # The value rules, for the sections that checks and tiers declare in their own modules.
 hostport, address_port, network, domain, address, mailbox = _hostport, _address_port, _network, _domain, \
     _address, _mailbox
@@ -398,6 +412,14 @@ SERVER = Section("server", {
                              "exact name wins), CERT and KEY the absolute paths of a PEM chain and its key; "
                              "a client that names no listed server gets tls_cert (re-read on reload)",
                    _sni_entry),
+    "tls_client_certificates": Key(str, "none", "ask: request a certificate from every TLS client but never "
+                                                "require one (Postfix's smtpd_tls_ask_ccert), for the edge's "
+                                                "client_certificate relay permit; none: do not ask",
+                                   _choice("none", "ask")),
+    "tls_client_ca": Key(str, "", "with tls_client_certificates = ask: PEM file of the CAs a client "
+                                  "certificate must chain to to count, absolute path (their names go with "
+                                  "the request); empty: any certificate counts, judged by its fingerprint",
+                         _path),
     "upstream_hosts": Key(list, [], "clients allowed to send XCLIENT/XFORWARD (addresses or CIDRs)", _network),
     "allow_public_upstream_hosts": Key(bool, False, "accept upstream_hosts entries that cover public address "
                                                     "space (wider than an IPv4 /8 or IPv6 /16, not all "
@@ -449,7 +471,7 @@ ROLES = {
 # [server] keys a listener may set for itself (its table's value wins; unset: the global one).
 LISTENER_OVERRIDES = ("command_timeout", "session_timeout", "max_message_size", "max_recipients",
                       "max_line_length", "max_errors", "max_junk_commands", "tls_cert", "tls_key",
-                      "tls_min_version", "tls_ciphers", "tls_sni")
+                      "tls_min_version", "tls_ciphers", "tls_sni", "tls_client_certificates", "tls_client_ca")
 
 LISTENER = Section("listeners", {
     "endpoint": Key(str, "", "where to listen: a Twisted endpoint description, e.g. "
@@ -506,6 +528,11 @@ RELAY = Section("relay", {
     "allow_public_mynetworks": Key(bool, False, "accept mynetworks entries that cover public address space "
                                                 "(wider than an IPv4 /8 or IPv6 /16, not all private): "
                                                 "this tier becomes an open relay for everyone in them"),
+    "client_certificates": Key(list, [], "edge: SHA-256 fingerprints (64 hex digits, colons allowed) of the "
+                                         "client certificates whose clients the client_certificate permit "
+                                         "rule lets relay to any destination (Postfix's relay_clientcerts); "
+                                         "the listener must ask for them (tls_client_certificates = ask)",
+                               _fingerprint),
 })
 
 DNS = Section("dns", {
@@ -668,6 +695,9 @@ def _finish_server(ld: Loading) -> None:
                   srv["allow_public_upstream_hosts"],
                   "anyone there could forge the client's identity with XCLIENT/XFORWARD")
     _finish_tls(ld, "server", srv)
+    if ld.tier != "edge" and v["relay"]["client_certificates"]:
+        raise ld.error("relay.client_certificates", f"the edge's: the {ld.tier} tier never sees the original "
+                                                    f"client's certificate (XCLIENT does not carry it)")
     for section, name in (("relay", "mynetworks"), ("server", "upstream_hosts")):
         for given in ld.given.get(section, {}).get(name, []):
             used = ipaddress.ip_interface(given)
@@ -795,6 +825,20 @@ def _finish_policies(ld: Loading) -> None:
         if listener["policy"] not in policies:
             raise ld.error(f"listeners.{name}.policy", f"no policy {listener['policy']!r} "
                                                        f"(defined: {', '.join(policies)})")
+    for name, policy in policies.items():
+        if "client_certificate" in policy["relay"]:
+            _client_certificates_reachable(ld, name)
+
+
+def _client_certificates_reachable(ld: Loading, policy: str) -> None:
+    """Warn when the client_certificate permit of `policy` can permit nobody."""
+    key = f"policies.{policy}.relay"
+    if not ld.values["relay"]["client_certificates"]:
+        ld.warn(key, "client_certificate permits nobody: relay.client_certificates is empty")
+    elif not any(lst["policy"] == policy and lst["tls_client_certificates"] == "ask" and lst["tls"] != "none"
+                 for lst in ld.values["listeners"].values()):
+        ld.warn(key, "client_certificate permits nobody: no listener of this policy asks for client "
+                     "certificates (tls_client_certificates = \"ask\")")
 
 
 # The core's cross-checks, defined above with the helpers they use.
@@ -856,7 +900,8 @@ def check_host(settings: Settings) -> None:
 
     Nothing is created or changed.  ``server.user`` must be an account here;
     ``log.file`` a writable file, or creatable in an existing writable directory;
-    ``tls_cert``, ``tls_key`` and the files of ``tls_sni`` readable regular files; the filter's
+    ``tls_cert``, ``tls_key``, ``tls_client_ca`` and the files of ``tls_sni`` readable
+    regular files; the filter's
     ``queue.directory`` and the domain tier's ``mailboxes.maildir_root`` writable
     directories, or creatable (the nearest existing ancestor a writable directory).
     The log, pid and TLS files are opened by whoever starts the daemon, so they are
@@ -881,7 +926,7 @@ def check_host(settings: Settings) -> None:
         problem = _log_file_problem(log_file)
         if problem:
             raise ConfigError(p, "log.file", problem)
-    tls_files = [(name, "", getattr(s, name)) for name in ("tls_cert", "tls_key")]
+    tls_files = [(name, "", getattr(s, name)) for name in ("tls_cert", "tls_key", "tls_client_ca")]
     tls_files += [("tls_sni", f"{name}: ", f) for name, *pair in map(str.split, s.tls_sni) for f in pair]
     for name, entry, f in tls_files:
         if not f:

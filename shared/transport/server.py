@@ -54,6 +54,7 @@ from shared.smtp import events as ev
 from shared.smtp.reply import SHUTTING_DOWN, TEMPFAIL_CHECK, Reply
 from shared.smtp.server import NEED_DATA, PAUSED, ServerConfig, ServerConnection, State
 from shared.transport.tcp import no_delay, writer
+from shared.transport.tls import ClientCertificate, client_certificate
 
 log = Logger(namespace="smarthost.smtpd")
 
@@ -392,6 +393,16 @@ class SMTPServerProtocol(protocol.Protocol):
         if not version or not cipher or version == "Unknown":
             return None
         return f"{version} {cipher} {bits}/{bits} bits" if bits else f"{version} {cipher}"
+
+    def tls_client_certificate(self) -> ClientCertificate | None:
+        """The certificate the client presented in this connection's TLS handshake (its
+        listener asked for one: ``tls_client_certificates``), or None."""
+        if self.conn is None or not self.conn.tls_active:
+            return None
+        try:
+            return client_certificate(self.transport.getHandle())
+        except Exception:           # not an OpenSSL connection
+            return None
 
     # -- back-pressure --------------------------------------------------------
     def _apply_backpressure(self) -> None:

@@ -1,16 +1,21 @@
-"""TLS as administrators expect, judged against real clients on STARTTLS and port
-465: TLS 1.2 and 1.3 only by default, forward-secret ciphers only, both
-configurable; certificates chosen by SNI, per listener, read again on SIGHUP."""
+"""TLS as administrators expect, judged against real clients (Python's ssl, openssl
+s_client): TLS 1.2 and 1.3 only by default, forward-secret ciphers only, both
+configurable; certificates chosen by SNI, per listener, read again on SIGHUP; client
+certificates asked for and judged by fingerprint for relaying."""
 from __future__ import annotations
 
+import hashlib
 import re
 import signal
 import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import DOMAIN, Client, free_port, message, self_signed, smarthost
+from shared.smtp.reply import Reply
+from tests.integration.helpers import (DOMAIN, OTHER_DOMAIN, Client, free_port, message, self_signed,
+                                       smarthost)
 
 
 def handshake(port: int, *, maximum=None, minimum=None, ciphers=None) -> ssl.SSLSocket:
@@ -59,6 +64,12 @@ def test_the_floor_and_the_ciphers_are_configurable(make_pipeline):
 
 def der(cert: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(cert.read_text())
+
+
+def fingerprint(cert: Path) -> str:
+    """The SHA-256 fingerprint as the TLS log line writes it."""
+    digest = hashlib.sha256(der(cert)).hexdigest().upper()
+    return ":".join(digest[i:i + 2] for i in range(0, 64, 2))
 
 
 def sni(pairs: dict[str, tuple[Path, Path]]) -> list[str]:
@@ -182,3 +193,107 @@ def test_a_bad_sni_entry_is_refused_naming_the_key(make_pipeline, tmp_path, entr
     p.edge.start(wait=False)                            # the daemon refuses it as check-config does
     assert p.edge.wait_exit() == 2
     assert reason.format(**paths) in p.edge.output_text()
+
+
+# -- client certificates ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clients(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    root = tmp_path_factory.mktemp("clients")
+    ca = self_signed(root / "ca", "Test Client CA", ca=True)
+    return {"ca": ca, "listed": self_signed(root / "listed", "listed.example.net"),
+            "unlisted": self_signed(root / "unlisted", "unlisted.example.net"),
+            "issued": self_signed(root / "issued", "issued.example.net", issuer=ca)}
+
+
+def s_client(port: int) -> str:
+    """What openssl s_client tells of the handshake after STARTTLS (no client certificate)."""
+    out = subprocess.run(["openssl", "s_client", "-starttls", "smtp", "-connect", f"127.0.0.1:{port}",
+                          "-servername", "mail.example.org"], input="QUIT\n", capture_output=True, text=True,
+                         timeout=30)
+    assert "-----BEGIN CERTIFICATE-----" in out.stdout, out.stdout + out.stderr
+    return out.stdout
+
+
+def relay_as(port: int, certificate, *, tls: bool = True) -> tuple[Reply, Reply | None]:
+    """RCPT to a domain the edge does not host, with `certificate` presented (or none):
+    the RCPT reply, and the reply to the message if it was accepted."""
+    with Client(port) as c:
+        c.ehlo()
+        if tls:
+            assert c.cmd("STARTTLS").code == 220
+            c.starttls(certificate=certificate)
+            c.ehlo()
+        assert c.cmd("MAIL FROM:<sender@example.net>").code == 250
+        r = c.cmd(f"RCPT TO:<{CAROL}>")
+        if r.code != 250:
+            return r, None
+        assert c.cmd("DATA").code == 354
+        c.send(message("by certificate", to=CAROL) + b".\r\n")
+        return r, c.reply()
+
+
+CAROL = f"carol@{OTHER_DOMAIN}"       # the domain tier has her; the edge relays to her only when permitted
+
+
+def test_a_listed_client_certificate_permits_relaying_and_others_do_not(make_pipeline, clients):
+    p = make_pipeline(filter={"relay": {"relay_domains": [DOMAIN, OTHER_DOMAIN]}}, start=())
+    plain, with_ca = free_port(), free_port()
+    listed = fingerprint(clients["listed"][0])
+    p.edge.write_config({**with_listeners(p, plain={"port": plain, "tls_client_certificates": "none"},
+                                          verified={"port": with_ca, "tls_client_ca": str(clients["ca"][0])}),
+                         "server": {"listen": None, "tls_client_certificates": "ask"},
+                         "relay": {"client_certificates": [listed.replace(":", "").lower(),
+                                                           fingerprint(clients["issued"][0])]},
+                         "policies": {"default": {"relay": ["relay_domains", "mynetworks", "authenticated",
+                                                            "client_certificate"]}}})
+    p.start()
+    # asked for on an "ask" listener (any CA: none named), not on the one that does not ask
+    asked = s_client(p.edge.port)
+    assert "No client certificate CA names sent" in asked and "Requested Signature Algorithms" in asked
+    assert "Requested Signature Algorithms" not in s_client(plain)
+    assert "Acceptable client certificate CA names\nCN = Test Client CA\n" in s_client(with_ca)
+    # listed: relayed, end to end
+    rcpt, done = relay_as(p.edge.port, clients["listed"])
+    assert (rcpt.code, done.code) == (250, 250), (rcpt, done)
+    p.edge.wait_log(rf"TLS connection from unknown\[127\.0\.0\.1\]: TLSv1\.3 \S+ \d+/\d+ bits; client certificate "
+                    rf"SHA256 {listed} \(unverified\)")
+    assert "by certificate" in p.wait_messages(CAROL, 1)[0].read_text()
+    # unlisted, none, no TLS, or not asked for: no relay
+    for port, certificate, tls in ((p.edge.port, clients["unlisted"], True), (p.edge.port, None, True),
+                                   (p.edge.port, None, False), (plain, clients["listed"], True)):
+        rcpt, _ = relay_as(port, certificate, tls=tls)
+        assert (rcpt.code, rcpt.enhanced) == (554, "5.7.1"), (port, certificate, rcpt)
+    p.edge.wait_log(rf"client certificate SHA256 {fingerprint(clients['unlisted'][0])} \(unverified\)")
+    # with tls_client_ca: what chains to it counts; a listed certificate that does not is ignored
+    rcpt, done = relay_as(with_ca, clients["issued"])
+    assert (rcpt.code, done.code) == (250, 250), (rcpt, done)
+    p.edge.wait_log(rf"client certificate SHA256 {fingerprint(clients['issued'][0])} \(verified\)")
+    rcpt, _ = relay_as(with_ca, clients["listed"])
+    assert (rcpt.code, rcpt.enhanced) == (554, "5.7.1"), rcpt
+    p.edge.wait_log(rf"client certificate SHA256 {listed} \(does not verify against tls_client_ca: ignored\)")
+    assert "Traceback" not in p.edge.log_text()
+
+
+def test_client_certificate_keys_are_checked_at_load(make_pipeline):
+    p = make_pipeline(start=())
+    p.edge.write_config({"relay": {"client_certificates": ["AB:CD"]}})
+    out = smarthost("check-config", str(p.edge.config_path))
+    assert out.returncode == 2
+    assert f"{p.edge.config_path}: relay.client_certificates: 'AB:CD' is not a SHA-256 fingerprint" in out.stderr
+    p.filter.write_config({"relay": {"client_certificates": ["AB" * 32]}})
+    out = smarthost("check-config", str(p.filter.config_path))
+    assert out.returncode == 2
+    assert f"{p.filter.config_path}: relay.client_certificates: the edge's: the filter tier never sees" \
+        in out.stderr
+    p.filter.write_config({"relay": {"client_certificates": None},
+                           "policies": {"default": {"relay": ["relay_domains", "client_certificate"]}}})
+    out = smarthost("check-config", str(p.filter.config_path))
+    assert out.returncode == 2 and "unknown relay permit rule 'client_certificate'" in out.stderr
+    p.edge.write_config({"relay": {"client_certificates": ["AB" * 32]},
+                         "policies": {"default": {"relay": ["relay_domains", "client_certificate"]}}})
+    out = smarthost("check-config", str(p.edge.config_path))
+    assert out.returncode == 0, out.stderr
+    assert "policies.default.relay: client_certificate permits nobody: no listener of this policy asks" \
+        in out.stderr
+    assert f'client_certificates = ["{":".join(["AB"] * 32)}"]' in out.stdout

@@ -437,12 +437,38 @@ def test_tls_sni_entries_are_checked_at_load_and_listeners_may_have_their_own():
     assert e.key == "listeners.mx.tls_sni"
 
 
-def test_tls_sni_files_are_judged_on_this_host(tmp_path, pairs):
+def test_client_certificate_settings_are_checked_at_load():
+    s = parse("edge", config("edge", relay={"client_certificates": ["ab" * 32, ":".join(["0F"] * 32)]},
+                             server={"tls_client_certificates": "ask"}), P)
+    assert s.relay.client_certificates == (":".join(["AB"] * 32), ":".join(["0F"] * 32))
+    assert s.listeners["smtp"].tls_client_certificates == "ask"
+    e = refused("edge", relay={"client_certificates": ["ab" * 31]})
+    assert e.key == "relay.client_certificates" and "is not a SHA-256 fingerprint" in e.reason
+    e = refused("edge", server={"tls_client_certificates": "require"})
+    assert e.key == "server.tls_client_certificates" and "must be one of none, ask" in e.reason
+    e = refused("edge", server={"tls_client_ca": "ca.pem"})
+    assert e.key == "server.tls_client_ca" and "not an absolute path" in e.reason
+    for tier in ("filter", "domain"):
+        e = refused(tier, relay={"client_certificates": ["ab" * 32]})
+        assert e.key == "relay.client_certificates" and "never sees the original client's certificate" in e.reason
+    s = parse("edge", config("edge", policies={"default": {"relay": ["relay_domains", "client_certificate"]}}), P)
+    assert any("policies.default.relay: client_certificate permits nobody: relay.client_certificates is empty"
+               in w for w in s.warnings)
+
+
+def test_tls_sni_and_client_ca_files_are_judged_on_this_host(tmp_path, pairs):
     (cert, key), _ = pairs
     tls = {"tls_cert": str(cert), "tls_key": str(key)}
     s = host(tmp_path, server={**tls, "tls_sni": [f"a.example.org {cert} {tmp_path / 'none.pem'}"]})
     e = host_refused(s)
     assert (e.key, e.reason) == ("server.tls_sni", f"a.example.org: {tmp_path / 'none.pem'} does not exist")
+    s = host(tmp_path, server={**tls, "tls_client_certificates": "ask", "tls_client_ca": str(tmp_path)})
+    e = host_refused(s)
+    assert (e.key, e.reason) == ("server.tls_client_ca", f"{tmp_path} is not a regular file")
+    s = host(tmp_path, server={**tls, "tls_client_certificates": "ask", "tls_client_ca": str(key)})
+    with pytest.raises(ConfigError) as e:
+        tls_context(s)
+    assert (e.value.key, e.value.reason) == ("server.tls_client_ca", f"no PEM certificate in {key}")
 
 
 def test_sni_names_find_their_context_exact_first_then_one_label_wildcards(tmp_path, pairs):
