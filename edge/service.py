@@ -44,7 +44,8 @@ TIER = TierSpec("edge", sections=(NEXT_HOP, AUTH, REDIS),
                 checks=(ROUTE, ACCESS, HELO_NAME, RATE_LIMITS, SENDER_LOGIN, DNSBL),
                 permits=(CLIENT_CERTIFICATE,),
                 default_policy={"connect": ("access", "rate_limits", "dnsbl"), "helo": ("access",),
-                                "mail": ("access", "rate_limits"), "rcpt": ("route", "access", "rate_limits")},
+                                "starttls": ("rate_limits",), "mail": ("access", "rate_limits"),
+                                "rcpt": ("route", "access", "rate_limits")},
                 # The submission roles' policy: only authenticated users relay, each as themselves;
                 # no DNS blocklist (users submit from dynamic addresses that policy lists name).
                 policies={"submission": {"connect": ("access", "rate_limits"),

@@ -495,8 +495,8 @@ class EngineSession:
         self._abandon()
 
     def on_starttls_request(self, e: ev.StartTLSRequest):
-        """STARTTLS: the starttls checks may refuse it (454 4.7.0); the session then goes
-        on in plaintext."""
+        """STARTTLS: the starttls checks (rate_limits' tls_rate) may refuse it (454 4.7.0);
+        the session then goes on in plaintext."""
         def checked(v: Verdict):
             if v.final and v.action is not Action.ACCEPT:
                 self._log("reject: STARTTLS from {name}[{addr}]: {reply}", name=self.client.name or "unknown",

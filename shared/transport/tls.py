@@ -27,7 +27,7 @@ then; a pair that does not load refuses the whole configuration, naming its key.
 A session keeps the TLS connection, and so the context, of its handshake; a
 reload's new ServerTLS serves the handshakes after it.  Sessions are never
 resumed (Twisted's defaults: no session cache, no tickets), so every handshake
-is a new TLS session.
+is a new TLS session -- what the ``rate_limits`` check's ``tls_rate`` counts.
 
 TRUST: the client's certificate is untrusted input until verified; only its
 fingerprint is logged or given to checks (a subject name is the client's own

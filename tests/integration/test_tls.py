@@ -1,7 +1,8 @@
 """TLS as administrators expect, judged against real clients (Python's ssl, openssl
 s_client): TLS 1.2 and 1.3 only by default, forward-secret ciphers only, both
 configurable; certificates chosen by SNI, per listener, read again on SIGHUP; client
-certificates asked for and judged by fingerprint for relaying."""
+certificates asked for and judged by fingerprint for relaying; new TLS sessions per
+client and time unit limited."""
 from __future__ import annotations
 
 import hashlib
@@ -297,3 +298,43 @@ def test_client_certificate_keys_are_checked_at_load(make_pipeline):
     assert "policies.default.relay: client_certificate permits nobody: no listener of this policy asks" \
         in out.stderr
     assert f'client_certificates = ["{":".join(["AB"] * 32)}"]' in out.stdout
+
+
+# -- new TLS sessions per time unit ---------------------------------------------------------------
+
+def test_tls_rate_refuses_starttls_454_and_closes_implicit_tls_421(make_pipeline):
+    p = make_pipeline(start=())
+    implicit = free_port()
+    p.edge.write_config({**with_listeners(p, smtps={"port": implicit, "tls": "implicit"}),
+                         "rate_limits": {"tls_rate": 2, "time_unit": 60}})
+    p.start()
+    for _ in range(2):
+        with Client(p.edge.port, source="127.0.0.2") as c:
+            c.ehlo()
+            assert c.cmd("STARTTLS").code == 220
+            c.starttls()
+            assert c.ehlo().code == 250
+    with Client(p.edge.port, source="127.0.0.2") as c:
+        c.ehlo()
+        r = c.cmd("STARTTLS")
+        assert (r.code, r.enhanced, r.text) == (454, "4.7.0", "Error: too many new TLS sessions from 127.0.0.2")
+        assert c.cmd("NOOP").code == 250                     # the session goes on, in plaintext
+        assert c.cmd("MAIL FROM:<sender@example.net>").code == 250
+    p.edge.wait_log(r"rate limit: tls_rate 2/60s exceeded by 127\.0\.0\.2: 454 4\.7\.0 Error: too many new TLS "
+                    r"sessions from 127\.0\.0\.2")
+    p.edge.wait_log(r"reject: STARTTLS from unknown\[127\.0\.0\.2\]: 454 4\.7\.0 ")
+    # port 465: every connection is a new TLS session, counted with the STARTTLS ones
+    for _ in range(2):
+        with Client(implicit, source="127.0.0.3", implicit_tls=True) as c:
+            assert c.greeting.code == 220
+    with Client(implicit, source="127.0.0.3", implicit_tls=True) as c:
+        g = c.greeting
+        assert (g.code, g.enhanced, g.text) == (421, "4.7.0", "edge.example.test Error: too many new TLS "
+                                                              "sessions from 127.0.0.3")
+        assert c.closed_by_server()
+    with Client(p.edge.port, source="127.0.0.3") as c:
+        c.ehlo()
+        assert c.cmd("STARTTLS").code == 454
+    with Client(p.edge.port, source="127.0.0.4") as c:    # another client: its own count
+        c.ehlo()
+        assert c.cmd("STARTTLS").code == 220
