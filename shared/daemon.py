@@ -7,8 +7,9 @@ module does the rest, identically for every tier.
 
 A configuration in use is a :class:`Generation`: everything built from one
 loaded file -- the policies and their checks, the sink and next hops (the
-component's :class:`~shared.tier.Configured`), the TLS context, the reverse
-resolver, the engine and listener settings.  A session takes the generation
+component's :class:`~shared.tier.Configured`), each listener's TLS (its
+certificates, by SNI, :mod:`shared.transport.tls`), the reverse resolver, the
+engine and listener settings.  A session takes the generation
 that is current when it opens and keeps it to its end.
 
 Signals: SIGTERM and SIGINT stop accepting connections, give open transactions
@@ -52,6 +53,7 @@ from shared.smtp.server import ServerConfig
 from shared.tier import Configured
 from shared.transport import proxyproto
 from shared.transport.server import ListenerConfig, SessionTable, SMTPServerFactory
+from shared.transport.tls import tls_contexts
 
 log = Logger(namespace="smarthost.daemon")
 
@@ -81,86 +83,6 @@ def allowed_clients(settings: Settings) -> NetworkList | None:
     return NetworkList([*settings.server.upstream_hosts, *settings.relay.mynetworks])
 
 
-def _tls_versions():
-    from twisted.internet.ssl import TLSVersion
-    return {"TLSv1": TLSVersion.TLSv1_0, "TLSv1.1": TLSVersion.TLSv1_1, "TLSv1.2": TLSVersion.TLSv1_2,
-            "TLSv1.3": TLSVersion.TLSv1_3}
-
-
-def tls_context(settings: Settings, s=None, prefix: str = "server"):
-    """The TLS context of ``server.tls_cert`` and ``server.tls_key`` (None when unset), or
-    of a listener's own (`s`, its keys under `prefix`).
-
-    Raises ConfigError naming the key whose file cannot be read or holds no PEM
-    certificate or key, or ``tls_key`` when the key is not the certificate's.
-    """
-    s = s if s is not None else settings.server
-    if not s.tls_cert:
-        return None
-    from OpenSSL import crypto
-    from twisted.internet import ssl
-    pem = {}
-    for name in ("tls_cert", "tls_key"):
-        try:
-            with open(getattr(s, name), "rb") as f:
-                pem[name] = f.read()
-        except OSError as e:
-            raise ConfigError(settings.path, f"{prefix}.{name}", f"cannot read {getattr(s, name)}: "
-                                                               f"{e.strerror}") from None
-    for name, what, loader in (("tls_cert", "certificate", ssl.Certificate.loadPEM),
-                               ("tls_key", "private key", lambda b: ssl.KeyPair.load(b, crypto.FILETYPE_PEM))):
-        try:
-            loader(pem[name])
-        except Exception as e:
-            raise ConfigError(settings.path, f"{prefix}.{name}", f"no PEM {what} in {getattr(s, name)}: "
-                                                               f"{e}") from None
-    try:
-        cert = ssl.PrivateCertificate.loadPEM(pem["tls_cert"] + b"\n" + pem["tls_key"])
-    except Exception as e:
-        raise ConfigError(settings.path, f"{prefix}.tls_key", f"{s.tls_key} does not go with "
-                                                               f"{prefix}.tls_cert {s.tls_cert}: {e}") from None
-    from OpenSSL import SSL
-    try:
-        SSL.Context(SSL.TLS_METHOD).set_cipher_list(s.tls_ciphers.encode("ascii"))
-    except (SSL.Error, UnicodeEncodeError):
-        raise ConfigError(settings.path, f"{prefix}.tls_ciphers", f"{s.tls_ciphers!r} selects no "
-                                                                   f"cipher this OpenSSL knows") from None
-    ciphers = ssl.AcceptableCiphers.fromOpenSSLCipherString(s.tls_ciphers)
-    version = _tls_versions()[s.tls_min_version]
-    floor = {"raiseMinimumTo": version} if version > ssl.TLSVersion.TLSv1_2 else \
-        {"insecurelyLowerMinimumTo": version}
-    # The chain after the server's own certificate: the intermediates a client needs.
-    chain = [ssl.Certificate.loadPEM(b).original for b in _pem_blocks(pem["tls_cert"])[1:]]
-    options = ssl.CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original,
-                                     extraCertChain=chain, acceptableCiphers=ciphers, **floor)
-    # No renegotiation (TLS 1.2): a client-initiated one costs the server a handshake each
-    # time (a DoS lever) and mail has no use for it.  The context is made once, here.
-    options.getContext().set_options(SSL.OP_NO_RENEGOTIATION)
-    return options
-
-
-_TLS_KEYS = ("tls_cert", "tls_key", "tls_min_version", "tls_ciphers")
-
-
-def tls_contexts(settings: Settings) -> dict[str, Any]:
-    """Each listener's TLS context (None: no certificate), the global one shared by every
-    listener that does not set its own TLS keys."""
-    srv = settings.server
-    shared = tls_context(settings)
-    out = {}
-    for name, listener in settings.listeners.items():
-        if all(getattr(listener, k) == getattr(srv, k) for k in _TLS_KEYS):
-            out[name] = shared
-        else:
-            out[name] = tls_context(settings, listener, f"listeners.{name}")
-    return out
-
-
-def _pem_blocks(pem: bytes) -> list[bytes]:
-    end = b"-----END CERTIFICATE-----"
-    return [b + end for b in pem.split(end) if b"-----BEGIN CERTIFICATE-----" in b]
-
-
 def firewalls(settings: Settings) -> dict[str, tuple[Firewall, ...]]:
     """Each listener's firewall: its own rules, then the global ones (each compiled once).
     Raises ConfigError naming the key whose rule file cannot be read or holds a bad line."""
@@ -179,9 +101,9 @@ def firewalls(settings: Settings) -> dict[str, tuple[Firewall, ...]]:
 
 def preflight(settings: Settings) -> None:
     """What a tier needs from this host before it starts, checked without changing it:
-    :func:`shared.config.check_host`, a TLS pair that loads and firewall rule files that
-    read.  Raises ConfigError; ``smarthost check-config`` runs the same, so it refuses
-    whatever start-up would."""
+    :func:`shared.config.check_host`, TLS pairs (``tls_cert``, every ``tls_sni`` entry)
+    that load and firewall rule files that read.  Raises ConfigError; ``smarthost
+    check-config`` runs the same, so it refuses whatever start-up would."""
     check_host(settings)
     tls_contexts(settings)
     firewalls(settings)
@@ -213,15 +135,15 @@ def writable_directory(settings: Settings, section: str, name: str):
 @implementer(IOpenSSLServerConnectionCreator)
 class CurrentTLS:
     """The implicit-TLS listeners' connection creator: always the running generation's
-    certificate, so a reload's new certificate serves the next handshake."""
+    certificates (:class:`shared.transport.tls.ServerTLS`), so a reload's new ones serve
+    the next handshake."""
 
     def __init__(self, daemon: "Daemon", listener: str) -> None:
         self.daemon = daemon
         self.listener = listener
 
     def serverConnectionForTLS(self, protocol):
-        from OpenSSL import SSL
-        return SSL.Connection(self.daemon.generation.tls[self.listener].getContext(), None)
+        return self.daemon.generation.tls[self.listener].serverConnectionForTLS(protocol)
 
 
 @dataclass
@@ -231,7 +153,7 @@ class Generation:
     settings: Settings
     configured: Configured
     policies: dict[str, Policy]
-    tls: dict[str, Any]                 # listener name -> its TLS context (or None)
+    tls: dict[str, Any]                 # listener name -> its ServerTLS (or None)
     resolver: Any
     engine_config: EngineConfig
     listeners: dict[str, ListenerConfig] = field(default_factory=dict)
@@ -250,9 +172,9 @@ def close_all(closers) -> defer.Deferred:
 
 @dataclass(frozen=True)
 class Loaded:
-    """A configuration file with what it names on disk read: the listeners' TLS contexts
-    and the firewalls.  Reading blocks (files, and compiling large rule lists): a reload does it
-    in the pool."""
+    """A configuration file with what it names on disk read: the listeners' TLS (every
+    certificate and key, the ``tls_sni`` ones too, and the client CAs) and the firewalls.
+    Reading blocks (files, and compiling large rule lists): a reload does it in the pool."""
     settings: Settings
     tls: Any
     firewalls: dict

@@ -14,9 +14,10 @@ from shared.smtp.reply import TEMPFAIL_CHECK, Reply
 
 log = Logger(namespace="smarthost.checks")
 
-# The SMTP phases a check can run in: "data" at the DATA command (before the body),
-# "end_of_data" when the message is whole (the only phase that sees it).
-PHASES = ("connect", "helo", "auth", "mail", "rcpt", "data", "end_of_data")
+# The SMTP phases a check can run in: "starttls" at the STARTTLS command, before the
+# handshake (a refusal, 454, keeps the session in plaintext); "data" at the DATA command
+# (before the body); "end_of_data" when the message is whole (the only phase that sees it).
+PHASES = ("connect", "helo", "starttls", "auth", "mail", "rcpt", "data", "end_of_data")
 
 
 class Action(enum.Enum):
@@ -79,10 +80,13 @@ class Request:
     Like a policy-delegation request, a check reads the fields it needs and
     ignores the rest.  Fields not yet known in a phase are None.  The client is
     the original one (from XCLIENT behind the edge); ``tls`` is its TLS protocol
-    and cipher ("TLSv1.3 TLS_AES_256_GCM_SHA384"), None in plaintext; ``login`` its
-    AUTH identity.  ``results`` maps each check that ran before in this
-    transaction (or session, before MAIL) to its Verdict; ``message`` is the
-    message, at end of data only.
+    and cipher ("TLSv1.3 TLS_AES_256_GCM_SHA384"), None in plaintext;
+    ``client_certificate`` the SHA-256 fingerprint ("AB:CD:...") of the certificate
+    it presented in its TLS handshake, when the listener asked for one and it counts
+    (:class:`shared.transport.tls.ClientCertificate`) -- only the edge knows it:
+    XCLIENT does not carry it; ``login`` its AUTH identity.  ``results`` maps each
+    check that ran before in this transaction (or session, before MAIL) to its
+    Verdict; ``message`` is the message, at end of data only.
     """
     phase: str
     client_address: str
@@ -102,6 +106,7 @@ class Request:
     message: MessageView | None = None
     listener: str | None = None
     mechanism: str | None = None      # auth phase: the SASL mechanism
+    client_certificate: str | None = None
 
     def at(self, phase: str, **changes: Any) -> "Request":
         return replace(self, phase=phase, **changes)

@@ -5,6 +5,16 @@ default: one host holds a whole /64), within each ``time_unit``:
 
 - connections (at connect): past ``connection_rate``, 421 4.7.0 and the session
   is closed, as Postfix's ``smtpd_client_connection_rate_limit``;
+- new TLS sessions: past ``tls_rate``, as Postfix's
+  ``smtpd_client_new_tls_session_rate_limit``, STARTTLS is refused 454 4.7.0
+  (at starttls, before the handshake: the session may go on in plaintext, or
+  end) and a connection to an implicit-TLS listener (port 465) gets 421 4.7.0
+  and is closed (at connect; the reply goes out once its handshake is done).
+  Every STARTTLS and every implicit-TLS connection counts: no TLS session is
+  ever resumed here (:mod:`shared.transport.tls`).  Postfix counts a session
+  after its handshake and refuses STARTTLS only once the count is past the
+  limit, so it lets one handshake more through and answers it 421; here the
+  handshake past the limit is not made at all;
 - messages (at MAIL): past ``message_rate``, 450 4.7.1;
 - recipients (at RCPT): past ``recipient_rate``, 450 4.7.1.
 
@@ -52,6 +62,9 @@ class RateSettings:
                                    "most 1 day)", bounded(0, DAY, above=True), kind=(int, float))
     connection_rate: int = setting(0, "connections a client may open per time_unit (0: no limit); past it "
                                       "421 4.7.0 and the session is closed", _LIMIT)
+    tls_rate: int = setting(0, "new TLS sessions (STARTTLS, connections to implicit-TLS listeners) per client "
+                               "per time_unit (0: no limit); past it STARTTLS gets 454 4.7.0, an implicit-TLS "
+                               "connection 421 4.7.0 and is closed", _LIMIT)
     message_rate: int = setting(0, "messages (MAIL) per client per time_unit (0: no limit); past it 450 4.7.1",
                                 _LIMIT)
     recipient_rate: int = setting(0, "recipients (RCPT) per client per time_unit (0: no limit); past it "
@@ -79,21 +92,31 @@ def client_key(address: str, ipv6_prefix: int) -> str:
 
 
 class RateLimits:
-    def __init__(self, own: RateSettings, counters: Counters, exempt: NetworkList, hostname: str) -> None:
+    def __init__(self, own: RateSettings, counters: Counters, exempt: NetworkList, hostname: str,
+                 implicit_tls: frozenset[str] = frozenset()) -> None:
         self.own = own
         self.counters = counters
         self.exempt = exempt
         self.hostname = hostname
+        self.implicit_tls = implicit_tls        # the listeners whose every connection is a TLS handshake
 
     def __call__(self, request: Request) -> Verdict | Deferred:
         own, phase = self.own, request.phase
         if request.client_address in self.exempt:
             return CONTINUE
         client = client_key(request.client_address, own.ipv6_prefix)
+        addr = request.client_address
         if phase == "connect":
-            return self._count([("connection_rate", client, own.connection_rate, own.time_unit,
-                                 disconnect(421, "4.7.0", f"{self.hostname} Error: too many connections "
-                                                          f"from {request.client_address}"))])
+            limits = [("connection_rate", client, own.connection_rate, own.time_unit,
+                       disconnect(421, "4.7.0", f"{self.hostname} Error: too many connections from {addr}"))]
+            if request.listener in self.implicit_tls:
+                limits.append(("tls_rate", client, own.tls_rate, own.time_unit,
+                               disconnect(421, "4.7.0", f"{self.hostname} Error: too many new TLS sessions "
+                                                        f"from {addr}")))
+            return self._count(limits)
+        if phase == "starttls":
+            return self._count([("tls_rate", client, own.tls_rate, own.time_unit,
+                                 tempfail(454, "4.7.0", f"Error: too many new TLS sessions from {addr}"))])
         if phase == "mail":
             limits = [("message_rate", client, own.message_rate, own.time_unit,
                        f"too much mail from {request.client_address}")]
@@ -139,7 +162,7 @@ class RateLimits:
 
 
 def _active(own: RateSettings, settings=None) -> bool:
-    return any((own.connection_rate, own.message_rate, own.recipient_rate, own.user_message_rate,
+    return any((own.connection_rate, own.tls_rate, own.message_rate, own.recipient_rate, own.user_message_rate,
                 own.user_recipient_rate))
 
 
@@ -148,10 +171,11 @@ def _build(own: RateSettings, ctx):
         return None
     s = ctx.settings
     exempt = NetworkList([*s.relay.mynetworks, *s.server.upstream_hosts])
-    return RateLimits(own, counters(ctx), exempt, s.hostname)
+    implicit = frozenset(name for name, listener in s.listeners.items() if listener.tls == "implicit")
+    return RateLimits(own, counters(ctx), exempt, s.hostname, implicit)
 
 
-RATE_LIMITS = CheckType("rate_limits", phases=("connect", "mail", "rcpt"), build=_build,
+RATE_LIMITS = CheckType("rate_limits", phases=("connect", "starttls", "mail", "rcpt"), build=_build,
                         section=Section.of("rate_limits", RateSettings), active=_active,
-                        doc="per-client connection, message and recipient rates, per-user message and "
-                            "recipient rates (off until [rate_limits] sets one)")
+                        doc="per-client connection, new TLS session, message and recipient rates, per-user "
+                            "message and recipient rates (off until [rate_limits] sets one)")

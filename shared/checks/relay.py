@@ -10,7 +10,17 @@ rcpt phase run only after it, and none of them can permit what it refused.
 - ``mynetworks``: the client (the original one, as a trusted upstream's XCLIENT
   reports it) is inside ``relay.mynetworks``;
 - ``authenticated``: the client authenticated (SMTP AUTH at the edge, or XCLIENT
-  LOGIN from a trusted upstream tier).
+  LOGIN from a trusted upstream tier);
+- ``client_certificate`` (the edge's, :data:`CLIENT_CERTIFICATE`): the client
+  presented, in its TLS handshake, a certificate whose SHA-256 fingerprint is in
+  ``relay.client_certificates`` (Postfix's ``permit_tls_clientcerts`` with
+  ``relay_clientcerts``).  The listener must ask for certificates
+  (``tls_client_certificates = "ask"``, :mod:`shared.transport.tls`); with
+  ``tls_client_ca``, only one that verifies against it counts.  Only the edge can
+  judge it: XCLIENT does not carry the certificate, so the filter and domain
+  tiers never see it, and mail the edge relays for such a client must be mail
+  the filter takes from it too (its ``relay_domains``, or the client's address in
+  its ``mynetworks``).
 
 The bare ``postmaster`` is always accepted (RFC 5321 4.5.1).
 """
@@ -73,6 +83,15 @@ PERMITS = (
     PermitRule("authenticated", "the client authenticated (SMTP AUTH, or XCLIENT LOGIN from an "
                                 "upstream tier)", _authenticated),
 )
+
+
+def _client_certificate(settings) -> Callable[[Request], bool]:
+    listed = frozenset(settings.relay.client_certificates)
+    return lambda request: request.client_certificate in listed
+
+
+CLIENT_CERTIFICATE = PermitRule("client_certificate", "the client's TLS certificate has a SHA-256 fingerprint "
+                                                      "listed in relay.client_certificates", _client_certificate)
 
 
 def relay_policy(relay_domains, mynetworks) -> RelayControl:

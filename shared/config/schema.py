@@ -202,6 +202,38 @@ def _log_file(value: str) -> str:
     return _path(value)
 
 
+def _sni_entry(value: str) -> str:
+    """A ``tls_sni`` entry, 'NAME CERT KEY': a server name (or *.DOMAIN, any name one
+    label below DOMAIN), then the absolute paths of its PEM certificate chain and key.
+    The name is kept in lower case (a client's SNI name is compared so)."""
+    parts = value.split()
+    if len(parts) != 3:
+        raise ValueError(f"{value!r} is not 'NAME CERT KEY' (a server name or *.DOMAIN, then the absolute "
+                         f"paths of its PEM certificate chain and private key)")
+    name, cert, key = parts
+    bare = name[2:] if name.startswith("*.") else name
+    if not _is_hostname(bare) or (bare != name and "." not in bare):
+        raise ValueError(f"{value!r}: {name!r} is not a server name, nor *. and a domain of two labels or "
+                         f"more (an internationalized name is written in its xn-- form)")
+    for f in (cert, key):
+        _path(f)
+    return f"{name.lower()} {cert} {key}"
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _fingerprint(value: str) -> str:
+    """A SHA-256 certificate fingerprint, 64 hex digits with or without colons, as
+    "AB:CD:..." (the way ``openssl x509 -fingerprint -sha256`` and the TLS log line
+    write it)."""
+    digits = value.strip().replace(":", "")
+    if len(digits) != 64 or not set(digits) <= _HEX:
+        raise ValueError(f"{value!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed)")
+    digits = digits.upper()
+    return ":".join(digits[i:i + 2] for i in range(0, 64, 2))
+
+
 # The value rules, for the sections that checks and tiers declare in their own modules.
 hostport, address_port, network, domain, address, mailbox = _hostport, _address_port, _network, _domain, \
     _address, _mailbox
@@ -382,6 +414,19 @@ SERVER = Section("server", {
     "tls_ciphers": Key(str, "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!MD5:!DSS",
                        "OpenSSL cipher list for TLS 1.2 and older (TLS 1.3's suites are all forward-"
                        "secret); the default: forward secrecy and AEAD only"),
+    "tls_sni": Key(list, [], "certificates by the server name a client asks for (SNI): 'NAME CERT KEY' "
+                             "entries, NAME a server name or *.DOMAIN (any name one label below DOMAIN; an "
+                             "exact name wins), CERT and KEY the absolute paths of a PEM chain and its key; "
+                             "a client that names no listed server gets tls_cert (re-read on reload)",
+                   _sni_entry),
+    "tls_client_certificates": Key(str, "none", "ask: request a certificate from every TLS client but never "
+                                                "require one (Postfix's smtpd_tls_ask_ccert), for the edge's "
+                                                "client_certificate relay permit; none: do not ask",
+                                   _choice("none", "ask")),
+    "tls_client_ca": Key(str, "", "with tls_client_certificates = ask: PEM file of the CAs a client "
+                                  "certificate must chain to to count, absolute path (their names go with "
+                                  "the request); empty: any certificate counts, judged by its fingerprint",
+                         _path),
     "upstream_hosts": Key(list, [], "clients allowed to send XCLIENT/XFORWARD (addresses or CIDRs)", _network),
     "allow_public_upstream_hosts": Key(bool, False, "accept upstream_hosts entries that cover public address "
                                                     "space (wider than an IPv4 /8 or IPv6 /16, not all "
@@ -433,7 +478,8 @@ ROLES = {
 # [server] keys a listener may set for itself (its table's value wins; unset: the global one).
 LISTENER_OVERRIDES = ("command_timeout", "session_timeout", "max_message_size", "max_recipients",
                       "max_line_length", "max_errors", "soft_error_limit", "error_sleep_time",
-                      "max_junk_commands", "tls_cert", "tls_key", "tls_min_version", "tls_ciphers")
+                      "max_junk_commands", "tls_cert", "tls_key", "tls_min_version", "tls_ciphers", "tls_sni",
+                      "tls_client_certificates", "tls_client_ca")
 
 LISTENER = Section("listeners", {
     "endpoint": Key(str, "", "where to listen: a Twisted endpoint description, e.g. "
@@ -472,7 +518,7 @@ FIREWALL = Section("firewall", {
                            "match: allowed; denied: 554 5.7.1 at connect", _firewall_rule),
 })
 
-PHASE_KEYS = PHASES       # shared.checks.core: connect, helo, auth, mail, rcpt, data, end_of_data
+PHASE_KEYS = PHASES       # shared.checks.core: connect, helo, starttls, auth, mail, rcpt, data, end_of_data
 # Postfix's smtpd_relay_restrictions: permit_mynetworks, permit_sasl_authenticated, defer_unauth_destination.
 DEFAULT_RELAY = ("relay_domains", "mynetworks", "authenticated")
 
@@ -493,6 +539,11 @@ RELAY = Section("relay", {
     "allow_public_mynetworks": Key(bool, False, "accept mynetworks entries that cover public address space "
                                                 "(wider than an IPv4 /8 or IPv6 /16, not all private): "
                                                 "this tier becomes an open relay for everyone in them"),
+    "client_certificates": Key(list, [], "edge: SHA-256 fingerprints (64 hex digits, colons allowed) of the "
+                                         "client certificates whose clients the client_certificate permit "
+                                         "rule lets relay to any destination (Postfix's relay_clientcerts); "
+                                         "the listener must ask for them (tls_client_certificates = ask)",
+                               _fingerprint),
 })
 
 DNS = Section("dns", {
@@ -678,9 +729,10 @@ def _finish_server(ld: Loading) -> None:
     _public_space(ld, "server.upstream_hosts", srv["upstream_hosts"], "server.allow_public_upstream_hosts",
                   srv["allow_public_upstream_hosts"],
                   "anyone there could forge the client's identity with XCLIENT/XFORWARD")
-    if bool(srv["tls_cert"]) != bool(srv["tls_key"]):
-        raise ld.error("server.tls_key" if srv["tls_cert"] else "server.tls_cert",
-                       "tls_cert and tls_key must be set together")
+    _finish_tls(ld, "server", srv)
+    if ld.tier != "edge" and v["relay"]["client_certificates"]:
+        raise ld.error("relay.client_certificates", f"the edge's: the {ld.tier} tier never sees the original "
+                                                    f"client's certificate (XCLIENT does not carry it)")
     for section, name in (("relay", "mynetworks"), ("server", "upstream_hosts")):
         for given in ld.given.get(section, {}).get(name, []):
             used = ipaddress.ip_interface(given)
@@ -692,6 +744,22 @@ def _finish_server(ld: Loading) -> None:
     if ld.tier == "edge" and not v["relay"]["relay_domains"]:
         ld.warn("relay.relay_domains", "empty: the edge accepts mail for no domain from clients "
                                        "outside relay.mynetworks")
+
+
+def _finish_tls(ld: Loading, prefix: str, s: dict) -> None:
+    """The TLS keys of [server] or of one listener (`s`, its keys under `prefix`), together:
+    a certificate comes with its key, and ``tls_sni`` names each server once and needs a
+    default certificate for the clients that name none of them."""
+    if bool(s["tls_cert"]) != bool(s["tls_key"]):
+        raise ld.error(f"{prefix}.tls_key" if s["tls_cert"] else f"{prefix}.tls_cert",
+                       "tls_cert and tls_key must be set together")
+    names = [entry.split()[0] for entry in s["tls_sni"]]
+    if names and not s["tls_cert"]:
+        raise ld.error(f"{prefix}.tls_sni", "needs tls_cert and tls_key: the certificate for clients that "
+                                            "name no server, or one not listed")
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice:
+        raise ld.error(f"{prefix}.tls_sni", f"{twice} is listed twice")
 
 
 def _finish_listeners(ld: Loading) -> None:
@@ -721,9 +789,7 @@ def _finish_listeners(ld: Loading) -> None:
                            f"SMTP AUTH is the edge tier's; the {ld.tier} tier trusts the edge's XCLIENT LOGIN")
         if listener["require_auth"] and not listener["auth"]:
             raise ld.error(f"listeners.{name}.require_auth", "needs auth = true on this listener")
-        if bool(listener["tls_cert"]) != bool(listener["tls_key"]):
-            raise ld.error(f"listeners.{name}.tls_key" if listener["tls_cert"] else f"listeners.{name}.tls_cert",
-                           "tls_cert and tls_key must be set together")
+        _finish_tls(ld, f"listeners.{name}", listener)
         if not listener["endpoint"]:
             raise ld.error(f"listeners.{name}.endpoint", "required: where this listener listens")
         if listener["endpoint"].startswith("haproxy:") and not listener["proxy_hosts"]:
@@ -798,6 +864,20 @@ def _finish_policies(ld: Loading) -> None:
         if listener["policy"] not in policies:
             raise ld.error(f"listeners.{name}.policy", f"no policy {listener['policy']!r} "
                                                        f"(defined: {', '.join(policies)})")
+    for name, policy in policies.items():
+        if "client_certificate" in policy["relay"]:
+            _client_certificates_reachable(ld, name)
+
+
+def _client_certificates_reachable(ld: Loading, policy: str) -> None:
+    """Warn when the client_certificate permit of `policy` can permit nobody."""
+    key = f"policies.{policy}.relay"
+    if not ld.values["relay"]["client_certificates"]:
+        ld.warn(key, "client_certificate permits nobody: relay.client_certificates is empty")
+    elif not any(lst["policy"] == policy and lst["tls_client_certificates"] == "ask" and lst["tls"] != "none"
+                 for lst in ld.values["listeners"].values()):
+        ld.warn(key, "client_certificate permits nobody: no listener of this policy asks for client "
+                     "certificates (tls_client_certificates = \"ask\")")
 
 
 # The core's cross-checks, defined above with the helpers they use.
@@ -859,7 +939,8 @@ def check_host(settings: Settings) -> None:
 
     Nothing is created or changed.  ``server.user`` must be an account here;
     ``log.file`` a writable file, or creatable in an existing writable directory;
-    ``tls_cert`` and ``tls_key`` readable regular files; the filter's
+    ``tls_cert``, ``tls_key``, ``tls_client_ca`` and the files of ``tls_sni`` readable
+    regular files; the filter's
     ``queue.directory`` and the domain tier's ``mailboxes.maildir_root`` writable
     directories, or creatable (the nearest existing ancestor a writable directory).
     The log, pid and TLS files are opened by whoever starts the daemon, so they are
@@ -884,16 +965,17 @@ def check_host(settings: Settings) -> None:
         problem = _log_file_problem(log_file)
         if problem:
             raise ConfigError(p, "log.file", problem)
-    for name in ("tls_cert", "tls_key"):
-        f = getattr(s, name)
+    tls_files = [(name, "", getattr(s, name)) for name in ("tls_cert", "tls_key", "tls_client_ca")]
+    tls_files += [("tls_sni", f"{name}: ", f) for name, *pair in map(str.split, s.tls_sni) for f in pair]
+    for name, entry, f in tls_files:
         if not f:
             continue
         if not os.path.exists(f):
-            raise ConfigError(p, f"server.{name}", f"{f} does not exist")
+            raise ConfigError(p, f"server.{name}", f"{entry}{f} does not exist")
         if not os.path.isfile(f):
-            raise ConfigError(p, f"server.{name}", f"{f} is not a regular file")
+            raise ConfigError(p, f"server.{name}", f"{entry}{f} is not a regular file")
         if not os.access(f, os.R_OK):
-            raise ConfigError(p, f"server.{name}", f"{f} is not readable")
+            raise ConfigError(p, f"server.{name}", f"{entry}{f} is not readable")
     if s.pid_file:
         problem = _log_file_problem(s.pid_file)      # written before the privileges are dropped
         if problem:

@@ -137,7 +137,8 @@ class EngineSession:
         self.session_id = new_queue_id()
         self.xclient_set = False
         self.trusted_upstream = protocol.upstream
-        self.results: dict[str, Verdict] = {}      # before MAIL: connect, helo, auth checks
+        self.results: dict[str, Verdict] = {}      # before MAIL: connect, helo, starttls, auth checks
+        self.client_certificate: str | None = None  # its fingerprint, when it counts (Request field)
         self._exchange = None                      # (mechanism, shared.auth.sasl.Exchange) during AUTH
 
     @property
@@ -157,7 +158,8 @@ class EngineSession:
         results = self.txn.results if self.txn is not None else self.results
         return Request(phase=phase, client_address=c.addr or "", client_port=c.port,
                        client_name=c.name, helo=c.helo, protocol=c.proto, tls=c.tls,
-                       login=c.login, results=MappingProxyType(results), listener=self.listener, **kw)
+                       login=c.login, results=MappingProxyType(results), listener=self.listener,
+                       client_certificate=self.client_certificate, **kw)
 
     def _record(self, name: str, verdict: Verdict) -> None:
         (self.txn.results if self.txn is not None else self.results)[name] = verdict
@@ -228,10 +230,20 @@ class EngineSession:
             if self.client.tls is None and self.protocol.conn.tls_active:
                 self.client.tls = self.protocol.tls_text()     # the handshake is done by now
                 if self.client.tls:
-                    self._log("TLS connection from {name}[{addr}]: {tls}", name=self.client.name or "unknown",
-                              addr=self.client.addr, tls=self.client.tls)
+                    self._tls_established()
         d = self._run(self._request("helo"))
         return d.addCallback(lambda v: self._reply_for(v) if v.action is not Action.ACCEPT else None)
+
+    def _tls_established(self) -> None:
+        """Log the client's TLS (and its certificate, if it presented one) and keep the
+        certificate's fingerprint for the checks when it counts."""
+        cert = self.protocol.tls_client_certificate()
+        who = dict(name=self.client.name or "unknown", addr=self.client.addr, tls=self.client.tls)
+        if cert is None:
+            self._log("TLS connection from {name}[{addr}]: {tls}", **who)
+            return
+        self.client_certificate = cert.fingerprint if cert.counts else None
+        self._log("TLS connection from {name}[{addr}]: {tls}; client certificate {cert}", cert=str(cert), **who)
 
     def authenticated(self, login: str, mechanism: str):
         """The client proved to be `login` with SASL `mechanism` (the SMTP AUTH exchange
@@ -337,6 +349,7 @@ class EngineSession:
         self.xclient_set = True
         self.upstream_id = None        # a new client: its XFORWARD IDENT follows, not the last one's
         self.results = {}              # a new client: the last one's check results are not its
+        self.client_certificate = None  # the connection's certificate is the upstream's, not the client's
         self._log("xclient from {peer}: client={name}[{addr}] helo={helo} tls={tls}", peer=self.protocol.peer_host,
                   name=self.client.name or "unknown", addr=self.client.addr, helo=self.client.helo,
                   tls=self.client.tls or "none")
@@ -480,6 +493,17 @@ class EngineSession:
 
     def on_reset(self, e: ev.Reset) -> None:
         self._abandon()
+
+    def on_starttls_request(self, e: ev.StartTLSRequest):
+        """STARTTLS: the starttls checks (rate_limits' tls_rate) may refuse it (454 4.7.0);
+        the session then goes on in plaintext."""
+        def checked(v: Verdict):
+            if v.final and v.action is not Action.ACCEPT:
+                self._log("reject: STARTTLS from {name}[{addr}]: {reply}", name=self.client.name or "unknown",
+                          addr=self.client.addr, reply=str(v.reply))
+                return self._reply_for(v)
+            return None
+        return self._checks(self._request("starttls"), checked)
 
     def on_starttls(self, e: ev.StartTLS) -> None:
         self._abandon()

@@ -139,6 +139,16 @@ class AuthResponse(Event):
     data: bytes
 
 
+@dataclass(frozen=True)
+class StartTLSRequest(Event):
+    """STARTTLS (RFC 3207), well-formed and allowed now.  Positive answer: 220 2.0.0
+    Ready to start TLS; a :class:`StartTLS` event follows, and whatever the client sent
+    after the command is discarded, never read as if it had come over TLS.  A refusal
+    (454 4.7.0: too many new TLS sessions) keeps the session in plaintext, and the
+    client's next commands are read as usual."""
+    needs_reply: ClassVar[bool] = True
+
+
 # -- information ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -168,7 +178,8 @@ class Reset(Event):
 
 @dataclass(frozen=True)
 class StartTLS(Event):
-    """The core said 220 to STARTTLS: switch the transport, then call ``tls_started()``."""
+    """The core said 220 to STARTTLS (its :class:`StartTLSRequest` was answered yes):
+    switch the transport, then call ``tls_started()``."""
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,13 @@ AUTH is refused 538 5.7.11 before any credential is looked at.
 Who answers what
 ----------------
 The core itself answers everything that depends only on syntax and sequence
-(500, 501, 502, 503, 555, NOOP, RSET, VRFY, QUIT, STARTTLS, the 250 to a BDAT
-chunk that is not the last...).  At each point where policy decides (HELO/EHLO,
+(500, 501, 502, 503, 555, NOOP, RSET, VRFY, QUIT, the 250 to a BDAT chunk that
+is not the last...).  At each point where policy decides (HELO/EHLO, STARTTLS,
 MAIL, RCPT, DATA or the first BDAT of a message, end of data, XCLIENT,
 XFORWARD, AUTH and each AUTH response) it emits a decision event and parses
-nothing more until ``respond()``
-is called.  Pipelined commands stay in the input buffer meanwhile, so replies
-always leave in command order, however slowly the application answers.
+nothing more until ``respond()`` is called.  Pipelined commands stay in the
+input buffer meanwhile, so replies always leave in command order, however slowly
+the application answers.
 
 States and commands (the transition table)
 ------------------------------------------
@@ -43,7 +43,7 @@ States and commands (the transition table)
     CHUNK      --its octets, bad----->  READY       (DataAborted; see Framing)
     MAIL, RCPT, BDAT --RSET, HELO/EHLO-->  READY    (Reset event first)
     any but DATA, CHUNK --RSET------->  READY, or CONNECTED without HELO
-    CONNECTED, READY --STARTTLS------>  TLS  --tls_started()-->  CONNECTED
+    CONNECTED, READY --STARTTLS, 220->  TLS  --tls_started()-->  CONNECTED   (454: stays)
     CONNECTED, READY --XCLIENT ok---->  CONNECTED   (fresh 220 greeting)
     READY      --AUTH, 334----------->  AUTH  --response line--> (decision) --334--> AUTH
     AUTH       --235----------------->  READY, authenticated    (4xx/5xx, "*": READY)
@@ -408,6 +408,9 @@ class ServerConnection:
         elif isinstance(event, (ev.AuthStart, ev.AuthResponse)):
             if reply.code < 400 and reply.code not in (235, 334):
                 raise LocalProtocolError(f"{reply.code} is not an answer to AUTH (235, 334 or 4xx/5xx)")
+        elif isinstance(event, ev.StartTLSRequest):
+            if reply.code < 400 and reply.code != 220:
+                raise LocalProtocolError("a positive answer to STARTTLS must be 220")
         elif 300 <= reply.code < 400:
             raise LocalProtocolError(f"{reply.code} is not an answer to {type(event).__name__}")
         self._pending = None
@@ -504,6 +507,8 @@ class ServerConnection:
             return self._greeting()
         if isinstance(event, ev.XForward):
             return OK
+        if isinstance(event, ev.StartTLSRequest):
+            return TLS_GO_AHEAD
         raise LocalProtocolError(f"{type(event).__name__} has no standard reply; answer it explicitly")
 
     def _accepted(self, event: Event) -> None:
@@ -528,6 +533,11 @@ class ServerConnection:
             self._bad_newline = self._long_line = self._too_big = False
         elif isinstance(event, ev.DataEnd):
             self._errors = self._junk = 0     # mail was delivered: the counts start over
+        elif isinstance(event, ev.StartTLSRequest):
+            # Whatever followed STARTTLS in plaintext must not be read as if it came over TLS.
+            self._buf.clear()
+            self._state = State.TLS
+            self._events.append(ev.StartTLS())
         elif isinstance(event, ev.XClient):
             self._helo = None          # the session starts over as the original client's
             self._esmtp = False
@@ -842,11 +852,7 @@ class ServerConnection:
             return self._error(Reply(501, "5.5.4", "Syntax: STARTTLS"))
         if self.in_transaction:
             return self._error(IN_TRANSACTION)
-        self._write(TLS_GO_AHEAD)
-        # Whatever followed STARTTLS in plaintext must not be read as if it came over TLS.
-        self._buf.clear()
-        self._state = State.TLS
-        self._events.append(ev.StartTLS())
+        self._decide(ev.StartTLSRequest())
 
     def _cmd_xclient(self, verb: str, arg: str) -> None:
         self._x_command(verb, arg, _XCLIENT_SET, ev.XClient)

@@ -54,6 +54,7 @@ from shared.smtp import events as ev
 from shared.smtp.reply import SHUTTING_DOWN, TEMPFAIL_CHECK, Reply
 from shared.smtp.server import NEED_DATA, PAUSED, ServerConfig, ServerConnection, State
 from shared.transport.tcp import no_delay, writer
+from shared.transport.tls import ClientCertificate, client_certificate
 
 log = Logger(namespace="smarthost.smtpd")
 
@@ -73,7 +74,8 @@ _HANDLER_NAMES = {
     ev.Hello: "on_hello", ev.MailFrom: "on_mail_from", ev.RcptTo: "on_rcpt_to",
     ev.DataStart: "on_data_start", ev.DataChunk: "on_data_chunk", ev.DataEnd: "on_data_end",
     ev.DataAborted: "on_data_aborted", ev.XClient: "on_xclient", ev.XForward: "on_xforward",
-    ev.Reset: "on_reset", ev.StartTLS: "on_starttls", ev.Quit: "on_quit",
+    ev.Reset: "on_reset", ev.StartTLSRequest: "on_starttls_request", ev.StartTLS: "on_starttls",
+    ev.Quit: "on_quit",
     ev.ConnectionClosed: "on_connection_closed", ev.TooManyErrors: "on_too_many_errors",
     ev.AuthStart: "on_auth_start", ev.AuthResponse: "on_auth_response", ev.AuthAborted: "on_auth_aborted",
 }
@@ -419,6 +421,16 @@ class SMTPServerProtocol(protocol.Protocol):
             return None
         return f"{version} {cipher} {bits}/{bits} bits" if bits else f"{version} {cipher}"
 
+    def tls_client_certificate(self) -> ClientCertificate | None:
+        """The certificate the client presented in this connection's TLS handshake (its
+        listener asked for one: ``tls_client_certificates``), or None."""
+        if self.conn is None or not self.conn.tls_active:
+            return None
+        try:
+            return client_certificate(self.transport.getHandle())
+        except Exception:           # not an OpenSSL connection
+            return None
+
     # -- back-pressure --------------------------------------------------------
     def _apply_backpressure(self) -> None:
         """Pause or resume reading for the three reasons (module docstring)."""
@@ -490,7 +502,8 @@ class ListenerConfig:
     name: str
     server_config: ServerConfig
     handler_factory: Any                      # (SMTPServerProtocol) -> the session handler
-    tls_context: Any = None                   # STARTTLS is offered when set (not on implicit TLS)
+    tls_context: Any = None                   # shared.transport.tls.ServerTLS: STARTTLS is offered when
+                                              # set (not on implicit TLS)
     upstream_hosts: NetworkList = NetworkList(())
     allowed_clients: NetworkList | None = None
     command_timeout: float = 300

@@ -314,13 +314,30 @@ class SMTPError(AssertionError):
     pass
 
 
+def client_tls(certificate: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+    """A TLS client context that takes any server certificate, presenting `certificate`
+    (cert, key) when the server asks for one."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if certificate is not None:
+        ctx.load_cert_chain(*certificate)
+    return ctx
+
+
 class Client:
-    """A line-level SMTP client on a plain socket: nothing is hidden or reordered."""
+    """A line-level SMTP client on a plain socket: nothing is hidden or reordered.
+
+    ``implicit_tls``: TLS from the first byte (port 465), asking for `server_name` by
+    SNI and presenting `certificate` (see :func:`client_tls`), as :meth:`starttls` does."""
 
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 20,
-                 source: str | None = None) -> None:
+                 source: str | None = None, *, implicit_tls: bool = False, server_name: str | None = None,
+                 certificate: tuple[Path, Path] | None = None) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout,
                                              source_address=(source, 0) if source else None)
+        if implicit_tls:
+            self.sock = client_tls(certificate).wrap_socket(self.sock, server_hostname=server_name)
         self.buf = b""
         self.timeout = timeout
         self.greeting = self.reply()
@@ -386,14 +403,16 @@ class Client:
         finally:
             self.sock.settimeout(self.timeout)
 
-    def starttls(self) -> None:
-        """Wrap the socket in TLS (after a 220 to STARTTLS); any plaintext already read is an error."""
+    def starttls(self, server_name: str | None = None, certificate: tuple[Path, Path] | None = None) -> None:
+        """Wrap the socket in TLS (after a 220 to STARTTLS), asking for `server_name` by SNI
+        and presenting `certificate` if asked; any plaintext already read is an error."""
         if self.buf:
             raise SMTPError(f"plaintext after the 220 to STARTTLS: {self.buf!r}")
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        self.sock = ctx.wrap_socket(self.sock)
+        self.sock = client_tls(certificate).wrap_socket(self.sock, server_hostname=server_name)
+
+    def server_certificate(self) -> bytes:
+        """The DER certificate the server presented in this connection's TLS handshake."""
+        return self.sock.getpeercert(binary_form=True)
 
     def close(self) -> None:
         try:

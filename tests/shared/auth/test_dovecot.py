@@ -370,6 +370,10 @@ def test_the_backend_reconnects_by_itself_when_dovecot_is_back(dovecot, real, ba
         spin_until(real, lambda: len(auth_events(events)) == 2, limit=5.0)
     assert auth_events(events)[1] == "Dovecot auth service {address} is reachable again"
     # the fixture's two probes, and the backend's one connection that no exchange asked for
+    # (Dovecot logs a connection a moment after accepting it: wait for its line)
+    spin_until(real, lambda: server.client_connections() - before >= 3, limit=3.0)
+    settle = time.monotonic() + 0.3                   # and no fourth one follows
+    spin_until(real, lambda: time.monotonic() >= settle, limit=1.0)
     assert server.client_connections() - before == 2 + 1
 
 

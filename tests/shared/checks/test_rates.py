@@ -132,3 +132,42 @@ def test_two_edge_nodes_sharing_redis_hold_clients_and_users_to_one_count(redis_
     assert (mails[4].reply.code, mails[4].reply.text) == (450, "Error: too much mail from user alice")
     assert mails[5].action is Action.CONTINUE
     assert (mails[6].reply.code, mails[6].reply.text) == (450, "Error: too much mail from 198.51.100.1")
+
+
+def test_tls_rate_refuses_starttls_454_and_implicit_tls_connections_421_from_one_count():
+    clock = Clock()
+    check = RateLimits(RateSettings(tls_rate=2), LocalCounters(clock), NetworkList(["10.0.0.0/8"]),
+                       "mx.example.org", implicit_tls=frozenset({"smtps"}))
+
+    def at(phase, listener="mx", addr="192.0.2.1"):
+        return check(Request(phase=phase, client_address=addr, listener=listener))
+    assert at("connect").action is Action.CONTINUE              # a plain connection is no TLS session
+    assert at("starttls").action is Action.CONTINUE
+    assert at("connect", "smtps").action is Action.CONTINUE      # one at port 465: the second
+    v = at("starttls")
+    assert (v.action, v.reply.code, v.reply.enhanced, v.reply.text) == (
+        Action.TEMPFAIL, 454, "4.7.0", "Error: too many new TLS sessions from 192.0.2.1")
+    v = at("connect", "smtps")
+    assert (v.action, v.reply.code, v.reply.enhanced, v.reply.text) == (
+        Action.DISCONNECT, 421, "4.7.0", "mx.example.org Error: too many new TLS sessions from 192.0.2.1")
+    assert at("connect").action is Action.CONTINUE               # plaintext sessions are still taken
+    assert at("starttls", addr="10.1.2.3").action is Action.CONTINUE      # mynetworks: exempt
+    clock.advance(60)
+    assert at("starttls").action is Action.CONTINUE
+
+
+def test_tls_rate_runs_at_starttls_in_the_edges_policies_and_knows_its_implicit_listeners():
+    on = parse("edge", {**EDGE, "rate_limits": {"tls_rate": 1},
+                        "server": {"hostname": "mx.example.org", "tls_cert": "/etc/ssl/mx.pem",
+                                   "tls_key": "/etc/ssl/mx.key"},
+                        "listeners": {"mx": {"endpoint": "tcp:25"},
+                                      "smtps": {"endpoint": "tcp:465", "role": "submissions"}},
+                        "auth": {"users_file": "/etc/smarthost/users"}})
+    policies = build_policies(on, tier_spec("edge"), BuildContext(on, Clock(), InlinePool()))
+    for name in ("default", "submission"):
+        assert policies[name].chain.runs("rate_limits", "starttls"), name
+    chain = policies["submission"].chain
+    out = []
+    for _ in range(2):
+        chain.run(Request(phase="connect", client_address="192.0.2.1", listener="smtps")).addCallback(out.append)
+    assert [v.action for v in out] == [Action.CONTINUE, Action.DISCONNECT]

@@ -10,7 +10,8 @@ import pytest
 from shared.cli import main as cli
 from shared.config import ConfigError, check_host, dump, load, parse
 from shared.config.schema import TIB, WEEK, YEAR, keys_of
-from shared.daemon import preflight, tls_context
+from shared.daemon import preflight
+from shared.transport.tls import tls_context
 from shared.tlsutil import self_signed
 
 P = "/etc/smarthost/x.toml"
@@ -407,3 +408,78 @@ def test_tls_versions_and_ciphers_are_checked_where_start_up_would(tmp_path):
     with pytest.raises(ConfigError) as e:
         tls_context(bad)
     assert e.value.key == "server.tls_ciphers" and "selects no cipher" in e.value.reason
+
+
+def test_tls_sni_entries_are_checked_at_load_and_listeners_may_have_their_own():
+    tls = {"tls_cert": "/etc/ssl/mx.pem", "tls_key": "/etc/ssl/mx.key"}
+    s = parse("edge", config("edge", server={**tls, "tls_sni": ["Mail.Example.ORG /etc/ssl/m.pem /etc/ssl/m.key",
+                                                                 "*.example.net /etc/ssl/w.pem /etc/ssl/w.key"]},
+                             listeners={"mx": {"endpoint": "tcp:25"},
+                                        "other": {"endpoint": "tcp:26",
+                                                  "tls_sni": ["a.example.org /etc/a.pem /etc/a.key"]}}), P)
+    assert s.server.tls_sni == ("mail.example.org /etc/ssl/m.pem /etc/ssl/m.key",
+                                "*.example.net /etc/ssl/w.pem /etc/ssl/w.key")
+    assert s.listeners["mx"].tls_sni == s.server.tls_sni                     # inherited
+    assert s.listeners["other"].tls_sni == ("a.example.org /etc/a.pem /etc/a.key",)
+    for entry, reason in (("mail.example.org /etc/m.pem", "is not 'NAME CERT KEY'"),
+                          ("mail.example.org m.pem /etc/m.key", "not an absolute path"),
+                          ("*.org /etc/m.pem /etc/m.key", "is not a server name"),
+                          ("bad_name! /etc/m.pem /etc/m.key", "is not a server name"),
+                          ("*.*.example.org /etc/m.pem /etc/m.key", "is not a server name")):
+        e = refused("edge", server={**tls, "tls_sni": [entry]})
+        assert e.key == "server.tls_sni" and reason in e.reason, (entry, e)
+    e = refused("edge", server={**tls, "tls_sni": ["a.example.org /a /b", "A.example.org /c /d"]})
+    assert (e.key, e.reason) == ("server.tls_sni", "a.example.org is listed twice")
+    e = refused("edge", server={"tls_sni": ["a.example.org /a /b"]})
+    assert e.key == "server.tls_sni" and "needs tls_cert and tls_key" in e.reason
+    e = refused("edge", server=tls, listeners={"mx": {"endpoint": "tcp:25", "tls_sni": ["a.example.org /a /b",
+                                                                                       "a.example.org /c /d"]}})
+    assert e.key == "listeners.mx.tls_sni"
+
+
+def test_client_certificate_settings_are_checked_at_load():
+    s = parse("edge", config("edge", relay={"client_certificates": ["ab" * 32, ":".join(["0F"] * 32)]},
+                             server={"tls_client_certificates": "ask"}), P)
+    assert s.relay.client_certificates == (":".join(["AB"] * 32), ":".join(["0F"] * 32))
+    assert s.listeners["smtp"].tls_client_certificates == "ask"
+    e = refused("edge", relay={"client_certificates": ["ab" * 31]})
+    assert e.key == "relay.client_certificates" and "is not a SHA-256 fingerprint" in e.reason
+    e = refused("edge", server={"tls_client_certificates": "require"})
+    assert e.key == "server.tls_client_certificates" and "must be one of none, ask" in e.reason
+    e = refused("edge", server={"tls_client_ca": "ca.pem"})
+    assert e.key == "server.tls_client_ca" and "not an absolute path" in e.reason
+    for tier in ("filter", "domain"):
+        e = refused(tier, relay={"client_certificates": ["ab" * 32]})
+        assert e.key == "relay.client_certificates" and "never sees the original client's certificate" in e.reason
+    s = parse("edge", config("edge", policies={"default": {"relay": ["relay_domains", "client_certificate"]}}), P)
+    assert any("policies.default.relay: client_certificate permits nobody: relay.client_certificates is empty"
+               in w for w in s.warnings)
+
+
+def test_tls_sni_and_client_ca_files_are_judged_on_this_host(tmp_path, pairs):
+    (cert, key), _ = pairs
+    tls = {"tls_cert": str(cert), "tls_key": str(key)}
+    s = host(tmp_path, server={**tls, "tls_sni": [f"a.example.org {cert} {tmp_path / 'none.pem'}"]})
+    e = host_refused(s)
+    assert (e.key, e.reason) == ("server.tls_sni", f"a.example.org: {tmp_path / 'none.pem'} does not exist")
+    s = host(tmp_path, server={**tls, "tls_client_certificates": "ask", "tls_client_ca": str(tmp_path)})
+    e = host_refused(s)
+    assert (e.key, e.reason) == ("server.tls_client_ca", f"{tmp_path} is not a regular file")
+    s = host(tmp_path, server={**tls, "tls_client_certificates": "ask", "tls_client_ca": str(key)})
+    with pytest.raises(ConfigError) as e:
+        tls_context(s)
+    assert (e.value.key, e.value.reason) == ("server.tls_client_ca", f"no PEM certificate in {key}")
+
+
+def test_sni_names_find_their_context_exact_first_then_one_label_wildcards(tmp_path, pairs):
+    (cert_a, key_a), (cert_b, key_b) = pairs
+    s = host(tmp_path, server={"tls_cert": str(cert_a), "tls_key": str(key_a),
+                               "tls_sni": [f"mail.example.org {cert_b} {key_b}",
+                                           f"*.example.org {cert_a} {key_a}"]})
+    tls = tls_context(s)
+    exact, wild = tls.by_name["mail.example.org"], tls.by_name["*.example.org"]
+    assert tls.context_for(b"mail.example.org") is exact
+    assert tls.context_for(b"MAIL.EXAMPLE.ORG.") is exact
+    assert tls.context_for(b"x.example.org") is wild
+    for other in (b"x.y.example.org", b"example.org", b"mail.example.net", b"", None, b"\xff.example.org"):
+        assert tls.context_for(other) is None, other

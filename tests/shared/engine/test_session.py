@@ -1,11 +1,11 @@
 """The engine session between the adapter and a sink: what a failing sink leaves behind,
-and a message by BDAT reaching the sink as one by DATA does."""
+a message by BDAT reaching the sink as one by DATA does, and STARTTLS refused by a check."""
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from shared.checks.core import Chain
+from shared.checks.core import CONTINUE, Chain, Check, tempfail
 from shared.checks.relay import relay_policy
 from shared.engine.session import EngineConfig, EngineSession
 from shared.smtp.reply import Reply
@@ -107,3 +107,39 @@ def test_a_sink_refusing_a_bdat_message_sees_none_of_it():
     assert sink.written == b"" and sink.aborted == 0 and proto.in_transaction
     proto.dataReceived(b"RSET\r\n")
     assert sink.aborted == 1 and not proto.in_transaction
+
+
+def test_a_starttls_check_refuses_454_and_the_session_goes_on_in_plaintext():
+    clock, asked = Clock(), []
+
+    def limit(request):
+        """One new TLS session, then 454 (as rate_limits' tls_rate = 1)."""
+        asked.append(request.phase)
+        return tempfail(454, "4.7.0", "Error: too many new TLS sessions from 192.0.2.1") if len(asked) > 1 \
+            else CONTINUE
+
+    class Transport(StringTransport):
+        started = None
+
+        def startTLS(self, ctx):
+            self.started = ctx
+    chain = Chain([Check("tls_limit", "starttls", limit)], reactor=clock)
+    factory = SMTPServerFactory.single(
+        reactor=clock, server_config=ServerConfig(hostname="mx.test"), tls_context="the context",
+        handler_factory=lambda proto: EngineSession(
+            proto, config=EngineConfig("mx.test"), chain=chain, relay=relay_policy(["example.org"], []),
+            sink=Sink(), reactor=clock))
+    sessions = []
+    for _ in range(2):
+        proto = factory.buildProtocol(None)
+        t = Transport(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
+        proto.makeConnection(t)
+        proto.dataReceived(b"EHLO c.example\r\nSTARTTLS\r\n")
+        sessions.append((proto, t))
+    (first, t1), (second, t2) = sessions
+    assert t1.value().endswith(b"220 2.0.0 Ready to start TLS\r\n") and t1.started == "the context"
+    assert t2.value().endswith(b"454 4.7.0 Error: too many new TLS sessions from 192.0.2.1\r\n")
+    assert t2.started is None and not second.conn.tls_active
+    second.dataReceived(b"MAIL FROM:<a@example.net>\r\n")
+    assert t2.value().endswith(b"250 2.1.0 Ok\r\n")
+    assert asked == ["starttls", "starttls"]

@@ -567,6 +567,10 @@ def test_starttls_discards_pipelined_plaintext_and_forgets_helo():
     conn.respond(None)
     conn.data_to_send()
     conn.receive_data(b"STARTTLS\r\nMAIL FROM:<evil@x.test>\r\n")
+    assert conn.next_event() == ev.StartTLSRequest()          # the application decides
+    conn.receive_data(b"RCPT TO:<evil@x.test>\r\n")          # still plaintext: held, not parsed
+    assert conn.next_event() is PAUSED and conn.data_to_send() == b""
+    conn.respond(None)
     assert conn.next_event() == ev.StartTLS()
     assert conn.data_to_send() == b"220 2.0.0 Ready to start TLS\r\n"
     assert conn.buffered == 0 and conn.state is State.TLS
@@ -579,6 +583,21 @@ def test_starttls_discards_pipelined_plaintext_and_forgets_helo():
     assert b"STARTTLS" not in conn.data_to_send()
     with pytest.raises(LocalProtocolError):
         conn.tls_started()
+
+
+def test_starttls_refused_by_the_application_stays_in_plaintext():
+    t = talk(EHLO, b"STARTTLS\r\nNOOP\r\n", tls_available=True,
+             answers={ev.StartTLSRequest: Reply(454, "4.7.0", "Error: too many new TLS sessions")})
+    assert t.lines[-2:] == ["454 4.7.0 Error: too many new TLS sessions", "250 2.0.0 Ok"]
+    assert not t.conn.tls_active and t.conn.state is State.READY and "StartTLS" not in t.names
+    conn = ServerConnection(ServerConfig(HOST), tls_available=True)
+    conn.send_greeting()
+    conn.receive_data(EHLO + b"STARTTLS\r\n")
+    conn.next_event()
+    conn.respond(None)
+    assert conn.next_event() == ev.StartTLSRequest()
+    with pytest.raises(LocalProtocolError, match="must be 220"):
+        conn.respond(Reply(250, "2.0.0", "Ok"))
 
 
 def test_after_starttls_ehlo_is_required_again():

@@ -72,6 +72,7 @@ POSITIVE = {
     ev.DataEnd: [Reply(250, "2.0.0", "Ok: queued as 1")],
     ev.XClient: [None, Reply(220, None, "mx.test ESMTP")],
     ev.XForward: [None],
+    ev.StartTLSRequest: [None, Reply(220, "2.0.0", "Ready")],
 }
 NEGATIVE = [Reply(421, "4.3.2", "bye"), Reply(451, "4.3.0", "later"), Reply(550, "5.1.1", "no\nsuch user"),
             Reply(554, None, "rejected")]

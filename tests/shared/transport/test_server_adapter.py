@@ -379,7 +379,7 @@ def test_starttls_drops_plaintext_held_back_from_the_core():
     proto.dataReceived(b"STARTTLS\r\n" + b"NOOP\r\n" * 1000 + b"EHLO evil\r\nMAIL FROM:<evil@x.test>\r\n")
     assert t.tls_started_with is not None
     assert t.value() == b"220 2.0.0 Ready to start TLS\r\n"
-    assert [n for n, _ in h.events] == ["on_hello", "on_starttls"]
+    assert [n for n, _ in h.events] == ["on_hello", "on_starttls_request", "on_starttls"]
 
 
 @implementer(IOpenSSLServerConnectionCreator)
