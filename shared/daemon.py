@@ -137,6 +137,21 @@ def tls_context(settings: Settings, s=None, prefix: str = "server"):
 
 _TLS_KEYS = ("tls_cert", "tls_key", "tls_min_version", "tls_ciphers")
 
+# Connections the kernel queues for a listener before the reactor accepts them.  Twisted's
+# endpoints default to 50: a burst of clients (or 200 connecting at once) then overflows the
+# queue and the rest wait for SYN retransmits (1 s, 3 s, ...).  511 as before listeners were
+# endpoints (and as nginx and Redis use); a description's own backlog= wins.
+LISTEN_BACKLOG = 511
+
+
+def with_backlog(description: str) -> str:
+    """A stream endpoint description (tcp:, tcp6:, ssl:, unix:) with ``backlog=LISTEN_BACKLOG``
+    unless it names a backlog; any other description as it is."""
+    kind, _, rest = description.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl", "unix") or not rest or "backlog=" in rest:
+        return description
+    return f"{description}:backlog={LISTEN_BACKLOG}"
+
 
 def tls_contexts(settings: Settings) -> dict[str, Any]:
     """Each listener's TLS context (None: no certificate), the global one shared by every
@@ -378,7 +393,7 @@ class Daemon:
                 if proxied:
                     factory = proxyproto.HeaderFirstFactory(factory, self.reactor,
                                                             NetworkList(listener.proxy_hosts))
-                endpoint = endpoints.serverFromString(self.reactor, description)
+                endpoint = endpoints.serverFromString(self.reactor, with_backlog(description))
                 port = yield endpoint.listen(factory)
                 self.ports.append(port)
                 address = port.getHost()
