@@ -1,15 +1,32 @@
-"""The cost of the edge's firewall rules: build time, memory and lookup time with a large
-list (a country or blocklist feed of N CIDRs in a file), against an empty rule set.
+"""The cost of the edge's firewall rules with a large list (a country or blocklist feed of N
+CIDRs in a file), against no list: in the code alone, and in the edge's throughput.
 
     python -m bench.firewall [--entries 100000] [--lookups 200000]
+    python -m bench.firewall throughput [--out DIR] [--entries 100000] [--runs 5] [--messages 2000]
+                                        [--base-port 24300]
 
-Prints the figures; the edge runs one lookup per connection (at admission).
+The first prints build time, memory and lookup time (the edge runs one lookup per connection, at
+admission).  ``throughput`` runs two edges alone into the fsyncing sink (:mod:`bench.sink`), one
+without ``[firewall]`` and one with ``rules = ["deny file:FEED"]``, FEED being ``--entries``
+random CIDRs (none covering 127.0.0.0/8, but one: 127.0.0.2/32, which proves the list is
+loaded: a client from 127.0.0.2 must get 554); 5 KB messages over 10 sessions (``python -m
+bench.load send``), the two edges interleaved (order swapped every run), ``--runs`` runs each.
+Prints msg/s at the sink per run, the medians, the ratio with/without (the target: at least
+0.95; also the median of the ratios of consecutive pairs, which a slow minute of the machine
+spoils less), the edge's CPU per message, and the CPU the rest of the machine used meanwhile;
+writes OUT/firewall.json.
 """
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
+import os
 import random
+import shutil
+import socket
+import statistics
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -17,21 +34,25 @@ from pathlib import Path
 
 from shared.firewall import Firewall
 
+LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+PROOF = "127.0.0.2"              # the feed's one loopback entry
 
-def feed(path: Path, n: int, rng: random.Random) -> None:
-    lines = []
-    for _ in range(n):
+
+def feed(path: Path, n: int, rng: random.Random, *, proof: bool = False) -> None:
+    """`n` random CIDRs (/16 to /32) into `path`; with `proof`, none covers 127.0.0.0/8 but
+    the first line, PROOF/32."""
+    lines = [f"{PROOF}/32"] if proof else []
+    while len(lines) < n:
         prefix = rng.choice((16, 20, 22, 24, 24, 24, 28, 32))
         addr = ipaddress.IPv4Address(rng.randrange(1 << 32))
-        lines.append(str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False)))
+        network = ipaddress.ip_network(f"{addr}/{prefix}", strict=False)
+        if proof and network.overlaps(LOOPBACK):
+            continue
+        lines.append(str(network))
     path.write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--entries", type=int, default=100_000)
-    p.add_argument("--lookups", type=int, default=200_000)
-    args = p.parse_args()
+def micro(args) -> None:
     rng = random.Random(1)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "feed.txt"
@@ -58,5 +79,162 @@ def main() -> None:
           f"({denied / 200:.1f} % of random addresses denied)")
 
 
+def refused_from(address: str, port: int) -> bytes:
+    """The first reply line a client bound to `address` gets from 127.0.0.1:port."""
+    with socket.socket() as s:
+        s.settimeout(10)
+        s.bind((address, 0))
+        s.connect(("127.0.0.1", port))
+        return s.makefile("rb").readline().strip()
+
+
+class _WithSink:
+    """An edge alone with the sink as its second measured tier (for Bench.smtp_source_run)."""
+
+    def __init__(self, system, sink_proc) -> None:
+        self.system, self.sink_proc, self.ports = system, sink_proc, system.ports
+
+    def tier_pids(self, tier: str) -> list[int]:
+        return [self.sink_proc.pid] if tier == "sink" else self.system.tier_pids(tier)
+
+    def master_pid(self, tier: str) -> int | None:
+        return self.sink_proc.pid if tier == "sink" else self.system.master_pid(tier)
+
+    def queue_empty(self, tier: str) -> bool:
+        return True
+
+
+MODES = {"kept": "bench.load: 10 sessions kept open, messages back to back",
+         "per-connection": "smtp-source: 10 sessions, one message per connection"}
+
+
+def throughput(args) -> int:
+    from bench.run import Bench, clear_dir, fmt, host_info, log
+    from bench.sink import stats as sink_stats
+    from bench.smarthost import SmarthostEdgeAlone, port_free
+    out = Path(args.out or tempfile.mkdtemp(prefix=time.strftime("smarthost-firewall-%Y%m%d-%H%M%S-"),
+                                            dir="/tmp")).resolve()
+    base = args.base_port
+    ports = {"sink": base, "without": base + 1, "with": base + 2}
+    busy = [p for p in ports.values() if not port_free(p)]
+    if busy:
+        raise SystemExit(f"ports in use on 127.0.0.1: {busy}; choose another --base-port")
+    bench = Bench(argparse.Namespace(out=str(out), no_postfix=True))
+    work = bench.work
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "feed.txt"
+    feed(path, args.entries, random.Random(1), proof=True)
+    results = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "ports": ports,
+                        "entries": args.entries, "feed": str(path), "messages": args.messages,
+                        "host": host_info(), "modes": MODES},
+               "runs": []}
+    tool = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+    modes = [m for m in MODES if m == "kept" or os.path.exists(tool)]
+    try:
+        sink_dir = work / "sink"
+        bench.start_sink(ports["sink"], sink_dir)
+        systems = {"without": SmarthostEdgeAlone(work / "without", ports["without"], ports["sink"]),
+                   "with": SmarthostEdgeAlone(work / "with", ports["with"], ports["sink"],
+                                              firewall=(f"deny file:{path}",))}
+        for name, system in systems.items():
+            t0 = time.monotonic()
+            bench.start(system)
+            results["meta"][f"start_s_{name}"] = round(time.monotonic() - t0, 2)
+        proof = refused_from(PROOF, ports["with"])
+        results["meta"]["proof"] = proof.decode(errors="replace")
+        log(f"firewall: {args.entries} CIDRs loaded (start {results['meta']['start_s_with']} s, without "
+            f"{results['meta']['start_s_without']} s); a client from {PROOF} gets {proof[:60]!r}")
+        if not proof.startswith(b"554"):
+            raise SystemExit("the edge with the feed did not refuse the feed's 127.0.0.2: list not loaded?")
+        for name, system in systems.items():                # warm-up
+            bench.sink_run(name, system, ports["sink"], sink_dir, 200, "5k", 10, f"warm{name}")
+        names = list(systems)
+        for mode in modes:
+            for k in range(args.runs):
+                for name in (names if k % 2 == 0 else names[::-1]):
+                    if mode == "kept":
+                        r = bench.sink_run(name, systems[name], ports["sink"], sink_dir, args.messages, "5k", 10,
+                                           f"fw{name[0]}{k}")
+                        r.pop("raw")
+                    else:
+                        r = bench.smtp_source_run(tool, [], _WithSink(systems[name], bench.sink_proc),
+                                                  args.messages, count=lambda: sink_stats(ports["sink"])["stored"],
+                                                  tiers=("edge", "sink"))
+                        r["cpu_s_per_msg"] = {"edge": r["cpu_ms_per_msg"]["edge"] / 1000}
+                        r["peak_rss_mb"] = {"edge": None}
+                        clear_dir(sink_dir)
+                    r.update(system=name, mode=mode, order=k, messages=args.messages)
+                    results["runs"].append(r)
+                    log(f"  {mode} run {k + 1}/{args.runs} {name:7}: {fmt(r['delivered_per_s'])} msg/s at the "
+                        f"sink ({r['delivered']}/{args.messages}), edge CPU {r['cpu_s_per_msg']['edge'] * 1000:.3f}"
+                        f" ms/msg; others {r['others_cpus']:.2f} CPUs, load {r['loadavg_1m_before']:.2f}, "
+                        f"calibration {r['calibration_ms']:.0f} ms")
+                    (out / "firewall.json").write_text(json.dumps(results, indent=1))
+    finally:
+        bench.stop_all()
+    results["summary"] = {mode: summarize([r for r in results["runs"] if r["mode"] == mode], names)
+                          for mode in modes}
+    (out / "firewall.json").write_text(json.dumps(results, indent=1))
+    print(f"\n==== edge alone -> fsyncing sink, 5 KB, 10 sessions, {args.messages} messages x {args.runs} "
+          f"runs each, the two edges interleaved ====")
+    for mode in modes:
+        summary = results["summary"][mode]
+        print(f"  {MODES[mode]}:")
+        for name in names:
+            s = summary[name]
+            print(f"    {name:7} ({args.entries if name == 'with' else 0} CIDRs): median {s['median']:.0f} msg/s "
+                  f"(runs {', '.join(f'{x:.0f}' for x in s['delivered_per_s'])}), edge CPU "
+                  f"{s['cpu_ms_per_msg']:.3f} ms/msg, others' CPUs {', '.join(map(str, s['others_cpus']))}"
+                  + (f", {s['failed']} not delivered" if s["failed"] else ""))
+        print(f"    with/without: {summary['ratio']:.3f} of the medians, {summary['ratio_pairs_median']:.3f} the "
+              f"median of the run pairs ({', '.join(map(str, summary['ratio_per_run']))}); target >= 0.95: "
+              f"{'met' if summary['ratio'] >= 0.95 else 'MISSED'}; edge CPU per message with/without "
+              f"{summary['cpu_ratio']:.3f}")
+    kept = results["summary"]["kept"]
+    print(f"  the edge's peak RSS: {kept['without']['peak_rss_mb']:.0f} MB without the list, "
+          f"{kept['with']['peak_rss_mb']:.0f} MB with it")
+    log(f"firewall: results {out / 'firewall.json'}")
+    return 0
+
+
+def summarize(runs: list[dict], names: list[str]) -> dict:
+    summary = {}
+    for name in names:
+        mine = [r for r in runs if r["system"] == name]
+        summary[name] = {
+            "delivered_per_s": [round(r["delivered_per_s"], 1) for r in mine],
+            "median": statistics.median(r["delivered_per_s"] for r in mine),
+            "cpu_ms_per_msg": statistics.median(r["cpu_s_per_msg"]["edge"] * 1000 for r in mine),
+            "peak_rss_mb": max((r["peak_rss_mb"]["edge"] or 0) for r in mine),
+            "others_cpus": [round(r["others_cpus"], 2) for r in mine],
+            "failed": sum(r["messages"] - r["delivered"] for r in mine),
+        }
+    pairs = [w["delivered_per_s"] / wo["delivered_per_s"] for w, wo in zip(
+        (r for r in runs if r["system"] == "with"), (r for r in runs if r["system"] == "without"))]
+    summary["ratio"] = summary["with"]["median"] / summary["without"]["median"]
+    summary["ratio_per_run"] = [round(x, 3) for x in pairs]
+    summary["ratio_pairs_median"] = statistics.median(pairs)
+    summary["cpu_ratio"] = summary["with"]["cpu_ms_per_msg"] / summary["without"]["cpu_ms_per_msg"]
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.firewall", description=__doc__.splitlines()[0])
+    p.add_argument("--entries", type=int, default=100_000)
+    p.add_argument("--lookups", type=int, default=200_000)
+    sub = p.add_subparsers(dest="mode")
+    t = sub.add_parser("throughput", help="the edge's msg/s into the sink with and without the list")
+    t.add_argument("--out", default=None, help="output directory (default: a new /tmp/smarthost-firewall-*)")
+    t.add_argument("--entries", type=int, default=100_000)
+    t.add_argument("--runs", type=int, default=5, help="runs per edge")
+    t.add_argument("--messages", type=int, default=2000, help="messages per run")
+    t.add_argument("--base-port", type=int, default=24300, help="sink N, edges N+1 (without) and N+2 (with)")
+    args = p.parse_args(argv)
+    if args.mode == "throughput":
+        return throughput(args)
+    micro(args)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,8 +21,10 @@ process).  A session that waits longer than --reply-timeout for a reply is
 given up; its message counts as not accepted (code -3; -1: connection lost).
 
 ``idle`` opens up to TARGET connections that read the greeting, send EHLO and
-then stay idle; it prints one JSON line per milestone (pausing a second there
-so the caller can sample the server's memory) and a final JSON line.
+then stay idle; it prints one JSON line per milestone (pausing ``--pause``
+seconds there, 1 by default, so the caller can sample the server's memory and
+try a client of its own), one when it starts holding them ``--hold`` seconds,
+one after (pausing again) and a final JSON line.
 
 The /proc helpers (:func:`cpu_seconds`, :func:`rss_kb`, :func:`pss_kb`,
 :class:`RssSampler`) are used by :mod:`bench.run` to charge CPU time and memory
@@ -475,9 +477,9 @@ def _emit(obj: dict) -> None:
 
 async def _idle(host: str, port: int, target: int, milestones: list[int], greet_within: float,
                 open_time: float, hold: float, in_flight: int, connect_timeout: float,
-                give_up_failures: int) -> dict:
+                give_up_failures: int, pause: float = 1.0) -> dict:
     """Open connections in stages (each milestone, then the target); after each stage wait until
-    every connection is greeted and answered EHLO (at most `greet_within` s), report, pause 1 s."""
+    every connection is greeted and answered EHLO (at most `greet_within` s), report, pause."""
     loop = asyncio.get_running_loop()
     st = IdleState(greet_within)
     sem = asyncio.Semaphore(in_flight)
@@ -512,7 +514,7 @@ async def _idle(host: str, port: int, target: int, milestones: list[int], greet_
         if stage in milestones:
             _emit({"milestone": stage, "attempted": attempted, "ready": st.ready - st.lost_after_ready,
                    "open": len(st.open), "seconds": round(time.monotonic() - t_start, 2)})
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(pause)
         if gave_up():
             break
     for t in list(tasks):
@@ -522,6 +524,8 @@ async def _idle(host: str, port: int, target: int, milestones: list[int], greet_
            "open": len(st.open)})
     await asyncio.sleep(hold)
     still_ready = sum(1 for p in st.open if p.phase == "ready")
+    _emit({"held": hold, "ready": still_ready, "open": len(st.open)})
+    await asyncio.sleep(pause)
     result = {
         "target": target, "attempted": attempted, "connect_failed": st.connect_failed,
         "greeted": st.greeted, "greeted_within_s": greet_within, "greeted_in_time": st.greeted_in_time,
@@ -537,13 +541,13 @@ async def _idle(host: str, port: int, target: int, milestones: list[int], greet_
 
 def run_idle(host: str, port: int, target: int, milestones: list[int], greet_within: float,
              open_time: float, hold: float, in_flight: int, connect_timeout: float,
-             give_up_failures: int) -> dict:
+             give_up_failures: int, pause: float = 1.0) -> dict:
     nofile = raise_nofile()
     if nofile < target + 100:
         _emit({"warning": f"RLIMIT_NOFILE {nofile} is below the target {target}"})
         target = max(0, nofile - 100)
     result = asyncio.run(_idle(host, port, target, milestones, greet_within, open_time, hold,
-                               in_flight, connect_timeout, give_up_failures))
+                               in_flight, connect_timeout, give_up_failures, pause))
     result["nofile"] = nofile
     return result
 
@@ -583,6 +587,55 @@ def tier_cpu_seconds(pids: list[int], master: int | None) -> float:
     if master is not None:
         total += cpu_seconds(master)[1]
     return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every CPU of the machine spent busy so far (/proc/stat: all but idle and
+    iowait).  Over a run, that minus what the measured processes used is what everything else
+    took meanwhile (other users' work, the kernel's own): the noise a figure was taken under."""
+    with open("/proc/stat", "rb") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    busy = sum(fields[:8]) - idle             # user nice system idle iowait irq softirq steal
+    return busy / CLK_TCK
+
+
+def calibration_ms(rounds: int = 3) -> float:
+    """CPU milliseconds a fixed pure-Python loop takes here now (the least of `rounds`).  On a
+    quiet machine it is steady; when it grows, every CPU figure taken meanwhile grows with it
+    (caches shared with other work, or a busy host: a virtual CPU the host takes away without
+    reporting steal time counts as running)."""
+    best = float("inf")
+    for _ in range(rounds):
+        t, x = time.process_time(), 0
+        for i in range(1_000_000):
+            x += i * i
+        best = min(best, time.process_time() - t)
+    return best * 1000
+
+
+class NoiseWindow:
+    """What the machine did from now until `noise()`: its busy CPUs, and the CPUs everything
+    but the measured processes (their CPU seconds given to `noise`) and this process's reaped
+    children (the load generator) used meanwhile; and :func:`calibration_ms` at the start."""
+
+    def __init__(self) -> None:
+        self.calibration_ms = calibration_ms()
+        self.t0, self.busy0 = time.monotonic(), machine_busy_seconds()
+        self.children0 = _children_cpu()
+
+    def noise(self, measured_cpu_s: float) -> dict:
+        seconds = time.monotonic() - self.t0
+        busy = machine_busy_seconds() - self.busy0
+        children = _children_cpu() - self.children0
+        return {"window_s": seconds, "machine_busy_cpus": busy / seconds,
+                "others_cpus": max(0.0, busy - measured_cpu_s - children) / seconds,
+                "calibration_ms": round(self.calibration_ms, 1)}
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def proc_status_kb(pid: int, key: bytes) -> int:
@@ -698,6 +751,7 @@ def main(argv=None) -> int:
     i.add_argument("--connect-timeout", type=float, default=3.0)
     i.add_argument("--give-up-failures", type=int, default=500,
                    help="stop opening after this many failed connects")
+    i.add_argument("--pause", type=float, default=1.0, help="seconds to wait at each milestone")
     a = p.parse_args(argv)
     if a.mode == "send":
         result = run_send(a.host, a.port, a.size, a.sessions, a.messages, a.maildir, a.run_id,
@@ -707,7 +761,7 @@ def main(argv=None) -> int:
     else:
         result = run_idle(a.host, a.port, a.target, [int(m) for m in a.milestones.split(",") if m],
                           a.greet_within, a.open_time, a.hold, a.in_flight, a.connect_timeout,
-                          a.give_up_failures)
+                          a.give_up_failures, a.pause)
         result = {"result": result}
     _emit(result)
     return 0

@@ -304,15 +304,21 @@ scache     unix        -       -       n       -       1       scache
 postlog    unix-dgram  n       -       n       -       1       postlogd
 """
 _MASTER_VIRTUAL = "virtual    unix        -       n       n       -       -       virtual\n"
+# TLS session ticket keys and the (unused here) session cache, as in Debian's master.cf.
+_MASTER_TLSMGR = "tlsmgr     unix        -       -       n       1000?   1       tlsmgr\n"
 
 
-def _master_cf(port: int, *, virtual: bool) -> str:
-    smtpd = f"{LOOPBACK}:{port} inet n - n - - smtpd\n"
+def _master_cf(port: int, *, virtual: bool, smtpd_options: Sequence[str] = (), tls: bool = False) -> str:
+    """master.cf: smtpd on 127.0.0.1:port (with ``-o name=value`` overrides, as Debian's
+    submission/submissions entries carry them), the usual services, virtual(8) and tlsmgr(8)
+    when asked."""
+    smtpd = f"{LOOPBACK}:{port} inet n - n - - smtpd\n" + "".join(f"  -o {o}\n" for o in smtpd_options)
     return (
         "# Written by bench/postfix.py for one benchmark instance.\n"
         + smtpd
         + _MASTER_SERVICES
         + (_MASTER_VIRTUAL if virtual else "")
+        + (_MASTER_TLSMGR if tls else "")
     )
 
 
@@ -471,12 +477,19 @@ def _check_root(root: Path) -> None:
             )
 
 
-def _wait_banner(port: int, deadline: float) -> None:
-    """Wait until 127.0.0.1:port answers with a 220 greeting, then QUIT."""
+def _wait_banner(port: int, deadline: float, *, tls: bool = False) -> None:
+    """Wait until 127.0.0.1:port answers with a 220 greeting (inside TLS: wrapper mode), then QUIT."""
     last: Exception | str = "no answer"
+    context = None
+    if tls:
+        import ssl
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection((LOOPBACK, port), timeout=2.0) as sock:
+            with socket.create_connection((LOOPBACK, port), timeout=2.0) as plain, \
+                    (context.wrap_socket(plain) if context else plain) as sock:
                 reply = sock.recv(512)
                 if reply.startswith(b"220 ") or reply.startswith(b"220-"):
                     sock.sendall(b"QUIT\r\n")
@@ -519,13 +532,16 @@ class _Instances:
             for inst in reversed(self._instances.values()):  # downstream first
                 inst.start()
             for inst in self._instances.values():
-                _wait_banner(inst.port, deadline)
+                self._wait_ready(inst, deadline)
         except BaseException:
             try:
                 self.stop()
             except PostfixError as exc:
                 _log(f"while cleaning up a failed start: {exc}")
             raise
+
+    def _wait_ready(self, inst: _Instance, deadline: float) -> None:
+        _wait_banner(inst.port, deadline)
 
     def stop(self) -> None:
         """Stop every instance; afterwards none of their processes is alive (else PostfixError)."""
@@ -653,14 +669,16 @@ class PostfixChain(_Instances):
 class PostfixSingleHop(_Instances):
     """One Postfix instance: smtpd on 127.0.0.1:port accepts for `domain` (and, as for any Postfix
     instance, for anything from mynetworks) and relays everything to the sink at
-    [127.0.0.1]:sink_port. Its only tier is "edge"."""
+    [127.0.0.1]:sink_port. Its only tier is "edge". `settings` are further (name, value, why)
+    lines for main.cf, for a measurement that departs from a default (and says so)."""
 
     def __init__(self, root: Path, port: int, sink_port: int, *,
-                 domain: str = "example.test") -> None:
+                 domain: str = "example.test", settings: Sequence[tuple[str, str, str]] = ()) -> None:
         root = Path(root).resolve()
         super().__init__(root, [_Instance("edge", root, port)])
         self.sink_port = sink_port
         self.domain = domain
+        self.settings = list(settings)
 
     def _configure(self) -> None:
         _check_root(self.root)
@@ -670,9 +688,45 @@ class PostfixSingleHop(_Instances):
                 ("relay_domains", self.domain, "accepted from anyone"),
                 ("relayhost", f"[{LOOPBACK}]:{self.sink_port}",
                  "everything goes to the benchmark's sink (an IP literal: no lookup)"),
-            ],
+            ] + self.settings,
             _master_cf(inst.port, virtual=False), {},
         )
+
+
+class PostfixSubmissions(_Instances):
+    """One Postfix instance as a port-465 submission service: smtpd on 127.0.0.1:port in wrapper
+    mode (implicit TLS, `cert`/`key`), SASL AUTH through Dovecot's auth service at
+    ``smtpd_sasl_path`` (``inet:HOST:PORT`` or a socket path), relaying only for authenticated
+    clients, as Debian's commented ``submissions`` entry in master.cf.  Its only tier is "edge";
+    it delivers nothing anywhere (no relayhost is reachable: the benchmark sends no mail here)."""
+
+    def __init__(self, root: Path, port: int, cert: str, key: str, sasl_path: str) -> None:
+        root = Path(root).resolve()
+        super().__init__(root, [_Instance("edge", root, port)])
+        self.cert, self.key, self.sasl_path = cert, key, sasl_path
+
+    def _configure(self) -> None:
+        _check_root(self.root)
+        inst = self._instances["edge"]
+        inst.write_config(
+            inst.common_settings() + [
+                ("relay_domains", "", "relays only for authenticated clients"),
+                ("default_transport", "error:5.7.1 this benchmark instance delivers nothing",
+                 "nothing leaves this instance"),
+                ("smtpd_tls_cert_file", self.cert, "the same certificate as smarthost's edge"),
+                ("smtpd_tls_key_file", self.key, "its key"),
+                ("smtpd_sasl_type", "dovecot", "AUTH is Dovecot's auth service's"),
+                ("smtpd_sasl_path", self.sasl_path, "where Dovecot's auth service listens"),
+            ],
+            _master_cf(inst.port, virtual=False, tls=True, smtpd_options=(
+                "syslog_name=postfix/submissions", "smtpd_tls_wrappermode=yes",
+                "smtpd_sasl_auth_enable=yes", "smtpd_tls_security_level=encrypt",
+                "smtpd_relay_restrictions=permit_sasl_authenticated,reject")),
+            {},
+        )
+
+    def _wait_ready(self, inst: _Instance, deadline: float) -> None:
+        _wait_banner(inst.port, deadline, tls=True)
 
 
 # --------------------------------------------------------------------------------------------

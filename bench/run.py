@@ -58,7 +58,10 @@ results.json (every time in seconds, every rate in messages per second)::
                  latency_maildir_ms{...}, generator_cpu_s, watcher_cpu_s,
                  raw{t0, t_mail_s[], t_250_s[], t_maildir_s[], codes[]}   (per message, seconds
                  from the first MAIL; null when it did not happen)}
-                 plus {system, order, cpu_s{tier}, cpu_s_per_msg{tier}, peak_rss_mb{tier},
+                 plus {system, order, window_s, machine_busy_cpus, others_cpus (the CPUs everything
+                 but the measured tiers, the sink and the load used meanwhile), calibration_ms
+                 (bench.load.calibration_ms before the run), loadavg_1m_before,
+                 cpu_s{tier}, cpu_s_per_msg{tier}, peak_rss_mb{tier},
                  peak_pss_mb{tier}, vmhwm_mb{tier} (smarthost: peak since the process started),
                  drain_s (last 250 to empty queues), sink{stored, last_stored_s, cpu_s} (single hop)}
     SUMMARY     {accepted_per_s{median, min, max}, delivered_per_s{median, min, max},
@@ -73,17 +76,16 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench.load import RssSampler, percentile, proc_status_kb, pss_kb, rss_kb, tier_cpu_seconds
-from bench.smarthost import REPO, SmarthostChain, SmarthostEdgeAlone, port_free
+from bench import sink
+from bench.load import NoiseWindow, RssSampler, percentile, proc_status_kb, pss_kb, rss_kb, tier_cpu_seconds
+from bench.sink import stats as sink_stats
+from bench.smarthost import REPO, SmarthostChain, SmarthostEdgeAlone, port_free, repo_env, run_bench, stop_process
 
 SIZES = ("5k", "50k", "1m")
 SIZE_BYTES = {"5k": 5 * 1024, "50k": 50 * 1024, "1m": 1024 * 1024}
@@ -107,10 +109,6 @@ RCPT = "alice@example.test"
 REPLY_TIMEOUT = 30          # seconds a session may wait for one reply before it is given up
 
 
-class Stop(Exception):
-    """SIGTERM: unwind like Ctrl-C so that everything started gets stopped."""
-
-
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -118,12 +116,6 @@ def log(text: str) -> None:
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
-
-
-def env_with_repo() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
 
 
 def quiesce() -> None:
@@ -135,6 +127,12 @@ def quiesce() -> None:
     """
     os.sync()
     time.sleep(0.5)
+
+
+def send_argv(port: int, size: str, sessions: int, n: int, tag: str) -> list[str]:
+    """bench.load's arguments for `n` messages of `size` over `sessions` to 127.0.0.1:port."""
+    return ["send", "--port", str(port), "--size", size, "--sessions", str(sessions),
+            "--messages", str(n), "--rcpt", RCPT, "--run-id", tag]
 
 
 def clear_maildir(maildir: Path) -> None:
@@ -155,17 +153,6 @@ def clear_dir(d: Path) -> None:
         with os.scandir(d) as it:
             for entry in it:
                 os.unlink(entry.path)
-
-
-def sink_stats(port: int) -> dict:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        f = s.makefile("rb")
-        f.readline()
-        s.sendall(b"XSTATS\r\nQUIT\r\n")
-        line = f.readline().decode()
-        f.readline()
-    fields = dict(kv.split("=") for kv in line.split()[1:])
-    return {"stored": int(fields["stored"]), "last": float(fields["last"])}
 
 
 class Bench:
@@ -195,14 +182,7 @@ class Bench:
             self._kill_pid(self.sink_proc)
         self.sink_proc = None
 
-    @staticmethod
-    def _kill_pid(proc: subprocess.Popen) -> None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+    _kill_pid = staticmethod(stop_process)
 
     def start(self, system):
         self.started.append(system)
@@ -217,7 +197,7 @@ class Bench:
 
     def load(self, argv: list[str], timeout: float) -> dict:
         self.load_proc = subprocess.Popen([sys.executable, "-m", "bench.load", *argv], cwd=REPO,
-                                          env=env_with_repo(), stdout=subprocess.PIPE, text=True)
+                                          env=repo_env(), stdout=subprocess.PIPE, text=True)
         try:
             out, _ = self.load_proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -230,11 +210,16 @@ class Bench:
         return json.loads(out.strip().splitlines()[-1])
 
     def measured_run(self, name: str, system, tiers, argv: list[str], drained,
-                     maildir: Path | None, timeout: float) -> dict:
-        """One load run against `system` with CPU and memory charged to each of `tiers`."""
+                     maildir: Path | None, timeout: float, also_measured=None) -> dict:
+        """One load run against `system` with CPU and memory charged to each of `tiers`, and
+        the machine's other work meanwhile (`also_measured()`: CPU seconds of a further
+        measured process, the sink, so far)."""
         if maildir is not None:
             clear_maildir(maildir)
         quiesce()
+        load_before = os.getloadavg()[0]
+        extra0 = also_measured() if also_measured else 0.0
+        window = NoiseWindow()
         before = {t: tier_cpu_seconds(system.tier_pids(t), system.master_pid(t)) for t in tiers}
         sampler = RssSampler({t: (lambda t=t: system.tier_pids(t)) for t in tiers})
         with sampler:
@@ -251,8 +236,11 @@ class Bench:
         after = {t: tier_cpu_seconds(system.tier_pids(t), system.master_pid(t)) for t in tiers}
         done = result["delivered"] if result["delivered"] is not None else result["accepted"]
         cpu_s = {t: after[t] - before[t] for t in tiers}
+        extra = (also_measured() - extra0) if also_measured else 0.0
         result.update({
             "system": name,
+            **window.noise(sum(cpu_s.values()) + extra),
+            "loadavg_1m_before": load_before,
             "cpu_s": cpu_s,
             "cpu_s_per_msg": {t: (cpu_s[t] / done if done else None) for t in tiers},
             "peak_rss_mb": {t: sampler.peak_kb[t] / 1024 for t in tiers},
@@ -326,7 +314,9 @@ class Bench:
                     point["systems"][name]["runs"].append(r)
                     log(f"  {SIZE_LABEL[size]:>5} x{sessions:<3} run {k + 1}/{runs} {name:9}: "
                         f"accepted {fmt(r['accepted_per_s'])}/s delivered {fmt(r['delivered_per_s'])}/s "
-                        f"({r['delivered']}/{n}) 250 p50 {fmt(r['latency_250_ms']['p50'])} ms")
+                        f"({r['delivered']}/{n}) 250 p50 {fmt(r['latency_250_ms']['p50'])} ms; others "
+                        f"{r['others_cpus']:.2f} CPUs, load {r['loadavg_1m_before']:.2f}, "
+                        f"calibration {r['calibration_ms']:.0f} ms")
             for name in systems:
                 point["systems"][name]["summary"] = self.summarize(point["systems"][name]["runs"], TIERS)
             if "smarthost" in systems and "postfix" in systems:
@@ -389,48 +379,73 @@ class Bench:
         print_independent(section)
         self.save()
 
-    def smtp_source_run(self, tool: str, flags: list[str], system, n: int) -> dict:
-        maildir = system.maildir("alice")
-        clear_maildir(maildir)
-        quiesce()
-        new = maildir / "new"
+    def smtp_source_run(self, tool: str, flags: list[str], system, n: int, count=None, tiers=TIERS) -> dict:
+        """smtp-source sends `n` 5 KB messages over 10 sessions to `system`'s edge; delivered =
+        `count()` grew by n (default: files in the chain's Maildir, cleared before and after)."""
+        maildir = None
+        if count is None:
+            maildir = system.maildir("alice")
+            clear_maildir(maildir)
+            new = maildir / "new"
 
-        def count() -> int:
-            try:
-                return len(os.listdir(new))
-            except FileNotFoundError:
-                return 0
-        before = {t: tier_cpu_seconds(system.tier_pids(t), system.master_pid(t)) for t in TIERS}
+            def count() -> int:
+                try:
+                    return len(os.listdir(new))
+                except FileNotFoundError:
+                    return 0
+        quiesce()
+        start = count()
+        load_before = os.getloadavg()[0]
+        window = NoiseWindow()
+        before = {t: tier_cpu_seconds(system.tier_pids(t), system.master_pid(t)) for t in tiers}
         argv = [tool, *flags, "-s", "10", "-m", str(n), "-l", str(SIZE_BYTES["5k"]),
                 "-f", "bench@client.test", "-t", RCPT, f"127.0.0.1:{system.ports['edge']}"]
         t0 = time.monotonic()
         proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
         t1 = time.monotonic()
-        delivered = count()
+        delivered = count() - start
         while delivered < n and time.monotonic() - t1 < 120:
             time.sleep(0.01)
-            delivered = count()
+            delivered = count() - start
         t2 = time.monotonic()
-        while not all(system.queue_empty(t) for t in TIERS) and time.monotonic() - t2 < 60:
+        while not all(system.queue_empty(t) for t in tiers) and time.monotonic() - t2 < 60:
             time.sleep(0.05)
         time.sleep(0.2)                          # let the masters reap exited daemons
-        after = {t: tier_cpu_seconds(system.tier_pids(t), system.master_pid(t)) for t in TIERS}
-        clear_maildir(maildir)
+        after = {t: tier_cpu_seconds(system.tier_pids(t), system.master_pid(t)) for t in tiers}
+        if maildir is not None:
+            clear_maildir(maildir)
+        cpu = {t: after[t] - before[t] for t in tiers}
         return {"exit": proc.returncode, "output": proc.stdout[-2000:], "accepted_per_s": n / (t1 - t0)
                 if proc.returncode == 0 else None,
                 "delivered": delivered, "delivered_per_s": n / (t2 - t0) if delivered >= n else None,
-                "cpu_ms_per_msg": {t: (after[t] - before[t]) * 1000 / n for t in TIERS}}
+                "cpu_ms_per_msg": {t: cpu[t] * 1000 / n for t in tiers},
+                **window.noise(sum(cpu.values())), "loadavg_1m_before": load_before}
 
     # -- 2. single hop ------------------------------------------------------------------------------
 
     def start_sink(self, port: int, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.sink_proc = subprocess.Popen([sys.executable, "-m", "bench.sink", "--port", str(port),
-                                           "--dir", str(directory)], cwd=REPO, env=env_with_repo(),
-                                          stdout=subprocess.PIPE, text=True, start_new_session=True)
-        line = self.sink_proc.stdout.readline()
-        if not line.startswith("listening"):
-            raise RuntimeError(f"sink did not start: {line!r}")
+        self.sink_proc = sink.spawn(port, directory)
+
+    def sink_run(self, name: str, system, sink_port: int, sink_dir: Path, n: int, size: str, sessions: int,
+                 tag: str) -> dict:
+        """One measured run of `n` messages into `system`'s edge, which relays them to the sink:
+        delivered = stored by the sink (and the edge's queue empty); the sink's CPU is its own."""
+        stored = sink_stats(sink_port)["stored"]
+        sink_cpu = lambda: tier_cpu_seconds([self.sink_proc.pid], None)
+        cpu0 = sink_cpu()
+        r = self.measured_run(name, system, ("edge",), send_argv(system.ports["edge"], size, sessions, n, tag),
+                              lambda: system.queue_empty("edge") and sink_stats(sink_port)["stored"] >= stored + n,
+                              None, timeout=300, also_measured=sink_cpu)
+        stats = sink_stats(sink_port)
+        t0 = r["raw"]["t0"]
+        r["sink"] = {"stored": stats["stored"] - stored,
+                     "last_stored_s": stats["last"] - t0 if stats["last"] else None,
+                     "cpu_s": sink_cpu() - cpu0}
+        last = r["sink"]["last_stored_s"]
+        r["delivered"] = r["sink"]["stored"]
+        r["delivered_per_s"] = r["sink"]["stored"] / last if last else None
+        clear_dir(sink_dir)
+        return r
 
     def single_hop(self, base: int, runs: int, n: int) -> None:
         sink_port, sh_port, pf_port = base + 20, base + 21, base + 22
@@ -448,16 +463,9 @@ class Bench:
             def master_pid(_, tier):
                 return self.sink_proc.pid
 
-        def argv(port, tag):
-            return ["send", "--port", str(port), "--size", size, "--sessions", str(sessions),
-                    "--messages", str(n), "--rcpt", RCPT, "--run-id", tag]
-
-        def sink_done(target):
-            return lambda: sink_stats(sink_port)["stored"] >= target
-
         stored = sink_stats(sink_port)["stored"]
-        r = self.measured_run("sink", SinkAlone(), ("sink",), argv(sink_port, "sink"),
-                              sink_done(stored + n), None, timeout=300)
+        r = self.measured_run("sink", SinkAlone(), ("sink",), send_argv(sink_port, size, sessions, n, "sink"),
+                              lambda: sink_stats(sink_port)["stored"] >= stored + n, None, timeout=300)
         section["sink_alone"] = r
         clear_dir(sink_dir)
         log(f"  sink alone: accepted {fmt(r['accepted_per_s'])}/s, "
@@ -473,23 +481,8 @@ class Bench:
         names = list(systems)
         for k in range(runs):
             for name in (names if k % 2 == 0 else names[::-1]):
-                system = systems[name]
-                stored = sink_stats(sink_port)["stored"]
-                sink_cpu = tier_cpu_seconds([self.sink_proc.pid], None)
-                r = self.measured_run(name, system, ("edge",), argv(system.ports["edge"], f"{name[0]}hop{k}"),
-                                      lambda s=system, t=stored + n: s.queue_empty("edge")
-                                      and sink_stats(sink_port)["stored"] >= t,
-                                      None, timeout=300)
-                stats = sink_stats(sink_port)
-                t0 = r["raw"]["t0"]
-                r["sink"] = {"stored": stats["stored"] - stored,
-                             "last_stored_s": stats["last"] - t0 if stats["last"] else None,
-                             "cpu_s": tier_cpu_seconds([self.sink_proc.pid], None) - sink_cpu}
-                last = r["sink"]["last_stored_s"]
-                r["delivered"] = r["sink"]["stored"]
-                r["delivered_per_s"] = r["sink"]["stored"] / last if last else None
+                r = self.sink_run(name, systems[name], sink_port, sink_dir, n, size, sessions, f"{name[0]}hop{k}")
                 r["order"] = k
-                clear_dir(sink_dir)
                 section["systems"][name]["runs"].append(r)
                 log(f"  single hop run {k + 1}/{runs} {name:9}: accepted {fmt(r['accepted_per_s'])}/s, "
                     f"250 p50 {fmt(r['latency_250_ms']['p50'])} ms, at the sink after "
@@ -512,7 +505,7 @@ class Bench:
         argv = ["idle", "--port", str(port), "--target", str(target),
                 "--milestones", ",".join(map(str, milestones)), "--hold", "3" if self.args.quick else "5"]
         self.load_proc = subprocess.Popen([sys.executable, "-m", "bench.load", *argv], cwd=REPO,
-                                          env=env_with_repo(), stdout=subprocess.PIPE, text=True)
+                                          env=repo_env(), stdout=subprocess.PIPE, text=True)
         try:
             for line in self.load_proc.stdout:
                 msg = json.loads(line)
@@ -798,26 +791,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-concurrency", action="store_true", help="skip the idle-connection test")
     p.add_argument("--no-independent", action="store_true", help="skip the smtp-source comparison")
     p.add_argument("--no-single-hop", action="store_true", help="skip the single-hop comparison")
-    a = p.parse_args(argv)
-    if a.out is None:
-        a.out = tempfile.mkdtemp(prefix=time.strftime("smarthost-bench-%Y%m%d-%H%M%S-"), dir="/tmp")
-    bench = Bench(a)
-
-    def on_term(signum, frame):
-        raise Stop()
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        bench.run()
-    except (KeyboardInterrupt, Stop):
-        log("bench: interrupted; stopping everything it started")
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # stopping is not interrupted again
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        bench.stop_all()
-        bench.save()
-    return 0
+    return run_bench("bench", p.parse_args(argv), Bench, "smarthost-bench")
 
 
 if __name__ == "__main__":

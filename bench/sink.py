@@ -13,6 +13,7 @@ message is stored as received (still dot-stuffed).
 
 Trusts its clients (benchmark loopback only); it checks no syntax beyond the
 command verb.  Prints "listening" on stdout once bound; SIGTERM stops it.
+:func:`spawn` starts it as a child of a benchmark, :func:`stats` asks it XSTATS.
 
 ``XSTATS`` (for the benchmark, never offered in EHLO) answers
 ``250 stored=N last=T``: messages stored so far and the CLOCK_MONOTONIC time
@@ -25,6 +26,8 @@ import asyncio
 import itertools
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -170,6 +173,34 @@ async def serve(port: int, directory: str, threads: int, host: str = "127.0.0.1"
     await stop
     server.close()
     sink.pool.shutdown(wait=True)
+
+
+def spawn(port: int, directory) -> subprocess.Popen:
+    """The sink as a child process of the caller, once it listens (stop it with
+    bench.smarthost.stop_process)."""
+    from bench.smarthost import REPO, repo_env
+    os.makedirs(directory, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.sink", "--port", str(port), "--dir", str(directory)],
+                            cwd=REPO, env=repo_env(), stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    line = proc.stdout.readline()
+    if not line.startswith("listening"):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"sink did not start: {line!r}")
+    return proc
+
+
+def stats(port: int) -> dict:
+    """{"stored": messages stored so far, "last": CLOCK_MONOTONIC of the last one}."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"XSTATS\r\nQUIT\r\n")
+        line = f.readline().decode()
+        f.readline()
+    fields = dict(kv.split("=") for kv in line.split()[1:])
+    return {"stored": int(fields["stored"]), "last": float(fields["last"])}
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,10 @@ benchmark's idle-connection test (every benchmark client is 127.0.0.1, so the
 per-client limit must be lifted too).
 
 `SmarthostEdgeAlone` runs only an edge whose next hop is the benchmark sink
-(:mod:`bench.sink`), for the single-hop comparison.
+(:mod:`bench.sink`), for the single-hop comparison, the idle sessions
+(:mod:`bench.idle`) and the firewall's cost (:mod:`bench.firewall`), optionally
+with ``[firewall] rules``.  `SmarthostSubmissions` runs an edge with only a
+submissions listener (port 465's role: implicit TLS, AUTH) for :mod:`bench.auth`.
 
 Both expose the interface `bench.run` uses for either system: ``start()``,
 ``stop()``, ``ports``, ``tier_pids(tier)``, ``master_pid(tier)``,
@@ -18,6 +21,7 @@ Processes are stopped by pid only: SIGTERM, then SIGKILL after a grace period.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -26,12 +30,73 @@ import sys
 import time
 from pathlib import Path
 
+from shared.config import dump
 from shared.demo import DOMAIN, USERS, write_configs
 
 REPO = Path(__file__).resolve().parent.parent
-# Enough for the 10,000 idle connections of the concurrency test (all from 127.0.0.1).
-EDGE_MAX_CONNECTIONS = 11000
+# Enough for the 10,000 idle connections of the concurrency test (all from 127.0.0.1) and a few
+# more clients, below the stress threshold: the edge is under stress from 80 % of max_connections
+# on (shared.transport.server.SessionTable), and then lets one client hold at most
+# stress_connections_per_client sessions and gives idle ones 10 s: 10,000 sessions need more
+# than 12,500 (with 11,000 or 12,000, stress starts at 8,800 or 9,600 and refuses the rest).
+EDGE_MAX_CONNECTIONS = 13000
 SPOOL_STATES = ("incoming", "active", "deferred")
+
+
+def repo_env() -> dict:
+    """The environment for a child that must import this worktree's code (PYTHONPATH first)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM to `proc` (by its pid), SIGKILL after `grace` seconds; waits for it."""
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+class Stop(Exception):
+    """SIGTERM: unwind like Ctrl-C so that everything started gets stopped."""
+
+
+def run_then_stop(name: str, run, stop) -> int:
+    """`run()`, then `stop()` whatever happens (Ctrl-C and SIGTERM too: 130; stopping is not
+    interrupted again); 0 when `run()` returned."""
+    def on_term(signum, frame):
+        raise Stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        run()
+    except (KeyboardInterrupt, Stop):
+        print(f"{name}: interrupted; stopping everything it started", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop()
+    return 0
+
+
+def run_bench(name: str, args, make, prefix: str, root: str = "") -> int:
+    """A benchmark's main: ``args.out`` defaults to a new /tmp/PREFIX-DATE-*; `make(args)`
+    builds the benchmark, whose ``run()`` runs, then ``stop_all()`` and ``save()``.  With
+    `root` (why), it refuses to run as anyone but root (exit 2)."""
+    if root and os.geteuid() != 0:
+        print(f"{name}: run as root ({root})", file=sys.stderr)
+        return 2
+    if args.out is None:
+        import tempfile
+        args.out = tempfile.mkdtemp(prefix=time.strftime(f"{prefix}-%Y%m%d-%H%M%S-"), dir="/tmp")
+    bench = make(args)
+    return run_then_stop(name, bench.run, lambda: (bench.stop_all(), bench.save()))
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -54,7 +119,8 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def edge_config(root: Path, port: int, next_hop: str, domain: str = DOMAIN,
-                max_connections: int = EDGE_MAX_CONNECTIONS) -> str:
+                max_connections: int = EDGE_MAX_CONNECTIONS, firewall: tuple[str, ...] = ()) -> str:
+    rules = f"[firewall]\nrules = [{', '.join(json.dumps(r) for r in firewall)}]\n" if firewall else ""
     return f'''tier = "edge"
 [server]
 hostname = "edge.example.test"
@@ -71,7 +137,7 @@ tls = "none"
 [log]
 level = "info"
 file = "{root / 'log' / 'edge.log'}"
-'''
+{rules}'''
 
 
 class _Tiers:
@@ -93,8 +159,7 @@ class _Tiers:
         if busy:
             raise RuntimeError(f"port already in use on 127.0.0.1: {', '.join(busy)}")
         self._write_configs()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = repo_env()
         try:
             for tier in self.order:                 # downstream first
                 out = open(self.root / "log" / f"{tier}.stderr", "ab")
@@ -184,14 +249,50 @@ class SmarthostEdgeAlone(_Tiers):
 
     order = ("edge",)
 
-    def __init__(self, root, port: int, sink_port: int, domain: str = DOMAIN) -> None:
+    def __init__(self, root, port: int, sink_port: int, domain: str = DOMAIN,
+                 firewall: tuple[str, ...] = ()) -> None:
         super().__init__(root)
         self.domain = domain
         self.sink_port = sink_port
+        self.firewall = tuple(firewall)
         self.ports = {"edge": port}
 
     def _write_configs(self) -> None:
         (self.root / "log").mkdir(parents=True, exist_ok=True)
         path = self.root / "edge.toml"
-        path.write_text(edge_config(self.root, self.ports["edge"], f"127.0.0.1:{self.sink_port}", self.domain))
+        path.write_text(edge_config(self.root, self.ports["edge"], f"127.0.0.1:{self.sink_port}", self.domain,
+                                    firewall=self.firewall))
+        self.configs = {"edge": path}
+
+
+class SmarthostSubmissions(_Tiers):
+    """An edge with one listener, role submissions (implicit TLS with `cert`/`key`, AUTH
+    required), on `port`; `auth` is its [auth] section (the file backend's users_file, or
+    backend = "dovecot").  Its next hop is `next_hop_port`, where nothing need listen: the
+    edge connects there only at a client's first MAIL."""
+
+    order = ("edge",)
+
+    def __init__(self, root, port: int, cert: str, key: str, auth: dict, next_hop_port: int) -> None:
+        super().__init__(root)
+        self.cert, self.key, self.auth = cert, key, dict(auth)
+        self.next_hop_port = next_hop_port
+        self.ports = {"edge": port}
+
+    def config_text(self) -> str:
+        return dump("edge", {
+            "server": {"hostname": "edge.example.test", "tls_cert": self.cert, "tls_key": self.key,
+                       "reverse_lookup": False, "shutdown_timeout": 5},
+            "listeners": {"submissions": {"endpoint": f"tcp:port={self.ports['edge']}:interface=127.0.0.1",
+                                          "role": "submissions"}},
+            "auth": self.auth,
+            "relay": {"relay_domains": [DOMAIN]},
+            "next_hop": {"hosts": [f"127.0.0.1:{self.next_hop_port}"], "tls": "none"},
+            "log": {"level": "info", "file": str(self.root / "log" / "edge.log")},
+        })
+
+    def _write_configs(self) -> None:
+        (self.root / "log").mkdir(parents=True, exist_ok=True)
+        path = self.root / "edge.toml"
+        path.write_text(self.config_text())
         self.configs = {"edge": path}

@@ -83,6 +83,22 @@ def allowed_clients(settings: Settings) -> NetworkList | None:
     return NetworkList([*settings.server.upstream_hosts, *settings.relay.mynetworks])
 
 
+# Connections the kernel queues for a listener before the reactor accepts them.  Twisted's
+# endpoints default to 50: a burst of clients (or 200 connecting at once) then overflows the
+# queue and the rest wait for SYN retransmits (1 s, 3 s, ...).  511 as before listeners were
+# endpoints (and as nginx and Redis use); a description's own backlog= wins.
+LISTEN_BACKLOG = 511
+
+
+def with_backlog(description: str) -> str:
+    """A stream endpoint description (tcp:, tcp6:, ssl:, unix:) with ``backlog=LISTEN_BACKLOG``
+    unless it names a backlog; any other description as it is."""
+    kind, _, rest = description.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl", "unix") or not rest or "backlog=" in rest:
+        return description
+    return f"{description}:backlog={LISTEN_BACKLOG}"
+
+
 def firewalls(settings: Settings) -> dict[str, tuple[Firewall, ...]]:
     """Each listener's firewall: its own rules, then the global ones (each compiled once).
     Raises ConfigError naming the key whose rule file cannot be read or holds a bad line."""
@@ -305,7 +321,7 @@ class Daemon:
                 if proxied:
                     factory = proxyproto.HeaderFirstFactory(factory, self.reactor,
                                                             NetworkList(listener.proxy_hosts))
-                endpoint = endpoints.serverFromString(self.reactor, description)
+                endpoint = endpoints.serverFromString(self.reactor, with_backlog(description))
                 port = yield endpoint.listen(factory)
                 self.ports.append(port)
                 address = port.getHost()

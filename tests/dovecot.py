@@ -45,7 +45,13 @@ directory (the package's /etc/dovecot is never read):
 - ``auth_debug = yes``: the log (:meth:`DovecotServer.log_text`) shows every
   client connection ("auth client connected") and every request line, which
   tests read to see how many connections a client made, and Dovecot's
-  complaints ("BUG: ...") when a client breaks the protocol.
+  complaints ("BUG: ...") when a client breaks the protocol.  ``debug=False``
+  (for the benchmark, ``bench/auth.py``) logs as Dovecot does by default;
+  :meth:`DovecotServer.client_connections` then counts nothing.
+
+``hashed={name: "{SCHEME}..."}`` adds users whose hashes were made elsewhere
+(the benchmark gives Dovecot the very argon2id hashes of smarthost's user
+store, so both verify the same parameters).
 
 The master runs as root here and its auth process as the package's
 ``dovecot`` user, as packaged; nothing else of the system is changed.
@@ -80,8 +86,8 @@ protocols =
 ssl = no
 auth_mechanisms = {mechanisms}
 auth_failure_delay = 0
-auth_debug = yes
-auth_verbose = yes
+auth_debug = {debug}
+auth_verbose = {debug}
 
 passdb {{
   driver = passwd-file
@@ -153,6 +159,7 @@ class DovecotServer:
     host: str
     port: int
     timeout: float = 10.0
+    debug: bool = True                # auth_debug: the log shows every connection and request
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -204,7 +211,8 @@ class DovecotServer:
                                    (self.host, self.port))):
                 # the log process writes a little later: wait for the probes' lines, so that
                 # client_connections() counts from here on only the connections of the test
-                while self.client_connections() < connections + 2 and time.monotonic() < deadline:
+                while (self.debug and self.client_connections() < connections + 2
+                       and time.monotonic() < deadline):
                     time.sleep(0.01)
                 return self
             time.sleep(0.05)
@@ -329,7 +337,8 @@ def _comm(pid: int) -> str:
 
 def start_dovecot(directory: Path, users: Mapping[str, tuple[str, str]] = USERS, *,
                   mechanisms: str = "plain login cram-md5", host: str = "127.0.0.1",
-                  port: int | None = None, timeout: float = 10.0) -> DovecotServer:
+                  port: int | None = None, timeout: float = 10.0, debug: bool = True,
+                  hashed: Mapping[str, str] | None = None) -> DovecotServer:
     """Start a Dovecot auth service for `users`; return once it answers. See the module docstring."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="dovecot-", dir="/tmp"))
@@ -342,14 +351,19 @@ def start_dovecot(directory: Path, users: Mapping[str, tuple[str, str]] = USERS,
     last_error: Exception | None = None
     for _ in range(attempts):
         server = DovecotServer(directory=workdir, keep=Path(directory), host=host,
-                               port=port if port is not None else free_port(host), timeout=timeout)
+                               port=port if port is not None else free_port(host), timeout=timeout,
+                               debug=debug)
         server.config.write_text(_CONFIG.format(
             base_dir=server.base_dir, state_dir=workdir / "state", log=server.log,
+            debug="yes" if debug else "no",
             mechanisms=mechanisms, users=workdir / "users", tempfail=tempfail,
             tempfail_user=TEMPFAIL_USER, socket_name=SOCKET_NAME, host=host, port=server.port))
+        entries = {name: password_hash(server.config, scheme, password)
+                   for name, (scheme, password) in users.items()}
+        entries.update(hashed or {})
         (workdir / "users").write_text("".join(
-            f"{name}:{password_hash(server.config, scheme, password)}:65534:65534::/nonexistent::\n"
-            for name, (scheme, password) in users.items()))
+            f"{name}:{hashed_password}:65534:65534::/nonexistent::\n"
+            for name, hashed_password in entries.items()))
         try:
             return server.start()
         except RuntimeError as e:             # most likely the port was taken meanwhile
