@@ -14,7 +14,12 @@ bench.load send``), the two edges interleaved (order swapped every run), ``--run
 Prints msg/s at the sink per run, the medians, the ratio with/without (the target: at least
 0.95; also the median of the ratios of consecutive pairs, which a slow minute of the machine
 spoils less), the edge's CPU per message, and the CPU the rest of the machine used meanwhile;
-writes OUT/firewall.json.
+writes OUT/firewall.json.  ``--gc`` runs the edges under :mod:`bench.gcstats` and adds the time
+each spent in the garbage collector per message; ``--freeze`` adds a third edge with the list
+whose objects are frozen out of the collector's reach (``gc.freeze()``) after its warm-up: what
+that fix would give, measured, not what the edge does; ``--prebuilt`` an edge without the list
+whose process built the same list and threw it away before starting (what building it leaves
+behind in the heap, without the list).
 """
 from __future__ import annotations
 
@@ -115,7 +120,7 @@ def throughput(args) -> int:
     out = Path(args.out or tempfile.mkdtemp(prefix=time.strftime("smarthost-firewall-%Y%m%d-%H%M%S-"),
                                             dir="/tmp")).resolve()
     base = args.base_port
-    ports = {"sink": base, "without": base + 1, "with": base + 2}
+    ports = {"sink": base, "without": base + 1, "with": base + 2, "with+freeze": base + 3, "prebuilt": base + 4}
     busy = [p for p in ports.values() if not port_free(p)]
     if busy:
         raise SystemExit(f"ports in use on 127.0.0.1: {busy}; choose another --base-port")
@@ -133,9 +138,16 @@ def throughput(args) -> int:
     try:
         sink_dir = work / "sink"
         bench.start_sink(ports["sink"], sink_dir)
-        systems = {"without": SmarthostEdgeAlone(work / "without", ports["without"], ports["sink"]),
-                   "with": SmarthostEdgeAlone(work / "with", ports["with"], ports["sink"],
-                                              firewall=(f"deny file:{path}",))}
+        rules = (f"deny file:{path}",)
+        systems = {"without": SmarthostEdgeAlone(work / "without", ports["without"], ports["sink"], gc_stats=args.gc),
+                   "with": SmarthostEdgeAlone(work / "with", ports["with"], ports["sink"], firewall=rules,
+                                              gc_stats=args.gc)}
+        if args.freeze:
+            systems["with+freeze"] = SmarthostEdgeAlone(work / "with-freeze", ports["with+freeze"], ports["sink"],
+                                                        firewall=rules, gc_freeze=True)
+        if args.prebuilt:
+            systems["prebuilt"] = SmarthostEdgeAlone(work / "prebuilt", ports["prebuilt"], ports["sink"],
+                                                     prebuild=rules[0])
         for name, system in systems.items():
             t0 = time.monotonic()
             bench.start(system)
@@ -148,10 +160,13 @@ def throughput(args) -> int:
             raise SystemExit("the edge with the feed did not refuse the feed's 127.0.0.2: list not loaded?")
         for name, system in systems.items():                # warm-up
             bench.sink_run(name, system, ports["sink"], sink_dir, 200, "5k", 10, f"warm{name}")
+            if system.gc_freeze:
+                system.freeze()
         names = list(systems)
         for mode in modes:
             for k in range(args.runs):
                 for name in (names if k % 2 == 0 else names[::-1]):
+                    gc0 = systems[name].gc_now() if systems[name].gc_stats else None
                     if mode == "kept":
                         r = bench.sink_run(name, systems[name], ports["sink"], sink_dir, args.messages, "5k", 10,
                                            f"fw{name[0]}{k}")
@@ -164,6 +179,8 @@ def throughput(args) -> int:
                         r["peak_rss_mb"] = {"edge": None}
                         clear_dir(sink_dir)
                     r.update(system=name, mode=mode, order=k, messages=args.messages)
+                    if gc0 is not None:
+                        r["gc"] = gc_delta(gc0, systems[name].gc_now(), args.messages)
                     results["runs"].append(r)
                     log(f"  {mode} run {k + 1}/{args.runs} {name:7}: {fmt(r['delivered_per_s'])} msg/s at the "
                         f"sink ({r['delivered']}/{args.messages}), edge CPU {r['cpu_s_per_msg']['edge'] * 1000:.3f}"
@@ -182,19 +199,35 @@ def throughput(args) -> int:
         print(f"  {MODES[mode]}:")
         for name in names:
             s = summary[name]
-            print(f"    {name:7} ({args.entries if name == 'with' else 0} CIDRs): median {s['median']:.0f} msg/s "
+            gc_text = (f", in the collector {s['gc_ms_per_msg']:.3f} ms/msg ({s['gc2_per_1000']:.1f} full collections "
+                       f"per 1,000 messages, {s['gc2_ms_each']:.0f} ms each)" if s.get("gc_ms_per_msg") is not None else "")
+            print(f"    {name:11} ({0 if name in ('without', 'prebuilt') else args.entries} CIDRs): median {s['median']:.0f} msg/s "
                   f"(runs {', '.join(f'{x:.0f}' for x in s['delivered_per_s'])}), edge CPU "
-                  f"{s['cpu_ms_per_msg']:.3f} ms/msg, others' CPUs {', '.join(map(str, s['others_cpus']))}"
+                  f"{s['cpu_ms_per_msg']:.3f} ms/msg{gc_text}, others' CPUs {', '.join(map(str, s['others_cpus']))}"
                   + (f", {s['failed']} not delivered" if s["failed"] else ""))
         print(f"    with/without: {summary['ratio']:.3f} of the medians, {summary['ratio_pairs_median']:.3f} the "
               f"median of the run pairs ({', '.join(map(str, summary['ratio_per_run']))}); target >= 0.95: "
               f"{'met' if summary['ratio'] >= 0.95 else 'MISSED'}; edge CPU per message with/without "
               f"{summary['cpu_ratio']:.3f}")
+        for name, what in (("with+freeze", "a what-if: gc.freeze() after warm-up"),
+                           ("prebuilt", "no list, but the process built one and dropped it before starting")):
+            if f"ratio_{name}" in summary:
+                print(f"    {name}/without ({what}): {summary[f'ratio_{name}']:.3f} of the medians, "
+                      f"{summary[f'ratio_pairs_median_{name}']:.3f} the median of the run pairs; edge CPU per "
+                      f"message {summary[f'cpu_ratio_{name}']:.3f}")
     kept = results["summary"]["kept"]
     print(f"  the edge's peak RSS: {kept['without']['peak_rss_mb']:.0f} MB without the list, "
           f"{kept['with']['peak_rss_mb']:.0f} MB with it")
     log(f"firewall: results {out / 'firewall.json'}")
     return 0
+
+
+def gc_delta(before: dict, after: dict, messages: int) -> dict:
+    """What the edge's collector did between two bench.gcstats figures."""
+    d = {key: {g: after[key][g] - before[key][g] for g in after[key]} for key in ("collections", "seconds")}
+    d["ms_per_msg"] = sum(d["seconds"].values()) * 1000 / messages
+    d["tracked"] = after["tracked"]
+    return d
 
 
 def summarize(runs: list[dict], names: list[str]) -> dict:
@@ -209,12 +242,21 @@ def summarize(runs: list[dict], names: list[str]) -> dict:
             "others_cpus": [round(r["others_cpus"], 2) for r in mine],
             "failed": sum(r["messages"] - r["delivered"] for r in mine),
         }
-    pairs = [w["delivered_per_s"] / wo["delivered_per_s"] for w, wo in zip(
-        (r for r in runs if r["system"] == "with"), (r for r in runs if r["system"] == "without"))]
-    summary["ratio"] = summary["with"]["median"] / summary["without"]["median"]
-    summary["ratio_per_run"] = [round(x, 3) for x in pairs]
-    summary["ratio_pairs_median"] = statistics.median(pairs)
-    summary["cpu_ratio"] = summary["with"]["cpu_ms_per_msg"] / summary["without"]["cpu_ms_per_msg"]
+        gcs = [r["gc"] for r in mine if "gc" in r]
+        if gcs:
+            full = sum(g["collections"]["2"] for g in gcs)
+            summary[name].update(
+                gc_ms_per_msg=statistics.median(g["ms_per_msg"] for g in gcs),
+                gc2_per_1000=full * 1000 / sum(r["messages"] for r in mine),
+                gc2_ms_each=sum(g["seconds"]["2"] for g in gcs) * 1000 / full if full else 0.0)
+    for name in names[1:]:
+        key = "" if name == "with" else f"_{name}"
+        pairs = [w["delivered_per_s"] / wo["delivered_per_s"] for w, wo in zip(
+            (r for r in runs if r["system"] == name), (r for r in runs if r["system"] == "without"))]
+        summary[f"ratio{key}"] = summary[name]["median"] / summary["without"]["median"]
+        summary[f"ratio_per_run{key}"] = [round(x, 3) for x in pairs]
+        summary[f"ratio_pairs_median{key}"] = statistics.median(pairs)
+        summary[f"cpu_ratio{key}"] = summary[name]["cpu_ms_per_msg"] / summary["without"]["cpu_ms_per_msg"]
     return summary
 
 
@@ -228,7 +270,16 @@ def main(argv=None) -> int:
     t.add_argument("--entries", type=int, default=100_000)
     t.add_argument("--runs", type=int, default=5, help="runs per edge")
     t.add_argument("--messages", type=int, default=2000, help="messages per run")
-    t.add_argument("--base-port", type=int, default=24300, help="sink N, edges N+1 (without) and N+2 (with)")
+    t.add_argument("--base-port", type=int, default=24300,
+                   help="sink N, edges N+1 (without), N+2 (with), N+3 (with+freeze), N+4 (prebuilt)")
+    t.add_argument("--gc", action="store_true",
+                   help="run the edges under bench.gcstats: time in the garbage collector per message")
+    t.add_argument("--freeze", action="store_true",
+                   help="also an edge with the list whose objects are frozen (gc.freeze()) after warm-up: "
+                        "a what-if, not the edge's behaviour (implies --gc for it)")
+    t.add_argument("--prebuilt", action="store_true",
+                   help="also an edge without the list whose process built the same list and dropped it "
+                        "before starting (bench.gcstats --prebuild): the after-effects of building it")
     args = p.parse_args(argv)
     if args.mode == "throughput":
         return throughput(args)

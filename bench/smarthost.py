@@ -154,6 +154,10 @@ class _Tiers:
     def _write_configs(self) -> None:
         raise NotImplementedError
 
+    def launcher(self, tier: str) -> list[str]:
+        """What runs a tier, after the interpreter: ``-m shared.cli`` (then TIER --config FILE)."""
+        return ["-m", "shared.cli"]
+
     def start(self, timeout: float = 30.0) -> "_Tiers":
         busy = [f"{t}:{p}" for t, p in self.ports.items() if not port_free(p)]
         if busy:
@@ -164,7 +168,7 @@ class _Tiers:
             for tier in self.order:                 # downstream first
                 out = open(self.root / "log" / f"{tier}.stderr", "ab")
                 self.procs[tier] = subprocess.Popen(
-                    [sys.executable, "-m", "shared.cli", tier, "--config", str(self.configs[tier])],
+                    [sys.executable, *self.launcher(tier), tier, "--config", str(self.configs[tier])],
                     cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                     start_new_session=True)         # Ctrl-C reaches us only; we stop them by pid
                 out.close()
@@ -250,12 +254,41 @@ class SmarthostEdgeAlone(_Tiers):
     order = ("edge",)
 
     def __init__(self, root, port: int, sink_port: int, domain: str = DOMAIN,
-                 firewall: tuple[str, ...] = ()) -> None:
+                 firewall: tuple[str, ...] = (), gc_stats: bool = False, gc_freeze: bool = False,
+                 prebuild: str = "") -> None:
         super().__init__(root)
         self.domain = domain
         self.sink_port = sink_port
         self.firewall = tuple(firewall)
+        self.gc_stats, self.gc_freeze, self.prebuild = gc_stats or gc_freeze or bool(prebuild), gc_freeze, prebuild
         self.ports = {"edge": port}
+
+    @property
+    def gc_file(self) -> Path:
+        """Where bench.gcstats writes the edge's collector figures (with gc_stats)."""
+        return self.root / "gc.json"
+
+    def launcher(self, tier: str) -> list[str]:
+        if not self.gc_stats:
+            return super().launcher(tier)
+        return ["-m", "bench.gcstats", str(self.gc_file), *(["--freeze"] if self.gc_freeze else []),
+                *(["--prebuild", self.prebuild] if self.prebuild else []), "--"]
+
+    def gc_now(self) -> dict:
+        """The edge's collector figures so far (bench.gcstats: collections and seconds per
+        generation, tracked objects)."""
+        mtime = self.gc_file.stat().st_mtime_ns if self.gc_file.exists() else 0
+        os.kill(self.procs["edge"].pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if self.gc_file.exists() and self.gc_file.stat().st_mtime_ns != mtime:
+                return json.loads(self.gc_file.read_text())
+            time.sleep(0.01)
+        raise RuntimeError(f"the edge wrote no {self.gc_file}")
+
+    def freeze(self) -> None:
+        """gc.freeze() in the edge now (with gc_freeze)."""
+        os.kill(self.procs["edge"].pid, signal.SIGUSR1)
 
     def _write_configs(self) -> None:
         (self.root / "log").mkdir(parents=True, exist_ok=True)
