@@ -21,10 +21,21 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port free on `host` now, and not one this process was given before: a test that asks
+    for several ports before binding any (a pipeline's tiers, then an extra listener) must not
+    get the same number twice, which the kernel may well hand out again."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError(f"no fresh free port on {host}")
 
 
 def on_real_reactor(scenario: Callable[[Any], Any], timeout: float = 30) -> Any:
