@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 
+from tests.dovecot import dovecot  # noqa: F401  (the fixture)
 from tests.integration.helpers import (DOMAIN, PYTHON, REPO, Client, child_env, free_port, received_by,
-                                       smarthost, wait_until)
+                                       smarthost)
 
 ALICE, BOB = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
 PASSWORDS = {ALICE: "alice-Secret-1", BOB: "bob-Secret-2"}
@@ -216,9 +217,6 @@ def test_a_listener_with_auth_needs_a_backend_and_tls(make_pipeline):
 
 
 # -- the Dovecot backend (smtpd_sasl_type = dovecot) ------------------------------------
-
-from tests.dovecot import dovecot  # noqa: E402,F401  (the fixture)
-
 
 def test_the_edge_authenticates_through_a_real_dovecot(make_pipeline, dovecot):
     server = dovecot({ALICE: ("SHA512-CRYPT", "alice-dovecot"), BOB: ("CRAM-MD5", "bob-dovecot")})
