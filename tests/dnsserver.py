@@ -53,7 +53,7 @@ from typing import Iterable, Sequence
 
 import pytest
 
-from tests.support import RealReactor  # noqa: F401  (the tests take it from here too)
+from tests.support import RealReactor, real  # noqa: F401  (the tests take them from here too)
 
 DEFAULT_TTL = 300
 NEGATIVE_TTL = 60
@@ -252,14 +252,6 @@ def start_dns_server(directory: Path, zones: dict[str, Iterable[Sequence] | str]
         stderr = (workdir / "dns.stderr").read_text(errors="replace")
         last_error = f"exit status {proc.returncode}\n{stderr[-2000:]}\n{server.log_tail()}"
     raise RuntimeError(f"DNS server did not answer on {host}:{use_port}: {last_error}")
-
-
-@pytest.fixture
-def real():
-    """A RealReactor, closed after the test."""
-    r = RealReactor()
-    yield r
-    r.close()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import socket
 import time
 from typing import Any, Callable
 
+import pytest
 from twisted.internet import defer, error as net_error
 from twisted.python.failure import Failure
 
@@ -89,3 +90,11 @@ class RealReactor:
         for selectable in self.reactor.removeAll():
             selectable.connectionLost(Failure(net_error.ConnectionDone()))
         self.reactor.waker.connectionLost(None)
+
+
+@pytest.fixture
+def real():
+    """A RealReactor, closed after the test."""
+    r = RealReactor()
+    yield r
+    r.close()

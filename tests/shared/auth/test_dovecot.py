@@ -37,7 +37,7 @@ from twisted.logger import capturedLogs
 from shared.auth.dovecot import DovecotBackend, auth_request, escape, parse_address, unescape
 from shared.auth.sasl import Challenge, ClientContext, Failure, Success
 from tests.dovecot import TEMPFAIL_USER, USERS, dovecot, require_dovecot, start_dovecot  # noqa: F401
-from tests.support import RealReactor, free_port
+from tests.support import free_port, real  # noqa: F401  (real: the fixture)
 
 CRAM, CRAM_PASSWORD = "cram", USERS["cram"][1]
 HASHED, HASHED_PASSWORD = "hashed", USERS["hashed"][1]
@@ -136,13 +136,6 @@ def server(tmp_path_factory):
     dovecot_server = start_dovecot(tmp_path_factory.mktemp("dovecot"))
     yield dovecot_server
     dovecot_server.cleanup()
-
-
-@pytest.fixture
-def real():
-    r = RealReactor()
-    yield r
-    r.close()
 
 
 @pytest.fixture
