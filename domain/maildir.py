@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from shared.config import schema as rules
 from shared.config.schema import Key, Loading, Section
 from shared.dirsync import DirSyncs
-from shared.message import HeaderEdits, HeaderRemover
+from shared.message import HeaderEdits
 from shared.reserve import FileReserve, write_all
 from shared.smtp.reply import UNKNOWN_USER, Reply, storage_error
 
@@ -219,7 +219,7 @@ class MaildirSink:
     def _edit(self, tmp_path: str, edits: HeaderEdits, head: int) -> int:
         """Rewrite the message file with `edits` applied (a new file renamed over it,
         fsynced when fsync is on); its new size."""
-        remover = HeaderRemover(edits.remove)
+        remover = edits.remover()
         edited = tmp_path + ".edit"
         with open(tmp_path, "rb") as fin, open(edited, "xb") as fout:
             fout.write(fin.read(head))

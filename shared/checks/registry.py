@@ -43,6 +43,13 @@ class CheckType:
     # (its settings, the configuration) -> what check-config prints under the check when it
     # is on: what it was given to work with (zones, limits), in one line.
     summary: Callable[[Any, Settings], str] | None = None
+    # The symbols it reports (shared.checks.core.Symbol), each with its default score and
+    # meaning: {"SPF_FAIL": (3.0, "SPF says the client may not send for the domain")}.
+    # The actions check scores them; check-config prints them.
+    symbols: dict[str, tuple[float, str]] = field(default_factory=dict)
+    # The checks whose results it reads, which a policy must list before it in a phase they
+    # share: names, "symbols" (every check that reports symbols) or "*" (every other check).
+    after: tuple[str, ...] = ()
 
     def own(self, settings: Settings, policy: str | None = None) -> Any:
         """Its settings object in `settings` (None: it has no section), with what `policy`'s
@@ -121,6 +128,11 @@ def build_policies(settings: Settings, spec: TierSpec, ctx: BuildContext) -> dic
     return out
 
 
+def _symbol_scores(settings: Settings) -> dict[str, float]:
+    """The scores ``[actions] scores`` sets (over the checks' defaults), where the tier has it."""
+    return dict(getattr(settings.sections.get("actions"), "scores", None) or {})
+
+
 def preflight_checks(settings: Settings, spec: TierSpec) -> None:
     """Every registered check's preflight (see CheckType.preflight)."""
     for t in spec.checks:
@@ -154,6 +166,10 @@ def describe(settings: Settings, spec: TierSpec) -> str:
                 lines.append(f"  {phase:11} {i:2}. {entry} ({state}): {t.doc}")
                 if t.summary is not None and active:
                     lines.append(f"{'':18}{t.summary(t.own(settings, name), settings)}")
+                if t.symbols and active:
+                    scores = _symbol_scores(settings)
+                    lines.append(f"{'':18}symbols: " + ", ".join(
+                        f"{s} {scores.get(s, d):g}" for s, (d, _) in t.symbols.items()))
                 if t.section is not None and t.section.name in policy.settings:
                     own = ", ".join(f"{k} = {v!r}" for k, v in policy.settings[t.section.name].items())
                     lines.append(f"{'':18}this policy's own settings: {own}")
@@ -164,3 +180,11 @@ def describe(settings: Settings, spec: TierSpec) -> str:
     if settings.has("redis"):
         lines.append(counters_where(settings))
     return "\n".join(lines)
+
+
+def active_checks(settings: Settings, spec: TierSpec, policy: str = "default") -> dict[str, list[str]]:
+    """{phase: [check names]} of the checks `policy` runs (those switched off left out)."""
+    types = {c.name: c for c in spec.checks}
+    p = settings.policies[policy]
+    return {phase: [c for c in getattr(p, phase) if types[c].is_active(settings, policy)]
+            for phase in PHASE_KEYS if phase != "relay" and getattr(p, phase)}

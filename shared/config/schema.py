@@ -29,6 +29,7 @@ import pwd
 import re
 import socket
 import tomllib
+from types import MappingProxyType
 from dataclasses import asdict, dataclass, field, make_dataclass, replace
 from dataclasses import fields as fields_of
 from typing import Any, Callable
@@ -266,13 +267,19 @@ def setting(default: Any, doc: str, item: Callable[[Any], Any] | None = None, *,
     if kind is None:
         kind = (int, float) if isinstance(default, float) else list if isinstance(default, tuple) \
             else default.__class__
-    return field(default=default, metadata={"key": Key(kind, list(default) if isinstance(default, tuple)
-                                                        else default, doc, item, **key)})
+    given = list(default) if isinstance(default, tuple) else default
+    if isinstance(default, dict):          # a table: read-only, made per object
+        frozen = dict(default)
+        return field(default_factory=lambda: MappingProxyType(frozen),
+                     metadata={"key": Key(kind, given, doc, item, **key)})
+    return field(default=default, metadata={"key": Key(kind, given, doc, item, **key)})
 
 
 def _frozen(value: Any) -> Any:
-    """What a section object holds: arrays as tuples."""
-    return tuple(value) if isinstance(value, list) else value
+    """What a section object holds: arrays as tuples, tables as read-only mappings."""
+    if isinstance(value, list):
+        return tuple(value)
+    return MappingProxyType(value) if isinstance(value, dict) else value
 
 
 @dataclass(frozen=True)
@@ -860,6 +867,8 @@ def _finish_policies(ld: Loading) -> None:
                 if phase not in check.phases:
                     raise ld.error(key, f"check {entry} runs at {' or '.join(check.phases)}, "
                                         f"not at {phase.replace('_', ' ')}")
+            if phase != "relay":
+                _in_order(ld, f"policies.{name}.{phase}", policy[phase], checks)
     for name, listener in ld.values["listeners"].items():
         if listener["policy"] not in policies:
             raise ld.error(f"listeners.{name}.policy", f"no policy {listener['policy']!r} "
@@ -867,6 +876,17 @@ def _finish_policies(ld: Loading) -> None:
     for name, policy in policies.items():
         if "client_certificate" in policy["relay"]:
             _client_certificates_reachable(ld, name)
+
+
+def _in_order(ld: Loading, key: str, entries: list[str], checks: dict) -> None:
+    """A check that reads others' results comes after them (CheckType.after: names, "symbols"
+    for every check that reports symbols, "*" for every other check of the phase)."""
+    for i, entry in enumerate(entries):
+        after = getattr(checks[entry], "after", ())
+        for later in entries[i + 1:]:
+            c = checks[later]
+            if later in after or "*" in after or ("symbols" in after and getattr(c, "symbols", None)):
+                raise ld.error(key, f"{entry} reads what {later} finds: list {later} before {entry}")
 
 
 def _client_certificates_reachable(ld: Loading, policy: str) -> None:
@@ -1056,7 +1076,7 @@ def toml_value(v: Any) -> str:
         return toml_value(hostport_text(*v))
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
+    if isinstance(v, (dict, MappingProxyType)):
         return "{ " + ", ".join(f"{toml_value(str(k))} = {toml_value(x)}" for k, x in v.items()) + " }"
     if isinstance(v, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
         return toml_value(str(v))

@@ -57,7 +57,7 @@ from email.utils import formatdate
 from typing import Callable
 
 from shared.envelope import Envelope, Recipient
-from shared.message import HeaderEdits, HeaderRemover
+from shared.message import HeaderEdits
 from shared.smtp.reply import Reply
 
 RETURN_LIMIT = 50_000          # RET=FULL returns the whole message up to this size
@@ -260,7 +260,7 @@ def _edited(body_reader: Callable[[int], bytes], edits: HeaderEdits) -> Callable
         while True:
             data = body_reader(want)
             whole = len(data) < want
-            remover = HeaderRemover(edits.remove)
+            remover = edits.remover()
             out = prefix + remover.feed(data) + (remover.flush() if whole else b"")
             if whole or len(out) >= n:
                 return out[:n]
