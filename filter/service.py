@@ -11,6 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from filter.actions import ACTIONS_CHECK
+from filter.arc import ARC
+from filter.authresults import AUTH_RESULTS
+from filter.dkim import DKIM
+from filter.dkimsign import DKIM_SIGN
+from filter.dmarc import DMARC
+from filter.spf import SPF
 from filter.verify import VERIFY
 from shared.checks.helo import HELO_NAME
 from shared.config.schema import TierSpec, hostport_text
@@ -61,5 +68,12 @@ class Filter(Component):
         return d
 
 
-TIER = TierSpec("filter", sections=(NEXT_HOP, QUEUE), checks=(ROUTE, VERIFY, HELO_NAME),
-                default_policy={"rcpt": ("route", "verify")}, component=Filter)
+# The default chain: recipients verified at RCPT; at end of data the sender-authentication
+# checks (dmarc after spf and dkim, whose results it reads), the Authentication-Results
+# field of all of them, the score and its action, and last the signature of our users' mail.
+TIER = TierSpec("filter", sections=(NEXT_HOP, QUEUE),
+                checks=(ROUTE, VERIFY, HELO_NAME, SPF, DKIM, ARC, DMARC, AUTH_RESULTS, ACTIONS_CHECK, DKIM_SIGN),
+                default_policy={"rcpt": ("route", "verify", "actions"),
+                                "end_of_data": ("spf", "dkim", "arc", "dmarc", "auth_results", "actions",
+                                                "dkim_sign")},
+                component=Filter)
