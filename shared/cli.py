@@ -9,6 +9,8 @@
                                                   list|show|flush|hold|release|delete
     smarthost user add|passwd|delete|list [NAME] [--cram-md5] [--password-stdin] --config FILE
                                                   the edge's embedded user store (SMTP AUTH)
+    smarthost dkim keygen DOMAIN SELECTOR [--algorithm rsa|ed25519] [--bits N] [--directory DIR]
+                                                  write a DKIM signing key, print its DNS TXT record
 """
 from __future__ import annotations
 
@@ -110,6 +112,40 @@ def _user(args) -> int:
         return 1
 
 
+def _dkim(args) -> int:
+    import os
+    from filter.dkimsign import keygen
+    from shared.config.schema import domain as domain_rule
+    try:
+        domain = domain_rule(args.domain)
+    except ValueError as e:
+        print(f"smarthost dkim keygen: DOMAIN: {e}", file=sys.stderr)
+        return 2
+    if not args.selector.replace("-", "").replace("_", "").isalnum():
+        print(f"smarthost dkim keygen: SELECTOR: {args.selector!r} is not a selector (letters, digits, - and _)",
+              file=sys.stderr)
+        return 2
+    if args.algorithm == "rsa" and not 1024 <= args.bits <= 4096:
+        print("smarthost dkim keygen: --bits: from 1024 to 4096 (2048 is the usual size)", file=sys.stderr)
+        return 2
+    directory = os.path.abspath(args.directory)
+    try:
+        path, record = keygen(domain, args.selector, directory, args.algorithm, args.bits)
+    except FileExistsError:
+        print(f"smarthost dkim keygen: {directory}/{domain}.{args.selector}.key exists: not overwritten "
+              f"(a new key wants a new selector)", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"smarthost dkim keygen: {directory}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"# private key written to {path} (mode 0600: readable by the filter's server.user only)")
+    print("# publish this TXT record in the zone of " + domain + ":")
+    print(record)
+    print("# and sign with it in the filter's configuration:")
+    print(f'#   [dkim_sign]\n#   keys = ["{domain} {args.selector} {path}"]')
+    return 0
+
+
 def _run(args) -> int:
     from shared.daemon import run
     return run(args.command, args.config)
@@ -117,7 +153,7 @@ def _run(args) -> int:
 
 def _demo(args) -> int:
     from shared.demo import run_demo
-    return run_demo(args.dir, args.base_port)
+    return run_demo(args.dir, args.base_port, args.nameserver)
 
 
 def _version() -> str:
@@ -161,7 +197,11 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run all three tiers on 127.0.0.1, delivering into Maildir under DIR")
     d.add_argument("--dir", required=True, metavar="DIR")
     d.add_argument("--base-port", type=int, default=2525, metavar="N",
-                   help="edge on N, filter on N+1, domain on N+2 (default 2525)")
+                   help="edge on N, filter on N+1, domain on N+2, submission N+3, submissions N+4, "
+                        "the demo's DNS server N+5 (default 2525)")
+    d.add_argument("--nameserver", metavar="HOST:PORT",
+                   help="the filter's DNS server (default: the demo's own, serving the hosted domain's "
+                        "SPF, DKIM and DMARC records)")
     d.set_defaults(func=_demo)
     q = sub.add_parser("queue", help="list or change a tier's queue (safe while it runs)")
     q.add_argument("action", choices=("list", "show", "flush", "hold", "release", "delete"))
@@ -183,6 +223,18 @@ def parser() -> argparse.ArgumentParser:
                    help="read the password from the first line of standard input")
     u.add_argument("--config", required=True, metavar="FILE", help="the edge's TOML configuration")
     u.set_defaults(func=_user)
+    k = sub.add_parser("dkim", help="DKIM signing keys of the filter", description=(
+        "keygen: write a new private key to DIR/DOMAIN.SELECTOR.key (PEM, mode 0600, never over an "
+        "existing file) and print the TXT record to publish at SELECTOR._domainkey.DOMAIN and the "
+        "[dkim_sign] keys entry that signs with it."))
+    k.add_argument("action", choices=("keygen",))
+    k.add_argument("domain", metavar="DOMAIN")
+    k.add_argument("selector", metavar="SELECTOR")
+    k.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa",
+                   help="rsa (rsa-sha256, default: every verifier knows it) or ed25519 (ed25519-sha256, RFC 8463)")
+    k.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    k.add_argument("--directory", default=".", metavar="DIR", help="where to write the key (default: here)")
+    k.set_defaults(func=_dkim)
     return p
 
 

@@ -42,10 +42,47 @@ def _demo_certificate(tls_dir: Path, hostname: str) -> tuple[str, str]:
 
 def demo_ports(base_port: int) -> dict[str, int]:
     return {"edge": base_port, "filter": base_port + 1, "domain": base_port + 2,
-            "submission": base_port + 3, "submissions": base_port + 4}
+            "submission": base_port + 3, "submissions": base_port + 4, "dns": base_port + 5}
 
 
-def sections(root: Path, base_port: int, cert: str, key: str) -> dict[str, dict[str, dict]]:
+DKIM_SELECTOR = "demo"
+
+
+def demo_dkim_key(root: Path) -> tuple[Path, str]:
+    """The demo domain's DKIM signing key (made once, kept in DIR/dkim) and its TXT record text."""
+    from filter.dkimsign import keygen, load_key, txt_record
+    directory = root / "dkim"
+    directory.mkdir(exist_ok=True)
+    path = directory / f"{DOMAIN}.{DKIM_SELECTOR}.key"
+    if not path.exists():
+        keygen(DOMAIN, DKIM_SELECTOR, str(directory))
+    from cryptography.hazmat.primitives import serialization
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    load_key(str(path))
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return path, txt_record("rsa", public)
+
+
+def demo_zone(dkim_record: str) -> str:
+    """The hosted domain's zone for the demo's own DNS server (twisted.names' Python zone
+    format): SPF allowing no host (the domain's mail is its users', submitted with AUTH and
+    DKIM-signed), the DKIM key, DMARC p=reject.  Names outside it get NXDOMAIN,
+    so the filter's checks answer at once on a machine without Internet."""
+    chunks = ", ".join(repr(dkim_record[i:i + 250].encode()) for i in range(0, len(dkim_record), 250))
+    return f"""zone = [
+    SOA({DOMAIN!r}, mname='ns.{DOMAIN}', rname='hostmaster.{DOMAIN}', serial=1, refresh=3600, retry=600,
+        expire=86400, minimum=60, ttl=60),
+    NS({DOMAIN!r}, 'ns.{DOMAIN}', ttl=300),
+    A('ns.{DOMAIN}', '127.0.0.1', ttl=300),
+    TXT({DOMAIN!r}, b'v=spf1 -all', ttl=300),
+    TXT('_dmarc.{DOMAIN}', b'v=DMARC1; p=reject; adkim=r; aspf=r', ttl=300),
+    TXT('{DKIM_SELECTOR}._domainkey.{DOMAIN}', {chunks}, ttl=300),
+]
+"""
+
+
+def sections(root: Path, base_port: int, cert: str, key: str, nameserver: str | None = None,
+             dkim_key: Path | None = None) -> dict[str, dict[str, dict]]:
     """The three tiers' settings for a one-machine pipeline on 127.0.0.1 (edge mx on
     base_port, filter on base_port + 1, domain on base_port + 2, the edge's submission
     and submissions on base_port + 3 and + 4); loopback clients get no reverse DNS
@@ -75,6 +112,8 @@ def sections(root: Path, base_port: int, cert: str, key: str) -> dict[str, dict[
             "relay": {"relay_domains": [DOMAIN]},
             "next_hop": {"hosts": [f"127.0.0.1:{ports['domain']}"], "tls": "none"},
             "queue": {"directory": str(root / "spool" / "filter"), "retry_min": 60, "retry_max": 600},
+            "dns": {"nameservers": [nameserver or f"127.0.0.1:{ports['dns']}"]},
+            "dkim_sign": {"keys": [f"{DOMAIN} {DKIM_SELECTOR} {dkim_key}"] if dkim_key else []},
             "log": log("filter"),
         },
         "domain": {
@@ -109,15 +148,18 @@ def demo_users(root: Path) -> tuple[dict[str, str], bool]:
     return users, True
 
 
-def write_configs(root: Path, base_port: int) -> dict[str, Path]:
+def write_configs(root: Path, base_port: int, nameserver: str | None = None) -> dict[str, Path]:
     """The three tiers' configuration files, written with the project's TOML writer (any
-    path, quotes and backslashes included, comes out as valid TOML)."""
+    path, quotes and backslashes included, comes out as valid TOML), and the demo's zone."""
     root.mkdir(parents=True, exist_ok=True)
     cert, key = _demo_certificate(root / "tls", "edge.example.test")
     (root / "log").mkdir(exist_ok=True)
     (root / "run").mkdir(exist_ok=True)
+    dkim_key, record = demo_dkim_key(root)
+    (root / "dns").mkdir(exist_ok=True)
+    (root / "dns" / "zone.py").write_text(demo_zone(record))
     paths = {}
-    for tier, values in sections(root, base_port, cert, key).items():
+    for tier, values in sections(root, base_port, cert, key, nameserver, dkim_key).items():
         p = root / f"{tier}.toml"
         p.write_text(dump(tier, values))
         paths[tier] = p
@@ -130,15 +172,17 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def run_demo(directory: str, base_port: int) -> int:
+def run_demo(directory: str, base_port: int, nameserver: str | None = None) -> int:
     root = Path(directory).resolve()
     ports = demo_ports(base_port)
+    if nameserver:
+        ports.pop("dns")
     busy = [f"{t} {p}" for t, p in ports.items() if _port_open(p)]
     if busy:
         print(f"smarthost demo: port in use on 127.0.0.1 ({', '.join(busy)}); choose another --base-port",
               file=sys.stderr)
         return 1
-    configs = write_configs(root, base_port)
+    configs = write_configs(root, base_port, nameserver)
     users, new_users = demo_users(root)
     from shared.config import load
     children: dict[str, subprocess.Popen] = {}
@@ -146,8 +190,14 @@ def run_demo(directory: str, base_port: int) -> int:
     # Installed before any child exists, so an early Ctrl-C still stops them all.
     signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    for tier in ("domain", "filter", "edge"):        # fail early, with the file and key, if invalid
+        load(tier, configs[tier])
+    if not nameserver:                               # the demo's own DNS server: the hosted domain's zone
+        children["dns"] = subprocess.Popen(
+            [sys.executable, "-m", "twisted", "--log-file", str(root / "log" / "dns.log"), "dns",
+             "--interface", "127.0.0.1", "--port", str(ports["dns"]), "--pyzone", str(root / "dns" / "zone.py")],
+            cwd=root / "dns", stdin=subprocess.DEVNULL)
     for tier in ("domain", "filter", "edge"):        # start downstream first
-        load(tier, configs[tier])                    # fail early, with the file and key, if invalid
         children[tier] = subprocess.Popen([sys.executable, "-m", "shared.cli", tier, "--config", str(configs[tier])])
 
     def stop_all(*_):
@@ -181,6 +231,12 @@ def run_demo(directory: str, base_port: int) -> int:
         "users": users,
     }
     info["tiers"]["edge"]["listeners"] = {role: f"127.0.0.1:{ports[port]}" for role, port in LISTENERS}
+    from filter.service import TIER as FILTER
+    from shared.checks.registry import active_checks
+    info["tiers"]["filter"]["checks"] = active_checks(load("filter", configs["filter"]), FILTER)
+    info["dns"] = nameserver or f"127.0.0.1:{ports['dns']}"
+    if not nameserver:
+        info["services"] = {"dns": f"127.0.0.1:{ports['dns']}"}
     (root / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
     if new_users:
         passwords = ", ".join(f"{u} {p}" for u, p in users.items())
@@ -198,7 +254,10 @@ s.sendmail('you@example.net', ['alice@{DOMAIN}'], 'Subject: hi\\r\\n\\r\\nhello\
 Submit as alice (her password is in {root / 'users.json'}):
   swaks --server 127.0.0.1:{ports['submission']} --tls --auth PLAIN --auth-user {alice} --auth-password PASSWORD \\
     --from {alice} --to bob@{DOMAIN}
-Then look in {mailboxes[alice]}/new/
+Then look in {mailboxes[alice]}/new/ (the filter's Authentication-Results and X-Spam-Status fields
+are on top; mail submitted as alice is DKIM-signed for {DOMAIN}, selector {DKIM_SELECTOR})
+The filter checks SPF, DKIM, DMARC and ARC with DNS at {info['dns']}: {DOMAIN} publishes p=reject, so
+  swaks --server 127.0.0.1:{ports['edge']} --from forger@{DOMAIN} --to bob@{DOMAIN}   gets 550 5.7.1
 After editing a tier's file: python3 -m shared.cli reload --config {configs['edge']}
 Press Ctrl-C to stop.""", flush=True)
 
