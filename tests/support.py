@@ -98,3 +98,24 @@ def real():
     r = RealReactor()
     yield r
     r.close()
+
+
+_nameserver = None
+
+
+def test_nameserver() -> str:
+    """"127.0.0.1:PORT" of a real DNS server serving the test zones
+    (:func:`tests.filter.mailauth.zones`), for the filter tiers the tests run: their
+    checks look up SPF, DKIM and DMARC there, never on the machine's resolver.  One per
+    test process, started on first use, stopped by its pid when the process exits."""
+    global _nameserver
+    if _nameserver is None:
+        import atexit
+        import tempfile
+        from pathlib import Path
+        from tests.dnsserver import start_dns_server
+        from tests.filter.mailauth import zones
+        _nameserver = start_dns_server(Path(tempfile.mkdtemp(prefix="smarthost-dns-")), zones())
+        atexit.register(_nameserver.stop)
+    host, port = _nameserver.address
+    return f"{host}:{port}"

@@ -75,6 +75,16 @@ def write_toml(path: Path, tier: str, sections: dict[str, dict[str, Any]]) -> Pa
     return path
 
 
+def _filter_dns(host: str) -> dict[str, Any]:
+    """The filter's DNS: the tests' server on loopback; a filter in a network namespace cannot
+    reach it, and runs without the end-of-data checks that need DNS (they have tests of
+    their own: tests/filter, tests/integration/test_mailauth.py)."""
+    if host == "127.0.0.1":
+        from tests.support import test_nameserver
+        return {"dns": {"nameservers": [test_nameserver()]}}
+    return {"policies": {"default": {"end_of_data": []}}}
+
+
 def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -117,6 +127,7 @@ def write_pipeline_configs(root: Path, listen: dict[str, tuple[str, int]], *,
                          "command_timeout": 30},
             "queue": {"directory": str(root / "spool" / "filter"), **(queue or {})},
             "log": {"file": str(root / "log" / "filter.log")},
+            **_filter_dns(listen["filter"][0]),
         },
         "domain": {
             "server": {"hostname": HOSTNAMES["domain"], "listen": [hostport(*listen["domain"])],
@@ -430,7 +441,10 @@ def message_id(raw: bytes) -> str | None:
     return m.group(1).decode("ascii", "replace") if m else None
 
 
-_TRACE = re.compile(rb"(?:return-path|received)[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*", re.IGNORECASE)
+# What the pipeline writes above the message: trace fields and the filter's results.
+_TRACE = re.compile(rb"(?:return-path|received|authentication-results|received-spf|x-spam-score|x-spam-status"
+                    rb"|x-spam-flag|dkim-signature)"
+                    rb"[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*", re.IGNORECASE)
 
 
 def split_trace(raw: bytes) -> tuple[list[bytes], bytes]:
@@ -478,12 +492,18 @@ def check_delivered(raw: bytes, sent: bytes, sender: str) -> list[str]:
     """Assert `raw` is `sent` plus the pipeline's trace fields; those fields, unfolded.
 
     The contract: the domain tier's Return-Path first, then one Received per
-    tier, newest first: domain, filter, edge.
+    tier, newest first: domain, filter, edge; the filter's results
+    (Authentication-Results, Received-SPF, X-Spam-*) between the domain's and the
+    filter's Received, where the filter wrote them (returned apart: ``results``).
     """
     trace, rest = split_trace(raw)
     assert rest == sent, ("delivered message differs from what was sent (trace fields removed)\n"
                           f"sent:      {sent[:300]!r}\ndelivered: {rest[:300]!r}")
-    fields = [unfold(f) for f in trace]
+    everything = [unfold(f) for f in trace]
+    fields = [f for f in everything if f.split(":", 1)[0].lower() in ("return-path", "received")]
+    results = everything[2:everything.index(fields[2])] if len(fields) > 2 else []
+    assert all(not f.lower().startswith(("return-path", "received:")) for f in results), everything
+    assert not any(f.lower().startswith("dkim-signature") for f in everything), "unauthenticated mail signed"
     assert len(fields) == 4, f"expected Return-Path and three Received fields, got {fields}"
     assert fields[0] == f"Return-Path: <{sender}>", fields[0]
     for field, tier in zip(fields[1:], ("domain", "filter", "edge")):

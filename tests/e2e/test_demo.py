@@ -261,3 +261,37 @@ def test_a_second_run_keeps_the_passwords(tmp_path):
     with running_demo(tmp_path / "again") as second:
         assert second.info["users"] == users
     assert (tmp_path / "again" / "demo.out").read_text().count(users[ALICE]) == 1
+
+
+def _demo_txt(demo):
+    """dkimpy's key lookup, asked of the demo's own DNS server."""
+    import dns.resolver
+    host, port = demo.info["dns"].rsplit(":", 1)
+    r = dns.resolver.Resolver(configure=False)
+    r.nameservers, r.port = [host], int(port)
+
+    def lookup(name, timeout=5):
+        answer = r.resolve(name.decode().rstrip("."), "TXT", lifetime=timeout)
+        return b"".join(answer[0].strings)
+    return lookup
+
+
+def test_demo_signs_submission_and_refuses_a_forged_sender(demo):
+    import dkim
+    assert demo.info["tiers"]["filter"]["checks"]["end_of_data"] == [
+        "spf", "dkim", "arc", "dmarc", "auth_results", "actions", "dkim_sign"]
+    host, port = demo.info["tiers"]["edge"]["listeners"]["submissions"].rsplit(":", 1)
+    tag = f"demo-signed-{os.getpid()}"
+    r = subprocess.run(["swaks", "--server", f"{host}:{port}", "--tlsc", "--auth", "PLAIN", "--auth-user", BOB,
+                        "--auth-password", demo.info["users"][BOB], "--from", BOB, "--to", ALICE,
+                        "--header", f"Message-Id: <{tag}@example.test>"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    found = wait_for_message(demo.maildir(ALICE), f"<{tag}@example.test>")
+    assert b"d=example.test" in found and b"s=demo" in found
+    assert dkim.verify(found, dnsfunc=_demo_txt(demo)), "the demo's signature does not verify with its DNS record"
+    assert b"auth=pass smtp.auth=" + BOB.encode() in found
+    # The hosted domain publishes p=reject and no SPF host: a forged sender is refused in the session.
+    host, port = demo.info["tiers"]["edge"]["smtp"].rsplit(":", 1)
+    r = subprocess.run(["swaks", "--server", f"{host}:{port}", "--from", f"forger@{demo.info['domain']}",
+                        "--to", ALICE], capture_output=True, text=True, timeout=60)
+    assert "550 5.7.1" in r.stdout and "DMARC" in r.stdout, r.stdout

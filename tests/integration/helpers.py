@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from shared.config import dump
-from tests.support import free_port, wait_until  # noqa: F401  (the tests take them from here)
+from tests.support import free_port, test_nameserver, wait_until  # noqa: F401  (the tests take them from here)
 from shared.smtp.reply import Reply
 from shared.tlsutil import self_signed  # noqa: F401  (the tests take it from here)
 
@@ -94,7 +94,9 @@ def default_sections(tier: str, root: Path, ports: dict[str, int],
     The filter trusts XCLIENT from 127.0.0.1 (the edge), the domain tier from
     127.0.0.1 (the filter).  No tier looks up reverse names here: without
     `dns.nameservers` that would ask the machine's own resolver, and tests
-    send nothing beyond loopback (test_reverse_dns.py points at its own server).  The filter's retries are slow (60 s), so a deferred
+    send nothing beyond loopback (test_reverse_dns.py points at its own server).  The
+    filter's content checks (SPF, DKIM, DMARC) ask the tests' DNS server
+    (:func:`tests.support.test_nameserver`).  The filter's retries are slow (60 s), so a deferred
     message stays deferred unless a test flushes it or overrides the queue.
     """
     log = {"file": str(root / "log" / f"{tier}.log")}
@@ -109,6 +111,7 @@ def default_sections(tier: str, root: Path, ports: dict[str, int],
     if tier == "filter":
         return {"server": {"hostname": HOSTNAMES["filter"], "listen": [f"127.0.0.1:{ports['filter']}"],
                            "upstream_hosts": ["127.0.0.1"], "shutdown_timeout": 10, "reverse_lookup": False},
+                "dns": {"nameservers": [test_nameserver()]},
                 "relay": {"relay_domains": [DOMAIN]},
                 "next_hop": {"hosts": [f"127.0.0.1:{ports['domain']}"], **nh},
                 "queue": {"directory": str(root / "spool" / "filter"), "retry_min": 60, "retry_max": 600},
