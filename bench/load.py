@@ -299,6 +299,7 @@ def watch_maildirs(maildirs: list[str], run_id: str, conn, interval: float) -> N
         seen.update(os.listdir(new))
         dirs.append((new, cur))
     found: dict[int, float] = {}
+    parent = os.getppid()
     conn.send("ready")
     expect, deadline = None, None
     monotonic = time.monotonic
@@ -324,6 +325,8 @@ def watch_maildirs(maildirs: list[str], run_id: str, conn, interval: float) -> N
                         seen.add(name)
                     if m is not None:
                         found[int(m.group(1))] = t
+        if os.getppid() != parent:      # the generator was killed: nobody will ask any more
+            return
         if expect is None and conn.poll():
             _, expect, timeout = conn.recv()
             deadline = monotonic() + timeout
