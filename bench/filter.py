@@ -62,7 +62,6 @@ import sys
 import time
 from pathlib import Path
 
-from bench.load import tier_cpu_seconds
 from bench.postfix import (PostfixChain, PostfixError, _apt, _apt_has_candidate, descendants,
                            ensure_postfix, postfix_version)
 from bench.run import Bench, clear_maildir, fmt, fmt_spread, host_info, log
