@@ -4,6 +4,7 @@ Run in its own process so its CPU is counted to no tier under test::
 
     python -m bench.load send --port P --size 5k --sessions 10 --messages 2000 \
         --maildir DIR/Maildir [--run-id ID] [--rcpt alice@example.test]
+        [--message-file FILE] [--per-connection N] [--helo NAME] [--mail-from ADDR]
     python -m bench.load idle --port P --target 10000 [--milestones 1000,10000]
 
 ``send`` opens N sessions at once; each sends messages back to back over its
@@ -12,7 +13,10 @@ PIPELINING -- then the whole dot-stuffed message in one write, then waits for
 the reply to end of data) until the run's messages are used up.  Every message
 carries a unique ``X-Bench-Id: RUN-n`` header; its bytes are built before the
 clock starts.  Per message it records the time of the first byte of MAIL and
-the time the reply to end of data arrived.  A watcher process polls the
+the time the reply to end of data arrived.  With ``--message-file`` every message is
+that prepared file, sent as-is (see :func:`messages_from_file`); with
+``--per-connection N`` a session QUITs after N messages and reconnects (N = 1:
+one message per connection, as most MX traffic arrives).  A watcher process polls the
 Maildir's new/ with os.scandir every few milliseconds, reads the X-Bench-Id
 of each file it has not seen yet and moves the file to cur/; that gives the
 time the message appeared.  One JSON document goes to stdout: the summary and
@@ -88,13 +92,35 @@ def build_messages(run_id: str, n: int, size: int) -> list[bytes]:
             % (run_id.encode(), i, run_id.encode(), i, body) for i in range(n)]
 
 
+def messages_from_file(run_id: str, n: int, raw: bytes) -> list[bytes]:
+    """`n` copies of a prepared message (`raw`, RFC 5322, LF or CRLF line ends), each sent as-is
+    after one prepended ``X-Bench-Id: RUN-n`` header (and a ``Message-ID`` when the file has
+    none), CRLF line ends, dot-stuffed and terminated.  Headers are only prepended, never
+    changed, so a DKIM signature over the file's headers and body still verifies."""
+    text = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    head = text.split(b"\r\n\r\n", 1)[0]
+    has_mid = re.search(rb"^message-id:", head, re.I | re.M) is not None
+    text = (b"." + text if text.startswith(b".") else text).replace(b"\r\n.", b"\r\n..")
+    body = text + b".\r\n"
+    out = []
+    for i in range(n):
+        extra = b"" if has_mid else b"Message-ID: <%s-%d@bench.example.net>\r\n" % (run_id.encode(), i)
+        out.append(b"X-Bench-Id: %s-%d\r\n%s%s" % (run_id.encode(), i, extra, body))
+    return out
+
+
 # -- the load -----------------------------------------------------------------------------------
 
 class Load:
     """Shared state of one run: the messages, who takes the next one, the raw times."""
 
-    def __init__(self, messages: list[bytes], mail_from: bytes, rcpt: bytes) -> None:
+    def __init__(self, messages: list[bytes], mail_from: bytes, rcpt: bytes, *,
+                 per_connection: int = 0, helo: bytes = b"bench.example.net") -> None:
         self.messages = messages
+        self.per_connection = per_connection      # messages per connection; 0: no limit
+        self.ehlo_cmd = b"EHLO %s\r\n" % helo
         self.n = len(messages)
         self.next = 0
         self.t_mail = [0.0] * self.n
@@ -127,6 +153,7 @@ class SenderProtocol(asyncio.Protocol):
         self.ok = True
         self.since = 0.0             # when the oldest reply still expected was asked for
         self.transport = None
+        self.sent = 0                # messages taken on this connection
 
     # plumbing
     def connection_made(self, transport) -> None:
@@ -210,7 +237,7 @@ class SenderProtocol(asyncio.Protocol):
             if code != 220:
                 return self.fail(f"greeting {lines[-1]!r}")
             self.expect.append("ehlo")
-            self.transport.write(b"EHLO bench.example.net\r\n")
+            self.transport.write(load.ehlo_cmd)
         elif what == "ehlo":
             if code != 250:
                 return self.fail(f"EHLO refused: {lines[-1]!r}")
@@ -228,14 +255,18 @@ class SenderProtocol(asyncio.Protocol):
 
     def send_next(self) -> None:
         load = self.load
-        i = load.take()
         self.ok = True
+        if load.per_connection and self.sent >= load.per_connection:
+            i = None                 # this connection had its share; the session reconnects
+        else:
+            i = load.take()
         if i is None:
             self.current = -1
             self.expect.append("quit")
             self.transport.write(b"QUIT\r\n")
             return
         self.current = i
+        self.sent += 1
         load.t_mail[i] = self.since = time.monotonic()
         if self.pipelining:
             self.expect.extend(("mail", "rcpt", "data"))
@@ -268,6 +299,7 @@ def watch_maildirs(maildirs: list[str], run_id: str, conn, interval: float) -> N
         seen.update(os.listdir(new))
         dirs.append((new, cur))
     found: dict[int, float] = {}
+    parent = os.getppid()
     conn.send("ready")
     expect, deadline = None, None
     monotonic = time.monotonic
@@ -293,6 +325,8 @@ def watch_maildirs(maildirs: list[str], run_id: str, conn, interval: float) -> N
                         seen.add(name)
                     if m is not None:
                         found[int(m.group(1))] = t
+        if os.getppid() != parent:      # the generator was killed: nobody will ask any more
+            return
         if expect is None and conn.poll():
             _, expect, timeout = conn.recv()
             deadline = monotonic() + timeout
@@ -320,6 +354,8 @@ def latency_summary(values_ms: list[float]) -> dict:
 # -- send ----------------------------------------------------------------------------------------
 
 async def _send(host: str, port: int, load: Load, sessions: int, reply_timeout: float) -> None:
+    if load.per_connection:
+        return await _send_reconnecting(host, port, load, sessions, reply_timeout)
     loop = asyncio.get_running_loop()
     futures, protocols = [], []
     for _ in range(sessions):
@@ -340,11 +376,49 @@ async def _send(host: str, port: int, load: Load, sessions: int, reply_timeout: 
                 p.fail(f"no reply within {reply_timeout:.0f} s (waiting for {p.expect[0]})", TIMEOUT)
 
 
+async def _send_reconnecting(host: str, port: int, load: Load, sessions: int, reply_timeout: float) -> None:
+    """`sessions` sessions at once, each a loop of connections that send at most
+    ``load.per_connection`` messages, QUIT and reconnect until no message is left.  A session
+    whose connection fails or breaks ends (its message counts as not accepted), as above."""
+    loop = asyncio.get_running_loop()
+    protocols: set = set()
+
+    async def session() -> None:
+        while load.next < load.n:
+            done = loop.create_future()
+            try:
+                _, proto = await loop.create_connection(lambda d=done: SenderProtocol(load, d), host, port)
+            except OSError as e:
+                load.session_errors.append(f"connect: {e}")
+                return
+            protocols.add(proto)
+            try:
+                ok = await done
+            finally:
+                protocols.discard(proto)
+            if not ok:
+                return
+
+    waiting = asyncio.gather(*(session() for _ in range(sessions)))
+    while not waiting.done():
+        await asyncio.wait([waiting], timeout=1.0)
+        now = time.monotonic()
+        for p in list(protocols):
+            if p.expect and p.since and now - p.since > reply_timeout and not p.done.done():
+                p.fail(f"no reply within {reply_timeout:.0f} s (waiting for {p.expect[0]})", TIMEOUT)
+
+
 def run_send(host: str, port: int, size: int, sessions: int, messages: int, maildirs: list[str],
              run_id: str, mail_from: str, rcpt: str, deliver_timeout: float, poll: float,
-             reply_timeout: float = 60.0) -> dict:
-    msgs = build_messages(run_id, messages, size)
-    load = Load(msgs, mail_from.encode(), rcpt.encode())
+             reply_timeout: float = 60.0, message_file: str | None = None, per_connection: int = 0,
+             helo: str = "bench.example.net") -> dict:
+    if message_file:
+        with open(message_file, "rb") as f:
+            msgs = messages_from_file(run_id, messages, f.read())
+        size = len(msgs[0]) if msgs else 0
+    else:
+        msgs = build_messages(run_id, messages, size)
+    load = Load(msgs, mail_from.encode(), rcpt.encode(), per_connection=per_connection, helo=helo.encode())
     watcher = None
     if maildirs:
         parent, child = multiprocessing.Pipe()
@@ -374,6 +448,8 @@ def run_send(host: str, port: int, size: int, sessions: int, messages: int, mail
     return {
         "run_id": run_id, "host": host, "port": port, "size": size, "sessions": sessions,
         "messages": load.n, "pipelining": load.pipelining,
+        **({"message_file": message_file} if message_file else {}),
+        **({"per_connection": per_connection} if per_connection else {}),
         "accepted": len(ok), "delivered": len(delivered) if maildirs else None,
         "replies": dict(Counter(str(c) for c in load.codes)),
         "session_errors": load.session_errors[:20],
@@ -739,6 +815,12 @@ def main(argv=None) -> int:
     s.add_argument("--reply-timeout", type=float, default=60.0,
                    help="seconds without the expected reply before a session is given up")
     s.add_argument("--no-raw", action="store_true", help="leave the per-message figures out")
+    s.add_argument("--message-file", default=None,
+                   help="send this prepared message (RFC 5322) as-is instead of built ones; "
+                        "X-Bench-Id (and Message-ID, when it has none) are prepended; --size is ignored")
+    s.add_argument("--per-connection", type=int, default=0,
+                   help="messages per connection, then QUIT and reconnect (default 0: all on one)")
+    s.add_argument("--helo", default="bench.example.net", help="the name sent in EHLO")
     i = sub.add_parser("idle", help="open idle connections (greeting + EHLO) and count them")
     i.add_argument("--host", default="127.0.0.1")
     i.add_argument("--port", type=int, required=True)
@@ -755,7 +837,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.mode == "send":
         result = run_send(a.host, a.port, a.size, a.sessions, a.messages, a.maildir, a.run_id,
-                          a.mail_from, a.rcpt, a.deliver_timeout, a.poll, a.reply_timeout)
+                          a.mail_from, a.rcpt, a.deliver_timeout, a.poll, a.reply_timeout,
+                          a.message_file, a.per_connection, a.helo)
         if a.no_raw:
             result.pop("raw")
     else:

@@ -600,10 +600,14 @@ class PostfixChain(_Instances):
     edge listens on 127.0.0.1:base_port and relays everything to [127.0.0.1]:base_port+1 (filter),
     which relays everything to [127.0.0.1]:base_port+2 (domain); domain delivers `users` of `domain`
     with virtual(8) into ROOT/mail/<domain>/<user>/Maildir/ and refuses every other destination.
+    `settings` maps a tier to further (name, value, why) lines for its main.cf, for a
+    measurement that departs from a default and says so (bench/filter.py: a milter on the
+    filter tier).
     """
 
     def __init__(self, root: Path, base_port: int, *, domain: str = "example.test",
-                 users: Sequence[str] = ("alice", "bob")) -> None:
+                 users: Sequence[str] = ("alice", "bob"),
+                 settings: dict[str, Sequence[tuple[str, str, str]]] | None = None) -> None:
         if not 1024 <= base_port <= 65535 - 2:
             raise ValueError(f"base_port {base_port} leaves no room for three ports")
         root = Path(root).resolve()
@@ -613,6 +617,10 @@ class PostfixChain(_Instances):
         self.domain = domain
         self.users = tuple(users)
         self.mail_base = root / "mail"
+        self.settings = {tier: list(lines) for tier, lines in (settings or {}).items()}
+        unknown = set(self.settings) - set(CHAIN_TIERS)
+        if unknown:
+            raise ValueError(f"no tier {sorted(unknown)}; tiers are {CHAIN_TIERS}")
 
     def maildir(self, user: str) -> Path:
         """ROOT/mail/<domain>/<user>/Maildir; delivered messages appear in its new/."""
@@ -642,7 +650,7 @@ class PostfixChain(_Instances):
                     ("relay_domains", self.domain, "accepted from anyone, like smarthost's relay_domains"),
                     ("relayhost", f"[{LOOPBACK}]:{next_inst.port}",
                      f"everything goes to the {next_inst.tier} instance (an IP literal: no lookup)"),
-                ],
+                ] + self.settings.get(inst.tier, []),
                 _master_cf(inst.port, virtual=False), {},
             )
         mailboxes = "".join(
@@ -660,7 +668,7 @@ class PostfixChain(_Instances):
              "user@domain -> domain/user/Maildir/ (trailing slash: Maildir)"),
             ("virtual_uid_maps", f"static:{uid}", f"deliver as {MAIL_OWNER}"),
             ("virtual_gid_maps", f"static:{gid}", f"deliver as {MAIL_OWNER}"),
-        ]
+        ] + self.settings.get("domain", [])
         if uid < 100:  # virtual(8) refuses uids below virtual_minimum_uid (default 100)
             settings.append(("virtual_minimum_uid", str(uid), f"{MAIL_OWNER}'s uid is {uid}"))
         dom.write_config(settings, _master_cf(dom.port, virtual=True), {"vmailbox": mailboxes})

@@ -205,6 +205,8 @@ class Bench:
             raise RuntimeError(f"bench.load {' '.join(argv)} did not finish in {timeout:.0f} s")
         finally:
             proc, self.load_proc = self.load_proc, None
+            if proc.poll() is None:             # interrupted (Ctrl-C, SIGTERM): stop_all no longer sees it
+                self._kill_pid(proc)
         if proc.returncode != 0:
             raise RuntimeError(f"bench.load {' '.join(argv)} exited {proc.returncode}")
         return json.loads(out.strip().splitlines()[-1])

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from shared.config import dump
-from shared.demo import DOMAIN, USERS, write_configs
+from shared.demo import DOMAIN, USERS, sections, write_configs
 
 REPO = Path(__file__).resolve().parent.parent
 # Enough for the 10,000 idle connections of the concurrency test (all from 127.0.0.1) and a few
@@ -213,13 +213,32 @@ class _Tiers:
         return True                                  # only the filter keeps a queue
 
 
+def merge_sections(base: dict, extra: dict) -> dict:
+    """`base` (a tier's TOML tables) with `extra` merged in: tables merge key by key, any
+    other value of `extra` replaces the base's."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_sections(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 class SmarthostChain(_Tiers):
-    """edge (base_port) -> filter (base_port+1) -> domain (base_port+2), delivering into Maildir."""
+    """edge (base_port) -> filter (base_port+1) -> domain (base_port+2), delivering into Maildir.
+
+    `extra` maps "filter" or "domain" to TOML tables merged into that tier's demo
+    configuration (e.g. ``{"filter": {"dns": {"nameservers": ["127.0.0.1:5353"]}}}``)."""
 
     order = ("domain", "filter", "edge")
 
-    def __init__(self, root, base_port: int, domain: str = DOMAIN, users=USERS) -> None:
+    def __init__(self, root, base_port: int, domain: str = DOMAIN, users=USERS,
+                 extra: dict[str, dict] | None = None) -> None:
         super().__init__(root)
+        self.extra = dict(extra or {})
+        if set(self.extra) - {"filter", "domain"}:
+            raise ValueError(f"extra settings for {sorted(self.extra)}: only filter and domain take them")
         if domain != DOMAIN or tuple(users) != tuple(USERS):
             raise ValueError(f"shared.demo configures {DOMAIN} with users {USERS}")
         self.domain = domain
@@ -228,6 +247,11 @@ class SmarthostChain(_Tiers):
 
     def _write_configs(self) -> None:
         self.configs = write_configs(self.root, self.ports["edge"])
+        if self.extra:
+            tls = self.root / "tls"         # write_configs made the demo's certificate there
+            demo = sections(self.root, self.ports["edge"], str(tls / "cert.pem"), str(tls / "key.pem"))
+            for tier, tables in self.extra.items():
+                self.configs[tier].write_text(dump(tier, merge_sections(demo[tier], tables)))
         self.configs["edge"].write_text(edge_config(self.root, self.ports["edge"],
                                                     f"127.0.0.1:{self.ports['filter']}", self.domain))
 

@@ -1,0 +1,701 @@
+"""Filtering chains side by side: Postfix, Postfix with rspamd as a milter, smarthost.
+
+    python -m bench.filter --out DIR [--quick] [--messages N] [--runs R] [--base-port P]
+
+Three systems run at once on 127.0.0.1, all against one local DNS server
+(tests/dnsserver.py, Twisted's authoritative server in its own process):
+
+1. ``postfix``: the three chained Postfix instances of :class:`bench.postfix.PostfixChain`;
+2. ``postfix+rspamd``: the same chain whose filter instance hands every message to Debian's
+   rspamd (3.4 on bookworm) through ``smtpd_milters``: one ``rspamd_proxy`` worker in milter
+   mode scanning itself (``self_scan``, no normal worker behind it) with only the sender
+   authentication modules on (SPF, DKIM verification, DMARC, ARC) and ``milter_headers``
+   adding Authentication-Results; its DNS is the local server (``options.dns.nameserver``);
+   no module that needs Redis or the Internet is loaded (see :func:`rspamd_config`);
+3. ``smarthost``: the three smarthost tiers as :mod:`bench.run` runs them, the filter tier with
+   ``[dns] nameservers`` pointing at the local server (plus :data:`SMARTHOST_EXTRA`, the one
+   place for further filter-tier TOML), running its default policy.
+
+The DNS server holds ``sender.test``: SPF ``v=spf1 ip4:127.0.0.0/8 -all`` (the load comes from
+127.0.0.1), an RSA 2048 DKIM key at ``bench._domainkey`` and an Ed25519 one at
+``bench-ed._domainkey`` (both made for each run; the Ed25519 key is published, not used yet),
+DMARC ``v=DMARC1; p=reject; adkim=r; aspf=r``, A and PTR records for 127.0.0.1.  The test
+messages (From: and MAIL FROM at sender.test, to alice@example.test) are DKIM-signed with dkimpy
+once per size before any run (OUT/messages/*.eml) and sent as-is by ``bench.load send
+--message-file``, one message per connection over 10 sessions.
+
+Per system and size (5 KB, 50 KB), systems alternating, R runs: delivered msg/s (counted in
+the final Maildir), latency to the 250 and to the Maildir (p50/p99), CPU seconds per message of
+each tier and of rspamd's processes (master and worker).  Before the runs a few messages go
+through each system and one delivered message's Authentication-Results is printed; for
+rspamd, the run is refused unless it says spf=pass, dkim=pass and dmarc=pass, and after each
+run rspamd's log is read to count the scans that saw all three pass.  Writes OUT/filter.json
+(schema below) and prints a table; everything started is stopped by pid, on Ctrl-C too.  As
+root (Postfix's daemons need it).
+
+filter.json::
+
+    meta     {started, finished, duration_s, quick, argv, ports, host{...}, versions{postfix, rspamd},
+              plan{runs, messages, sessions, per_connection, sizes}, dns{port, zones},
+              smarthost_extra{filter: TOML tables}, rspamd{config, config_text, c_modules, lua_modules},
+              postfix_filter_milter [[name, value, why]...]}
+    samples  {system: {size: {authentication_results: [...], headers: "..."}}}
+    points   [{size, size_bytes, message_bytes, messages, sessions,
+               systems{system: {tiers, runs: [RUN...], summary: SUMMARY}}}]
+    RUN      bench.run's RUN (bench.load send's result with cpu_s{tier}, cpu_s_per_msg{tier},
+             calibration_ms, loadavg_1m_before, others_cpus, machine_busy_cpus, ...)
+             plus run (0..R-1), order (position among the systems in that run) and, for
+             postfix+rspamd, rspamd_log{scans, all_pass, spf_pass, dkim_pass, dmarc_pass}
+    SUMMARY  bench.run's SUMMARY
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import pwd
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.postfix import (PostfixChain, PostfixError, _apt, _apt_has_candidate, descendants,
+                           ensure_postfix, postfix_version)
+from bench.run import Bench, clear_maildir, fmt, fmt_spread, host_info, log
+from bench.smarthost import SmarthostChain, port_free, port_open, run_bench
+
+SIZES = ("5k", "50k")
+SIZE_BYTES = {"5k": 5 * 1024, "50k": 50 * 1024}
+SIZE_LABEL = {"5k": "5 KB", "50k": "50 KB"}
+SESSIONS = 10
+PER_CONNECTION = 1
+MESSAGES = 1000
+QUICK_MESSAGES = 200
+WARM_UP = 20
+TIERS = ("edge", "filter", "domain")
+TAGS = {"postfix": "pf", "postfix+rspamd": "pr", "smarthost": "sh"}      # in the X-Bench-Id run ids
+SENDER_DOMAIN = "sender.test"
+HELO = f"mail.{SENDER_DOMAIN}"
+MAIL_FROM = f"bench@{SENDER_DOMAIN}"
+RCPT = "alice@example.test"
+SELECTOR, ED_SELECTOR = "bench", "bench-ed"
+SPF = "v=spf1 ip4:127.0.0.0/8 -all"
+DMARC = "v=DMARC1; p=reject; adkim=r; aspf=r"
+REPLY_TIMEOUT = 30
+
+# The smarthost filter tier's configuration beyond the bench's own (shared.demo's, as bench.run
+# runs it): [dns] nameservers is filled in with the local server; add further filter-tier TOML
+# tables here (merged table by table into the demo's).
+SMARTHOST_EXTRA: dict[str, dict] = {}
+
+RSPAMD = Path("/usr/bin/rspamd")
+RSPAMD_USER = "_rspamd"
+RSPAMD_CONFDIR = Path("/etc/rspamd")         # Debian's: only its scores and actions are included
+RSPAMD_SHAREDIR = Path("/usr/share/rspamd")
+# What runs in rspamd: the one C module (options.filters) and the Lua plugins given a section.
+RSPAMD_C_MODULES = ("dkim",)
+RSPAMD_LUA_MODULES = ("spf", "dmarc", "arc", "milter_headers")
+
+
+# -- keys, zones, messages ----------------------------------------------------------------------
+
+def make_keys(directory: Path) -> dict:
+    """An RSA 2048 and an Ed25519 key (PEM files in `directory`) and their DKIM TXT records."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    pem = rsa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    ed_pem = ed_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())
+    (directory / f"{SELECTOR}.pem").write_bytes(pem)
+    (directory / f"{ED_SELECTOR}.pem").write_bytes(ed_pem)
+    rsa_pub = rsa_key.public_key().public_bytes(serialization.Encoding.DER,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+    ed_pub = ed_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    rsa_txt = f"v=DKIM1; k=rsa; p={base64.b64encode(rsa_pub).decode()}"
+    ed_txt = f"v=DKIM1; k=ed25519; p={base64.b64encode(ed_pub).decode()}"
+    return {"rsa_pem": pem, "rsa_txt": rsa_txt, "ed_txt": ed_txt}
+
+
+def txt_strings(text: str) -> list[str]:
+    """A TXT value as character-strings of at most 255 bytes (a 2048-bit key needs two)."""
+    return [text[i:i + 255] for i in range(0, len(text), 255)]
+
+
+def zones(keys: dict) -> dict:
+    return {
+        SENDER_DOMAIN: [
+            ("@", "A", "127.0.0.1"),
+            ("@", "TXT", SPF),
+            ("mail", "A", "127.0.0.1"),
+            ("mail", "TXT", SPF),                       # the load's HELO name, for HELO checks
+            (f"{SELECTOR}._domainkey", "TXT", txt_strings(keys["rsa_txt"])),
+            (f"{ED_SELECTOR}._domainkey", "TXT", txt_strings(keys["ed_txt"])),
+            ("_dmarc", "TXT", DMARC),
+        ],
+        "0.0.127.in-addr.arpa": [("1", "PTR", HELO)],
+    }
+
+
+def body_lines(size: int, head_len: int) -> bytes:
+    """Text lines of 72 characters (as bench.load's) until the message is about `size` bytes;
+    every 40th line begins with a dot, so dot-stuffing is exercised."""
+    alphabet = b"abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 ,;:-"
+    lines, total, i = [], head_len, 0
+    while total < size:
+        start = (i * 7) % len(alphabet)
+        text = (alphabet[start:] + alphabet)[:72]
+        if i % 40 == 39:
+            text = b"." + text[1:]
+        lines.append(text + b"\r\n")
+        total += 74
+        i += 1
+    return b"".join(lines)
+
+
+def signed_message(size: int, pem: bytes) -> bytes:
+    """A message of about `size` bytes from sender.test, DKIM-signed (rsa-sha256, relaxed/relaxed,
+    d=sender.test, s=bench).  It has no Message-ID: bench.load adds a unique one per message, which
+    the signature then does not cover (it covers From, To, Subject, Date, MIME headers, body)."""
+    import dkim
+
+    head = (f"From: Bench Sender <{MAIL_FROM}>\r\n"
+            f"To: Alice <{RCPT}>\r\n"
+            "Subject: filter benchmark message\r\n"
+            "Date: Mon, 2 Feb 2026 10:00:00 +0000\r\n"
+            "MIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=us-ascii\r\n").encode()
+    # about 500 bytes of DKIM-Signature and 120 of X-Bench-Id + Message-ID come on top
+    message = head + b"\r\n" + body_lines(size, len(head) + 620)
+    sig = dkim.sign(message, SELECTOR.encode(), SENDER_DOMAIN.encode(), pem,
+                    canonicalize=(b"relaxed", b"relaxed"))
+    return sig + message
+
+
+# -- rspamd ----------------------------------------------------------------------------------------
+
+def ensure_rspamd() -> bool:
+    """Install Debian's rspamd package if /usr/bin/rspamd is missing; True if it installed.  Should
+    the package have started the system's rspamd service, it is stopped again."""
+    if RSPAMD.exists():
+        return False
+    running_before = _system_rspamd_running()
+    log("[rspamd] installing Debian's rspamd package")
+    if not _apt_has_candidate("rspamd"):
+        _apt(["apt-get", "update"], log)
+    _apt(["apt-get", "install", "-y", "rspamd"], log)
+    if not RSPAMD.exists():
+        raise PostfixError(f"apt-get installed rspamd but {RSPAMD} is missing")
+    if not running_before and _system_rspamd_running():
+        log("[rspamd] the package started the system's rspamd service; stopping it")
+        subprocess.run(["service", "rspamd", "stop"], capture_output=True)
+    return True
+
+
+def _system_rspamd_running() -> bool:
+    try:
+        pid = int(Path("/run/rspamd/rspamd.pid").read_text().strip())
+        return Path(f"/proc/{pid}/comm").read_text().strip().startswith("rspamd")
+    except (OSError, ValueError):
+        return False
+
+
+def rspamd_version() -> str:
+    out = subprocess.run([str(RSPAMD), "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"\b(\d+\.\d+(?:\.\d+)?)\b", out)
+    return m.group(1) if m else (out.strip() or "unknown")
+
+
+def rspamd_config(root: Path, port: int, dns_port: int) -> str:
+    """Our own top-level rspamd.conf (not Debian's rspamd.conf, which loads every module and its
+    rules): Debian's options for what is not set here, its metric, actions and symbol groups
+    (scores only), the proxy worker, and sections for the modules that are to run."""
+    return f'''# Written by bench/filter.py: rspamd as the Postfix filter instance's milter.
+options {{
+    pidfile = "{root}/run/rspamd.pid";
+    # As Debian's options.inc, with every file rspamd writes under {root}.
+    one_shot = false;
+    check_all_filters = false;
+    dns_max_requests = 64;
+    max_lua_urls = 1024;
+    max_urls = 10240;
+    max_recipients = 1024;
+    url_tld = "{RSPAMD_SHAREDIR}/effective_tld_names.dat";
+    allow_raw_input = true;
+    words_decay = 600;
+    task_timeout = 8s;
+    soft_reject_on_timeout = false;
+    local_addrs = [192.168.0.0/16, 10.0.0.0/8, 172.16.0.0/12, fd00::/8, 169.254.0.0/16, fe80::/10];
+    cache_file = "{root}/db/symbols.cache";
+    dynamic_conf = "{root}/db/rspamd_dynamic";
+    history_file = "{root}/db/rspamd.history";
+    stats_file = "{root}/db/stats.ucl";
+    hs_cache_dir = "{root}/db/";
+    control_socket = "{root}/run/rspamd.sock mode=0600";
+    tempdir = "{root}/tmp";
+    # Only the DKIM C module (Debian: chartable, dkim, regexp, fuzzy_check).
+    filters = "{','.join(RSPAMD_C_MODULES)}";
+    # Every client here is 127.0.0.1, which rspamd otherwise exempts from SPF, DKIM and DMARC.
+    check_local = true;
+    check_authed = true;
+    dns {{
+        nameserver = ["127.0.0.1:{dns_port}"];   # the benchmark's DNS server, nothing else
+        timeout = 1s;
+        retransmits = 2;
+        sockets = 16;
+    }}
+}}
+
+logging {{
+    type = "file";
+    filename = "{root}/log/rspamd.log";
+    .include "$CONFDIR/logging.inc"          # Debian's: level info, a line per scan
+}}
+
+.include "$CONFDIR/metrics.conf"
+.include "$CONFDIR/actions.conf"
+.include "$CONFDIR/groups.conf"
+
+worker "rspamd_proxy" {{
+    bind_socket = "127.0.0.1:{port}";
+    milter = yes;              # speaks the milter protocol to Postfix's smtpd
+    timeout = 120s;
+    count = 1;                 # Debian's worker-proxy.inc: one process
+    upstream "local" {{
+        default = yes;
+        self_scan = yes;       # scan in this worker: no normal worker behind the proxy
+    }}
+    max_retries = 5;
+    discard_on_reject = false;
+    quarantine_on_reject = false;
+    reject_message = "Spam message rejected";
+}}
+
+modules {{
+    path = "{RSPAMD_SHAREDIR}/plugins";
+}}
+
+# The sender-authentication modules (Debian's settings), against the local DNS server.
+spf {{
+    spf_cache_size = 2k;
+    spf_cache_expire = 1d;
+    check_local = true;
+    check_authed = true;
+}}
+dkim {{
+    dkim_cache_size = 2k;
+    dkim_cache_expire = 1d;
+    time_jitter = 6h;
+    trusted_only = false;
+    skip_multi = false;
+    check_local = true;
+    check_authed = true;
+}}
+dmarc {{
+    check_local = true;
+    check_authed = true;
+}}
+arc {{
+    # verification only: no key is configured, so nothing is signed
+    sign_inbound = false;
+    sign_local = false;
+    use_redis = false;
+}}
+milter_headers {{
+    use = ["authentication-results"];
+    skip_local = false;          # 127.0.0.1 would otherwise get no header
+    skip_authenticated = false;
+}}
+'''
+
+
+class Rspamd:
+    """rspamd in the foreground (``rspamd -f``) as root dropping to _rspamd, its own process
+    session, with the configuration of :func:`rspamd_config` under ROOT; stopped by pid."""
+
+    def __init__(self, root: Path, port: int, dns_port: int) -> None:
+        self.root = Path(root).resolve()
+        self.port = port
+        self.dns_port = dns_port
+        self.conf = self.root / "rspamd.conf"
+        self.log = self.root / "log" / "rspamd.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        if not port_free(self.port):
+            raise RuntimeError(f"port {self.port} in use on 127.0.0.1 (rspamd's milter)")
+        user = pwd.getpwnam(RSPAMD_USER)
+        for sub in ("", "run", "log", "db", "tmp", "local"):
+            d = self.root / sub
+            d.mkdir(parents=True, exist_ok=True)
+            os.chown(d, user.pw_uid, user.pw_gid)
+        self.conf.write_text(rspamd_config(self.root, self.port, self.dns_port))
+        argv = [str(RSPAMD), "-f", "-c", str(self.conf), "-u", RSPAMD_USER, "-g", RSPAMD_USER,
+                f"--var=CONFDIR={RSPAMD_CONFDIR}", f"--var=LOCAL_CONFDIR={self.root / 'local'}",
+                f"--var=DBDIR={self.root / 'db'}", f"--var=RUNDIR={self.root / 'run'}",
+                f"--var=LOGDIR={self.root / 'log'}"]
+        out = open(self.root / "log" / "rspamd.stderr", "ab")
+        self.proc = subprocess.Popen(argv, cwd=self.root, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                     start_new_session=True)
+        out.close()
+        deadline = time.monotonic() + timeout
+        while not port_open(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                why = f"exited {self.proc.returncode}" if self.proc.poll() is not None else "not listening in time"
+                self.stop()
+                raise RuntimeError(f"rspamd {why}; see {self.root / 'log'}:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def pids(self) -> list[int]:
+        return descendants(self.proc.pid) if self.proc is not None and self.proc.poll() is None else []
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        pids = self.pids()
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in [p for p in pids if Path(f"/proc/{p}").exists()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.wait()
+        self.proc = None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def log_size(self) -> int:
+        try:
+            return self.log.stat().st_size
+        except OSError:
+            return 0
+
+    def scans_since(self, offset: int) -> dict:
+        """What the scans logged after byte `offset` of rspamd's log found (one task line each)."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return {}
+        counts = {"scans": 0, "all_pass": 0, "spf_pass": 0, "dkim_pass": 0, "dmarc_pass": 0}
+        for line in text.splitlines():
+            if "(default: " not in line:
+                continue
+            counts["scans"] += 1
+            spf, dkim_ok, dmarc = "R_SPF_ALLOW" in line, "R_DKIM_ALLOW" in line, "DMARC_POLICY_ALLOW" in line
+            counts["spf_pass"] += spf
+            counts["dkim_pass"] += dkim_ok
+            counts["dmarc_pass"] += dmarc
+            counts["all_pass"] += spf and dkim_ok and dmarc
+        return counts
+
+
+class PostfixWithRspamd:
+    """A PostfixChain whose filter instance has rspamd's proxy as its milter; the interface
+    bench.run's measured_run uses, with rspamd's processes as a fourth tier "rspamd"."""
+
+    def __init__(self, root: Path, base_port: int, milter_port: int, dns_port: int) -> None:
+        root = Path(root).resolve()
+        milter = [
+            ("smtpd_milters", f"inet:127.0.0.1:{milter_port}",
+             "every message received is handed to rspamd's proxy worker (milter mode)"),
+            ("milter_default_action", "tempfail",
+             "Postfix's default, said out loud: if rspamd fails, the filter tier answers 4xx "
+             "and the message waits in the edge's queue (shows as undelivered)"),
+        ]
+        self.chain = PostfixChain(root / "postfix", base_port, settings={"filter": milter})
+        self.rspamd = Rspamd(root / "rspamd", milter_port, dns_port)
+        self.ports = self.chain.ports
+        self.domain = self.chain.domain
+
+    def start(self) -> None:
+        self.rspamd.start()
+        try:
+            self.chain.start()
+        except BaseException:
+            self.rspamd.stop()
+            raise
+
+    def stop(self) -> None:
+        try:
+            self.chain.stop()
+        finally:
+            self.rspamd.stop()
+
+    def tier_pids(self, tier: str) -> list[int]:
+        return self.rspamd.pids() if tier == "rspamd" else self.chain.tier_pids(tier)
+
+    def master_pid(self, tier: str) -> int | None:
+        if tier == "rspamd":
+            return self.rspamd.proc.pid if self.rspamd.proc is not None else None
+        return self.chain.master_pid(tier)
+
+    def queue_empty(self, tier: str) -> bool:
+        return True if tier == "rspamd" else self.chain.queue_empty(tier)
+
+    def maildir(self, user: str) -> Path:
+        return self.chain.maildir(user)
+
+    def log_path(self, tier: str) -> Path:
+        return self.rspamd.log if tier == "rspamd" else self.chain.log_path(tier)
+
+
+# -- the benchmark ---------------------------------------------------------------------------------
+
+def auth_results(message: bytes) -> list[str]:
+    """The Authentication-Results headers of a message (unfolded)."""
+    head = message.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode(errors="replace")
+    unfolded = re.sub(r"\n[ \t]+", " ", head)
+    return [line.split(":", 1)[1].strip() for line in unfolded.split("\n")
+            if line.lower().startswith("authentication-results:")]
+
+
+def passes(results: list[str]) -> bool:
+    return any(all(re.search(rf"\b{m}=pass\b", r) for m in ("spf", "dkim", "dmarc")) for r in results)
+
+
+class FilterBench(Bench):
+    def __init__(self, args) -> None:
+        args.no_postfix = False
+        super().__init__(args)
+        self.results = {"meta": {}, "samples": {}, "points": []}
+        self.dns = None
+        self.tiers: dict[str, tuple[str, ...]] = {}
+        self.messages: dict[str, Path] = {}
+
+    def stop_all(self) -> None:
+        super().stop_all()
+        if self.dns is not None:
+            self.dns.stop()
+            self.dns = None
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / "filter.json.tmp"
+        tmp.write_text(json.dumps(self.results, indent=1))
+        tmp.replace(self.out / "filter.json")
+
+    def send_argv(self, system, size: str, n: int, run_id: str, raw: bool = True) -> list[str]:
+        return ["send", "--port", str(system.ports["edge"]), "--message-file", str(self.messages[size]),
+                "--sessions", str(SESSIONS), "--per-connection", str(PER_CONNECTION),
+                "--messages", str(n), "--maildir", str(system.maildir("alice")),
+                "--mail-from", MAIL_FROM, "--rcpt", RCPT, "--helo", HELO, "--run-id", run_id,
+                "--reply-timeout", str(REPLY_TIMEOUT), *([] if raw else ["--no-raw"])]
+
+    def warm_up(self, systems: dict) -> None:
+        """A few messages of each size through each system; keep one delivered message's headers."""
+        for name, system in systems.items():
+            tiers = self.tiers[name]
+            for size in SIZES:
+                maildir = system.maildir("alice")
+                clear_maildir(maildir)
+                r = self.load(self.send_argv(system, size, WARM_UP, f"warm{TAGS[name]}{size}", raw=False), 120)
+                deadline = time.monotonic() + 60
+                while not all(system.queue_empty(t) for t in tiers) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                files = sorted((maildir / "cur").iterdir()) + sorted((maildir / "new").iterdir())
+                if r["delivered"] != WARM_UP or not files:
+                    raise RuntimeError(f"{name}: warm-up delivered {r['delivered']} of {WARM_UP} "
+                                       f"({size}): {r}")
+                data = files[0].read_bytes()
+                ar = auth_results(data)
+                self.results["samples"].setdefault(name, {})[size] = {
+                    "authentication_results": ar,
+                    "headers": data.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode(errors="replace")}
+                clear_maildir(maildir)
+                if name == "postfix+rspamd" and not passes(ar):
+                    raise RuntimeError(f"postfix+rspamd: the delivered message's Authentication-Results "
+                                       f"do not say spf=pass dkim=pass dmarc=pass: {ar or 'none'}; see "
+                                       f"{system.rspamd.log}")
+
+    def run(self) -> None:
+        a = self.args
+        t_start = time.monotonic()
+        base = a.base_port
+        runs = a.runs or (1 if a.quick else 3)
+        n = a.messages or (QUICK_MESSAGES if a.quick else MESSAGES)
+        ports = {"smarthost": base, "postfix": base + 10, "postfix+rspamd": base + 20,
+                 "rspamd_milter": base + 25}
+        busy = [p for p in (*range(base, base + 3), *range(base + 10, base + 13), *range(base + 20, base + 23),
+                            base + 25) if not port_free(p)]
+        if busy:
+            raise RuntimeError(f"ports in use on 127.0.0.1: {busy}; choose another --base-port")
+        meta = self.results["meta"]
+        meta.update({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": a.quick, "argv": sys.argv,
+                     "ports": ports, "host": host_info(),
+                     "plan": {"runs": runs, "messages": n, "sessions": SESSIONS,
+                              "per_connection": PER_CONNECTION, "sizes": list(SIZES)}})
+        self.work.mkdir(parents=True, exist_ok=True)
+        log(f"filter: output in {self.out}")
+
+        ensure_postfix()
+        ensure_rspamd()
+        meta["versions"] = {"postfix": postfix_version(), "rspamd": rspamd_version()}
+
+        keys = make_keys(self.work / "keys")
+        for size in SIZES:
+            path = self.out / "messages" / f"{size}.eml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(signed_message(SIZE_BYTES[size], keys["rsa_pem"]))
+            path.chmod(0o644)
+            self.messages[size] = path
+        from tests.dnsserver import start_dns_server
+        zone_data = zones(keys)
+        self.dns = start_dns_server(self.work / "dns", zone_data)
+        dns_addr = f"127.0.0.1:{self.dns.port}"
+        meta["dns"] = {"port": self.dns.port, "zones": zone_data}
+        log(f"filter: DNS server on {dns_addr} (pid {self.dns.pid})")
+
+        extra = json.loads(json.dumps(SMARTHOST_EXTRA))     # a copy
+        extra.setdefault("dns", {})["nameservers"] = [dns_addr]
+        meta["smarthost_extra"] = {"filter": extra}
+        meta["rspamd"] = {"config": str(self.work / "postfix+rspamd" / "rspamd" / "rspamd.conf"),
+                          "c_modules": list(RSPAMD_C_MODULES), "lua_modules": list(RSPAMD_LUA_MODULES)}
+
+        systems = {}
+        log("filter: starting postfix, postfix+rspamd and smarthost")
+        systems["postfix"] = self.start(PostfixChain(self.work / "postfix", ports["postfix"]))
+        systems["postfix+rspamd"] = self.start(PostfixWithRspamd(
+            self.work / "postfix+rspamd", ports["postfix+rspamd"], ports["rspamd_milter"], self.dns.port))
+        systems["smarthost"] = self.start(SmarthostChain(self.work / "smarthost", ports["smarthost"],
+                                                         extra={"filter": extra}))
+        self.tiers = {"postfix": TIERS, "postfix+rspamd": TIERS + ("rspamd",), "smarthost": TIERS}
+        meta["rspamd"]["config_text"] = systems["postfix+rspamd"].rspamd.conf.read_text()
+        meta["postfix_filter_milter"] = systems["postfix+rspamd"].chain.settings["filter"]
+        self.warm_up(systems)
+        print_samples(self.results["samples"])
+        self.save()
+
+        names = list(systems)
+        for size in SIZES:
+            point = {"size": size, "size_bytes": SIZE_BYTES[size],
+                     "message_bytes": self.messages[size].stat().st_size, "messages": n,
+                     "sessions": SESSIONS, "per_connection": PER_CONNECTION,
+                     "systems": {name: {"tiers": list(self.tiers[name]), "runs": []} for name in names}}
+            self.results["points"].append(point)
+            for k in range(runs):
+                order = names[k % len(names):] + names[:k % len(names)]      # rotate who goes first
+                for name in order:
+                    system = systems[name]
+                    tiers = self.tiers[name]
+                    offset = system.rspamd.log_size() if name == "postfix+rspamd" else 0
+                    r = self.measured_run(name, system, tiers,
+                                          self.send_argv(system, size, n, f"{TAGS[name]}{size}r{k}"),
+                                          lambda s=system, t=tiers: all(s.queue_empty(x) for x in t),
+                                          system.maildir("alice"), timeout=600)
+                    r["run"], r["order"] = k, order.index(name)
+                    if name == "postfix+rspamd":
+                        r["rspamd_log"] = system.rspamd.scans_since(offset)
+                    point["systems"][name]["runs"].append(r)
+                    extra_log = ""
+                    if "rspamd_log" in r:
+                        c = r["rspamd_log"]
+                        extra_log = f"; rspamd: {c.get('all_pass')}/{c.get('scans')} scans spf+dkim+dmarc pass"
+                    log(f"  {SIZE_LABEL[size]:>5} run {k + 1}/{runs} {name:14}: delivered "
+                        f"{fmt(r['delivered_per_s'])}/s ({r['delivered']}/{n}), 250 p50 "
+                        f"{fmt(r['latency_250_ms']['p50'], 1)} ms; others {r['others_cpus']:.2f} CPUs, "
+                        f"load {r['loadavg_1m_before']:.2f}, calibration {r['calibration_ms']:.0f} ms"
+                        + extra_log)
+                    self.save()
+            for name in names:
+                entry = point["systems"][name]
+                entry["summary"] = self.summarize(entry["runs"], self.tiers[name])
+            print_point(point)
+            self.save()
+        for system in list(systems.values()):
+            self.stop(system)
+        meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        meta["duration_s"] = round(time.monotonic() - t_start, 1)
+        self.save()
+        print_summary(self.results)
+        log(f"filter: results {self.out / 'filter.json'}; took {meta['duration_s']:.0f} s")
+
+
+# -- printing --------------------------------------------------------------------------------------
+
+def print_samples(samples: dict) -> None:
+    print("\n==== Authentication-Results of a delivered message (warm-up) ====")
+    for name, by_size in samples.items():
+        for size, s in by_size.items():
+            ar = s["authentication_results"]
+            print(f"  {name:14} {SIZE_LABEL[size]:>5}: " + (" | ".join(ar) if ar else "(none)"))
+    sys.stdout.flush()
+
+
+def print_point(point: dict) -> None:
+    runs = len(next(iter(point["systems"].values()))["runs"])
+    print(f"\n{SIZE_LABEL[point['size']]} ({point['message_bytes']} bytes signed), {point['sessions']} sessions, "
+          f"one message per connection, {point['messages']} messages, {runs} run(s)")
+    cols = [("system", 14), ("delivered/s (min-max)", 21), ("250 ms p50/p99", 15), ("Maildir ms p50/p99", 18),
+            ("CPU ms/msg edge/filter/domain", 30), ("rspamd", 7), ("filter+rspamd", 13)]
+    print("  " + " ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(cols)))
+    for name, e in point["systems"].items():
+        s = e["summary"]
+        cpu = s["cpu_ms_per_msg"]
+        both = (cpu["filter"] + cpu["rspamd"]) if cpu.get("rspamd") is not None and cpu["filter"] is not None \
+            else cpu["filter"]
+        cells = [name, fmt_spread(s["delivered_per_s"]),
+                 f"{fmt(s['latency_250_ms']['p50'], 1)}/{fmt(s['latency_250_ms']['p99'], 1)}",
+                 f"{fmt(s['latency_maildir_ms']['p50'], 1)}/{fmt(s['latency_maildir_ms']['p99'], 1)}",
+                 "/".join(fmt(cpu[t], 2) for t in TIERS), fmt(cpu.get("rspamd"), 2), fmt(both, 2)]
+        line = "  " + " ".join(c.rjust(w) if i else c.ljust(w) for i, (c, (_, w)) in enumerate(zip(cells, cols)))
+        if s["failed"]:
+            line += f"   ({s['failed']} not accepted)"
+        if s["undelivered"]:
+            line += f"   ({s['undelivered']} accepted, not in the Maildir)"
+        print(line)
+        for r in e["runs"]:
+            if "rspamd_log" in r:
+                c = r["rspamd_log"]
+                print(f"  {'':14} rspamd's log, run {r['run_id']}: {c.get('scans')} scans, spf/dkim/dmarc pass "
+                      f"{c.get('spf_pass')}/{c.get('dkim_pass')}/{c.get('dmarc_pass')}, all three {c.get('all_pass')}")
+    sys.stdout.flush()
+
+
+def print_summary(results: dict) -> None:
+    print("\n==== summary: delivered msg/s (median of runs); CPU ms per message of the filtering ====")
+    for p in results["points"]:
+        for name, e in p["systems"].items():
+            s = e["summary"]
+            cpu = s["cpu_ms_per_msg"]
+            what = (f"filter tier {fmt(cpu['filter'], 2)} + rspamd {fmt(cpu['rspamd'], 2)}" if "rspamd" in cpu
+                    else f"filter tier {fmt(cpu['filter'], 2)}")
+            print(f"  {SIZE_LABEL[p['size']]:>5} {name:14} {fmt(s['delivered_per_s']['median']):>6} msg/s   {what}")
+    sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.filter", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="output directory (default: a new /tmp/smarthost-filter-*)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke test: {QUICK_MESSAGES} messages per run, 1 run per size")
+    p.add_argument("--messages", type=int, default=0,
+                   help=f"messages per run (default {MESSAGES}, --quick {QUICK_MESSAGES})")
+    p.add_argument("--runs", type=int, default=0, help="runs per size and system (default 3, --quick 1)")
+    p.add_argument("--base-port", type=int, default=24200,
+                   help="smarthost N..N+2, Postfix N+10..N+12, Postfix with rspamd N+20..N+22, "
+                        "rspamd's milter N+25 (bench.run's default is 24000)")
+    return run_bench("filter", p.parse_args(argv), FilterBench, "smarthost-filter",
+                     root="Postfix's daemons need it")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
