@@ -219,7 +219,7 @@ class MaildirSink:
     def _edit(self, tmp_path: str, edits: HeaderEdits, head: int) -> int:
         """Rewrite the message file with `edits` applied (a new file renamed over it,
         fsynced when fsync is on); its new size."""
-        remover = HeaderRemover(edits.remove)
+        remover = edits.remover()
         edited = tmp_path + ".edit"
         with open(tmp_path, "rb") as fin, open(edited, "xb") as fout:
             fout.write(fin.read(head))

@@ -41,25 +41,46 @@ def _check_field(name: str, value: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class HeaderEdits:
-    """Fields to add above the message's header section, in order, and names of fields to
-    remove (every instance, any case).  Empty edits are falsy."""
+    """Fields to add above the message's header section, in order; names of fields to
+    remove (every instance, any case); and single fields to remove (``drop``: pairs of a
+    lower-case name and which of the message's fields of that name, 0 for the first, as
+    :attr:`MessageView.headers` lists them): a forged Authentication-Results field goes,
+    a genuine one of another host stays.  Empty edits are falsy."""
     add: tuple[tuple[str, str], ...] = ()
     remove: frozenset[str] = frozenset()
+    drop: frozenset[tuple[str, int]] = frozenset()
 
     def __post_init__(self) -> None:
         for name, value in self.add:
             _check_field(name, value)
         object.__setattr__(self, "remove", frozenset(n.lower() for n in self.remove))
+        object.__setattr__(self, "drop", frozenset((n.lower(), int(i)) for n, i in self.drop))
 
     def __bool__(self) -> bool:
-        return bool(self.add or self.remove)
+        return bool(self.add or self.remove or self.drop)
+
+    @property
+    def removes(self) -> bool:
+        """Whether the message's own header section changes (fields removed)."""
+        return bool(self.remove or self.drop)
 
     def then(self, other: "HeaderEdits | None") -> "HeaderEdits":
         """These edits followed by `other`'s (a later check's fields go above earlier ones',
         as each new trace field goes on top)."""
         if not other:
             return self
-        return HeaderEdits(add=other.add + self.add, remove=self.remove | other.remove)
+        return HeaderEdits(add=other.add + self.add, remove=self.remove | other.remove,
+                           drop=self.drop | other.drop)
+
+    def remover(self) -> "HeaderRemover":
+        return HeaderRemover(self.remove, self.drop)
+
+    def apply(self, message: bytes) -> bytes:
+        """The whole `message` with these edits made (for a check that signs what will be sent)."""
+        if not self.removes:
+            return self.prefix() + message
+        r = self.remover()
+        return self.prefix() + r.feed(message) + r.flush()
 
     def prefix(self) -> bytes:
         """The added fields as header lines, CRLF line ends."""
@@ -69,17 +90,22 @@ class HeaderEdits:
         return "".join(out).encode("utf-8")
 
     def to_json(self) -> dict[str, Any]:
-        return {"add": [list(f) for f in self.add], "remove": sorted(self.remove)}
+        d: dict[str, Any] = {"add": [list(f) for f in self.add], "remove": sorted(self.remove)}
+        if self.drop:
+            d["drop"] = [list(f) for f in sorted(self.drop)]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> "HeaderEdits | None":
         if not d:
             return None
-        return cls(add=tuple((n, v) for n, v in d.get("add", ())), remove=frozenset(d.get("remove", ())))
+        return cls(add=tuple((n, v) for n, v in d.get("add", ())), remove=frozenset(d.get("remove", ())),
+                   drop=frozenset((n, i) for n, i in d.get("drop", ())))
 
 
 class HeaderRemover:
-    """A streaming filter that drops the named fields (with their folded lines) from the
+    """A streaming filter that drops the named fields (with their folded lines), and the
+    single fields of `drop` ((name, occurrence) pairs, see :class:`HeaderEdits`), from the
     header section of a message given in chunks; the body passes untouched.
 
     Lines of the header section are judged whole: a chunk that ends inside a line keeps
@@ -88,9 +114,12 @@ class HeaderRemover:
 
     MAX_LINE = 64 * 1024
 
-    def __init__(self, remove: frozenset[str]) -> None:
+    def __init__(self, remove: frozenset[str], drop: frozenset[tuple[str, int]] = frozenset()) -> None:
         self.remove = remove
-        self.in_header = bool(remove)
+        self.drop = drop
+        self.drop_names = frozenset(n for n, _ in drop)
+        self.seen: dict[str, int] = {}
+        self.in_header = bool(remove or drop)
         self.dropping = False
         self.pending = b""
 
@@ -120,6 +149,10 @@ class HeaderRemover:
                 continue
             name = line.split(b":", 1)[0].strip().lower().decode("latin-1")
             self.dropping = name in self.remove
+            if name in self.drop_names and b":" in line:
+                n = self.seen.get(name, 0)
+                self.seen[name] = n + 1
+                self.dropping = self.dropping or (name, n) in self.drop
             if not self.dropping:
                 out += line
         self.pending = b""

@@ -12,5 +12,5 @@ checks and *denied unless a rule permits*, so that a mistake in a spam rule can
 never open the relay.  A worked example of a check: :mod:`shared.checks.helo`.
 """
 from shared.checks.core import (  # noqa: F401
-    ACCEPT, CONTINUE, Chain, Check, Request, Verdict, accept, disconnect, note, reject, tempfail,
+    ACCEPT, CONTINUE, Chain, Check, Request, Symbol, Verdict, accept, disconnect, note, reject, tempfail,
 )

@@ -29,18 +29,34 @@ class Action(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Symbol:
+    """One finding of a content check, as rspamd names them: ``SPF_FAIL``, ``DKIM_VALID``.
+    Its score is not the check's to say: the ``actions`` check looks it up in its settings
+    (``[actions] scores``, per recipient domain), where each check's registered default
+    (``CheckType.symbols``) is the fallback.  ``detail`` says what it is about, for the
+    X-Spam-Status field and the log ("example.org", "d=example.org s=sel")."""
+    name: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     """A check's answer: what to do (``action``, and the ``reply`` for the client), what it
     found (``result``: free-form, e.g. "pass" or a mapping, seen by later checks in
-    ``Request.results`` and logged), and header fields to add or remove (``edits``; at
-    end of data, applied by the sink, see :mod:`shared.message`).  A result whose
-    ``allowlisted`` attribute is true before MAIL (the dnsbl check's) vouches for the
-    client: the listener's pregreet wait ends for it."""
+    ``Request.results``; a result with a ``log`` attribute has that text on the message's
+    log line), its findings (``symbols``, scored by the ``actions`` check), and header
+    fields to add or remove (``edits``; at end of data, applied by the sink, see
+    :mod:`shared.message`).  ``quarantine`` (at end of data, with action CONTINUE or
+    ACCEPT) asks the sink to keep the message out of delivery, for the reason given.
+    A result whose ``allowlisted`` attribute is true before MAIL (the dnsbl check's)
+    vouches for the client: the listener's pregreet wait ends for it."""
     action: Action
     reply: Reply | None = None
     check: str = ""             # the name of the check that gave it, for logs
     result: Any = None
     edits: HeaderEdits | None = None
+    symbols: tuple[Symbol, ...] = ()
+    quarantine: str | None = None
 
     @property
     def final(self) -> bool:
@@ -51,10 +67,13 @@ CONTINUE = Verdict(Action.CONTINUE)
 ACCEPT = Verdict(Action.ACCEPT)
 
 
-def note(result: Any = None, *, add: tuple[tuple[str, str], ...] = (), remove: tuple[str, ...] = ()) -> Verdict:
-    """No opinion on the session, but a result for later checks and header edits."""
-    return Verdict(Action.CONTINUE, result=result,
-                   edits=HeaderEdits(add=tuple(add), remove=frozenset(remove)) if add or remove else None)
+def note(result: Any = None, *, add: tuple[tuple[str, str], ...] = (), remove: tuple[str, ...] = (),
+         drop: tuple[tuple[str, int], ...] = (), symbols: tuple[Symbol, ...] = ()) -> Verdict:
+    """No opinion on the session, but a result for later checks, symbols to score and
+    header edits."""
+    edits = HeaderEdits(add=tuple(add), remove=frozenset(remove), drop=frozenset(drop)) \
+        if add or remove or drop else None
+    return Verdict(Action.CONTINUE, result=result, edits=edits, symbols=tuple(symbols))
 
 
 def accept(reply: Reply | None = None) -> Verdict:

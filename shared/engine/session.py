@@ -75,6 +75,7 @@ class Transaction:
     in_data: bool = False
     results: dict[str, Verdict] = field(default_factory=dict)
     edits: HeaderEdits = HeaderEdits()      # end_of_data checks' edits, for the sink to apply
+    quarantine: str | None = None           # an end_of_data check's reason to keep it from delivery
 
 
 class SinkPort:
@@ -194,6 +195,12 @@ class EngineSession:
         if not self.chain.has(request.phase):
             return defer.succeed(Verdict(Action.CONTINUE))
         return self.chain.run(request, self._record)
+
+    @staticmethod
+    def _found(txn: Transaction) -> str:
+        """What the transaction's checks found, for the message's log line: each result's
+        ``log`` text ("spf=pass", "score=1.2/15 action=no action"), in the order they ran."""
+        return ", ".join(text for v in txn.results.values() if (text := getattr(v.result, "log", None)))
 
     def _edits(self, phase: str) -> HeaderEdits:
         """The header edits the transaction's `phase` checks asked for, in check order."""
@@ -432,8 +439,8 @@ class EngineSession:
                     added = self._edits("data")
                     if added.add:                     # below our Received field, above the message
                         self.sink_session.write(added.prefix())
-                    if added.remove:
-                        txn.edits = HeaderEdits(remove=added.remove)
+                    if added.removes:
+                        txn.edits = HeaderEdits(remove=added.remove, drop=added.drop)
             return answer
         if not self.chain.has("data"):          # the usual case: no Request to build
             return checked(CONTINUE)
@@ -467,20 +474,27 @@ class EngineSession:
 
         def checked(v: Verdict):
             if v.final and v.action is not Action.ACCEPT:
-                self._log("reject: END-OF-MESSAGE: {reply}", reply=str(v.reply))
+                found = self._found(txn)
+                self._log("reject: END-OF-MESSAGE: {reply}; from=<{sender}>" + (", {found}" if found else ""),
+                          reply=str(v.reply), sender=txn.envelope.sender, found=found)
                 self._abandon()
                 return self._after_txn(self._reply_for(v))
             if req is not None:
                 txn.edits = txn.edits.then(self._edits("end_of_data"))
+                txn.quarantine = next((v.quarantine for n, v in txn.results.items()
+                                       if v.quarantine and self.chain.runs(n, "end_of_data")), None)
             txn.envelope.received_at = self.reactor.seconds()
             return _call(self.sink_session.data_end, txn, then=done)
 
         def done(answer):
             login = txn.envelope.client.login
+            found = self._found(txn) if req is not None else ""
             self._log("from=<{sender}>, size={size}, nrcpt={n}, message-id={mid}"
-                      + (", login=<{login}>" if login else "") + ": {reply}",
+                      + (", login=<{login}>" if login else "") + (", {found}" if found else "")
+                      + (", quarantine=<{why}>" if txn.quarantine else "") + ": {reply}",
                       sender=txn.envelope.sender, size=txn.size, n=len(txn.envelope.recipients),
-                      mid=txn.scanner.message_id() or "-", login=login, reply=str(answer))
+                      mid=txn.scanner.message_id() or "-", login=login, found=found,
+                      why=txn.quarantine, reply=str(answer))
             self._end_txn()
             return self._after_txn(answer)
         if req is None:

@@ -346,7 +346,8 @@ def show(root: Path | str, qid: str) -> str:
     if env.header_edits:
         edits = env.header_edits
         lines.append("header edits: " + "; ".join([*(f"add {n}" for n, _ in edits.add),
-                                                   *(f"remove {n}" for n in sorted(edits.remove))]))
+                                                   *(f"remove {n}" for n in sorted(edits.remove)),
+                                                   *(f"remove {n} #{i + 1}" for n, i in sorted(edits.drop))]))
     status = m["status"]
     if status:
         lines.append(f"attempts: {status.get('attempts', 0)}")

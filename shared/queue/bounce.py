@@ -260,7 +260,7 @@ def _edited(body_reader: Callable[[int], bytes], edits: HeaderEdits) -> Callable
         while True:
             data = body_reader(want)
             whole = len(data) < want
-            remover = HeaderRemover(edits.remove)
+            remover = edits.remover()
             out = prefix + remover.feed(data) + (remover.flush() if whole else b"")
             if whole or len(out) >= n:
                 return out[:n]

@@ -162,7 +162,7 @@ class QueueDelivery:
                                   f"SMTPUTF8 is required, but was not offered by host {relay}"))
         edits = env.header_edits
         prefix = edits.prefix() if edits else b""
-        remover = HeaderRemover(edits.remove) if edits and edits.remove else None
+        remover = edits.remover() if edits and edits.removes else None
         # The length sent, for SIZE and the next hop's limit.  Removed fields are not
         # counted off (that would take reading the header first): with removals it is an
         # upper estimate, never less than what is sent.  SIZE is "the client's estimate"
