@@ -36,22 +36,22 @@ def quarantining(calls: list):
     return Check("quarantiner", "end_of_data", at_end)
 
 
-def connect(sink, checks, clock):
+def connect(sink, checks, clock, domains=("example.org",)):
     factory = SMTPServerFactory.single(
         reactor=clock, server_config=ServerConfig(hostname="filter.test"),
         handler_factory=lambda proto: EngineSession(
             proto, config=EngineConfig("filter.test"), chain=Chain(checks, reactor=clock),
-            relay=relay_policy(["example.org"], []), sink=sink, reactor=clock, listener="mx"))
+            relay=relay_policy(list(domains), []), sink=sink, reactor=clock, listener="mx"))
     proto = factory.buildProtocol(None)
     t = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
     proto.makeConnection(t)
     return proto, t
 
 
-def send(proto, t, body=MESSAGE) -> str:
+def send(proto, t, body=MESSAGE, rcpt="alice@example.org") -> str:
     t.clear()
-    proto.dataReceived(b"EHLO client.example\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\n"
-                       b"DATA\r\n")
+    proto.dataReceived(b"EHLO client.example\r\nMAIL FROM:<s@example.net>\r\n"
+                       + f"RCPT TO:<{rcpt}>\r\n".encode() + b"DATA\r\n")
     proto.dataReceived(body + b".\r\n")
     return t.value().decode()
 
