@@ -38,6 +38,7 @@ from shared.smtp.reply import UNKNOWN_USER, Reply, storage_error
 log = Logger(namespace="smarthost.maildir")
 WRITE_BEHIND = 64 * 1024      # message bytes held in memory before they are written on the reactor
 CANNOT_WRITE = Reply(451, "4.3.0", "Error: cannot write to mailbox, try again later")
+CONFIG_ERROR = Reply(451, "4.3.0", "Error: local configuration error, try again later")
 _seq = count(1)
 
 
@@ -335,6 +336,13 @@ class MaildirSession:
         return lambda: self.sink.pool.run(read)
 
     def data_end(self, txn):
+        if getattr(txn, "quarantine", None):
+            # Only the filter's queue can keep a message from delivery: here it would land
+            # in the mailbox.  Never deliver what a check asked to keep back.
+            self.abort(txn)
+            log.error("{qid}: an end_of_data check asked for quarantine, which the domain tier "
+                      "cannot do: it delivers at once; run that check at the filter", qid=txn.queue_id)
+            return CONFIG_ERROR
         if self.write_error is not None:
             error = self.write_error
             self.abort(txn)

@@ -7,6 +7,9 @@
     smarthost demo --dir DIR [--base-port N]      all three tiers on 127.0.0.1, mail into Maildir
     smarthost queue ACTION [QID...|ALL] [--json] --config FILE
                                                   list|show|flush|hold|release|delete
+    smarthost quarantine ACTION [QID...|ALL] [--json] --config FILE
+                                                  list|show|release|delete: the mail checks kept
+                                                  from delivery (the filter's queue)
     smarthost user add|passwd|delete|list [NAME] [--cram-md5] [--password-stdin] --config FILE
                                                   the edge's embedded user store (SMTP AUTH)
     smarthost dkim keygen DOMAIN SELECTOR [--algorithm rsa|ed25519] [--bits N] [--directory DIR]
@@ -88,6 +91,32 @@ def _queue(args) -> int:
         return admin.main(root, args.action, args.qids, as_json=args.json)
     except admin.AdminError as e:
         print(f"smarthost queue {args.action}: {e}", file=sys.stderr)
+        return 1
+
+
+def _quarantine(args) -> int:
+    settings = _load("quarantine", args.config)
+    if settings is None:
+        return 2
+    root = settings.queue.directory if settings.has("queue") else ""
+    if not root:
+        print(f"smarthost quarantine: the {settings.tier} tier of {settings.path} keeps no queue "
+              f"(it has no [queue] section), so no quarantine: that is the filter's", file=sys.stderr)
+        return 1 if args.action != "list" else 0
+    from shared.queue import admin
+    if args.action != "list" and not args.qids:
+        print(f"smarthost quarantine {args.action}: name at least one queue id (or ALL)", file=sys.stderr)
+        return 2
+    if args.action == "list" and args.qids:
+        print("smarthost quarantine list: list takes no queue id", file=sys.stderr)
+        return 2
+    if args.json and args.action not in ("list", "show"):
+        print(f"smarthost quarantine {args.action}: --json is for list and show", file=sys.stderr)
+        return 2
+    try:
+        return admin.quarantine_main(root, args.action, args.qids, as_json=args.json)
+    except admin.AdminError as e:
+        print(f"smarthost quarantine {args.action}: {e}", file=sys.stderr)
         return 1
 
 
@@ -212,6 +241,22 @@ def parser() -> argparse.ArgumentParser:
                    help="list, show: one JSON object per message and line")
     q.add_argument("--config", required=True, metavar="FILE")
     q.set_defaults(func=_queue)
+    qr = sub.add_parser("quarantine", help="list, show, release or delete quarantined mail (safe while it runs)",
+                        description=(
+        "Mail an end_of_data check asked to quarantine is accepted (the client is told 250 as for any "
+        "message) and kept in the filter's queue, in quarantine/, never delivered on its own. "
+        "list: the quarantined messages with the reason; show: envelope, reason, header edits and "
+        "the whole message; release: into deferred/, due now: the running tier delivers it with its "
+        "header edits, without filtering it again; delete: removed, no bounce. The running tier logs "
+        "each release and delete. `smarthost queue list` shows quarantined mail too, with its state."))
+    qr.add_argument("action", choices=("list", "show", "release", "delete"))
+    qr.add_argument("qids", nargs="*", metavar="QID",
+                    help="a queue id or the previous tier's (the client's 'queued as' id), "
+                         "any case; ALL: every quarantined message")
+    qr.add_argument("--json", action="store_true",
+                    help="list, show: one JSON object per message and line")
+    qr.add_argument("--config", required=True, metavar="FILE")
+    qr.set_defaults(func=_quarantine)
     u = sub.add_parser("user", help="add, change, delete or list the edge's SMTP AUTH users", description=(
         "Edit the file of the edge's auth.users_file (argon2id hashes). The running edge sees a "
         "change at the next AUTH, without a reload."))

@@ -55,6 +55,7 @@ class Envelope:
     received_at: float = 0.0                      # time.time() when the 250 was sent
     notice: str | None = None                     # "bounce" or "double-bounce": made by the queue itself
     header_edits: HeaderEdits | None = None       # what end-of-data checks asked for, applied when sent
+    quarantine: str | None = None                 # why a check kept it from delivery (quarantine/)
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("sender", "ret", "envid", "body", "smtputf8",
@@ -62,6 +63,8 @@ class Envelope:
         d["recipients"] = [r.to_json() for r in self.recipients]
         if self.header_edits:
             d["header_edits"] = self.header_edits.to_json()
+        if self.quarantine:
+            d["quarantine"] = self.quarantine
         c = self.client
         d["client"] = {"addr": c.addr, "port": c.port, "name": c.name, "helo": c.helo, "proto": c.proto,
                        "login": c.login, "tls": c.tls}
@@ -79,4 +82,14 @@ class Envelope:
             received_at=float(d.get("received_at", 0.0)),
             notice=d.get("notice"),
             header_edits=HeaderEdits.from_json(d.get("header_edits")),
+            quarantine=_text(d.get("quarantine")),
         )
+
+
+def _text(value: Any) -> str | None:
+    """An optional text field of a stored envelope: a string, or None when unset."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, not {type(value).__name__}")
+    return value

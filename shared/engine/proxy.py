@@ -205,12 +205,15 @@ class ProxySession:
         self.port.resume()                      # whatever the next hop's buffer, the message is whole
         if self.failed or self.upstream is None:
             return NEXT_HOP_LOST
-        if txn.edits:
+        unable = _cannot_do(txn)
+        if unable:
             # Edits at end of data need the message held (the filter's queue, the domain
-            # tier's file): here it went to the next tier as it came.  Never send it
-            # without what a check asked for: no final dot.
-            log.error("{qid}: an end_of_data check asked for header edits, which the edge cannot apply "
-                      "to a message it streams; run that check at the filter", qid=txn.queue_id)
+            # tier's file), and so does a quarantine (the filter's queue): here it went to
+            # the next tier as it came.  Never send it without what a check asked for: no
+            # final dot.
+            log.error("{qid}: an end_of_data check asked for {what}, which the edge cannot "
+                      "do with a message it streams; run that check at the filter",
+                      qid=txn.queue_id, what=unable)
             self._drop()
             self.failed = True
             return Reply(451, "4.3.0", "Error: local configuration error, try again later")
@@ -249,6 +252,15 @@ class ProxySession:
         elif self.upstream is not None:
             up, self.upstream = self.upstream, None
             self.opened_by.release(up)           # kept for the next client, or closed
+
+
+def _cannot_do(txn) -> str | None:
+    """What an end_of_data check asked of this sink that it cannot do, or None."""
+    if getattr(txn, "quarantine", None):
+        return "quarantine"
+    if txn.edits:
+        return "header edits"
+    return None
 
 
 def _refusal(reply: Reply):

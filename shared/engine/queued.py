@@ -9,6 +9,13 @@ and delivers to the next tier with retries.
 Header edits the end-of-data checks asked for are kept with the envelope and
 applied each time the message is sent (:mod:`shared.queue.delivery`): the queue
 file holds the message as received.
+
+A message an end-of-data check asked to quarantine (``txn.quarantine``, the
+reason) is committed into quarantine/ instead, just as durably, with the reason
+in its envelope; the client gets the same 250 as for any accepted message, the
+queue manager is not told, and it waits there for ``smarthost quarantine
+release`` (then it is delivered with its header edits, not filtered again) or
+``delete``.
 """
 from __future__ import annotations
 
@@ -19,6 +26,13 @@ from twisted.logger import Logger
 from shared.smtp.reply import Reply, storage_error
 
 log = Logger(namespace="smarthost.queue")
+
+
+def _one_line(text: str | None) -> str | None:
+    """A check's reason as one printable line (it goes into the log and the listing)."""
+    if not text:
+        return None
+    return "".join(c if c.isprintable() else " " for c in text).strip() or "quarantined"
 
 
 class QueueSink:
@@ -72,10 +86,18 @@ class QueueSession:
             message.abort()
             return storage_error(error)
         envelope = replace(txn.envelope, header_edits=txn.edits) if txn.edits else txn.envelope
-        d = message.commit(envelope)
+        reason = _one_line(getattr(txn, "quarantine", None))
+        if reason:
+            envelope = replace(envelope, quarantine=reason)
+            d = message.commit(envelope, state="quarantine")
+        else:
+            d = message.commit(envelope)
 
         def durable(_):
-            self.sink.manager.notify(message.qid, (envelope, message.size), message.body)
+            if reason:
+                log.info("{qid}: quarantined: {reason}", qid=message.qid, reason=reason)
+            else:
+                self.sink.manager.notify(message.qid, (envelope, message.size), message.body)
             return Reply(250, "2.0.0", f"Ok: queued as {message.qid}")
 
         def failed(failure):

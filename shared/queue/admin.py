@@ -1,4 +1,5 @@
-"""Queue administration behind ``smarthost queue list|show|flush|hold|release|delete``.
+"""Queue administration behind ``smarthost queue list|show|flush|hold|release|delete``
+and ``smarthost quarantine list|show|release|delete``.
 
 These functions run in the admin's process, while the daemon may be running
 on the same spool, so they only use operations that are safe against it:
@@ -22,6 +23,9 @@ empty file per message and fact, read at the same poll:
     <qid>.release  this message was moved from hold/ to deferred/: log it, schedule it
     <qid>.held     this message was moved to hold/: log it
     <qid>.deleted  this message was deleted: log it
+    <qid>.quarantine-release  this message was moved from quarantine/ to deferred/:
+                   log it, schedule it
+    <qid>.quarantine-deleted  this message was deleted from quarantine/: log it
 
 So every hold, release and delete leaves a line in the tier's log, written by
 the daemon (the admin process has no log of its own), whether the admin
@@ -39,6 +43,16 @@ its client was told in "250 ... queued as ID" (see :func:`resolve`).
 ``--json`` (like ``postqueue -j``): ``list`` prints one JSON object per
 message and line, :func:`list_json`; ``show`` one object per message,
 :func:`show_json`.
+
+Quarantine (:func:`quarantine_main`).  A message an end-of-data check asked to
+keep from delivery sits in quarantine/ (its envelope says why), never
+scheduled.  ``queue list`` and ``queue show`` show it with its state and
+reason, ``queue delete`` may delete it; ``queue hold``, ``release`` and
+``flush`` leave it alone and say it is quarantined.  ``quarantine list`` and
+``show`` show only quarantined messages (show: with the whole message, for
+judging it), ``quarantine release`` moves one to deferred/, due now, where the
+daemon delivers it as any other (with its header edits, not filtered again),
+and ``quarantine delete`` removes it.
 """
 from __future__ import annotations
 
@@ -57,7 +71,11 @@ _TRIES = 3
 
 # What ALL stands for, per action (flush ALL is flush without a qid).
 _ALL_STATES = {"show": STATES, "hold": ("incoming", "active", "deferred"), "release": ("hold",),
-               "delete": STATES}
+               "delete": STATES,
+               "quarantine show": ("quarantine",), "quarantine release": ("quarantine",),
+               "quarantine delete": ("quarantine",)}
+
+QUARANTINED = "quarantined (see smarthost quarantine)"     # what queue hold/release/flush say of it
 
 
 class AdminError(Exception):
@@ -187,18 +205,24 @@ def resolve(files: SpoolFiles, names: Iterable[str]) -> dict[str, list[str]]:
     return matches
 
 
-def format_list(entries: list[dict[str, Any]]) -> str:
-    """A listing like Postfix's mailq: one block per message."""
+def format_list(entries: list[dict[str, Any]], empty: str = "Queue is empty") -> str:
+    """A listing like Postfix's mailq: one block per message; a quarantined one says why."""
     if not entries:
-        return "Queue is empty\n"
+        return empty + "\n"
     lines = []
     for e in entries:
         if e["error"]:
             lines.append(f"{e['qid']:<22} {e['state']:<9} (corrupt: {e['error']})")
             lines.append("")
             continue
-        lines.append(f"{e['qid']:<22} {e['state']:<9} {e['size']:>9}  "
+        if len(e["state"]) <= 9:
+            state_size = f"{e['state']:<9} {e['size']:>9}"
+        else:                                    # "quarantine": the same width, the size narrower
+            state_size = f"{e['state']} {e['size']:>{max(1, 18 - len(e['state']))}}"
+        lines.append(f"{e['qid']:<22} {state_size}  "
                      f"{_fmt_time(e['arrival'])}  <{e['sender']}>")
+        if e["state"] == "quarantine":
+            lines.append(f"{'':<22} quarantined: {e['reason']}")
         if e["next_attempt"] is not None:
             lines.append(f"{'':<22} next attempt {_fmt_time(e['next_attempt'])}, "
                          f"{e['attempts']} attempt(s) so far")
@@ -224,12 +248,14 @@ def list_json(entry: dict[str, Any]) -> dict[str, Any]:
     [{address, delay_reason}] with delay_reason (the last reply) only for
     recipients that have been tried; next_attempt (epoch seconds, deferred
     only, else null); attempts; upstream_id (the previous tier's queue id, or
-    null).  A corrupt file has only queue_id, queue_name and error (why it is
-    corrupt).
+    null); and, for a message in quarantine only, quarantine_reason (why a
+    check kept it from delivery).  A corrupt file has only queue_id,
+    queue_name and error (why it is corrupt).
     """
     if entry["error"]:
         return {"queue_id": entry["qid"], "queue_name": entry["state"], "error": entry["error"]}
     replies = entry["last_reply"] or {}
+    reason = {"quarantine_reason": entry["reason"]} if entry["state"] == "quarantine" else {}
     return {
         "queue_id": entry["qid"],
         "queue_name": entry["state"],
@@ -241,25 +267,27 @@ def list_json(entry: dict[str, Any]) -> dict[str, Any]:
         "next_attempt": None if entry["next_attempt"] is None else int(entry["next_attempt"]),
         "attempts": entry["attempts"],
         "upstream_id": entry["upstream_id"],
+        **reason,
     }
 
 
-def list_queue(root: Path | str) -> list[dict[str, Any]]:
-    """Every message in the spool, oldest first.
+def list_queue(root: Path | str, states: Iterable[str] = STATES) -> list[dict[str, Any]]:
+    """Every message in the spool (in `states`), oldest first.
 
     Each entry: qid, state, size (message bytes), arrival (epoch seconds),
     sender, recipients (those still to deliver), next_attempt (deferred only,
     epoch seconds), attempts, last_reply ({recipient: reply}), upstream_id,
-    and error (corrupt files: why; the other fields are then None).
+    reason (why it was quarantined, else None), and error (corrupt files:
+    why; the other fields are then None).
     """
     files = SpoolFiles(root)
     out = []
-    for state in STATES:
+    for state in states:
         for qid, mtime in files.scan(state):
             entry: dict[str, Any] = {
                 "qid": qid, "state": state, "size": None, "arrival": None, "sender": None,
                 "recipients": None, "next_attempt": mtime if state == "deferred" else None,
-                "attempts": 0, "last_reply": {}, "upstream_id": None, "error": None,
+                "attempts": 0, "last_reply": {}, "upstream_id": None, "reason": None, "error": None,
             }
             try:
                 env, body_len, _ = read_queue_file(files.path(qid, state))
@@ -276,16 +304,18 @@ def list_queue(root: Path | str) -> list[dict[str, Any]]:
                 recipients = [a for a in dict.fromkeys(recipients) if a in set(pending)]
             entry.update(size=body_len, arrival=env.received_at, sender=env.sender,
                          recipients=recipients, attempts=status.get("attempts", 0),
-                         last_reply=status.get("last_reply", {}), upstream_id=env.upstream_id)
+                         last_reply=status.get("last_reply", {}), upstream_id=env.upstream_id,
+                         reason=env.quarantine)
             out.append(entry)
     out.sort(key=lambda e: e["qid"])
     return out
 
 
-def _inspect(root: Path | str, qid: str) -> dict[str, Any]:
+def _inspect(root: Path | str, qid: str, *, whole: bool = False) -> dict[str, Any]:
     """What show and show_json print: state, then envelope, message size,
     next attempt (deferred only), status and header, or the error of a
-    corrupt file.  KeyError if there is no such message, ValueError for a
+    corrupt file; `whole`: also the whole message ("message", checked against
+    its checksum first).  KeyError if there is no such message, ValueError for a
     malformed id."""
     if not valid_qid(qid):
         raise ValueError(f"invalid queue id {qid!r}")
@@ -296,9 +326,9 @@ def _inspect(root: Path | str, qid: str) -> dict[str, Any]:
             raise KeyError(qid)
         path = files.path(qid, state)
         try:
-            env, body_len, _ = read_queue_file(path)
+            env, body_len, _ = read_queue_file(path, check_message=whole)
             with open(path, "rb") as f:
-                head = f.read(min(body_len, HEADER_READ_LIMIT))
+                head = f.read(body_len if whole else min(body_len, HEADER_READ_LIMIT))
             next_attempt = os.stat(path).st_mtime if state == "deferred" else None
         except FileNotFoundError:
             continue                             # moved meanwhile: look again
@@ -306,23 +336,29 @@ def _inspect(root: Path | str, qid: str) -> dict[str, Any]:
             return {"state": state, "error": e.reason}
         end = min((i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0),
                   default=len(head))
-        return {"state": state, "error": None, "envelope": env, "size": body_len,
-                "next_attempt": next_attempt, "status": files.read_status(qid),
-                "header": head[:end].decode("utf-8", "replace").replace("\r\n", "\n")}
+        m = {"state": state, "error": None, "envelope": env, "size": body_len,
+             "next_attempt": next_attempt, "status": files.read_status(qid),
+             "header": head[:end].decode("utf-8", "replace").replace("\r\n", "\n")}
+        if whole:
+            m["message"] = head.decode("utf-8", "replace").replace("\r\n", "\n")
+        return m
     raise KeyError(qid)
 
 
-def show(root: Path | str, qid: str) -> str:
-    """Envelope, delivery status and header of one message, as text.
+def show(root: Path | str, qid: str, *, whole: bool = False) -> str:
+    """Envelope, delivery status and header of one message, as text; `whole`:
+    the whole message instead of its header.
 
     KeyError if there is no such message, ValueError for a malformed id.
     """
-    m = _inspect(root, qid)
+    m = _inspect(root, qid, whole=whole)
     lines = [f"queue id: {qid}", f"state: {m['state']}"]
     if m["error"]:
         lines.append(f"corrupt: {m['error']}")
         return "\n".join(lines) + "\n"
     env = m["envelope"]
+    if env.quarantine:
+        lines.append(f"quarantine reason: {env.quarantine}")
     if m["next_attempt"] is not None:
         lines.append(f"next attempt: {_fmt_time(m['next_attempt'])}")
     lines.append(f"arrival: {_fmt_time(env.received_at)}")
@@ -356,29 +392,34 @@ def show(root: Path | str, qid: str) -> str:
         for addr, reply in (status.get("last_reply") or {}).items():
             lines.append(f"last reply for <{addr}>: {reply}")
     lines.append("")
-    lines.append(m["header"])
+    lines.append(m["message"] if whole else m["header"])
     return "\n".join(lines) + "\n"
 
 
-def show_json(root: Path | str, qid: str) -> dict[str, Any]:
+def show_json(root: Path | str, qid: str, *, whole: bool = False) -> dict[str, Any]:
     """One message as ``show --json`` prints it.
 
     queue_id; queue_name (the state); message_size (bytes); next_attempt
     (epoch seconds, deferred only, else null); envelope (as stored in the
     queue file: sender, recipients [{address, notify, orcpt}], ret, envid,
-    body, smtputf8, upstream_id, received_at, notice, client); status (the
+    body, smtputf8, upstream_id, received_at, notice, client, and
+    quarantine, why a check quarantined it, only when it did); status (the
     daemon's delivery status: pending, attempts, first_attempt, last_attempt,
     last_reply {address: reply}, failed, expired; null before the first
-    attempt); header (the message header, as text).  A corrupt file has only
-    queue_id, queue_name and error.  KeyError if there is no such message,
-    ValueError for a malformed id.
+    attempt); header (the message header, as text); `whole` (``quarantine
+    show``): also quarantine_reason and message (the whole message, as text).
+    A corrupt file has only queue_id, queue_name and error.  KeyError if there
+    is no such message, ValueError for a malformed id.
     """
-    m = _inspect(root, qid)
+    m = _inspect(root, qid, whole=whole)
     if m["error"]:
         return {"queue_id": qid, "queue_name": m["state"], "error": m["error"]}
-    return {"queue_id": qid, "queue_name": m["state"], "message_size": m["size"],
-            "next_attempt": m["next_attempt"], "envelope": m["envelope"].to_json(),
-            "status": m["status"], "header": m["header"]}
+    out = {"queue_id": qid, "queue_name": m["state"], "message_size": m["size"],
+           "next_attempt": m["next_attempt"], "envelope": m["envelope"].to_json(),
+           "status": m["status"], "header": m["header"]}
+    if whole:
+        out.update(quarantine_reason=m["envelope"].quarantine, message=m["message"])
+    return out
 
 
 def _each(root: Path | str, qids: Iterable[str], attempt) -> dict[str, str]:
@@ -413,15 +454,17 @@ def hold(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
         if state == "active":
             files.request(f"{qid}.hold")
             return "hold requested"
-        if state in ("hold", "corrupt", None):
-            return {"hold": "already held", "corrupt": "corrupt"}.get(state, "not found")
+        if state in ("hold", "quarantine", "corrupt", None):
+            return {"hold": "already held", "quarantine": QUARANTINED,
+                    "corrupt": "corrupt"}.get(state, "not found")
         return None
     return _each(root, qids, attempt)
 
 
 def release(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
     """Release held messages: hold/ -> deferred/, due now, and tell the daemon.
-    Result per qid: "released", "hold request cancelled", "not held", "invalid queue id"."""
+    Result per qid: "released", "hold request cancelled", "not held", the
+    quarantined note (quarantine/ is :func:`quarantine_release`'s), "invalid queue id"."""
     def attempt(files: SpoolFiles, qid: str) -> str:
         if files.move(qid, "hold", "deferred"):
             files.set_next_attempt(qid, "deferred", time.time())
@@ -430,6 +473,8 @@ def release(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
         if f"{qid}.hold" in files.requests():
             files.clear_request(f"{qid}.hold")
             return "hold request cancelled"
+        if files.locate(qid) == "quarantine":
+            return QUARANTINED
         return "not held"
     return _each(root, qids, attempt)
 
@@ -439,7 +484,8 @@ def delete(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
     "delete requested" (in delivery: done when the attempt ends), "not found"
     or "invalid queue id"."""
     def attempt(files: SpoolFiles, qid: str) -> str | None:
-        if any(files.remove(qid, state) for state in ("incoming", "deferred", "hold", "corrupt")):
+        if any(files.remove(qid, state) for state in ("incoming", "deferred", "hold", "quarantine",
+                                                      "corrupt")):
             files.clear_request(f"{qid}.hold")
             files.request(f"{qid}.deleted")
             return "deleted"
@@ -464,8 +510,8 @@ def flush(root: Path | str) -> int:
 def flush_messages(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
     """Make these deferred messages due now and ask the daemon to schedule them
     (``postqueue -i``).  Result per qid: "made due now", "in delivery"
-    (incoming or active: nothing to wait for), "on hold", "corrupt",
-    "not found" or "invalid queue id"."""
+    (incoming or active: nothing to wait for), "on hold", the quarantined
+    note, "corrupt", "not found" or "invalid queue id"."""
     now = time.time()
 
     def attempt(files: SpoolFiles, qid: str) -> str | None:
@@ -476,7 +522,100 @@ def flush_messages(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
         if state == "deferred":                 # it was in active a moment ago
             return None
         return {"incoming": "in delivery", "active": "in delivery", "hold": "on hold",
-                "corrupt": "corrupt", None: "not found"}[state]
+                "quarantine": QUARANTINED, "corrupt": "corrupt", None: "not found"}[state]
+    return _each(root, qids, attempt)
+
+
+# -- quarantine ---------------------------------------------------------------------
+
+def quarantine_main(root: Path | str, action: str, qids: list[str], out: TextIO | None = None,
+                    *, as_json: bool = False) -> int:
+    """Run one ``smarthost quarantine`` action (list, show, release, delete) and print
+    its result, as :func:`main` does for ``queue``: QIDs are queue ids or upstream ids,
+    in any case, ALL is every quarantined message.  list: the quarantined messages
+    (:func:`format_list`, or :func:`list_json` with ``as_json``); show: envelope,
+    reason, header edits and the whole message of each (AdminError for one that is
+    not quarantined); release and delete: one line per message.  Returns 0, or 1 if
+    some named message was not found or not changed."""
+    out = out or sys.stdout
+    try:
+        files = SpoolFiles(root)
+    except FileNotFoundError as e:
+        raise AdminError(str(e)) from None
+    if action == "list":
+        entries = list_queue(root, ("quarantine",))
+        if as_json:
+            for e in entries:
+                print(json.dumps(list_json(e), ensure_ascii=False), file=out)
+        else:
+            print(format_list(entries, empty="Quarantine is empty"), file=out, end="")
+        return 0
+    if action not in ("show", "release", "delete"):
+        raise AdminError(f"unknown action {action!r}")
+    targets = _targets(files, f"quarantine {action}", qids)
+    if action == "show":
+        for given, qid in targets:
+            if qid is None:
+                raise AdminError(f"invalid queue id {given!r}" if not valid_qid(given)
+                                 else f"{given}: no such message")
+            state = files.locate(qid)
+            if given is not None and state != "quarantine":
+                raise AdminError(f"{qid}: not quarantined ({state or 'gone'})")
+        for given, qid in targets:
+            try:
+                if as_json:
+                    print(json.dumps(show_json(root, qid, whole=True), ensure_ascii=False), file=out)
+                else:
+                    print(show(root, qid, whole=True), file=out)
+            except KeyError:
+                if given is not None:
+                    raise AdminError(f"{given}: no such message") from None
+        return 0
+    func = quarantine_release if action == "release" else quarantine_delete
+    ok = {"released"} if action == "release" else {"deleted"}
+    results = func(root, [qid for _, qid in targets if qid is not None])
+    status = 0
+    for given, qid in targets:
+        if qid is None:
+            result = "invalid queue id" if not valid_qid(given) else "not found"
+            line = f"{given}: {result}"
+        else:
+            result = results[qid]
+            via = f" (upstream id {given.upper()})" if given and given.upper() != qid else ""
+            line = f"{qid}: {result}{via}"
+        if result not in ok:
+            status = 1
+        print(line, file=out)
+    return status
+
+
+def _not_quarantined(files: SpoolFiles, qid: str) -> str:
+    state = files.locate(qid)
+    return "not found" if state is None else f"not quarantined ({state})"
+
+
+def quarantine_release(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
+    """Release quarantined messages: quarantine/ -> deferred/, due now, and tell the
+    daemon (it logs the release and delivers the message at once, with its header
+    edits; the checks do not run again).  Result per qid: "released", "not
+    quarantined (STATE)", "not found" or "invalid queue id"."""
+    def attempt(files: SpoolFiles, qid: str) -> str:
+        if files.move(qid, "quarantine", "deferred"):
+            files.set_next_attempt(qid, "deferred", time.time())
+            files.request(f"{qid}.quarantine-release")
+            return "released"
+        return _not_quarantined(files, qid)
+    return _each(root, qids, attempt)
+
+
+def quarantine_delete(root: Path | str, qids: Iterable[str]) -> dict[str, str]:
+    """Delete quarantined messages, without a bounce; the daemon logs each.  Result per
+    qid: "deleted", "not quarantined (STATE)", "not found" or "invalid queue id"."""
+    def attempt(files: SpoolFiles, qid: str) -> str:
+        if files.remove(qid, "quarantine"):
+            files.request(f"{qid}.quarantine-deleted")
+            return "deleted"
+        return _not_quarantined(files, qid)
     return _each(root, qids, attempt)
 
 

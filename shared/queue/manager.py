@@ -9,8 +9,8 @@ periodic scan (``scan_interval``, 300 s like Postfix's queue_run_delay) of
 incoming/ and deferred/, which finds what the other two missed (messages left
 by an earlier run, admin releases, clock jumps).  A deferred file's mtime *is*
 its next-attempt time (as in Postfix), so a scan costs one stat per file and
-an admin "flush" only has to touch mtimes.  Messages in hold/ are never
-scheduled.
+an admin "flush" only has to touch mtimes.  Messages in hold/ and
+quarantine/ are never scheduled.
 
 Pick-up.  A message is picked up by moving it incoming|deferred -> active
 (renames and the small reads of trailer, envelope and status happen on the
@@ -82,10 +82,11 @@ the next poll, in whatever state the attempt left the message; a hold request
 the admin cancelled (by a release) before the attempt ended is not applied.
 The poll also applies the hold and delete requests for messages not in
 flight, R/requests/flush (every deferred message is due now), <qid>.flush
-(schedule this message now) and <qid>.release (the admin moved it from hold/
-to deferred/: schedule it now), and logs the notices <qid>.held and
-<qid>.deleted of what the admin command did itself: every hold, release and
-delete is in the log.
+(schedule this message now), <qid>.release and <qid>.quarantine-release (the
+admin moved it from hold/ or quarantine/ to deferred/: schedule it now), and
+logs the notices <qid>.held, <qid>.deleted and <qid>.quarantine-deleted of
+what the admin command did itself: every hold, release and delete is in the
+log.
 
 Trust.  The delivery function is ours but its results are checked: a missing
 or malformed result for a recipient counts as a transient failure (451
@@ -128,7 +129,8 @@ FRESH_BYTES = 32 * 1024 * 1024
 
 # Admin requests that say what the admin command did itself (shared.queue.admin):
 # the manager only logs them.
-ADMIN_NOTICES = {"held": "put on hold by admin command", "deleted": "removed by admin command"}
+ADMIN_NOTICES = {"held": "put on hold by admin command", "deleted": "removed by admin command",
+                 "quarantine-deleted": "removed from quarantine by admin command"}
 
 # Given to a recipient the delivery function said nothing about, or when it failed.
 NO_REPLY = Reply(451, "4.3.0", "Delivery agent gave no result, will retry")
@@ -369,8 +371,8 @@ class QueueManager:
                     self.spool.clear_request(name)
                     continue
                 qid, _, kind = name.partition(".")
-                if not valid_qid(qid) or kind not in ("hold", "delete", "release", "flush",
-                                                      *ADMIN_NOTICES):
+                if not valid_qid(qid) or kind not in ("hold", "delete", "release", "quarantine-release",
+                                                      "flush", *ADMIN_NOTICES):
                     log.warn("{prefix}ignoring unknown admin request {name!r}",
                              prefix=self.log_prefix, name=name)
                     self.spool.clear_request(name)
@@ -399,9 +401,9 @@ class QueueManager:
                     log.info("{prefix}{qid}: put on hold by admin request",
                              prefix=self.log_prefix, qid=qid)
                     break
-        elif kind == "release":
-            log.info("{prefix}{qid}: released from hold by admin command",
-                     prefix=self.log_prefix, qid=qid)
+        elif kind in ("release", "quarantine-release"):
+            log.info("{prefix}{qid}: released from {where} by admin command", prefix=self.log_prefix,
+                     qid=qid, where="hold" if kind == "release" else "quarantine")
             self.enqueue(qid, "deferred")        # no-op if already picked up
         elif kind == "flush":
             log.info("{prefix}{qid}: flush requested", prefix=self.log_prefix, qid=qid)

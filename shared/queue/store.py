@@ -7,6 +7,8 @@ Layout of a spool root ``R`` (every directory mode 0700)::
     R/active/     picked up by the queue manager, delivery in progress
     R/deferred/   waiting for a retry; the file's mtime is the next attempt time
     R/hold/       parked by an administrator, never scheduled
+    R/quarantine/ kept from delivery by a check at reception (the envelope says
+                  why), never scheduled; released or deleted by an administrator
     R/corrupt/    damaged files, kept for inspection and never deleted by us
     R/status/     per-message delivery status (JSON), owned by the queue manager
     R/requests/   admin requests to the running daemon (see shared.queue.admin)
@@ -40,8 +42,8 @@ Files written before the message checksum have the 28-byte trailer
 their message bytes unchecked.
 
 Durability: :meth:`IncomingMessage.commit` appends the trailer, fsyncs the
-file, renames it from tmp/ to incoming/ and fsyncs incoming/ before its
-Deferred fires -- only then may the SMTP server say 250.  Directory fsyncs are
+file, renames it from tmp/ to incoming/ (or quarantine/) and fsyncs that
+directory before its Deferred fires -- only then may the SMTP server say 250.  Directory fsyncs are
 group-committed: concurrent commits share one.  Blocking calls (fsync, and the
 writes that precede it at commit) run in a bounded thread pool, never on the
 reactor thread.  Renames between state directories after that are not
@@ -77,7 +79,13 @@ from shared.reserve import FileReserve, write_all
 
 log = Logger(namespace="smarthost.queue.store")
 
-STATES = ("incoming", "active", "deferred", "hold", "corrupt")
+STATES = ("incoming", "active", "deferred", "hold", "quarantine", "corrupt")
+# The states a commit can put a message in: incoming/ for the queue manager,
+# quarantine/ for the administrator.
+COMMIT_STATES = ("incoming", "quarantine")
+# States an older version's spool lacks: the admin commands read such a spool as it
+# is (nothing is in them); the daemon makes them at its next start.
+NEWER_STATES = ("quarantine",)
 TMP = "tmp"
 STATUS = "status"
 REQUESTS = "requests"
@@ -318,7 +326,7 @@ class SpoolFiles:
                 (self.root / name).mkdir(mode=0o700, exist_ok=True)
         else:
             for name in (TMP, *STATES, STATUS, REQUESTS):
-                if not (self.root / name).is_dir():
+                if name not in NEWER_STATES and not (self.root / name).is_dir():
                     raise FileNotFoundError(f"{self.root}: not a spool directory "
                                             f"(missing {name}/)")
 
@@ -488,7 +496,10 @@ class Spool(SpoolFiles):
         # Empty tmp files made ahead in the pool: a reception never creates one on
         # the reactor (see shared.reserve).  Used once recovery has cleaned tmp/.
         self.reserve = FileReserve(self.root / TMP, self.run) if not runner else None
-        self.group_sync = GroupSync(self.run, self.fsync_dir_blocking, self.root / "incoming")
+        # One group commit per directory a commit renames into.
+        self.group_syncs = {state: GroupSync(self.run, self.fsync_dir_blocking, self.root / state)
+                            for state in COMMIT_STATES}
+        self.group_sync = self.group_syncs["incoming"]
         # Removals after delivery, many per pool job: unlink waits on the journal
         # under fsync load, and one hand-off per message costs more than the unlink.
         self.remover = Batcher(self.run, self._remove_batch)
@@ -592,7 +603,7 @@ class Spool(SpoolFiles):
         - tmp/*: never acknowledged -> deleted and logged (except files this
           process is receiving right now);
         - active/*: an interrupted delivery -> back to incoming/;
-        - every file in incoming/, deferred/ and hold/ is validated by its
+        - every file in incoming/, deferred/, hold/ and quarantine/ is validated by its
           trailer and its message checksum (the whole file is read, a chunk at
           a time); a bad one goes to corrupt/ with a log line naming it and why;
         - status files without a queue file are removed.
@@ -619,7 +630,7 @@ class Spool(SpoolFiles):
             if self.move(qid, "active", "incoming"):
                 report.requeued.append(qid)
                 log.info("{qid}: interrupted delivery, back to incoming/", qid=qid)
-        for state in ("incoming", "deferred", "hold"):
+        for state in ("incoming", "deferred", "hold", "quarantine"):
             count = 0
             with os.scandir(self.root / state) as it:
                 names = sorted(e.name for e in it)
@@ -676,7 +687,7 @@ class IncomingMessage:
     ``write`` appends a chunk synchronously (it lands in the page cache; fine
     on the reactor thread) and adds it to the message's CRC-32 (``crc``), so
     that commit never reads the message again.  ``commit`` makes it durable
-    in incoming/; ``abort`` throws it away.  OSError from ``write`` (disk
+    in incoming/ (or quarantine/); ``abort`` throws it away.  OSError from ``write`` (disk
     full) is the caller's to turn into a 4xx reply, after calling ``abort``.
     """
 
@@ -693,6 +704,7 @@ class IncomingMessage:
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.body: bytes | None = None   # after commit: the message, if held whole in memory
+        self.target = "incoming"         # the state directory commit renames it into
 
     @property
     def tmp_path(self) -> str:
@@ -723,15 +735,21 @@ class IncomingMessage:
         path = self.tmp_path
         return self.spool.run(lambda: _read_start(path, on_disk) + held)
 
-    def commit(self, envelope: Envelope) -> Deferred:
-        """Fire (with None) once the file and its incoming/ entry are durable.
+    def commit(self, envelope: Envelope, state: str = "incoming") -> Deferred:
+        """Fire (with None) once the file and its entry in `state`/ are durable.
 
-        ``envelope.received_at`` is set to the reactor's time if it is 0.
-        Errors (disk full, I/O error) errback; the file is then removed.
+        `state` is incoming (the queue manager's to deliver: its caller notifies it)
+        or quarantine (kept from delivery until an administrator releases it; the
+        envelope's ``quarantine`` says why).  ``envelope.received_at`` is set to the
+        reactor's time if it is 0.  Errors (disk full, I/O error) errback; the file
+        is then removed.
         """
+        if state not in COMMIT_STATES:
+            return fail(ValueError(f"{self.qid}: cannot commit into {state}/"))
         if self.state != "open":
             return fail(ValueError(f"{self.qid}: commit after {self.state}"))
         self.state = "committing"
+        self.target = state
         if not envelope.received_at:
             envelope = replace(envelope, received_at=self.spool.reactor.seconds())
         env_json = encode_envelope(envelope)
@@ -743,7 +761,7 @@ class IncomingMessage:
         spool = self.spool
         d = spool.run(self._finish_file, tail)
         if spool.fsync:
-            d.addCallback(lambda _: spool.group_sync.request())
+            d.addCallback(lambda _: spool.group_syncs[state].request())
         d.addCallbacks(self._committed, self._failed)
         return d
 
@@ -755,7 +773,7 @@ class IncomingMessage:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(self.tmp_path, self.spool.path(self.qid, "incoming"))
+        os.rename(self.tmp_path, self.spool.path(self.qid, self.target))
 
     def _committed(self, _: Any) -> None:
         self.state = "committed"
@@ -771,7 +789,7 @@ class IncomingMessage:
         _unlink_quiet(self.tmp_path)
         # The rename may have happened before the directory fsync failed: the
         # client gets a 4xx and will send again, so do not deliver this copy.
-        _unlink_quiet(self.spool.path(self.qid, "incoming"))
+        _unlink_quiet(self.spool.path(self.qid, self.target))
         if failure.check(OSError):       # a full disk, an I/O error: one line, no traceback
             log.error("{qid}: queue file commit failed: {err}", qid=self.qid,
                       err=failure.value.strerror or str(failure.value))

@@ -124,3 +124,26 @@ def test_a_full_disk_is_452_at_end_of_data_and_the_session_goes_on(tmp_path, sin
     assert new_files(tmp_path, "alice") == []
     answers, reply = deliver(sink, ["alice@example.org"], [b"Subject: after\r\n\r\nhi\r\n"])
     assert reply.code == 250 and len(new_files(tmp_path, "alice")) == 1
+
+
+def test_a_quarantine_is_refused_451_and_nothing_is_delivered(tmp_path, sink):
+    """The domain tier cannot keep a message from delivery: it never delivers one a check
+    asked to quarantine, and says in its log where the check belongs."""
+    from twisted.logger import capturedLogs, formatEvent
+    s = sink.session(None)
+    txn = Txn()
+    txn.quarantine = "test"
+    s.begin(txn)
+    s.rcpt(txn, Recipient("alice@example.org"))
+    s.data_start(txn)
+    s.write(b"Subject: x\r\n\r\nhi\r\n")
+    with capturedLogs() as events:
+        reply = s.data_end(txn)                  # answered at once, as a write error is
+    assert (reply.code, reply.enhanced) == (451, "4.3.0") and "configuration" in reply.text
+    assert new_files(tmp_path, "alice") == []
+    assert set(os.listdir(sink.spool)) == sink.reserve.names()      # the received file is gone
+    [line] = [formatEvent(e) for e in events]
+    assert line.startswith("Q1: an end_of_data check asked for quarantine") and "at the filter" in line
+    # The session goes on: the next transaction is delivered.
+    _, reply = deliver(sink, ["alice@example.org"], [b"Subject: y\r\n\r\nhi\r\n"], qid="Q2")
+    assert reply.code == 250 and len(new_files(tmp_path, "alice")) == 1

@@ -257,3 +257,25 @@ def test_the_connection_goes_back_to_the_relay_client_between_transactions():
     _, _, s2, _ = in_data()
     s2.close()                    # gone in the middle of DATA: never reused
     assert s2.sink.relay_client.released == [] and s2.sink.relay_client.upstream.aborted
+
+
+@pytest.mark.parametrize("asked,named", [("quarantine", "quarantine"), ("edits", "header edits")])
+def test_what_the_edge_cannot_do_with_a_streamed_message_is_451_and_no_final_dot(asked, named):
+    """Quarantine and header edits need the message held: the edge refuses, never delivers
+    it without what the check asked, and says in its log where the check belongs."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    from shared.message import HeaderEdits
+    up, engine, s, txn = in_data()
+    s.write(b"Subject: x\r\n\r\nhi\r\n")
+    if asked == "quarantine":
+        txn.quarantine = "test"
+    else:
+        txn.edits = HeaderEdits(add=(("X-Test", "yes"),))
+    with capturedLogs() as events:
+        reply = result(s.data_end(txn))
+    assert (reply.code, reply.enhanced) == (451, "4.3.0") and "configuration" in reply.text
+    assert ("END",) not in up.log and up.aborted
+    [line] = [formatEvent(e) for e in events]
+    assert line.startswith(f"EQID: an end_of_data check asked for {named}, ")
+    assert line.endswith("run that check at the filter")

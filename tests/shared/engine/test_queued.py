@@ -108,3 +108,48 @@ def test_session_call_helper_turns_a_sink_exception_into_a_failed_deferred():
     d = _call(lambda: later, then=lambda r: r * 10)
     later.callback(3)
     assert result(d) == 30
+
+
+def test_a_quarantined_message_is_committed_into_quarantine_and_the_manager_is_not_told(tmp_path):
+    """The client is told what it is told of any message; the spool keeps it apart, with the
+    reason and the checks' header edits in its envelope."""
+    from twisted.internet.task import Clock
+    from twisted.logger import capturedLogs, formatEvent
+
+    from shared.ids import new_queue_id
+    from shared.message import HeaderEdits
+    from shared.queue.store import Spool as RealSpool, read_queue_file
+    from tests.shared.queue.helpers import sync_runner
+
+    spool, mgr = RealSpool(tmp_path / "spool", reactor=Clock(), fsync=False, runner=sync_runner), Manager()
+    s = QueueSink(spool, mgr).session(None)
+    t = Transaction(new_queue_id(), Envelope(sender="s@example.net", recipients=[Recipient("a@example.org")]))
+    t.edits = HeaderEdits(add=(("X-Spam-Flag", "YES"),))
+    t.quarantine = "score 17.2\r\nforged: line"       # one line in the log, whatever a check says
+    assert s.data_start(t) is None
+    s.write(b"Subject: x\r\n\r\nhi\r\n")
+    with capturedLogs() as events:
+        reply = result(s.data_end(t))
+    assert (reply.code, reply.enhanced, reply.text) == (250, "2.0.0", f"Ok: queued as {t.queue_id}")
+    assert mgr.notified == []
+    assert spool.list("quarantine") == [t.queue_id] and spool.list("incoming") == []
+    env, _, _ = read_queue_file(spool.path(t.queue_id, "quarantine"), check_message=True)
+    assert env.quarantine == "score 17.2  forged: line" and env.header_edits == t.edits
+    assert [formatEvent(e) for e in events] == [f"{t.queue_id}: quarantined: score 17.2  forged: line"]
+
+
+def test_without_quarantine_the_message_goes_to_incoming_as_before(tmp_path):
+    from twisted.internet.task import Clock
+
+    from shared.ids import new_queue_id
+    from shared.queue.store import Spool as RealSpool
+    from tests.shared.queue.helpers import sync_runner
+
+    spool, mgr = RealSpool(tmp_path / "spool", reactor=Clock(), fsync=False, runner=sync_runner), Manager()
+    s = QueueSink(spool, mgr).session(None)
+    t = Transaction(new_queue_id(), Envelope(sender="s@example.net", recipients=[Recipient("a@example.org")]))
+    assert t.quarantine is None
+    s.data_start(t)
+    s.write(b"Subject: x\r\n\r\nhi\r\n")
+    assert result(s.data_end(t)).code == 250
+    assert spool.list("incoming") == [t.queue_id] and [q for q, _, _ in mgr.notified] == [t.queue_id]

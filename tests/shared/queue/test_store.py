@@ -294,7 +294,7 @@ def test_flipped_message_byte_is_found_by_recovery_and_moved_to_corrupt(spool, r
     for qid, state in damaged.items():
         assert f"{state}/{qid}: corrupt queue file ({MISMATCH}); moved to corrupt/" in text
     assert spool.list("deferred") == [good]
-    assert report.counts == {"incoming": 0, "deferred": 1, "hold": 0}
+    assert report.counts == {"incoming": 0, "deferred": 1, "hold": 0, "quarantine": 0}
 
 
 def test_smq1_file_from_before_the_upgrade_is_recovered_listed_and_delivered(spool, root):
@@ -306,7 +306,7 @@ def test_smq1_file_from_before_the_upgrade_is_recovered_listed_and_delivered(spo
                                       zlib.crc32(env_json)))
     new = queue_message(spool, envelope())
     report = spool.recover()
-    assert report.corrupt == [] and report.counts == {"incoming": 1, "deferred": 1, "hold": 0}
+    assert report.corrupt == [] and report.counts == {"incoming": 1, "deferred": 1, "hold": 0, "quarantine": 0}
     listed = {e["qid"]: e for e in admin.list_queue(root)}
     assert listed[qid]["sender"] == "old@example.org" and listed[qid]["size"] == len(BODY)
     assert listed[new]["error"] is None
@@ -405,7 +405,7 @@ def test_recover(spool, root):
     assert f"hold/{held_bad}: corrupt queue file" in text
     assert f"tmp/{unacked.qid}: removed" in text
     assert sorted(os.listdir(root / "status")) == [good_deferred]
-    assert report.counts == {"incoming": 2, "deferred": 1, "hold": 0}
+    assert report.counts == {"incoming": 2, "deferred": 1, "hold": 0, "quarantine": 0}
 
 
 def test_admin_view_refuses_non_spool(tmp_path):
