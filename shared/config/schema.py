@@ -29,7 +29,6 @@ import pwd
 import re
 import socket
 import tomllib
-from types import MappingProxyType
 from dataclasses import asdict, dataclass, field, make_dataclass, replace
 from dataclasses import fields as fields_of
 from typing import Any, Callable
@@ -268,18 +267,45 @@ def setting(default: Any, doc: str, item: Callable[[Any], Any] | None = None, *,
         kind = (int, float) if isinstance(default, float) else list if isinstance(default, tuple) \
             else default.__class__
     given = list(default) if isinstance(default, tuple) else default
-    if isinstance(default, dict):          # a table: read-only, made per object
-        frozen = dict(default)
-        return field(default_factory=lambda: MappingProxyType(frozen),
-                     metadata={"key": Key(kind, given, doc, item, **key)})
+    if isinstance(default, dict):
+        default = Table(default)
     return field(default=default, metadata={"key": Key(kind, given, doc, item, **key)})
 
 
+class Table(dict):
+    """A TOML table as a section object holds it: read-only and hashable, like the tuples
+    arrays become (a check's settings object is a dictionary key of the policy builder)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a configuration table is read-only")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+    def __hash__(self) -> int:                       # type: ignore[override]
+        return hash(tuple(sorted((k, _hashable(v)) for k, v in self.items())))
+
+    def __reduce__(self):
+        return (Table, (dict(self),))
+
+    def __deepcopy__(self, memo):
+        return self                                  # immutable: a copy is itself
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
 def _frozen(value: Any) -> Any:
-    """What a section object holds: arrays as tuples, tables as read-only mappings."""
+    """What a section object holds: arrays as tuples, tables as Tables (nested ones too)."""
     if isinstance(value, list):
         return tuple(value)
-    return MappingProxyType(value) if isinstance(value, dict) else value
+    if isinstance(value, dict):
+        return Table({k: _frozen(v) if isinstance(v, dict) else v for k, v in value.items()})
+    return value
 
 
 @dataclass(frozen=True)
@@ -1076,7 +1102,9 @@ def toml_value(v: Any) -> str:
         return toml_value(hostport_text(*v))
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, (dict, MappingProxyType)):
+    if isinstance(v, dict):
+        if not v:
+            return "{}"
         return "{ " + ", ".join(f"{toml_value(str(k))} = {toml_value(x)}" for k, x in v.items()) + " }"
     if isinstance(v, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
         return toml_value(str(v))
