@@ -16,6 +16,11 @@ _HEADER = re.compile(rb"\n([^\r\n]*)((?:\r?\n[ \t][^\r\n]*)*)")
 _MESSAGE_ID = re.compile(rb"(?:^|\n)message-id[ \t]*:[ \t]*(?:\r?\n[ \t]+)?(<[\x21-\x7e]{1,500}?>)",
                          re.IGNORECASE)
 _OURS = re.compile(rb"^received[ \t]*:.*\sby\s+\S+\s+\(smarthost\)", re.IGNORECASE | re.DOTALL)
+# What a tier writes above its own Received field when it passes a message on: the
+# filter's results and signatures.  Between the pipeline's Received fields they do not
+# end the count of its hops.
+_RESULTS = re.compile(rb"^(?:authentication-results|received-spf|x-spam-[a-z]+|dkim-signature|arc-seal"
+                      rb"|arc-message-signature|arc-authentication-results|subject)[ \t]*:", re.IGNORECASE)
 HEADER_SCAN_LIMIT = 256 * 1024
 
 
@@ -102,7 +107,9 @@ class HeaderScanner:
         """
         n = 0
         for m in _HEADER.finditer(self.buf):
-            if not _OURS.match(m.group(1) + m.group(2)):
+            field = m.group(1) + m.group(2)
+            if _OURS.match(field):
+                n += 1
+            elif not _RESULTS.match(field):
                 break
-            n += 1
         return n

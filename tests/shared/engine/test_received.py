@@ -88,3 +88,14 @@ def test_message_id_is_found_once_folded_or_not_and_only_printable():
     h = HeaderScanner()
     h.feed(b"Subject: none\r\n\r\nMessage-ID: <in-the-body@x>\r\n")
     assert h.message_id() is None
+
+
+def test_pipeline_hops_look_past_the_filters_result_fields():
+    ours = (b"Received: from a (b [192.0.2.1])\r\n\tby filter.example (smarthost) with ESMTP id Q;\r\n"
+            b"\tMon, 1 Jan 2026 00:00:00 -0000\r\n")
+    theirs = b"Received: from x by mx.example.net (Postfix) with ESMTP id Z\r\n"
+    results = (b"Authentication-Results: filter.example;\r\n\tspf=pass smtp.mailfrom=a@b.example\r\n"
+               b"Received-SPF: pass (filter.example: ...) client-ip=192.0.2.1;\r\n"
+               b"X-Spam-Score: 0.00\r\nX-Spam-Status: No, score=0.00\r\n\ttests=none\r\n")
+    assert scan([ours, results, ours, theirs, ours, b"\r\n"]).pipeline_hops() == 2
+    assert scan([results, ours, b"From: a@b\r\n", ours, b"\r\n"]).pipeline_hops() == 1
