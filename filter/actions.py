@@ -37,10 +37,14 @@ ACTIONS = ("reject", "tempfail", "quarantine", "rewrite_subject", "add_header")
 _SPAM_FIELDS = ("x-spam-score", "x-spam-status", "x-spam-flag")
 
 
+MAX_SCORE = 1000.0
+
+
 def _threshold(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
-            or abs(value) == float("inf"):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise ValueError(f"{value!r} is not a score (a number; 0 turns the action off)")
+    if abs(value) > MAX_SCORE:
+        raise ValueError(f"{value!r}: a score is at least -{MAX_SCORE:g} and at most {MAX_SCORE:g}")
     return float(value)
 
 

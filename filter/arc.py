@@ -21,7 +21,7 @@ from shared.checks.registry import CheckType
 from shared.config.schema import SECONDS, Section, bounded, setting
 from shared.resolver import resolver_for
 from filter.dkim import _KeyUnavailable, _dnsfunc, _quiet, _signature_tags, key_name
-from filter.mailauth import MethodResult, checks_pool
+from filter.mailauth import MethodResult, checks_pool, compute
 
 MAX_SETS = 50            # RFC 8617 4.2.1: at most 50 ARC sets
 
@@ -101,7 +101,7 @@ class ArcCheck:
         d = self.resolver.prefetch(names)
         body = message.read_body()
         d.addCallback(lambda keys: body.addCallback(
-            lambda m: self.pool.run(verify_chain, m, keys, self.own, max(latest, 0), domain)))
+            lambda m: compute(self.pool, message.size, verify_chain, m, keys, self.own, max(latest, 0), domain)))
         return d.addCallback(self._verdict)
 
     @staticmethod

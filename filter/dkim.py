@@ -7,14 +7,17 @@ first), each giving a result with its d= and s=:
   Ed25519 keys are always 256 bits);
 - ``fail``: it does not (body hash mismatch, bad signature), or the key is too small;
 - ``policy``: it verifies but its l= tag covers only part of the body, so what follows
-  is not signed (RFC 6376 8.2) -- unless ``body_length = "accept"``;
+  is not signed (RFC 6376 8.2) -- unless ``body_length = "accept"``; or it is
+  rsa-sha1, which RFC 8301 retired ("MUST NOT be used for signing or verifying") --
+  unless ``rsa_sha1 = "accept"`` (what older verifiers do);
 - ``neutral``: the signature field is malformed or uses what is not supported;
 - ``permerror``: its key record is missing, revoked or malformed;
 - ``temperror``: its key could not be looked up (timeout, SERVFAIL).
 
 The keys are looked up first, all at once, on the reactor through the tier's
-resolver (and its cache); dkimpy then checks the signatures in a thread of the
-checks' pool, given those answers, so it never touches DNS itself.  Symbols:
+resolver (and its cache); dkimpy then checks the signatures given those answers, so
+it never touches DNS itself: on the reactor for a message up to 64 KB, in a thread
+of the checks' pool for a larger one (:func:`filter.mailauth.compute`).  Symbols:
 DKIM_VALID per domain with a passing signature, DKIM_INVALID for a failing one,
 DKIM_TEMPERROR, DKIM_PERMERROR, DKIM_NONE when unsigned.  A temporary error is
 scored (``temperror = "score"``) or answered 451 4.7.1 (``"tempfail"``).
@@ -26,12 +29,16 @@ import re
 from dataclasses import dataclass
 
 import dkim as dkimpy
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+from dkim.canonicalization import CanonicalizationPolicy
 
 from shared.checks.core import Request, Symbol, Verdict, note, tempfail
 from shared.checks.registry import CheckType
 from shared.config.schema import SECONDS, Section, bounded, choice, setting
 from shared.resolver import NXDOMAIN, OK, Answer, DNSTempError, resolver_for
-from filter.mailauth import MethodResult, checks_pool, tags
+from filter.mailauth import MethodResult, checks_pool, compute, tags
 
 # Speed, inside the layer that can prove it.  dkimpy's relaxed canonicalization rewrites every run of white space, single spaces
 # included: on a 50 KB body that is most of the cost of a verification.  These do the same
@@ -64,15 +71,82 @@ def str2int(s: bytes) -> int:
     return int.from_bytes(bytes(s), "big")
 
 
+# Its RSA itself is Python integers: a verification costs a quarter of a millisecond, a
+# signature with a 2048-bit key several milliseconds.  The same PKCS #1 v1.5 operations by
+# OpenSSL (the cryptography package), on keys made once per modulus:
+_PUBLIC: dict[tuple[int, int], object] = {}
+_PRIVATE: dict[int, object] = {}
+_HASHES = {"sha256": "SHA256", "sha1": "SHA1"}
+
+
+def _algorithm(hash_obj):
+    return utils.Prehashed(getattr(hashes, _HASHES[hash_obj.name.lower()])())
+
+
+def rsa_verify(hash_obj, signature: bytes, public_key: dict) -> bool:
+    ident = (public_key["modulus"], public_key["publicExponent"])
+    key = _PUBLIC.get(ident)
+    if key is None:
+        try:
+            key = rsa.RSAPublicNumbers(ident[1], ident[0]).public_key()
+        except ValueError as e:           # not a usable RSA key: what the library says of one
+            raise dkim.crypto.DigestTooLargeError(str(e)) from None
+        if len(_PUBLIC) >= 1000:
+            _PUBLIC.clear()
+        _PUBLIC[ident] = key
+    try:
+        key.verify(bytes(signature), hash_obj.digest(), padding.PKCS1v15(), _algorithm(hash_obj))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def rsa_sign(hash_obj, private_key: dict) -> bytes:
+    key = _PRIVATE.get(private_key["modulus"])
+    if key is None:
+        p = private_key
+        key = rsa.RSAPrivateNumbers(p["prime1"], p["prime2"], p["privateExponent"], p["exponent1"],
+                                    p["exponent2"], p["coefficient"],
+                                    rsa.RSAPublicNumbers(p["publicExponent"], p["modulus"])).private_key()
+        if len(_PRIVATE) >= 1000:
+            _PRIVATE.clear()
+        _PRIVATE[private_key["modulus"]] = key
+    return key.sign(hash_obj.digest(), padding.PKCS1v15(), _algorithm(hash_obj))
+
+
+# And it parses the key record (ASN.1, in Python) at every verification: parsed keys are kept
+# by their record's text (a changed record is a new text).
+_KEYS: dict[bytes, tuple] = {}
+
+
+def load_pk_from_dns(name, dnsfunc=None, timeout=5):
+    record = dnsfunc(name, timeout=timeout)
+    if record:
+        parsed = _KEYS.get(record)
+        if parsed is not None:
+            return parsed
+    parsed = dkimpy.evaluate_pk(name, record)
+    if record:
+        if len(_KEYS) >= 1000:
+            _KEYS.clear()
+        _KEYS[record] = parsed
+    return parsed
+
+
 import dkim.crypto  # noqa: E402
 
 LIBRARY = {"compress_whitespace": dkimpy.canonicalization.compress_whitespace,
            "strip_trailing_whitespace": dkimpy.canonicalization.strip_trailing_whitespace,
-           "int2str": dkim.crypto.int2str, "str2int": dkim.crypto.str2int}
+           "int2str": dkim.crypto.int2str, "str2int": dkim.crypto.str2int,
+           "rsa_verify": dkimpy.RSASSA_PKCS1_v1_5_verify, "rsa_sign": dkimpy.RSASSA_PKCS1_v1_5_sign,
+           "load_pk_from_dns": dkimpy.load_pk_from_dns}
 dkimpy.canonicalization.compress_whitespace = compress_whitespace
 dkimpy.canonicalization.strip_trailing_whitespace = strip_trailing_whitespace
 dkim.crypto.int2str = int2str
 dkim.crypto.str2int = str2int
+dkimpy.RSASSA_PKCS1_v1_5_verify = rsa_verify
+dkimpy.RSASSA_PKCS1_v1_5_sign = rsa_sign
+dkimpy.load_pk_from_dns = load_pk_from_dns
 
 _quiet = logging.getLogger("smarthost.dkimpy")
 _quiet.addHandler(logging.NullHandler())
@@ -89,6 +163,8 @@ class DkimSettings:
     max_signatures: int = setting(10, "signatures checked per message, the topmost first", bounded(1, 50))
     body_length: str = setting("refuse", "a signature whose l= leaves part of the body unsigned: refuse "
                                          "(result policy, not valid) or accept", choice("refuse", "accept"))
+    rsa_sha1: str = setting("refuse", "an rsa-sha1 signature: refuse (result policy: RFC 8301 retired it) or "
+                                      "accept (verify it, as older verifiers do)", choice("refuse", "accept"))
     temperror: str = setting("score", "a key lookup failure: score (DKIM_TEMPERROR) or tempfail (451 4.7.1)",
                              choice("score", "tempfail"))
     timeout: float = setting(10.0, "seconds for the key lookups and the checks together", SECONDS)
@@ -185,6 +261,9 @@ def verify_all(message: bytes, parsed: list[tuple[dict | None, int]], keys: dict
         if name is None:
             out.append(Signature(d, s, a, "neutral", "missing or invalid d= or s=", b))
             continue
+        if a.lower() == "rsa-sha1" and own.rsa_sha1 == "refuse":
+            out.append(Signature(d, s, a, "policy", "rsa-sha1 is historic (RFC 8301)", b))
+            continue
         answer = keys.get(name)
         if isinstance(answer, DNSTempError):
             out.append(Signature(d, s, a, "temperror", "key lookup failed", b))
@@ -233,7 +312,6 @@ def verify_all(message: bytes, parsed: list[tuple[dict | None, int]], keys: dict
 
 
 def _canonical_body_length(checker, t: dict) -> int:
-    from dkim.canonicalization import CanonicalizationPolicy
     policy = CanonicalizationPolicy.from_c_value(t.get("c", "simple/simple").encode())
     return len(policy.canonicalize_body(checker.body))
 
@@ -258,7 +336,7 @@ class DkimCheck:
         keys = self.resolver.prefetch(names)
         body = message.read_body()
         d = keys.addCallback(lambda k: body.addCallback(lambda m: (m, k)))
-        d.addCallback(lambda mk: self.pool.run(verify_all, mk[0], parsed, mk[1], self.own))
+        d.addCallback(lambda mk: compute(self.pool, message.size, verify_all, mk[0], parsed, mk[1], self.own))
         return d.addCallback(self._verdict)
 
     def _verdict(self, result: DkimResult) -> Verdict:

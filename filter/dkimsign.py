@@ -23,13 +23,15 @@ from email.utils import getaddresses
 from pathlib import Path
 
 import dkim as dkimpy
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from shared.checks.core import Request, note
 from shared.checks.registry import CheckType
 from shared.config.schema import SECONDS, Section, setting
 from shared.message import HeaderEdits
 from filter.dkim import _quiet
-from filter.mailauth import checks_pool
+from filter.mailauth import checks_pool, compute
 
 DEFAULT_HEADERS = ("from", "sender", "reply-to", "subject", "date", "message-id", "to", "cc", "mime-version",
                    "content-type", "content-transfer-encoding", "content-disposition", "in-reply-to",
@@ -38,7 +40,7 @@ DEFAULT_OVERSIGN = ("from", "reply-to", "subject", "date", "to", "cc", "mime-ver
 
 
 def _key_entry(value: str) -> str:
-    parts = value.split()
+    parts = value.split(None, 2)
     if len(parts) != 3:
         raise ValueError(f"{value!r} is not 'DOMAIN SELECTOR PATH' (the signing domain, the selector, "
                          f"the absolute path of the private key)")
@@ -79,8 +81,6 @@ class SigningKey:
 def load_key(path: str) -> tuple[bytes, bytes]:
     """(algorithm, secret for dkimpy) from a key file: PEM (PKCS#1 or PKCS#8, RSA or
     Ed25519), or an Ed25519 seed in base64 (as other DKIM tools write it)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
     data = Path(path).read_bytes()
     if b"-----BEGIN" in data:
         key = serialization.load_pem_private_key(data, password=None)
@@ -102,7 +102,7 @@ def load_key(path: str) -> tuple[bytes, bytes]:
 def load_keys(own: DkimSignSettings) -> dict[str, list[SigningKey]]:
     out: dict[str, list[SigningKey]] = {}
     for entry in own.keys:
-        domain, selector, path = entry.split()
+        domain, selector, path = entry.split(None, 2)
         algorithm, secret = load_key(path)
         out.setdefault(domain, []).append(SigningKey(domain, selector, algorithm, secret))
     return out
@@ -160,7 +160,7 @@ class DkimSigner:
         for verdict in request.results.values():
             edits = edits.then(verdict.edits)
         d = message.read_body()
-        d.addCallback(lambda m: self.pool.run(sign, edits.apply(m) if edits else m, keys, include))
+        d.addCallback(lambda m: compute(self.pool, message.size, sign, edits.apply(m) if edits else m, keys, include))
 
         def signed(fields):
             tags = tuple(f"d={k.domain} s={k.selector} a={k.algorithm.decode()}" for k in keys)
@@ -177,7 +177,7 @@ def _build(own: DkimSignSettings, ctx):
 def _preflight(own: DkimSignSettings, settings) -> None:
     from shared.config import ConfigError
     for i, entry in enumerate(own.keys):
-        path = entry.split()[2]
+        path = entry.split(None, 2)[2]
         try:
             load_key(path)
         except OSError as e:
@@ -189,7 +189,7 @@ def _preflight(own: DkimSignSettings, settings) -> None:
 DKIM_SIGN = CheckType(
     "dkim_sign", phases=("end_of_data",), build=_build, section=Section.of("dkim_sign", DkimSignSettings),
     timeout=lambda s: s.dkim_sign.timeout, active=lambda own, s: bool(own.keys), preflight=_preflight,
-    after=("*",),
+    after=("symbols", "auth_results"),
     doc="DKIM-sign authenticated submission whose From domain has a key (after the other checks)",
     summary=lambda own, s: "keys: " + ", ".join(" ".join(k.split()[:2]) for k in own.keys))
 
@@ -203,8 +203,6 @@ def txt_record(algorithm: str, public: bytes) -> str:
 def keygen(domain: str, selector: str, directory: str, algorithm: str = "rsa", bits: int = 2048) -> tuple[Path, str]:
     """Write DIRECTORY/DOMAIN.SELECTOR.key (PEM, 0600, never over an existing file) and give
     (its path, the zone-file line of the TXT record to publish)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
     if algorithm == "rsa":
         key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,

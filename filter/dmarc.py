@@ -29,7 +29,7 @@ from shared.checks.core import Action, Request, Symbol, Verdict, note, reject, t
 from shared.checks.registry import CheckType
 from shared.config.schema import SECONDS, Section, choice, setting
 from shared.resolver import OK, DNSTempError, resolver_for
-from filter.mailauth import MethodResult, aligned, organizational_domain, public_suffix_list, tags
+from filter.mailauth import MethodResult, aligned, organizational_domain, tags
 
 POLICIES = ("none", "quarantine", "reject")
 
@@ -61,7 +61,10 @@ class DmarcResult:
     @property
     def methods(self) -> tuple[MethodResult, ...]:
         props = (("header.from", self.domain),) if self.domain else ()
-        comment = f"p={self.policy.upper()} dis={(self.applied or 'none').upper()}" if self.policy else self.reason
+        comment = self.reason
+        if self.policy:
+            comment = f"policy={self.policy}" + (f" disposition={self.applied}" if self.result == "fail"
+                                                 and self.applied and self.applied != self.policy else "")
         return (MethodResult("dmarc", self.result, comment, props),)
 
 
@@ -98,7 +101,6 @@ class DmarcCheck:
     def __init__(self, own: DmarcSettings, ctx) -> None:
         self.own = own
         self.resolver = resolver_for(ctx)
-        public_suffix_list()          # read the list now, not at the first message
 
     def __call__(self, request: Request):
         spf = request.results.get("spf")

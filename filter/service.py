@@ -13,6 +13,7 @@ from pathlib import Path
 
 from filter.actions import ACTIONS_CHECK
 from filter.arc import ARC
+from filter.arcseal import ARC_SEAL
 from filter.authresults import AUTH_RESULTS
 from filter.dkim import DKIM
 from filter.dkimsign import DKIM_SIGN
@@ -70,10 +71,12 @@ class Filter(Component):
 
 # The default chain: recipients verified at RCPT; at end of data the sender-authentication
 # checks (dmarc after spf and dkim, whose results it reads), the Authentication-Results
-# field of all of them, the score and its action, and last the signature of our users' mail.
+# field of all of them, the score and its action, the signature of our users' mail, and (when
+# configured) our ARC seal over it all.
 TIER = TierSpec("filter", sections=(NEXT_HOP, QUEUE),
-                checks=(ROUTE, VERIFY, HELO_NAME, SPF, DKIM, ARC, DMARC, AUTH_RESULTS, ACTIONS_CHECK, DKIM_SIGN),
+                checks=(ROUTE, VERIFY, HELO_NAME, SPF, DKIM, ARC, DMARC, AUTH_RESULTS, ACTIONS_CHECK, DKIM_SIGN,
+                        ARC_SEAL),
                 default_policy={"rcpt": ("route", "verify", "actions"),
                                 "end_of_data": ("spf", "dkim", "arc", "dmarc", "auth_results", "actions",
-                                                "dkim_sign")},
+                                                "dkim_sign", "arc_seal")},
                 component=Filter)

@@ -1,9 +1,12 @@
 """SPF (RFC 7208) of the MAIL FROM and HELO identities: the check ``spf``.
 
-pyspf evaluates the policy in a thread of the checks' pool; its DNS goes through
-the tier's resolver (cached answers read in the thread, the rest asked of the
-reactor), with the limits of RFC 7208 4.6.4 (10 lookups, 2 void lookups) that
-pyspf enforces.  The client is the original one (XCLIENT from the edge).
+pyspf evaluates the policy on the reactor, never waiting there: its DNS is
+answered from the tier's resolver cache, and a name not in it stops the pass
+(:class:`_Evaluation`); the names it needed are looked up asynchronously and the
+evaluation starts again, now further (an evaluation is a fraction of a millisecond
+of CPU; a thread hand-off would cost more).  The limits of RFC 7208 4.6.4 (10
+lookups, 2 void lookups) are pyspf's.  The client is the original one (XCLIENT
+from the edge).
 
 - HELO is checked first (``helo = true``) when it is a domain name; for the null
   sender its result is the MAIL FROM result (RFC 7208 2.4).
@@ -28,22 +31,52 @@ from shared.checks.registry import CheckType
 from shared.config.schema import SECONDS, Section, choice, setting
 from shared.dns import valid_hostname
 from shared.netlist import NetworkList
-from shared.resolver import DNSTempError, resolver_for
-from filter.mailauth import MethodResult, checks_pool, domain_of
+from twisted.internet import defer
+
+from shared.resolver import DNSTempError, normal, resolver_for
+from filter.mailauth import MethodResult, domain_of
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 
 _local = threading.local()
+MAX_ROUNDS = 40          # look-up rounds of one evaluation (RFC 7208's limits make ~25 the most)
+
+
+class _Miss(Exception):
+    """A name not in the cache: this pass of the evaluation stops."""
+
+
+class _Evaluation:
+    """pyspf's DNS for one evaluation on the reactor: the answers fetched for it (temporary
+    failures too, which the cache does not keep), else the resolver's cache, else a miss
+    noted in ``missing`` (noted even where pyspf swallows the exception, as it does for
+    exp=)."""
+
+    def __init__(self, resolver) -> None:
+        self.resolver = resolver
+        self.fetched: dict = {}
+        self.missing: list = []
+
+    def blocking(self, name: str, qtype: str):
+        key = (normal(name), qtype)
+        answer = self.fetched.get(key)
+        if answer is None:
+            answer = self.resolver.cached(name, qtype)
+        if answer is None:
+            self.missing.append(key)
+            raise _Miss(key)
+        if isinstance(answer, DNSTempError):
+            raise answer
+        return answer
 
 
 def _lookup(name, qtype, strict=True, timeout=None):
-    """pyspf's DNS (its module-level DNSLookup hook), in a checks-pool thread: the resolver
-    of the check that runs in this thread."""
-    resolver = getattr(_local, "resolver", None)
-    if resolver is None:
+    """pyspf's DNS (its module-level DNSLookup hook): the evaluation running in this thread."""
+    source = getattr(_local, "resolver", None)
+    if source is None:
         raise pyspf.TempError("DNS lookup outside a smarthost check")
     try:
-        answer = resolver.blocking(name, qtype)
+        answer = source.blocking(name, qtype)
     except DNSTempError as e:
         raise pyspf.TempError(f"DNS {e}") from None
     return [((answer.name, qtype), r) for r in answer.records]
@@ -94,7 +127,8 @@ class SpfResult:
 
 
 def evaluate(resolver, ip: str, sender: str, helo: str, receiver: str, check_helo: bool, timeout: float):
-    """In a pool thread: (SpfResult, Received-SPF value or None)."""
+    """(SpfResult, Received-SPF value or None), with pyspf's DNS asked of `resolver` (anything
+    with ``blocking(name, qtype)``: an :class:`_Evaluation`)."""
     _local.resolver = resolver
     try:
         helo_result = None
@@ -122,13 +156,33 @@ def evaluate(resolver, ip: str, sender: str, helo: str, receiver: str, check_hel
         _local.resolver = None
 
 
+def evaluate_async(resolver, ip: str, sender: str, helo: str, receiver: str, check_helo: bool, timeout: float,
+                   _ev: _Evaluation | None = None, _round: int = 0):
+    """:func:`evaluate` on the reactor: the result at once when every answer is cached, else a
+    Deferred of it, after as many rounds of asynchronous look-ups as the policy needs."""
+    args = (ip, sender, helo, receiver, check_helo, timeout)
+    ev = _ev or _Evaluation(resolver)
+    ev.missing = []
+    try:
+        done = evaluate(ev, *args)
+        if not ev.missing:            # else pyspf swallowed a miss (exp=): look it up too
+            return done
+    except _Miss:
+        pass
+    if _round >= MAX_ROUNDS:
+        return SpfResult("temperror", domain_of(sender) or helo, "mailfrom" if sender else "helo", None,
+                         f"{receiver}: too many DNS rounds", sender, helo), None
+    d = resolver.prefetch(ev.missing)
+    d.addCallback(ev.fetched.update)
+    return d.addCallback(lambda _: evaluate_async(resolver, *args, _ev=ev, _round=_round + 1))
+
+
 class SpfCheck:
     name = "spf"
 
     def __init__(self, own: SpfSettings, ctx) -> None:
         self.own = own
         self.resolver = resolver_for(ctx)
-        self.pool = checks_pool(ctx)
         self.receiver = ctx.settings.server.hostname
         self.mynetworks = NetworkList(ctx.settings.relay.mynetworks) if ctx.settings.relay.mynetworks else None
 
@@ -140,9 +194,11 @@ class SpfCheck:
             return note(_Skipped("no client address"))
         if self.mynetworks is not None and ip in self.mynetworks:
             return note(_Skipped("mynetworks"))
-        d = self.pool.run(evaluate, self.resolver, ip, request.sender or "", request.helo or "", self.receiver,
-                          self.own.helo, self.own.timeout)
-        return d.addCallback(self._verdict)
+        done = evaluate_async(self.resolver, ip, request.sender or "", request.helo or "", self.receiver,
+                              self.own.helo, self.own.timeout)
+        if isinstance(done, defer.Deferred):
+            return done.addCallback(self._verdict)
+        return self._verdict(done)
 
     def _verdict(self, done) -> Verdict:
         result, header = done
