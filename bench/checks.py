@@ -15,6 +15,7 @@ of one core; with --out, the figures as JSON.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import tempfile
 import time
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
                                      "dns": {"nameservers": [f"127.0.0.1:{server.address[1]}"]},
                                      "policies": {"default": {"end_of_data": list(checks), "rcpt": []}}})
                 ctx = BuildContext(s, real.reactor, InlinePool())
+                if os.environ.get("INLINE"):
+                    ctx.store["mailauth-pool"] = InlinePool()
                 chain = build_policies(s, tier_spec("filter"), ctx)["default"].chain
 
                 def one():

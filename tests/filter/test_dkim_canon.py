@@ -1,4 +1,5 @@
 """The filter's faster replacements of dkimpy internals give exactly the library's results."""
+import hashlib
 import random
 
 from hypothesis import given, settings, strategies as st
@@ -24,3 +25,30 @@ def test_integers_equal_the_library():
             assert ours.int2str(n, length) == ours.LIBRARY["int2str"](n, length)
         b = ours.int2str(n)
         assert ours.str2int(b) == ours.LIBRARY["str2int"](b)
+
+
+def test_rsa_equals_the_library():
+    import dkim.crypto
+    from tests.filter.mailauth import keys
+    for name in ("rsa", "other"):
+        private = dkim.crypto.parse_pem_private_key(keys()[name].private)
+        public = {"modulus": private["modulus"], "publicExponent": private["publicExponent"]}
+        for algorithm in (hashlib.sha256, hashlib.sha1):
+            for text in (b"", b"message", b"x" * 5000):
+                ours_sig = ours.rsa_sign(algorithm(text), private)
+                assert ours_sig == ours.LIBRARY["rsa_sign"](algorithm(text), private)   # PKCS#1 v1.5 is deterministic
+                assert ours.rsa_verify(algorithm(text), ours_sig, public)
+                assert ours.LIBRARY["rsa_verify"](algorithm(text), ours_sig, public)
+                bad = bytes([ours_sig[0] ^ 1]) + ours_sig[1:]
+                assert not ours.rsa_verify(algorithm(text), bad, public)
+                assert not ours.LIBRARY["rsa_verify"](algorithm(text), bad, public)
+                assert not ours.rsa_verify(algorithm(text + b"!"), ours_sig, public)
+        assert not ours.rsa_verify(hashlib.sha256(b"m"), b"short", public)
+
+
+def test_parsed_keys_are_kept_by_record_text():
+    from tests.filter.mailauth import keys
+    record = keys()["rsa"].record.encode()
+    first = ours.load_pk_from_dns("a", lambda name, timeout=5: record)
+    assert ours.load_pk_from_dns("b", lambda name, timeout=5: record) is first
+    assert first[1:] == ours.LIBRARY["load_pk_from_dns"]("a", lambda name, timeout=5: record)[1:]

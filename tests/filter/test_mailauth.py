@@ -315,3 +315,85 @@ def test_dns_lookups_are_cached_across_messages(filt):
     filt.run(signed(message()))
     assert resolver.lookups == before
     assert keys()["rsa"]
+
+
+def test_opendkim_signed_mail(real, dns, tmp_path):
+    """A signature made by OpenDKIM (opendkim-testmsg, which signs rsa-sha1 relaxed/simple)
+    verifies; rsa-sha1 counts only where a site accepts it (RFC 8301 retired it)."""
+    import subprocess
+    key = tmp_path / "sel.private"
+    key.write_bytes(keys()["rsa"].private)
+    msg = subprocess.run(["opendkim-testmsg", "-C", "-d", "sender.test", "-s", "sel", "-k", str(key)],
+                         input=message(), capture_output=True, check=True, timeout=30).stdout
+    assert msg.startswith(b"DKIM-Signature:") and b"a=rsa-sha1" in msg
+    f = Filter(real, settings(dns, tmp_path, dkim={"rsa_sha1": "accept"}))
+    try:
+        _, results = f.run(msg)
+        assert [(s.result, s.algorithm) for s in results["dkim"].result.signatures] == [("pass", "rsa-sha1")]
+        _, results = f.run(msg.replace(b"this is a test", b"this is a fake"))
+        assert results["dkim"].result.signatures[0].result == "fail"
+    finally:
+        f.close()
+    f = Filter(real, settings(dns, tmp_path))
+    try:
+        _, results = f.run(msg)
+        sig = results["dkim"].result.signatures[0]
+        assert (sig.result, sig.reason) == ("policy", "rsa-sha1 is historic (RFC 8301)")
+    finally:
+        f.close()
+
+
+def test_arc_seal_on_the_way_out_validates_at_the_next_hop(real, dns, tmp_path):
+    key = tmp_path / "seal.key"
+    key.write_bytes(keys()["rsa"].private)
+    f = Filter(real, settings(dns, tmp_path, arc_seal={"key": f"sender.test sel {key}"}))
+    try:
+        msg = signed(message())
+        _, results = f.run(msg)
+        sealed = results["arc_seal"].result
+        assert (sealed.instance, sealed.cv) == (1, "none")
+        from shared.message import HeaderEdits
+        edits = HeaderEdits()
+        for v in results.values():
+            edits = edits.then(v.edits)
+        onward = edits.apply(msg)
+        assert onward.startswith(b"ARC-Seal:") or b"\r\nARC-Seal:" in onward
+    finally:
+        f.close()
+    g = Filter(real, settings(dns, tmp_path))
+    try:
+        _, results = g.run(onward)
+        arc = results["arc"].result
+        assert (arc.result, arc.instances, arc.domain) == ("pass", 1, "sender.test")
+        assert "ARC_PASS" in symbols(results)
+        _, results = g.run(onward.replace(b"this is a test", b"this is a fake"))
+        assert results["arc"].result.result == "fail"
+    finally:
+        g.close()
+
+
+def test_spf_include_chain_is_looked_up_in_rounds_and_then_cached(real, tmp_path):
+    """pyspf never waits on the reactor: each name not cached is fetched and the evaluation
+    runs again; a second message needs no lookup at all."""
+    zone = {"test": [("chain.test", "TXT", "v=spf1 include:a.chain.test -all"),
+                     ("a.chain.test", "TXT", "v=spf1 include:b.chain.test -all"),
+                     ("b.chain.test", "TXT", "v=spf1 a:host.chain.test -all exp=exp.chain.test"),
+                     ("exp.chain.test", "TXT", "not from here"),
+                     ("host.chain.test", "A", "127.0.0.1")]}
+    server = start_dns_server(tmp_path / "dns", zone)
+    try:
+        f = Filter(real, settings(server, tmp_path))
+        try:
+            from shared.resolver import resolver_for
+            _, results = f.run(message(sender="a@chain.test"), sender="a@chain.test", helo="")
+            assert results["spf"].result.result == "pass"
+            resolver = resolver_for(f.ctx)
+            before = resolver.lookups
+            _, results = f.run(message(sender="a@chain.test"), sender="a@chain.test", helo="")
+            assert results["spf"].result.result == "pass" and resolver.lookups == before
+            _, results = f.run(message(sender="a@chain.test"), sender="a@chain.test", helo="", client="192.0.2.1")
+            assert results["spf"].result.result == "fail"
+        finally:
+            f.close()
+    finally:
+        server.stop()

@@ -48,3 +48,26 @@ def test_dns_failure_of_a_policy_is_a_451_never_a_pass(shared_pipeline):
     msg = message(sender="a@tempdmarc.test", to=f"bob@{DOMAIN}")
     final = transaction(p.edge.port, "a@tempdmarc.test", [f"bob@{DOMAIN}"], msg)[-1]
     assert (final.code, final.enhanced) == (451, "4.7.1")
+
+
+def test_a_score_over_the_quarantine_threshold_is_kept_then_released_by_hand(make_pipeline):
+    from tests.integration.helpers import parse_mail, queued_id, smarthost, wait_until
+    p = make_pipeline(filter={"dmarc": {"reject_policy": "score"}, "actions": {"quarantine": 3}})
+    msg = message(sender="mallory@forged.test", to=f"bob@{DOMAIN}", subject="held")
+    final = transaction(p.edge.port, "mallory@forged.test", [f"bob@{DOMAIN}"], msg)[-1]
+    assert final.code == 250, final          # quarantined mail is accepted: the sender learns nothing
+    edge_id = queued_id(final)
+    line = p.filter.wait_log(r"quarantined: score 5\.00 >= 3")
+    assert line
+    listed = smarthost("quarantine", "list", "--config", str(p.filter.config_path))
+    assert listed.returncode == 0 and "mallory@forged.test" in listed.stdout, listed
+    time.sleep(0.5)
+    assert not p.messages(f"bob@{DOMAIN}")
+    released = smarthost("quarantine", "release", edge_id, "--config", str(p.filter.config_path))
+    assert released.returncode == 0 and "released" in released.stdout, released
+    path = p.wait_messages(f"bob@{DOMAIN}", 1)[0]
+    mail = parse_mail(path)
+    assert mail["X-Spam-Flag"] == "YES" and mail["X-Spam-Status"].startswith("Yes, score=5.00")
+    assert "dmarc=fail" in mail["Authentication-Results"]
+    wait_until(lambda: not smarthost("quarantine", "list", "--config",
+                                     str(p.filter.config_path)).stdout.count("mallory"), 10, "quarantine empty")

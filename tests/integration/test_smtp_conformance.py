@@ -130,8 +130,10 @@ def test_starttls_discards_pipelined_plaintext(shared_pipeline):
 
 
 def _trace_removed(raw: bytes) -> bytes:
-    """A delivered file without what the tiers put on top: Return-Path and Received fields."""
-    while raw.startswith((b"Return-Path:", b"Received:")):
+    """A delivered file without what the tiers put on top: Return-Path and Received fields,
+    and the filter's results (Authentication-Results, Received-SPF, X-Spam-*)."""
+    while raw.startswith((b"Return-Path:", b"Received:", b"Authentication-Results:", b"Received-SPF:",
+                          b"X-Spam-")):
         end = raw.index(b"\r\n")
         while raw[end + 2:end + 3] in (b" ", b"\t"):        # folded continuation lines
             end = raw.index(b"\r\n", end + 2)
