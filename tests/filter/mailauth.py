@@ -75,6 +75,11 @@ def zones(k: dict[str, Key] | None = None) -> dict:
         # other.test signs for itself: aligned with nothing else
         ("other.test", "TXT", "v=spf1 -all"),
         ("sel._domainkey.other.test", "TXT", _txt(k["other"].record)),
+        # strict.test: strict alignment; mail.strict.test signs and sends for it
+        ("_dmarc.strict.test", "TXT", "v=DMARC1; p=reject; adkim=s; aspf=s"),
+        ("mail.strict.test", "TXT", "v=spf1 ip4:127.0.0.0/8 -all"),
+        ("sel._domainkey.mail.strict.test", "TXT", _txt(k["rsa"].record)),
+        ("strict.test", "TXT", "v=spf1 -all"),
         # temp.test: its lookups fail in the server (SERVFAIL)
         ("temp.test", "SERVFAIL", None),
         ("_dmarc.temp.test", "SERVFAIL", None),

@@ -397,3 +397,64 @@ def test_spf_include_chain_is_looked_up_in_rounds_and_then_cached(real, tmp_path
             f.close()
     finally:
         server.stop()
+
+
+def test_strict_alignment_needs_the_exact_domain(filt):
+    # SPF passes for mail.strict.test and the signature is d=mail.strict.test: relaxed would align
+    # with From strict.test, strict does not.
+    msg = signed(message(sender="a@strict.test"), domain="mail.strict.test")
+    verdict, results = filt.run(msg, sender="a@mail.strict.test")
+    assert results["spf"].result.result == "pass"
+    assert results["dkim"].result.passed_domains() == ["mail.strict.test"]
+    assert results["dmarc"].result.result == "fail" and verdict.action is Action.REJECT
+    _, results = filt.run(signed(message(sender="a@sender.test"), domain="sender.test"), sender="a@mail.sender.test")
+    assert results["dmarc"].result.result == "pass"        # relaxed (sender.test's adkim=r)
+
+
+def test_mynetworks_are_not_spf_or_dmarc_checked(real, dns, tmp_path):
+    f = Filter(real, settings(dns, tmp_path, relay={"mynetworks": ["192.0.2.0/24"]}))
+    try:
+        verdict, results = f.run(message(sender="mallory@forged.test"), sender="mallory@forged.test",
+                                 client="192.0.2.9")
+        assert results["spf"].result.result == "skipped" and verdict.action is Action.CONTINUE
+        assert results["dmarc"].result.log == "dmarc=skipped"
+    finally:
+        f.close()
+
+
+def test_ed25519_signing_round_trip(real, dns, tmp_path):
+    """A key from keygen --algorithm ed25519 signs; the check verifies it with the record."""
+    path, record = keygen("sender.test", "ed", str(tmp_path), algorithm="ed25519")
+    txt = "".join(record.split("(", 1)[1].rsplit(")", 1)[0].replace('"', "").split()).replace(";", "; ")
+    assert txt.startswith("v=DKIM1; k=ed25519; p=")
+    f = Filter(real, settings(dns, tmp_path, dkim_sign={"keys": [f"sender.test ed {path}"]}))
+    try:
+        _, results = f.run(message(), login="alice")
+        sig = added(results, "DKIM-Signature")
+        assert len(sig) == 1 and "a=ed25519-sha256" in sig[0]
+        import dkim
+        whole = f"DKIM-Signature: {sig[0]}\r\n".encode() + message()
+        assert dkim.verify(whole, dnsfunc=lambda name, timeout=5: txt.encode())
+    finally:
+        f.close()
+
+
+def test_a_dns_server_that_never_answers_is_a_temporary_error(real, tmp_path):
+    import socket
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        port = silent.getsockname()[1]
+        f = Filter(real, parse("filter", {"next_hop": {"hosts": ["127.0.0.1:1"]},
+                                          "queue": {"directory": str(tmp_path / "q")},
+                                          "dns": {"nameservers": [f"127.0.0.1:{port}"], "timeout": 1}}))
+        try:
+            verdict, results = f.run(signed(message()))
+            assert results["spf"].result.result == "temperror"
+            assert [x.result for x in results["dkim"].result.signatures] == ["temperror"]
+            assert results["dmarc"].result.result == "temperror"
+            assert verdict.action is Action.TEMPFAIL and verdict.reply.code == 451
+        finally:
+            f.close()
+    finally:
+        silent.close()
