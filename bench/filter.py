@@ -76,7 +76,11 @@ MESSAGES = 1000
 QUICK_MESSAGES = 200
 WARM_UP = 20
 TIERS = ("edge", "filter", "domain")
-TAGS = {"postfix": "pf", "postfix+rspamd": "pr", "smarthost": "sh"}      # in the X-Bench-Id run ids
+TAGS = {"postfix": "pf", "postfix+rspamd": "pr", "smarthost": "sh", "smarthost-nochecks": "sn"}  # X-Bench-Id
+SYSTEMS = ("postfix", "postfix+rspamd", "smarthost")      # the default; smarthost-nochecks on request
+# smarthost-nochecks: the same tiers with the filter's end-of-data checks off, so the difference of
+# the filter tier's CPU per message with smarthost is what its checks cost inside the daemon.
+NO_CHECKS = {"policies": {"default": {"end_of_data": []}}}
 SENDER_DOMAIN = "sender.test"
 HELO = f"mail.{SENDER_DOMAIN}"
 MAIL_FROM = f"bench@{SENDER_DOMAIN}"
@@ -533,9 +537,13 @@ class FilterBench(Bench):
         runs = a.runs or (1 if a.quick else 3)
         n = a.messages or (QUICK_MESSAGES if a.quick else MESSAGES)
         ports = {"smarthost": base, "postfix": base + 10, "postfix+rspamd": base + 20,
-                 "rspamd_milter": base + 25}
+                 "rspamd_milter": base + 25, "smarthost-nochecks": base + 30}
+        wanted = [s.strip() for s in a.systems.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in TAGS]
+        if unknown or not wanted:
+            raise RuntimeError(f"--systems: unknown {unknown} (known: {', '.join(TAGS)})")
         busy = [p for p in (*range(base, base + 3), *range(base + 10, base + 13), *range(base + 20, base + 23),
-                            base + 25) if not port_free(p)]
+                            base + 25, *range(base + 30, base + 33)) if not port_free(p)]
         if busy:
             raise RuntimeError(f"ports in use on 127.0.0.1: {busy}; choose another --base-port")
         meta = self.results["meta"]
@@ -571,15 +579,23 @@ class FilterBench(Bench):
                           "c_modules": list(RSPAMD_C_MODULES), "lua_modules": list(RSPAMD_LUA_MODULES)}
 
         systems = {}
-        log("filter: starting postfix, postfix+rspamd and smarthost")
-        systems["postfix"] = self.start(PostfixChain(self.work / "postfix", ports["postfix"]))
-        systems["postfix+rspamd"] = self.start(PostfixWithRspamd(
-            self.work / "postfix+rspamd", ports["postfix+rspamd"], ports["rspamd_milter"], self.dns.port))
-        systems["smarthost"] = self.start(SmarthostChain(self.work / "smarthost", ports["smarthost"],
-                                                         extra={"filter": extra}))
-        self.tiers = {"postfix": TIERS, "postfix+rspamd": TIERS + ("rspamd",), "smarthost": TIERS}
-        meta["rspamd"]["config_text"] = systems["postfix+rspamd"].rspamd.conf.read_text()
-        meta["postfix_filter_milter"] = systems["postfix+rspamd"].chain.settings["filter"]
+        log(f"filter: starting {', '.join(wanted)}")
+        if "postfix" in wanted:
+            systems["postfix"] = self.start(PostfixChain(self.work / "postfix", ports["postfix"]))
+        if "postfix+rspamd" in wanted:
+            systems["postfix+rspamd"] = self.start(PostfixWithRspamd(
+                self.work / "postfix+rspamd", ports["postfix+rspamd"], ports["rspamd_milter"], self.dns.port))
+        if "smarthost" in wanted:
+            systems["smarthost"] = self.start(SmarthostChain(self.work / "smarthost", ports["smarthost"],
+                                                             extra={"filter": extra}))
+        if "smarthost-nochecks" in wanted:
+            systems["smarthost-nochecks"] = self.start(SmarthostChain(
+                self.work / "smarthost-nochecks", ports["smarthost-nochecks"], extra={"filter": {**extra, **NO_CHECKS}}))
+        self.tiers = {"postfix": TIERS, "postfix+rspamd": TIERS + ("rspamd",), "smarthost": TIERS,
+                      "smarthost-nochecks": TIERS}
+        if "postfix+rspamd" in systems:
+            meta["rspamd"]["config_text"] = systems["postfix+rspamd"].rspamd.conf.read_text()
+            meta["postfix_filter_milter"] = systems["postfix+rspamd"].chain.settings["filter"]
         self.warm_up(systems)
         print_samples(self.results["samples"])
         self.save()
@@ -690,6 +706,9 @@ def main(argv=None) -> int:
     p.add_argument("--messages", type=int, default=0,
                    help=f"messages per run (default {MESSAGES}, --quick {QUICK_MESSAGES})")
     p.add_argument("--runs", type=int, default=0, help="runs per size and system (default 3, --quick 1)")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"which, comma-separated (default {','.join(SYSTEMS)}; also smarthost-nochecks: the "
+                        f"filter's end-of-data checks off, to see what they cost)")
     p.add_argument("--base-port", type=int, default=24200,
                    help="smarthost N..N+2, Postfix N+10..N+12, Postfix with rspamd N+20..N+22, "
                         "rspamd's milter N+25 (bench.run's default is 24000)")

@@ -210,8 +210,10 @@ class Actions:
             if not subject.startswith(self.own.subject.replace("%s", "").strip()):
                 add.append(("Subject", self.own.subject.replace("%s", subject)))
                 drop += [("subject", i) for i in range(len(message.get_all("Subject")))]
-        remove = _SPAM_FIELDS if add else ()
-        verdict = note(scored, add=tuple(add), remove=remove, drop=tuple(drop))
+        if add and message is not None:       # theirs go (only where there are some: no removal pass)
+            for name in _SPAM_FIELDS:
+                drop += [(name, i) for i in range(len(message.get_all(name)))]
+        verdict = note(scored, add=tuple(add), drop=tuple(drop))
         if action == "quarantine":
             return Verdict(Action.CONTINUE, result=scored, edits=verdict.edits,
                            quarantine=f"score {total:.2f} >= {profile.thresholds['quarantine']:g}")

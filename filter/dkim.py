@@ -114,6 +114,24 @@ def rsa_sign(hash_obj, private_key: dict) -> bytes:
     return key.sign(hash_obj.digest(), padding.PKCS1v15(), _algorithm(hash_obj))
 
 
+# And it splits the whole message into lines, body included, to find where the header
+# section ends and to join the body again with CRLF.  This splits only the header section
+# (the library's own code parses it) and leaves a body without bare LFs as it is.
+_EMPTY_LINE = re.compile(rb"(?:\A|\n)(\r?\n)")
+_BARE_LF = re.compile(rb"\r?\n")
+
+
+def rfc822_parse(message: bytes):
+    m = _EMPTY_LINE.search(message)
+    if m is None:
+        return LIBRARY["rfc822_parse"](message)
+    headers, _ = LIBRARY["rfc822_parse"](message[:m.end(1)])
+    body = message[m.end(1):]
+    if body.count(b"\n") != body.count(b"\r\n"):
+        body = _BARE_LF.sub(b"\r\n", body)
+    return headers, body
+
+
 # And it parses the key record (ASN.1, in Python) at every verification: parsed keys are kept
 # by their record's text (a changed record is a new text).
 _KEYS: dict[bytes, tuple] = {}
@@ -139,7 +157,7 @@ LIBRARY = {"compress_whitespace": dkimpy.canonicalization.compress_whitespace,
            "strip_trailing_whitespace": dkimpy.canonicalization.strip_trailing_whitespace,
            "int2str": dkim.crypto.int2str, "str2int": dkim.crypto.str2int,
            "rsa_verify": dkimpy.RSASSA_PKCS1_v1_5_verify, "rsa_sign": dkimpy.RSASSA_PKCS1_v1_5_sign,
-           "load_pk_from_dns": dkimpy.load_pk_from_dns}
+           "load_pk_from_dns": dkimpy.load_pk_from_dns, "rfc822_parse": dkimpy.rfc822_parse}
 dkimpy.canonicalization.compress_whitespace = compress_whitespace
 dkimpy.canonicalization.strip_trailing_whitespace = strip_trailing_whitespace
 dkim.crypto.int2str = int2str
@@ -147,6 +165,7 @@ dkim.crypto.str2int = str2int
 dkimpy.RSASSA_PKCS1_v1_5_verify = rsa_verify
 dkimpy.RSASSA_PKCS1_v1_5_sign = rsa_sign
 dkimpy.load_pk_from_dns = load_pk_from_dns
+dkimpy.rfc822_parse = rfc822_parse
 
 _quiet = logging.getLogger("smarthost.dkimpy")
 _quiet.addHandler(logging.NullHandler())

@@ -52,3 +52,23 @@ def test_parsed_keys_are_kept_by_record_text():
     first = ours.load_pk_from_dns("a", lambda name, timeout=5: record)
     assert ours.load_pk_from_dns("b", lambda name, timeout=5: record) is first
     assert first[1:] == ours.LIBRARY["load_pk_from_dns"]("a", lambda name, timeout=5: record)[1:]
+
+
+MESSAGE_PARTS = st.lists(st.sampled_from([b"From: a@b", b"Subject: x", b" folded", b"\tfolded", b"", b"",
+                                          b"body line ", b"\r", b"From x", b"X-A:b"]), max_size=12)
+SEPARATORS = st.lists(st.sampled_from([b"\r\n", b"\n"]), min_size=12, max_size=12)
+
+
+@given(MESSAGE_PARTS, SEPARATORS)
+@settings(max_examples=500, deadline=None)
+def test_message_parsing_equals_the_library(parts, seps):
+    message = b"".join(p + s for p, s in zip(parts, seps))
+    try:
+        want = ours.LIBRARY["rfc822_parse"](message)
+    except Exception as e:                # the library refuses it (or fails on it): so must we, alike
+        try:
+            ours.rfc822_parse(message)
+        except type(e):
+            return
+        raise AssertionError(f"{message!r} parsed, the library raises {e!r}")
+    assert ours.rfc822_parse(message) == want, message
