@@ -64,6 +64,7 @@ from pathlib import Path
 
 from bench.postfix import (PostfixChain, PostfixError, _apt, _apt_has_candidate, descendants,
                            ensure_postfix, postfix_version)
+from bench.load import body_lines
 from bench.run import Bench, clear_maildir, fmt, fmt_spread, host_info, log
 from bench.smarthost import SmarthostChain, port_free, port_open, run_bench
 
@@ -146,22 +147,6 @@ def zones(keys: dict) -> dict:
         ],
         "0.0.127.in-addr.arpa": [("1", "PTR", HELO)],
     }
-
-
-def body_lines(size: int, head_len: int) -> bytes:
-    """Text lines of 72 characters (as bench.load's) until the message is about `size` bytes;
-    every 40th line begins with a dot, so dot-stuffing is exercised."""
-    alphabet = b"abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 ,;:-"
-    lines, total, i = [], head_len, 0
-    while total < size:
-        start = (i * 7) % len(alphabet)
-        text = (alphabet[start:] + alphabet)[:72]
-        if i % 40 == 39:
-            text = b"." + text[1:]
-        lines.append(text + b"\r\n")
-        total += 74
-        i += 1
-    return b"".join(lines)
 
 
 def signed_message(size: int, pem: bytes) -> bytes:

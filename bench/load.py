@@ -71,8 +71,16 @@ def message_body(size: int) -> bytes:
             b"MIME-Version: 1.0\r\n"
             b"Content-Type: text/plain; charset=us-ascii\r\n"
             b"\r\n")
+    body = head + body_lines(size, len(head) + 80)
+    body = body.replace(b"\r\n.", b"\r\n..")          # dot-stuffing (no line starts the message with ".")
+    return body + b".\r\n"
+
+
+def body_lines(size: int, head_len: int) -> bytes:
+    """Text lines of 72 characters until the message (with a header section of `head_len`
+    bytes) is about `size` bytes; every 40th line begins with a dot."""
     alphabet = b"abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 ,;:-"
-    lines, total, i = [], len(head) + 80, 0
+    lines, total, i = [], head_len, 0
     while total < size:
         start = (i * 7) % len(alphabet)
         text = (alphabet[start:] + alphabet)[:72]
@@ -81,9 +89,7 @@ def message_body(size: int) -> bytes:
         lines.append(text + b"\r\n")
         total += 74
         i += 1
-    body = head + b"".join(lines)
-    body = body.replace(b"\r\n.", b"\r\n..")          # dot-stuffing (no line starts the message with ".")
-    return body + b".\r\n"
+    return b"".join(lines)
 
 
 def build_messages(run_id: str, n: int, size: int) -> list[bytes]:

@@ -19,9 +19,8 @@ import dkim as dkimpy
 from shared.checks.core import Request, Symbol, Verdict, note
 from shared.checks.registry import CheckType
 from shared.config.schema import SECONDS, Section, bounded, setting
-from shared.resolver import resolver_for
 from filter.dkim import _KeyUnavailable, _dnsfunc, _quiet, _signature_tags, key_name
-from filter.mailauth import MethodResult, checks_pool, compute
+from filter.mailauth import ContentCheck, MethodResult, compute
 
 MAX_SETS = 50            # RFC 8617 4.2.1: at most 50 ARC sets
 
@@ -66,13 +65,8 @@ def verify_chain(message: bytes, keys: dict, own: ArcSettings, instances: int, d
     return ArcResult(cv.lower(), instances, reason, domain)
 
 
-class ArcCheck:
+class ArcCheck(ContentCheck):
     name = "arc"
-
-    def __init__(self, own: ArcSettings, ctx) -> None:
-        self.own = own
-        self.resolver = resolver_for(ctx)
-        self.pool = checks_pool(ctx)
 
     def __call__(self, request: Request):
         message = request.message

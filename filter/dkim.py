@@ -37,8 +37,8 @@ from dkim.canonicalization import CanonicalizationPolicy
 from shared.checks.core import Request, Symbol, Verdict, note, tempfail
 from shared.checks.registry import CheckType
 from shared.config.schema import SECONDS, Section, bounded, choice, setting
-from shared.resolver import NXDOMAIN, OK, Answer, DNSTempError, resolver_for
-from filter.mailauth import MethodResult, checks_pool, compute, tags
+from shared.resolver import NXDOMAIN, OK, Answer, DNSTempError
+from filter.mailauth import ContentCheck, MethodResult, compute, tags
 
 # Speed, inside the layer that can prove it.  dkimpy's relaxed canonicalization rewrites every run of white space, single spaces
 # included: on a 50 KB body that is most of the cost of a verification.  These do the same
@@ -335,13 +335,8 @@ def _canonical_body_length(checker, t: dict) -> int:
     return len(policy.canonicalize_body(checker.body))
 
 
-class DkimCheck:
+class DkimCheck(ContentCheck):
     name = "dkim"
-
-    def __init__(self, own: DkimSettings, ctx) -> None:
-        self.own = own
-        self.resolver = resolver_for(ctx)
-        self.pool = checks_pool(ctx)
 
     def __call__(self, request: Request):
         message = request.message

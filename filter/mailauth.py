@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from publicsuffixlist import PublicSuffixList
 
 from shared.blocking import WorkerPool
+from shared.resolver import resolver_for
 
 CHECK_THREADS = 2
 INLINE_MAX = 64 * 1024
@@ -41,6 +42,16 @@ def checks_pool(ctx) -> WorkerPool:
         pool.start()
         return pool
     return ctx.kept("mailauth-pool", make)
+
+
+class ContentCheck:
+    """What the checks that run the libraries start with: their settings, the tier's resolver
+    and the checks' pool."""
+
+    def __init__(self, own, ctx) -> None:
+        self.own = own
+        self.resolver = resolver_for(ctx)
+        self.pool = checks_pool(ctx)
 
 
 def compute(pool, size: int, fn, *args):

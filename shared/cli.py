@@ -71,15 +71,23 @@ def _load(command: str, path: str):
         return None
 
 
-def _queue(args) -> int:
-    settings = _load("queue", args.config)
+def _spool(command: str, args, why: str = "") -> str | int:
+    """The spool directory of the tier of --config, or the exit status after saying why not."""
+    settings = _load(command, args.config)
     if settings is None:
         return 2
     root = settings.queue.directory if settings.has("queue") else ""
     if not root:
-        print(f"smarthost queue: the {settings.tier} tier of {settings.path} keeps no queue "
-              f"(it has no [queue] section)", file=sys.stderr)
+        print(f"smarthost {command}: the {settings.tier} tier of {settings.path} keeps no queue "
+              f"(it has no [queue] section){why}", file=sys.stderr)
         return 1 if args.action != "list" else 0
+    return root
+
+
+def _queue(args) -> int:
+    root = _spool("queue", args)
+    if isinstance(root, int):
+        return root
     from shared.queue import admin
     if args.action in ("show", "hold", "release", "delete") and not args.qids:
         print(f"smarthost queue {args.action}: name at least one queue id (or ALL)", file=sys.stderr)
@@ -95,14 +103,9 @@ def _queue(args) -> int:
 
 
 def _quarantine(args) -> int:
-    settings = _load("quarantine", args.config)
-    if settings is None:
-        return 2
-    root = settings.queue.directory if settings.has("queue") else ""
-    if not root:
-        print(f"smarthost quarantine: the {settings.tier} tier of {settings.path} keeps no queue "
-              f"(it has no [queue] section), so no quarantine: that is the filter's", file=sys.stderr)
-        return 1 if args.action != "list" else 0
+    root = _spool("quarantine", args, ", so no quarantine: that is the filter's")
+    if isinstance(root, int):
+        return root
     from shared.queue import admin
     if args.action != "list" and not args.qids:
         print(f"smarthost quarantine {args.action}: name at least one queue id (or ALL)", file=sys.stderr)

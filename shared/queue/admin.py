@@ -138,6 +138,12 @@ def main(root: Path | str, action: str, qids: list[str], out: TextIO | None = No
     func, ok = ops[action]
     targets = _targets(files, action, qids)
     results = func(root, [qid for _, qid in targets if qid is not None])
+    return _report(targets, results, ok, out)
+
+
+def _report(targets, results: dict[str, str], ok: set[str], out) -> int:
+    """One line per message named (its result, and the upstream id it was named by); exit
+    status 1 unless every result is one of `ok`."""
     status = 0
     for given, qid in targets:
         if qid is None:
@@ -574,19 +580,7 @@ def quarantine_main(root: Path | str, action: str, qids: list[str], out: TextIO 
     func = quarantine_release if action == "release" else quarantine_delete
     ok = {"released"} if action == "release" else {"deleted"}
     results = func(root, [qid for _, qid in targets if qid is not None])
-    status = 0
-    for given, qid in targets:
-        if qid is None:
-            result = "invalid queue id" if not valid_qid(given) else "not found"
-            line = f"{given}: {result}"
-        else:
-            result = results[qid]
-            via = f" (upstream id {given.upper()})" if given and given.upper() != qid else ""
-            line = f"{qid}: {result}{via}"
-        if result not in ok:
-            status = 1
-        print(line, file=out)
-    return status
+    return _report(targets, results, ok, out)
 
 
 def _not_quarantined(files: SpoolFiles, qid: str) -> str:
