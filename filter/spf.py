@@ -57,7 +57,7 @@ class _Evaluation:
         self.fetched: dict = {}
         self.missing: list = []
 
-    def blocking(self, name: str, qtype: str):
+    def answer(self, name: str, qtype: str):
         key = (normal(name), qtype)
         answer = self.fetched.get(key)
         if answer is None:
@@ -71,12 +71,12 @@ class _Evaluation:
 
 
 def _lookup(name, qtype, strict=True, timeout=None):
-    """pyspf's DNS (its module-level DNSLookup hook): the evaluation running in this thread."""
-    source = getattr(_local, "resolver", None)
+    """pyspf's DNS (its module-level DNSLookup hook): the answers of the evaluation running."""
+    source = getattr(_local, "evaluation", None)
     if source is None:
         raise pyspf.TempError("DNS lookup outside a smarthost check")
     try:
-        answer = source.blocking(name, qtype)
+        answer = source.answer(name, qtype)
     except DNSTempError as e:
         raise pyspf.TempError(f"DNS {e}") from None
     return [((answer.name, qtype), r) for r in answer.records]
@@ -126,34 +126,35 @@ class SpfResult:
         return self.domain if self.result == "pass" else None
 
 
-def evaluate(resolver, ip: str, sender: str, helo: str, receiver: str, check_helo: bool, timeout: float):
-    """(SpfResult, Received-SPF value or None), with pyspf's DNS asked of `resolver` (anything
-    with ``blocking(name, qtype)``: an :class:`_Evaluation`)."""
-    _local.resolver = resolver
+def evaluate(evaluation: _Evaluation, ip: str, sender: str, helo: str, receiver: str, check_helo: bool,
+             timeout: float):
+    """(SpfResult, Received-SPF value or None), pyspf's DNS answered by `evaluation` (raises
+    _Miss at the first name it does not have)."""
+    _local.evaluation = evaluation
     try:
         helo_result = None
         helo_ok = bool(helo) and valid_hostname(helo.lower().rstrip(".")) and "." in helo
         if check_helo and helo_ok:
             hq = pyspf.query(i=ip, s="postmaster@" + helo, h=helo, receiver=receiver, querytime=timeout)
-            helo_result, _, hexp = hq.check()
+            helo_result = hq.check()[0]
         if not sender:
             if helo_result is None:
                 if not helo_ok:
                     return SpfResult("none", "", "helo", None, "no identity to check", sender, helo), None
                 hq = pyspf.query(i=ip, s="postmaster@" + helo, h=helo, receiver=receiver, querytime=timeout)
-                helo_result, _, hexp = hq.check()
+                helo_result = hq.check()[0]
             comment = hq.get_header_comment(helo_result)
             header = hq.get_header(helo_result, receiver)
             return SpfResult(helo_result, helo.lower().rstrip("."), "helo", None, f"{receiver}: {comment}",
                              sender, helo), header
         q = pyspf.query(i=ip, s=sender, h=helo or "unknown", receiver=receiver, querytime=timeout)
-        result, _, exp = q.check()
+        result = q.check()[0]
         comment = q.get_header_comment(result)
         header = q.get_header(result, receiver)
         return SpfResult(result, domain_of(sender), "mailfrom", helo_result, f"{receiver}: {comment}",
                          sender, helo), header
     finally:
-        _local.resolver = None
+        _local.evaluation = None
 
 
 def evaluate_async(resolver, ip: str, sender: str, helo: str, receiver: str, check_helo: bool, timeout: float,

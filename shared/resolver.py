@@ -6,9 +6,11 @@ in the cache for the next, and nothing waits on a socket on the reactor:
 
 - :meth:`Resolver.lookup` runs on the reactor (``twisted.names``), bounded by
   ``[dns] timeout``; it gives a Deferred of an :class:`Answer`;
-- :meth:`Resolver.blocking` is for the libraries that call DNS themselves
-  (pyspf, dkimpy), run in a pool thread: a cached answer is read in the thread,
-  a miss is asked of the reactor and waited for in the thread.
+  :meth:`Resolver.prefetch` looks up several at once;
+- :meth:`Resolver.cached` answers from the cache only, at once (from any thread):
+  the libraries that call DNS themselves are given answers this way (pyspf's
+  evaluation restarts after a miss, dkimpy gets its keys fetched before; see
+  :mod:`filter.spf` and :mod:`filter.dkim`).
 
 Answers: ``ok`` (records), ``nodata`` (the name exists, no record of the type),
 ``nxdomain``.  Positive answers are cached for the smallest TTL of their
@@ -27,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.names import dns, error as dns_error
 from twisted.python.failure import Failure
@@ -169,14 +171,6 @@ class Resolver:
                 raise DNSTempError(f"{qtype} {name}: REFUSED")
             raise DNSTempError(f"{qtype} {name}: {failure.getErrorMessage() or failure.type.__name__}")
         return d.addCallbacks(answered, failed)
-
-    def blocking(self, name: str, qtype: str) -> Answer:
-        """From a pool thread: the answer, cached or asked of the reactor and waited for.
-        Raises DNSTempError."""
-        answer = self.cached(name, qtype)
-        if answer is not None:
-            return answer
-        return threads.blockingCallFromThread(self.reactor, self.lookup, name, qtype)
 
     def prefetch(self, queries) -> defer.Deferred:
         """Look up every (name, qtype) of `queries` at once; a Deferred of {(name, qtype):

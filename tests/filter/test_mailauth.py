@@ -458,3 +458,57 @@ def test_a_dns_server_that_never_answers_is_a_temporary_error(real, tmp_path):
             f.close()
     finally:
         silent.close()
+
+
+def test_check_config_lists_each_check_with_its_symbols_scores_and_the_thresholds(dns, tmp_path):
+    from shared.checks.registry import describe
+    s = settings(dns, tmp_path, actions={"scores": {"SPF_FAIL": 4.5}, "domains": {"strict.test": {"reject": 9}}})
+    text = describe(s, tier_spec("filter"))
+    lines = text.splitlines()
+    order = [ln.split(". ", 1)[1].split(" (")[0] for ln in lines if "end_of_data" in ln and ". " in ln]
+    assert order == ["spf", "dkim", "arc", "dmarc", "auth_results", "actions", "dkim_sign", "arc_seal"]
+    assert any("symbols: SPF_PASS -0.2, SPF_FAIL 4.5, SPF_SOFTFAIL 1" in ln for ln in lines), text
+    assert any("symbols: DKIM_VALID -0.5, DKIM_INVALID 1" in ln for ln in lines)
+    assert any("thresholds: reject 15, add_header 6; scores: SPF_FAIL 4.5" in ln for ln in lines)
+    assert any("recipients @strict.test: reject 9, add_header 6" in ln for ln in lines)
+    assert any("dkim_sign (off)" in ln for ln in lines)
+
+
+def test_recipients_of_another_score_profile_wait_for_their_own_transaction(dns, tmp_path, real):
+    f = Filter(real, settings(dns, tmp_path, actions={"domains": {"strict.test": {"reject": 4}}}))
+    try:
+        actions = next(c for c in build_policies(f.ctx.settings, tier_spec("filter"), f.ctx)["default"].chain.checks
+                       if c.name == "actions" and c.phase == "rcpt").fn
+        rcpt = Request(phase="rcpt", client_address="192.0.2.1", sender="a@b.test")
+        assert actions(rcpt.at("rcpt", recipient="x@example.test")).action is Action.CONTINUE
+        assert actions(rcpt.at("rcpt", recipient="y@example.test", recipients=("x@example.test",))).action \
+            is Action.CONTINUE
+        v = actions(rcpt.at("rcpt", recipient="z@strict.test", recipients=("x@example.test",)))
+        assert v.action is Action.TEMPFAIL and (v.reply.code, v.reply.enhanced) == (452, "4.5.3")
+        assert actions(rcpt.at("rcpt", recipient="z@strict.test", recipients=("w@strict.test",))).action \
+            is Action.CONTINUE
+    finally:
+        f.close()
+
+
+def test_dmarc_quarantine_policy_can_quarantine(real, dns, tmp_path):
+    f = Filter(real, settings(dns, tmp_path, dmarc={"quarantine_policy": "quarantine"}))
+    try:
+        verdict, results = f.run(message(sender="a@quar.test"), sender="a@quar.test", client="192.0.2.1")
+        assert verdict.action is Action.CONTINUE
+        assert results["dmarc"].quarantine == "DMARC p=quarantine of quar.test"
+    finally:
+        f.close()
+
+
+def test_dkim_keygen_command(tmp_path, capsys):
+    from shared.cli import main
+    assert main(["dkim", "keygen", "Example.ORG", "s1", "--directory", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "example.org.s1.key").exists()
+    assert 's1._domainkey.example.org. IN TXT ( "v=DKIM1; k=rsa; p=' in out
+    assert f'keys = ["example.org s1 {tmp_path}/example.org.s1.key"]' in out
+    assert main(["dkim", "keygen", "example.org", "s1", "--directory", str(tmp_path)]) == 1
+    assert "exists: not overwritten" in capsys.readouterr().err
+    assert main(["dkim", "keygen", "example.org", "bad selector", "--directory", str(tmp_path)]) == 2
+    assert main(["dkim", "keygen", "example.org", "s2", "--bits", "512", "--directory", str(tmp_path)]) == 2
