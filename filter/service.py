@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from filter.actions import ACTIONS_CHECK
+from filter.antivirus import ANTIVIRUS
 from filter.arc import ARC
 from filter.arcseal import ARC_SEAL
 from filter.authresults import AUTH_RESULTS
@@ -69,14 +70,15 @@ class Filter(Component):
         return d
 
 
-# The default chain: recipients verified at RCPT; at end of data the sender-authentication
+# The default chain: recipients verified at RCPT; at end of data the antivirus (when clamd
+# servers are set: a virus ends the chain), the sender-authentication
 # checks (dmarc after spf and dkim, whose results it reads), the Authentication-Results
 # field of all of them, the score and its action, the signature of our users' mail, and (when
 # configured) our ARC seal over it all.
 TIER = TierSpec("filter", sections=(NEXT_HOP, QUEUE),
-                checks=(ROUTE, VERIFY, HELO_NAME, SPF, DKIM, ARC, DMARC, AUTH_RESULTS, ACTIONS_CHECK, DKIM_SIGN,
-                        ARC_SEAL),
+                checks=(ROUTE, VERIFY, HELO_NAME, ANTIVIRUS, SPF, DKIM, ARC, DMARC, AUTH_RESULTS, ACTIONS_CHECK,
+                        DKIM_SIGN, ARC_SEAL),
                 default_policy={"rcpt": ("route", "verify", "actions"),
-                                "end_of_data": ("spf", "dkim", "arc", "dmarc", "auth_results", "actions",
-                                                "dkim_sign", "arc_seal")},
+                                "end_of_data": ("antivirus", "spf", "dkim", "arc", "dmarc", "auth_results",
+                                                "actions", "dkim_sign", "arc_seal")},
                 component=Filter)

@@ -107,3 +107,16 @@ def signed(msg: bytes, domain: str = "sender.test", selector: str = "sel", key: 
                     canonicalize=(b"relaxed", b"relaxed"), length=length,
                     include_headers=[b"from", b"to", b"subject", b"date", b"message-id", b"from"])
     return sig + msg
+
+
+def attachment(data: bytes, name: str = "file.bin", *, nested: bool = False) -> bytes:
+    """A message with `data` as a base64 attachment (inside a second multipart when `nested`)."""
+    part = (b"--B\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+            b"Content-Disposition: attachment; filename=\"" + name.encode() + b"\"\r\n\r\n"
+            + base64.encodebytes(data).replace(b"\n", b"\r\n") + b"--B--\r\n")
+    inner = b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nsee\r\n" + part
+    if nested:
+        inner = (b"Content-Type: multipart/mixed; boundary=O\r\n\r\n--O\r\nContent-Type: text/plain\r\n\r\nouter\r\n"
+                 b"--O\r\n" + inner + b"--O--\r\n")
+    head, _, body = message(body="").partition(b"Content-Type: text/plain\r\n\r\n")
+    return head + inner.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" + inner.split(b"\r\n\r\n", 1)[1]

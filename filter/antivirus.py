@@ -1,0 +1,236 @@
+"""Antivirus through ClamAV's clamd: the check ``antivirus``.
+
+At end of data the message goes to clamd as it is, over clamd's INSTREAM protocol
+("zINSTREAM\\0", then chunks each led by its length as 4 octets, big-endian, then a
+zero length; the answer is one NUL-ended line: ``stream: OK``, ``stream: NAME
+FOUND`` or ``... ERROR``).  clamd itself decodes MIME parts and unpacks archives
+(its ScanMail and ScanArchive settings).  The client is this module's Twisted
+protocol, on the reactor: a hand-off to a thread for clamd's ``clamd`` package
+would cost more than the few writes a message takes, and could not be cancelled
+at the timeout.
+
+- Infected: 554 5.7.1 naming the signature, to the original client at end of data
+  (through the edge, in its transaction); nothing is queued.  Symbol AV_VIRUS.
+- Larger than ``max_size``: not scanned, logged, symbol AV_SKIPPED, and what
+  ``oversize`` says: accept (the default), tempfail (451 4.7.1) or reject (552 5.3.4).
+  A message over clamd's own StreamMaxLength is treated so too.
+- clamd down, slow (``timeout`` per server) or answering an error: the next of
+  ``servers`` is tried; when none answers, ``on_failure = "tempfail"`` (the default:
+  451 4.7.1, the client retries) or ``"accept"`` (fail open: logged, symbol AV_FAIL).
+"""
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+from twisted.internet import defer, endpoints, protocol
+from twisted.logger import Logger
+
+from shared.checks.core import Request, Symbol, Verdict, note, reject, tempfail
+from shared.checks.registry import CheckType
+from shared.config.schema import SECONDS, Section, bounded, choice, hostport, hostport_text, path, setting
+
+log = Logger(namespace="smarthost.antivirus")
+
+CHUNK = 64 * 1024
+MIB = 1024 * 1024
+
+
+def _server(value: str):
+    """host:port, or the absolute path of clamd's local (UNIX) socket."""
+    return path(value) if value.startswith("/") else hostport(value)
+
+
+@dataclass(frozen=True)
+class AntivirusSettings:
+    """antivirus through clamd at end of data (the check `antivirus`)"""
+    servers: tuple = setting((), "clamd servers, host:port or the absolute path of its local socket, tried in "
+                                 "turn (empty: no scanning)", _server)
+    timeout: float = setting(30.0, "seconds one server may take for one message, then the next is tried", SECONDS)
+    max_size: int = setting(25 * MIB, "messages larger than this are not scanned (clamd's StreamMaxLength must "
+                                      "be at least this)", bounded(1, 1 << 40))
+    oversize: str = setting("accept", "a message over max_size: accept (logged, symbol AV_SKIPPED), tempfail "
+                                      "(451 4.7.1) or reject (552 5.3.4)", choice("accept", "tempfail", "reject"))
+    on_failure: str = setting("tempfail", "no server answered: tempfail (451 4.7.1: the client retries) or accept "
+                                          "(fail open: logged, symbol AV_FAIL)", choice("tempfail", "accept"))
+
+
+class ClamdError(Exception):
+    pass
+
+
+class _TooBig(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class AvResult:
+    result: str                 # clean | infected | skipped | unavailable
+    detail: str = ""            # the signature, the size, or why no server answered
+
+    @property
+    def log(self) -> str:
+        return f"antivirus={self.result}" + (f" ({self.detail})" if self.detail else "")
+
+
+class _Instream(protocol.Protocol):
+    """One INSTREAM exchange: the message out, the one NUL-ended answer in."""
+
+    def __init__(self, message: bytes, answered: defer.Deferred) -> None:
+        self.message = message
+        self.answered = answered
+        self.buf = b""
+
+    def connectionMade(self) -> None:
+        m = self.message
+        parts = [b"zINSTREAM\0"]
+        for i in range(0, len(m), CHUNK):
+            piece = m[i:i + CHUNK]
+            parts += [struct.pack(">I", len(piece)), piece]
+        parts.append(b"\0\0\0\0")
+        self.message = None
+        self.transport.writeSequence(parts)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buf += data
+        if b"\0" in self.buf or len(self.buf) > 4096:
+            answer = self.buf.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
+            self.transport.loseConnection()
+            if not self.answered.called:
+                self.answered.callback(answer)
+
+    def connectionLost(self, reason) -> None:
+        if not self.answered.called:
+            self.answered.errback(ClamdError(f"connection closed before the answer ({reason.getErrorMessage()})"))
+
+
+def parse_answer(answer: str) -> AvResult:
+    """clamd's answer to INSTREAM as a result; raises ClamdError or _TooBig for its errors."""
+    text = answer.partition(": ")[2] if answer.startswith("stream") else answer
+    if text == "OK":
+        return AvResult("clean")
+    if text.endswith(" FOUND"):
+        return AvResult("infected", text[:-len(" FOUND")].strip()[:200])
+    if "size limit exceeded" in text:
+        raise _TooBig(text)
+    raise ClamdError(f"clamd answered {answer[:200]!r}")
+
+
+class Antivirus:
+    name = "antivirus"
+
+    def __init__(self, own: AntivirusSettings, reactor) -> None:
+        self.own = own
+        self.reactor = reactor
+
+    def _endpoint(self, server):
+        if isinstance(server, str):
+            return endpoints.UNIXClientEndpoint(self.reactor, server, timeout=self.own.timeout)
+        host, port = server
+        try:
+            family = ipaddress.ip_address(host).version
+        except ValueError:
+            return endpoints.HostnameEndpoint(self.reactor, host, port, timeout=self.own.timeout)
+        endpoint = endpoints.TCP4ClientEndpoint if family == 4 else endpoints.TCP6ClientEndpoint
+        return endpoint(self.reactor, host, port, timeout=self.own.timeout)
+
+    def scan_with(self, server, message: bytes) -> defer.Deferred:
+        """One server's answer, within `timeout` (the connection aborted past it)."""
+        answered: defer.Deferred = defer.Deferred()
+        factory = protocol.Factory.forProtocol(lambda: _Instream(message, answered))
+        connecting = self._endpoint(server).connect(factory)
+        state = {}
+
+        def connected(proto):
+            state["proto"] = proto
+        connecting.addCallbacks(connected, lambda f: answered.called or answered.errback(f))
+
+        def expired():
+            proto = state.get("proto")
+            if proto is not None and proto.transport is not None:
+                proto.transport.abortConnection()
+            elif not connecting.called:
+                connecting.cancel()
+            if not answered.called:
+                answered.errback(ClamdError(f"no answer in {self.own.timeout:g}s"))
+        timer = self.reactor.callLater(self.own.timeout, expired)
+
+        def done(result):
+            if timer.active():
+                timer.cancel()
+            return result
+        return answered.addBoth(done)
+
+    @defer.inlineCallbacks
+    def scan(self, message: bytes):
+        """The first answer of the servers in turn (AvResult), or the last failure raised."""
+        failures = []
+        for server in self.own.servers:
+            where = server if isinstance(server, str) else hostport_text(*server)
+            try:
+                answer = yield self.scan_with(server, message)
+                return parse_answer(answer)
+            except _TooBig:
+                raise
+            except Exception as e:          # down, slow, an error answer: the next server
+                failures.append(f"{where}: {e}")
+                log.warn("antivirus: clamd {where} failed: {why}", where=where, why=str(e))
+        raise ClamdError("; ".join(failures) or "no clamd server configured")
+
+    def __call__(self, request: Request):
+        message = request.message
+        if message is None or message.read_body is None:
+            return note()
+        if message.size > self.own.max_size:
+            return self._oversize(f"{message.size} octets, over {self.own.max_size}")
+        d = message.read_body()
+        d.addCallback(self.scan)
+        return d.addCallbacks(self._verdict, self._failed)
+
+    def _verdict(self, result: AvResult) -> Verdict:
+        if result.result == "infected":
+            v = reject(554, "5.7.1", f"Virus found: {result.detail}")
+            return Verdict(v.action, v.reply, result=result, symbols=(Symbol("AV_VIRUS", result.detail),))
+        return note(result)
+
+    def _oversize(self, why: str) -> Verdict:
+        result = AvResult("skipped", why)
+        symbols = (Symbol("AV_SKIPPED", why),)
+        if self.own.oversize == "tempfail":
+            v = tempfail(451, "4.7.1", "Message could not be scanned for viruses: try again later")
+        elif self.own.oversize == "reject":
+            v = reject(552, "5.3.4", "Message too big to be scanned for viruses")
+        else:
+            return note(result, symbols=symbols)
+        return Verdict(v.action, v.reply, result=result, symbols=symbols)
+
+    def _failed(self, failure) -> Verdict:
+        if failure.check(_TooBig):
+            return self._oversize(str(failure.value))
+        failure.trap(ClamdError)
+        why = str(failure.value)
+        result = AvResult("unavailable", why[:300])
+        log.error("antivirus: no clamd answered ({why}); {what}", why=why,
+                  what="tempfail" if self.own.on_failure == "tempfail" else "accepted unscanned (on_failure = accept)")
+        if self.own.on_failure == "accept":
+            return note(result, symbols=(Symbol("AV_FAIL", why[:100]),))
+        v = tempfail(451, "4.7.1", "Virus scanner unavailable: try again later")
+        return Verdict(v.action, v.reply, result=result)
+
+
+def _build(own: AntivirusSettings, ctx):
+    if not own.servers:
+        return None
+    return Antivirus(own, ctx.reactor)
+
+
+ANTIVIRUS = CheckType(
+    "antivirus", phases=("end_of_data",), build=_build, section=Section.of("antivirus", AntivirusSettings),
+    timeout=lambda s: s.antivirus.timeout * max(1, len(s.antivirus.servers)) + 5,
+    active=lambda own, s: bool(own.servers),
+    doc="scan the message with clamd (INSTREAM); a virus is refused 554 5.7.1",
+    summary=lambda own, s: "clamd: " + ", ".join(x if isinstance(x, str) else hostport_text(*x) for x in own.servers),
+    symbols={"AV_VIRUS": (20.0, "clamd found a virus (the message is refused)"),
+             "AV_SKIPPED": (0.0, "not scanned: over max_size"),
+             "AV_FAIL": (0.0, "no clamd answered and on_failure = accept: not scanned")})

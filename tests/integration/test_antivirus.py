@@ -1,0 +1,28 @@
+"""A virus through the three tiers: refused to the original client at end of data, nothing queued;
+clamd stopped: 451 and nothing accepted is lost."""
+from __future__ import annotations
+
+import time
+
+from tests.clamd import clamd  # noqa: F401  (the fixture)
+from tests.clamd import EICAR
+from tests.filter.mailauth import attachment, message
+from tests.integration.helpers import DOMAIN, transaction
+
+
+def test_eicar_is_refused_at_the_edge_client_and_clean_mail_delivered(make_pipeline, clamd):
+    av = clamd()
+    p = make_pipeline(filter={"antivirus": {"servers": [av.address], "timeout": 5}})
+    bob = f"bob@{DOMAIN}"
+    final = transaction(p.edge.port, "a@example.net", [bob], attachment(EICAR, "eicar.com"))[-1]
+    assert (final.code, final.enhanced) == (554, "5.7.1") and "Eicar-Test-Signature" in final.text, final
+    p.filter.wait_log(r"reject: END-OF-MESSAGE: 554 5\.7\.1 Virus found: Eicar-Test-Signature.*antivirus=infected")
+    assert "a@example.net" not in p.filter.queue("list").stdout
+    final = transaction(p.edge.port, "a@example.net", [bob], message(sender="a@example.net", to=bob))[-1]
+    assert final.code == 250, final
+    p.wait_messages(bob, 1)
+    av.stop()
+    final = transaction(p.edge.port, "a@example.net", [bob], message(sender="a@example.net", to=bob))[-1]
+    assert (final.code, final.enhanced) == (451, "4.7.1"), final
+    time.sleep(0.5)
+    assert len(p.messages(bob)) == 1
