@@ -230,7 +230,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--dir", required=True, metavar="DIR")
     d.add_argument("--base-port", type=int, default=2525, metavar="N",
                    help="edge on N, filter on N+1, domain on N+2, submission N+3, submissions N+4, "
-                        "the demo's DNS server N+5 (default 2525)")
+                        "the demo's DNS server N+5, its clamd N+6 (default 2525)")
     d.add_argument("--nameserver", metavar="HOST:PORT",
                    help="the filter's DNS server (default: the demo's own, serving the hosted domain's "
                         "SPF, DKIM and DMARC records)")

@@ -9,7 +9,12 @@ The edge runs the three listener roles: mx on the base port, submission
 Its users (alice and bob of the hosted domain) get random passwords the first
 time DIR is used, kept in DIR/users.json (mode 0600) and printed that once;
 they are in the embedded user store DIR/users with CRAM-MD5 secrets, so every
-mechanism can be tried.  Ctrl-C
+mechanism can be tried.
+
+The filter runs every check: the demo starts its own DNS server (base + 5: the hosted
+domain's SPF, DKIM key and DMARC p=reject) and, when clamav-daemon is installed (compose/demo
+installs it), its own clamd (base + 6) with the tests' signatures (EICAR and our own) and any
+ClamAV database already on the machine; demo.json lists them under "services".  Ctrl-C
 or SIGTERM stops the three children with SIGTERM and waits for them.
 """
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,7 +48,38 @@ def _demo_certificate(tls_dir: Path, hostname: str) -> tuple[str, str]:
 
 def demo_ports(base_port: int) -> dict[str, int]:
     return {"edge": base_port, "filter": base_port + 1, "domain": base_port + 2,
-            "submission": base_port + 3, "submissions": base_port + 4, "dns": base_port + 5}
+            "submission": base_port + 3, "submissions": base_port + 4, "dns": base_port + 5,
+            "clamd": base_port + 6}
+
+
+CLAMD = "/usr/sbin/clamd"
+SIGNATURES = Path(__file__).resolve().parents[1] / "tests" / "clamav"   # EICAR and our own test signature
+SYSTEM_DATABASE = Path("/var/lib/clamav")
+
+
+def clamd_available() -> bool:
+    return os.path.exists(CLAMD) and SIGNATURES.is_dir()
+
+
+def demo_clamd(root: Path, port: int) -> Path:
+    """The demo's clamd.conf (DIR/clamd): the shipped test signatures, and any ClamAV
+    database already on the machine (linked, not copied), on 127.0.0.1:port."""
+    db = root / "clamd" / "db"
+    db.mkdir(parents=True, exist_ok=True)
+    for f in SIGNATURES.iterdir():
+        shutil.copy(f, db / f.name)
+    if SYSTEM_DATABASE.is_dir():
+        for f in SYSTEM_DATABASE.iterdir():
+            if f.suffix in (".cvd", ".cld") and not (db / f.name).exists():
+                os.symlink(f, db / f.name)
+    lines = [f"DatabaseDirectory {db}", f"TCPSocket {port}", "TCPAddr 127.0.0.1", "Foreground yes",
+             f"LogFile {root / 'log' / 'clamd.log'}", f"PidFile {root / 'run' / 'clamd.pid'}", "ScanMail yes",
+             "ScanArchive yes", "StreamMaxLength 30M"]
+    if os.getuid() == 0:
+        lines.append("User root")            # the demo's files are root's: clamd would become clamav
+    conf = root / "clamd" / "clamd.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    return conf
 
 
 DKIM_SELECTOR = "demo"
@@ -82,7 +119,7 @@ def demo_zone(dkim_record: str) -> str:
 
 
 def sections(root: Path, base_port: int, cert: str, key: str, nameserver: str | None = None,
-             dkim_key: Path | None = None) -> dict[str, dict[str, dict]]:
+             dkim_key: Path | None = None, clamd: bool = False) -> dict[str, dict[str, dict]]:
     """The three tiers' settings for a one-machine pipeline on 127.0.0.1 (edge mx on
     base_port, filter on base_port + 1, domain on base_port + 2, the edge's submission
     and submissions on base_port + 3 and + 4); loopback clients get no reverse DNS
@@ -114,6 +151,7 @@ def sections(root: Path, base_port: int, cert: str, key: str, nameserver: str | 
             "queue": {"directory": str(root / "spool" / "filter"), "retry_min": 60, "retry_max": 600},
             "dns": {"nameservers": [nameserver or f"127.0.0.1:{ports['dns']}"]},
             "dkim_sign": {"keys": [f"{DOMAIN} {DKIM_SELECTOR} {dkim_key}"] if dkim_key else []},
+            "antivirus": {"servers": [f"127.0.0.1:{ports['clamd']}"] if clamd else []},
             "log": log("filter"),
         },
         "domain": {
@@ -148,7 +186,8 @@ def demo_users(root: Path) -> tuple[dict[str, str], bool]:
     return users, True
 
 
-def write_configs(root: Path, base_port: int, nameserver: str | None = None) -> dict[str, Path]:
+def write_configs(root: Path, base_port: int, nameserver: str | None = None,
+                  clamd: bool = False) -> dict[str, Path]:
     """The three tiers' configuration files, written with the project's TOML writer (any
     path, quotes and backslashes included, comes out as valid TOML), and the demo's zone."""
     root.mkdir(parents=True, exist_ok=True)
@@ -159,7 +198,9 @@ def write_configs(root: Path, base_port: int, nameserver: str | None = None) -> 
     (root / "dns").mkdir(exist_ok=True)
     (root / "dns" / "zone.py").write_text(demo_zone(record))
     paths = {}
-    for tier, values in sections(root, base_port, cert, key, nameserver, dkim_key).items():
+    if clamd:
+        demo_clamd(root, demo_ports(base_port)["clamd"])
+    for tier, values in sections(root, base_port, cert, key, nameserver, dkim_key, clamd).items():
         p = root / f"{tier}.toml"
         p.write_text(dump(tier, values))
         paths[tier] = p
@@ -177,12 +218,17 @@ def run_demo(directory: str, base_port: int, nameserver: str | None = None) -> i
     ports = demo_ports(base_port)
     if nameserver:
         ports.pop("dns")
+    clamd = clamd_available()
+    if not clamd:
+        ports.pop("clamd")
+        print(f"smarthost demo: no antivirus: {CLAMD} (clamav-daemon) or the test signatures ({SIGNATURES}) "
+              f"are missing", file=sys.stderr)
     busy = [f"{t} {p}" for t, p in ports.items() if _port_open(p)]
     if busy:
         print(f"smarthost demo: port in use on 127.0.0.1 ({', '.join(busy)}); choose another --base-port",
               file=sys.stderr)
         return 1
-    configs = write_configs(root, base_port, nameserver)
+    configs = write_configs(root, base_port, nameserver, clamd)
     users, new_users = demo_users(root)
     from shared.config import load
     children: dict[str, subprocess.Popen] = {}
@@ -197,6 +243,9 @@ def run_demo(directory: str, base_port: int, nameserver: str | None = None) -> i
             [sys.executable, "-m", "twisted", "--log-file", str(root / "log" / "dns.log"), "dns",
              "--interface", "127.0.0.1", "--port", str(ports["dns"]), "--pyzone", str(root / "dns" / "zone.py")],
             cwd=root / "dns", stdin=subprocess.DEVNULL)
+    if clamd:                                        # the demo's own clamd: the shipped test signatures
+        children["clamd"] = subprocess.Popen([CLAMD, "-c", str(root / "clamd" / "clamd.conf")],
+                                             stdin=subprocess.DEVNULL)
     for tier in ("domain", "filter", "edge"):        # start downstream first
         children[tier] = subprocess.Popen([sys.executable, "-m", "shared.cli", tier, "--config", str(configs[tier])])
 
@@ -210,7 +259,7 @@ def run_demo(directory: str, base_port: int, nameserver: str | None = None) -> i
             except subprocess.TimeoutExpired:
                 p.kill()
 
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + (90 if clamd else 20)    # clamd reads a full database in a minute
     while not all(_port_open(p) for p in ports.values()):
         dead = [t for t, p in children.items() if p.poll() is not None]
         if dead or stopping or time.monotonic() > deadline:
@@ -235,13 +284,20 @@ def run_demo(directory: str, base_port: int, nameserver: str | None = None) -> i
     from shared.checks.registry import active_checks
     info["tiers"]["filter"]["checks"] = active_checks(load("filter", configs["filter"]), FILTER)
     info["dns"] = nameserver or f"127.0.0.1:{ports['dns']}"
+    info["services"] = {}
     if not nameserver:
-        info["services"] = {"dns": f"127.0.0.1:{ports['dns']}"}
+        info["services"]["dns"] = f"127.0.0.1:{ports['dns']}"
+    if clamd:
+        info["services"]["clamd"] = f"127.0.0.1:{ports['clamd']}"
     (root / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
     if new_users:
         passwords = ", ".join(f"{u} {p}" for u, p in users.items())
         print(f"demo users (printed this once; kept in {root / 'users.json'}): {passwords}", flush=True)
     alice = f"alice@{DOMAIN}"
+    antivirus = (f"clamd at 127.0.0.1:{ports['clamd']} scans every message (test signatures: EICAR, "
+                 f"{SIGNATURES}); an EICAR attachment gets 554 5.7.1:\n"
+                 f"  swaks --server 127.0.0.1:{ports['edge']} --to bob@{DOMAIN} --attach eicar.com\n"
+                 if clamd else "")
     print(f"""smarthost demo running: edge 127.0.0.1:{ports['edge']} -> filter :{ports['filter']} -> domain :{ports['domain']}
 edge listeners: mx :{ports['edge']}, submission :{ports['submission']} (STARTTLS + AUTH), submissions :{ports['submissions']} (TLS + AUTH)
 hosted domain {DOMAIN}, users {', '.join(mailboxes)}; logs in {root / 'log'}; details in {root / 'demo.json'}
@@ -258,7 +314,7 @@ Then look in {mailboxes[alice]}/new/ (the filter's Authentication-Results and X-
 are on top; mail submitted as alice is DKIM-signed for {DOMAIN}, selector {DKIM_SELECTOR})
 The filter checks SPF, DKIM, DMARC and ARC with DNS at {info['dns']}: {DOMAIN} publishes p=reject, so
   swaks --server 127.0.0.1:{ports['edge']} --from forger@{DOMAIN} --to bob@{DOMAIN}   gets 550 5.7.1
-After editing a tier's file: python3 -m shared.cli reload --config {configs['edge']}
+{antivirus}After editing a tier's file: python3 -m shared.cli reload --config {configs['edge']}
 Press Ctrl-C to stop.""", flush=True)
 
     try:

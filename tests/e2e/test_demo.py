@@ -65,7 +65,7 @@ def running_demo(root: Path, *, argv=None, cwd: Path = REPO):
     proc = demo = None
     try:
         for _ in range(3):                       # another process may take the ports meanwhile
-            base = free_port_block(5)           # mx, filter, domain, submission, submissions
+            base = free_port_block(7)           # mx, filter, domain, submission, submissions, dns, clamd
             with open(root / "demo.out", "ab") as out:
                 proc = subprocess.Popen(argv(base), cwd=cwd, env=child_env(),
                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
@@ -279,7 +279,7 @@ def _demo_txt(demo):
 def test_demo_signs_submission_and_refuses_a_forged_sender(demo):
     import dkim
     assert demo.info["tiers"]["filter"]["checks"]["end_of_data"] == [
-        "spf", "dkim", "arc", "dmarc", "auth_results", "actions", "dkim_sign"]
+        "antivirus", "spf", "dkim", "arc", "dmarc", "auth_results", "actions", "dkim_sign"]
     host, port = demo.info["tiers"]["edge"]["listeners"]["submissions"].rsplit(":", 1)
     tag = f"demo-signed-{os.getpid()}"
     r = subprocess.run(["swaks", "--server", f"{host}:{port}", "--tlsc", "--auth", "PLAIN", "--auth-user", BOB,
@@ -295,3 +295,14 @@ def test_demo_signs_submission_and_refuses_a_forged_sender(demo):
     r = subprocess.run(["swaks", "--server", f"{host}:{port}", "--from", f"forger@{demo.info['domain']}",
                         "--to", ALICE], capture_output=True, text=True, timeout=60)
     assert "550 5.7.1" in r.stdout and "DMARC" in r.stdout, r.stdout
+
+
+def test_demo_runs_its_clamd_and_refuses_eicar(demo, tmp_path):
+    from tests.clamd import EICAR
+    assert demo.info["services"]["clamd"].startswith("127.0.0.1:")
+    eicar = tmp_path / "eicar.com"
+    eicar.write_bytes(EICAR)
+    host, port = demo.info["tiers"]["edge"]["smtp"].rsplit(":", 1)
+    r = subprocess.run(["swaks", "--server", f"{host}:{port}", "--to", ALICE, "--attach", str(eicar)],
+                       capture_output=True, text=True, timeout=60)
+    assert "554 5.7.1 Virus found: Eicar-Test-Signature" in r.stdout, r.stdout

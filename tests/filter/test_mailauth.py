@@ -513,3 +513,13 @@ def test_dkim_keygen_command(tmp_path, capsys):
     assert "exists: not overwritten" in capsys.readouterr().err
     assert main(["dkim", "keygen", "example.org", "bad selector", "--directory", str(tmp_path)]) == 2
     assert main(["dkim", "keygen", "example.org", "s2", "--bits", "512", "--directory", str(tmp_path)]) == 2
+
+
+def test_a_large_signed_message_is_verified_in_the_pool(filt):
+    """Past 64 KB dkimpy runs in the checks' threads: same results."""
+    big = signed(message(body="A line of a long message, to be hashed in a thread.\r\n" * 4000))
+    assert len(big) > 150_000
+    _, results = filt.run(big)
+    assert [s.result for s in results["dkim"].result.signatures] == ["pass"]
+    _, results = filt.run(big.replace(b"hashed in a thread", b"hashed in a thrEad", 1))
+    assert [s.result for s in results["dkim"].result.signatures] == ["fail"]
