@@ -15,7 +15,7 @@ The filter runs every check: the demo starts its own DNS server (base + 5: the h
 domain's SPF, DKIM key and DMARC p=reject) and, when clamav-daemon is installed (compose/demo
 installs it), its own clamd (base + 6) with the tests' signatures (EICAR and our own) and any
 ClamAV database already on the machine; demo.json lists them under "services".  Ctrl-C
-or SIGTERM stops the three children with SIGTERM and waits for them.
+or SIGTERM stops every child (the tiers, the DNS server, clamd) with SIGTERM and waits for them.
 """
 from __future__ import annotations
 
