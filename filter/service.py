@@ -19,6 +19,7 @@ from filter.authresults import AUTH_RESULTS
 from filter.dkim import DKIM
 from filter.dkimsign import DKIM_SIGN
 from filter.dmarc import DMARC
+from filter.greylist import GREYLIST
 from filter.spf import SPF
 from filter.verify import VERIFY
 from shared.checks.helo import HELO_NAME
@@ -30,6 +31,7 @@ from shared.queue.config import QUEUE, queue_settings
 from shared.queue.delivery import QueueDelivery
 from shared.queue.manager import QueueManager
 from shared.queue.store import Spool
+from shared.redisconn import REDIS
 from shared.tier import Component, Configured
 
 
@@ -75,10 +77,10 @@ class Filter(Component):
 # checks (dmarc after spf and dkim, whose results it reads), the Authentication-Results
 # field of all of them, the score and its action, the signature of our users' mail, and (when
 # configured) our ARC seal over it all.
-TIER = TierSpec("filter", sections=(NEXT_HOP, QUEUE),
-                checks=(ROUTE, VERIFY, HELO_NAME, ANTIVIRUS, SPF, DKIM, ARC, DMARC, AUTH_RESULTS, ACTIONS_CHECK,
+TIER = TierSpec("filter", sections=(NEXT_HOP, QUEUE, REDIS),
+                checks=(ROUTE, VERIFY, GREYLIST, HELO_NAME, ANTIVIRUS, SPF, DKIM, ARC, DMARC, AUTH_RESULTS, ACTIONS_CHECK,
                         DKIM_SIGN, ARC_SEAL),
-                default_policy={"rcpt": ("route", "verify", "actions"),
+                default_policy={"rcpt": ("route", "verify", "greylist", "actions"),
                                 "end_of_data": ("antivirus", "spf", "dkim", "arc", "dmarc", "auth_results",
                                                 "actions", "dkim_sign", "arc_seal")},
                 component=Filter)
