@@ -43,7 +43,7 @@ def test_bad_values_are_refused_naming_file_key_and_reason(given, key, reason):
 def test_only_the_tiers_that_use_redis_have_the_section():
     with pytest.raises(ConfigError) as e:
         parse("domain", {"redis": {"servers": ["127.0.0.1:6379"]}})
-    assert e.value.key == "redis" and "a setting of the edge tier" in e.value.reason
+    assert e.value.key == "redis" and "a setting of the edge and filter tiers" in e.value.reason
 
 
 def test_check_config_shows_the_server_and_not_the_password():
