@@ -28,6 +28,7 @@ from twisted.internet import defer
 
 from shared.checks.core import CONTINUE, Request, Symbol, Verdict, note, tempfail
 from shared.checks.registry import CheckType
+from shared.dns import client_ip
 from shared.config.schema import SECONDS, Section, bounded, choice, domain, network, setting
 from shared.netlist import NetworkList
 from shared.redisconn import shared_link
@@ -140,11 +141,9 @@ class Greylist:
 
     def network(self, address: str) -> str | None:
         try:
-            ip = ipaddress.ip_address(address)
+            ip = client_ip(address)
         except ValueError:
             return None
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         prefix = self.own.ipv4_prefix if ip.version == 4 else self.own.ipv6_prefix
         return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 

@@ -139,3 +139,11 @@ def test_two_filter_nodes_share_triplets_in_redis_and_redis_down_fails_open(redi
     assert down.action is Action.CONTINUE and down.result.result == "unavailable"
     assert [s.name for s in down.symbols] == ["GREYLIST_FAIL"]
     assert down_closed.action is Action.TEMPFAIL and down_closed.reply.code == 451
+
+
+def test_an_ipv4_mapped_client_is_grouped_with_its_ipv4_network():
+    clock = Clock()
+    g = Greylist(OWN, LocalStore(clock), clock, ())
+    assert answer(g, rcpt(client="::ffff:192.0.2.10")).action is Action.TEMPFAIL
+    clock.advance(301)
+    assert answer(g, rcpt(client="192.0.2.77")).action is Action.CONTINUE
