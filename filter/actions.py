@@ -136,11 +136,12 @@ class Scored:
         return f"{flag}, score={self.score:.2f} required={self.required:g} action={self.action}\r\n\ttests={tests}"
 
 
-def _known_symbols(tier: str) -> dict[str, float]:
+def _known_symbols(settings) -> dict[str, float]:
+    """Every symbol the tier's checks report under `settings`, with its default score."""
     from shared.config.schema import tier_spec
     out = {}
-    for t in tier_spec(tier).checks:
-        for name, (score, _doc) in (getattr(t, "symbols", None) or {}).items():
+    for t in tier_spec(settings.tier).checks:
+        for name, (score, _doc) in t.symbols_for(settings).items():
             out[name] = score
     return out
 
@@ -187,7 +188,7 @@ class Actions:
         found = []
         for verdict in request.results.values():
             for sym in verdict.symbols:
-                found.append((sym.name, profile.scores.get(sym.name, 0.0), sym.detail))
+                found.append((sym.name, round(profile.scores.get(sym.name, 0.0) * sym.factor, 2), sym.detail))
         total = round(sum(s for _, s, _ in found), 2)
         action = profile.action(total)
         required = profile.thresholds["reject"] or profile.thresholds["add_header"]
@@ -221,7 +222,7 @@ class Actions:
 
 
 def _build(own: ActionsSettings, ctx):
-    return Actions(own, _known_symbols(ctx.settings.tier))
+    return Actions(own, _known_symbols(ctx.settings))
 
 
 def _summary(own: ActionsSettings, settings) -> str:
@@ -237,7 +238,7 @@ def _summary(own: ActionsSettings, settings) -> str:
 
 def _preflight(own: ActionsSettings, settings) -> None:
     from shared.config import ConfigError
-    known = _known_symbols(settings.tier)
+    known = _known_symbols(settings)
     for where, scores in [("actions.scores", own.scores),
                           *((f"actions.domains.{d}.scores", p.get("scores", {})) for d, p in own.domains.items())]:
         for name in scores:

@@ -34,9 +34,12 @@ class Symbol:
     Its score is not the check's to say: the ``actions`` check looks it up in its settings
     (``[actions] scores``, per recipient domain), where each check's registered default
     (``CheckType.symbols``) is the fallback.  ``detail`` says what it is about, for the
-    X-Spam-Status field and the log ("example.org", "d=example.org s=sel")."""
+    X-Spam-Status field and the log ("example.org", "d=example.org s=sel").  ``factor``
+    multiplies the score: an outside scanner's own score (spamd's 7.3 is SPAMD with factor
+    7.3, so ``[actions] scores = { SPAMD = 0.5 }`` halves what it counts)."""
     name: str
     detail: str = ""
+    factor: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,8 +45,11 @@ class CheckType:
     summary: Callable[[Any, Settings], str] | None = None
     # The symbols it reports (shared.checks.core.Symbol), each with its default score and
     # meaning: {"SPF_FAIL": (3.0, "SPF says the client may not send for the domain")}.
-    # The actions check scores them; check-config prints them.
-    symbols: dict[str, tuple[float, str]] = field(default_factory=dict)
+    # The actions check scores them; check-config prints them.  A check whose symbols come
+    # from its configuration (a DNS list's, named by the administrator) gives a function
+    # (its settings, the configuration) -> that mapping instead.
+    symbols: dict[str, tuple[float, str]] | Callable[[Any, Settings], dict[str, tuple[float, str]]] = \
+        field(default_factory=dict)
     # The checks whose results it reads, which a policy must list before it in a phase they
     # share: names, "symbols" (every check that reports symbols) or "*" (every other check).
     after: tuple[str, ...] = ()
@@ -64,6 +67,12 @@ class CheckType:
         if self.active is None:
             return True
         return self.active(self.own(settings, policy), settings)
+
+    def symbols_for(self, settings: Settings, policy: str | None = None) -> dict[str, tuple[float, str]]:
+        """The symbols it reports under `settings` (see ``symbols``)."""
+        if callable(self.symbols):
+            return self.symbols(self.own(settings, policy), settings)
+        return self.symbols
 
     def timeout_for(self, settings: Settings) -> float:
         return self.timeout(settings) if callable(self.timeout) else self.timeout
@@ -166,10 +175,11 @@ def describe(settings: Settings, spec: TierSpec) -> str:
                 lines.append(f"  {phase:11} {i:2}. {entry} ({state}): {t.doc}")
                 if t.summary is not None and active:
                     lines.append(f"{'':18}{t.summary(t.own(settings, name), settings)}")
-                if t.symbols and active:
+                symbols = t.symbols_for(settings, name) if active else {}
+                if symbols:
                     scores = _symbol_scores(settings)
                     lines.append(f"{'':18}symbols: " + ", ".join(
-                        f"{s} {scores.get(s, d):g}" for s, (d, _) in t.symbols.items()))
+                        f"{s} {scores.get(s, d):g}" for s, (d, _) in symbols.items()))
                 if t.section is not None and t.section.name in policy.settings:
                     own = ", ".join(f"{k} = {v!r}" for k, v in policy.settings[t.section.name].items())
                     lines.append(f"{'':18}this policy's own settings: {own}")
