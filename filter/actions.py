@@ -250,4 +250,4 @@ def _preflight(own: ActionsSettings, settings) -> None:
 ACTIONS_CHECK = CheckType(
     "actions", phases=("rcpt", "end_of_data"), build=_build, section=Section.of("actions", ActionsSettings),
     doc="sum the symbols' scores; the total decides: reject, tempfail, quarantine, rewrite subject, add header",
-    timeout=5.0, summary=_summary, preflight=_preflight, after=("symbols",))
+    timeout=5.0, summary=_summary, preflight=_preflight, after={"end_of_data": ("symbols",)})

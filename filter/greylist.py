@@ -6,9 +6,16 @@ envelope sender and the recipient -- is refused for now the first time it is see
 (300 s) and within ``retry_window`` (24 h), and remembered as passed for
 ``auto_allow_time`` (35 days).  A network whose triplets passed ``auto_allow_count``
 times (5) is let through without greylisting for as long, as postgrey's automatic
-allowlist does.  Not greylisted: authenticated submission, ``relay.mynetworks``, and
-the ``networks``, ``senders`` (domains, subdomains included) and ``recipients``
-(addresses or @domains) listed.
+allowlist does.  Not greylisted: authenticated submission, ``relay.mynetworks``, a
+client a DNS allowlist vouches for (an earlier check's result with ``allowlisted``,
+such as ``dnslists``'), and the ``networks``, ``senders`` (domains, subdomains
+included) and ``recipients`` (addresses or @domains) listed.
+
+``min_score`` > 0 greylists only messages whose score reaches it (the ``actions``
+check's total), at end of data after ``actions``, every recipient's triplet at once.
+``by_domain`` keys a client on its verified domain instead of its network (large
+senders rotate addresses): the MAIL FROM domain when SPF passes (evaluated here at RCPT,
+or the spf check's result at end of data), the From domain when DMARC passes.
 
 Where it is kept: in Redis when the filter's ``[redis] servers`` is set (every filter
 node sharing it sees the same triplets; one round trip per recipient, MGET, and one
@@ -32,6 +39,9 @@ from shared.dns import client_ip
 from shared.config.schema import SECONDS, Section, bounded, choice, domain, network, setting
 from shared.netlist import NetworkList
 from shared.redisconn import shared_link
+from shared.resolver import resolver_for
+from filter.mailauth import organizational_domain
+from filter.spf import evaluate_async
 
 DAY = 86400
 
@@ -61,6 +71,12 @@ class GreylistSettings:
     networks: tuple = setting((), "client networks never greylisted (CIDRs)", network)
     senders: tuple = setting((), "sender domains never greylisted (subdomains too)", domain)
     recipients: tuple = setting((), "recipients never greylisted (addresses, or @domain)", _recipient)
+    min_score: float = setting(0.0, "0: greylist every triplet at RCPT; more: only messages whose score (the "
+                                    "actions check's) reaches it, at end of data, as rspamd does", bounded(0, 1000))
+    by_domain: bool = setting(False, "key a client on its verified domain instead of its network: the MAIL FROM "
+                                     "domain when SPF passes, or (at end of data) the From domain when DMARC "
+                                     "passes; large senders send from many addresses")
+    spf_timeout: float = setting(5.0, "seconds the SPF evaluation of by_domain may take at RCPT", SECONDS)
     on_failure: str = setting("accept", "Redis down or slow: accept (fail open, GREYLIST_FAIL) or tempfail "
                                         "(451 4.7.1)", choice("accept", "tempfail"))
 
@@ -131,13 +147,15 @@ class RedisStore:
 class Greylist:
     name = "greylist"
 
-    def __init__(self, own: GreylistSettings, store, clock, mynetworks) -> None:
+    def __init__(self, own: GreylistSettings, store, clock, mynetworks, resolver=None, receiver: str = "") -> None:
         self.own = own
         self.store = store
         self.clock = clock
         self.skip_networks = NetworkList(list(own.networks) + list(mynetworks))
         self.senders = tuple(own.senders)
         self.recipients = frozenset(own.recipients)
+        self.resolver = resolver              # for by_domain at RCPT: the MAIL FROM domain's SPF
+        self.receiver = receiver
 
     def network(self, address: str) -> str | None:
         try:
@@ -152,53 +170,115 @@ class Greylist:
             return "authenticated"
         if request.client_address in self.skip_networks:
             return "allowlisted network"
+        if any(getattr(v.result, "allowlisted", False) for v in request.results.values()):
+            return "DNS-allowlisted client"
         sender_domain = (request.sender or "").rpartition("@")[2].lower()
         if sender_domain and any(sender_domain == d or sender_domain.endswith("." + d) for d in self.senders):
             return "allowlisted sender"
-        rcpt = (request.recipient or "").lower()
-        if rcpt in self.recipients or "@" + rcpt.rpartition("@")[2] in self.recipients:
-            return "allowlisted recipient"
         return None
 
+    def _listed(self, rcpt: str) -> bool:
+        rcpt = rcpt.lower()
+        return rcpt in self.recipients or "@" + rcpt.rpartition("@")[2] in self.recipients
+
     def __call__(self, request: Request):
+        scored = self.own.min_score > 0
+        if request.phase == "rcpt":
+            if scored:                        # decided at end of data, on the message's score
+                return CONTINUE
+            recipients = [request.recipient or ""]
+        else:
+            if not scored:                    # decided at RCPT: that verdict stands (and stays on the log line)
+                return request.results.get("greylist", CONTINUE)
+            actions = request.results.get("actions")
+            score = getattr(actions.result, "score", None) if actions is not None else None
+            if score is None or score < self.own.min_score:
+                return note(Greylisted("skipped", f"score {score if score is not None else 'unknown'} "
+                                                  f"< {self.own.min_score:g}"))
+            recipients = list(request.recipients)
         why = self.skipped(request)
-        if why:
-            return note(Greylisted("skipped", why))
+        recipients = [r for r in recipients if not self._listed(r)]
+        if why or not recipients:
+            return note(Greylisted("skipped", why or "allowlisted recipient"))
         net = self.network(request.client_address)
         if net is None:
             return CONTINUE
-        triplet = "t:" + hashlib.sha1(f"{net}|{(request.sender or '').lower()}|{(request.recipient or '').lower()}"
-                                      .encode()).hexdigest()
-        allowed = "a:" + net
-        d = self.store.mget(allowed, triplet)
-        d.addCallback(self._decide, allowed, triplet, net)
+        keyed = self._domain_key(request)
+        if isinstance(keyed, defer.Deferred):
+            return keyed.addCallback(lambda k: self._look(request, recipients, k or net, net))
+        return self._look(request, recipients, keyed or net, net)
+
+    def _domain_key(self, request: Request):
+        """With ``by_domain``: the client's verified domain ("spf:example.org" or, at end of
+        data, "dmarc:example.org"), or None (keyed on its network)."""
+        if not self.own.by_domain or not request.sender:
+            return None
+        results = request.results
+        dmarc = results.get("dmarc")
+        if dmarc is not None and getattr(dmarc.result, "result", None) == "pass" and dmarc.result.domain:
+            return "dmarc:" + organizational_domain(dmarc.result.domain)
+        spf = results.get("spf")
+        if spf is not None:
+            passed = getattr(spf.result, "passed_domain", None)
+            return "spf:" + organizational_domain(passed) if passed else None
+        if request.phase != "rcpt" or self.resolver is None:
+            return None
+        done = evaluate_async(self.resolver, request.client_address, request.sender, request.helo or "",
+                              self.receiver, False, self.own.spf_timeout)
+
+        def passed(done):
+            result = done[0]
+            return "spf:" + organizational_domain(result.domain) if result.result == "pass" and result.domain \
+                else None
+        if isinstance(done, defer.Deferred):
+            return done.addCallbacks(passed, lambda f: None)
+        return passed(done)
+
+    def _look(self, request: Request, recipients: list[str], client: str, net: str):
+        sender = (request.sender or "").lower()
+        triplets = ["t:" + hashlib.sha1(f"{client}|{sender}|{r.lower()}".encode()).hexdigest() for r in recipients]
+        allowed = "a:" + client
+        d = self.store.mget(allowed, *triplets)
+        d.addCallback(self._decide, allowed, triplets, client)
         return d.addErrback(self._failed)
 
-    def _decide(self, values, allowed: str, triplet: str, net: str):
-        count, seen = values
+    def _decide(self, values, allowed: str, triplets: list[str], client: str):
+        count, seen = values[0], values[1:]
         own = self.own
         if own.auto_allow_count and count is not None and int(count) >= own.auto_allow_count:
-            return note(Greylisted("allowed", f"{net}: {int(count)} passed"))
+            return note(Greylisted("allowed", f"{client}: {int(count)} passed"))
         now = self.clock.seconds()
-        if seen == b"p" or seen == "p":
-            return note(Greylisted("passed", "known"))
-        first = float(seen) if seen is not None else None
-        if first is not None and now - first >= own.delay and now - first <= own.retry_window:
-            d = self.store.set(triplet, b"p", own.auto_allow_time)
+        ready, new, waits = [], [], []
+        for key, value in zip(triplets, seen):
+            if value in (b"p", "p"):
+                continue
+            first = float(value) if value is not None else None
+            if first is not None and own.delay <= now - first <= own.retry_window:
+                ready.append((key, now - first))
+            elif first is None or now - first > own.retry_window:
+                new.append(key)
+                waits.append(own.delay)
+            else:
+                waits.append(own.delay - (now - first))
+        if not waits:                         # every triplet known, or retried in time
+            if not ready:
+                return note(Greylisted("passed", "known"))
+            d = defer.gatherResults([self.store.set(k, b"p", own.auto_allow_time) for k, _ in ready],
+                                    consumeErrors=True)
             if own.auto_allow_count:
                 d.addCallback(lambda _: self.store.incr(allowed, own.auto_allow_time))
-            return d.addCallback(lambda _: note(Greylisted("passed", f"after {now - first:.0f}s")))
-        if first is None or now - first > own.retry_window:
-            wait = own.delay
-            d = self.store.set(triplet, repr(now).encode(), own.retry_window)
-        else:
-            wait = own.delay - (now - first)
-            d = defer.succeed(None)
-        seconds = max(1, math.ceil(wait))
+            after = max(t for _, t in ready)
+            return d.addCallback(lambda _: note(Greylisted("passed", f"after {after:.0f}s")))
+        d = defer.gatherResults([self.store.set(k, repr(now).encode(), own.retry_window) for k in new],
+                                consumeErrors=True) if new else defer.succeed(None)
+        seconds = max(1, math.ceil(max(waits)))
         v = tempfail(451, "4.7.1", f"Greylisted: please try again in {seconds} seconds")
-        return d.addCallback(lambda _: Verdict(v.action, v.reply, result=Greylisted("greylisted", f"retry in {seconds}s")))
+        return d.addCallback(lambda _: Verdict(v.action, v.reply, result=Greylisted("greylisted",
+                                                                                   f"retry in {seconds}s")))
 
     def _failed(self, failure):
+        if failure.check(defer.FirstError):
+            failure = failure.value.subFailure
         why = failure.getErrorMessage() or failure.type.__name__
         if self.own.on_failure == "tempfail":
             v = tempfail(451, "4.7.1", "Greylisting unavailable: try again later")
@@ -214,15 +294,20 @@ def _build(own: GreylistSettings, ctx):
                        else "greylisting tempfails", restored="greylisting in redis")
     store = RedisStore(link, s.redis.key_prefix + "grey:") if link is not None else \
         ctx.kept("greylist-local", lambda: LocalStore(ctx.reactor))
-    return Greylist(own, store, ctx.reactor, s.relay.mynetworks)
+    resolver = resolver_for(ctx) if own.by_domain else None
+    return Greylist(own, store, ctx.reactor, s.relay.mynetworks, resolver, s.server.hostname)
 
 
 GREYLIST = CheckType(
-    "greylist", phases=("rcpt",), build=_build, section=Section.of("greylist", GreylistSettings),
-    timeout=lambda s: s.redis.timeout * 3 + 5 if s.has("redis") else 5,
+    "greylist", phases=("rcpt", "end_of_data"), build=_build, section=Section.of("greylist", GreylistSettings),
+    timeout=lambda s: (s.redis.timeout * 3 if s.has("redis") else 0) + s.greylist.spf_timeout + 5,
+    after={"end_of_data": ("actions", "spf", "dmarc")},
     active=lambda own, s: own.enabled,
     doc="greylist new (network, sender, recipient) triplets: 451 4.7.1 until a retry after the delay",
     summary=lambda own, s: (f"delay {own.delay:g}s, window {own.retry_window:g}s, auto-allow after "
-                            f"{own.auto_allow_count}; kept in " + ("redis" if s.has("redis") and s.redis.servers
-                                                                   else "this process")),
+                            f"{own.auto_allow_count}"
+                            + (f"; only at a score of {own.min_score:g} or more, at end of data" if own.min_score
+                               else "") + ("; keyed by verified domain" if own.by_domain else "")
+                            + "; kept in " + ("redis" if s.has("redis") and (s.redis.servers or s.redis.sentinels)
+                                              else "this process")),
     symbols={"GREYLIST_FAIL": (0.0, "the greylist store did not answer: not greylisted (fail open)")})

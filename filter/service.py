@@ -72,15 +72,16 @@ class Filter(Component):
         return d
 
 
-# The default chain: recipients verified at RCPT; at end of data the antivirus (when clamd
-# servers are set: a virus ends the chain), the sender-authentication
-# checks (dmarc after spf and dkim, whose results it reads), the Authentication-Results
-# field of all of them, the score and its action, the signature of our users' mail, and (when
-# configured) our ARC seal over it all.
+# The default chain: recipients verified at RCPT, then greylisted (when enabled); at end of
+# data the antivirus (when clamd servers are set: a virus ends the chain), the
+# sender-authentication checks (dmarc after spf and dkim, whose results it reads), the
+# Authentication-Results field of all of them, the score and its action, greylisting when it
+# depends on the score, the signature of our users' mail, and (when configured) our ARC seal
+# over it all.
 TIER = TierSpec("filter", sections=(NEXT_HOP, QUEUE, REDIS),
                 checks=(ROUTE, VERIFY, GREYLIST, HELO_NAME, ANTIVIRUS, SPF, DKIM, ARC, DMARC, AUTH_RESULTS, ACTIONS_CHECK,
                         DKIM_SIGN, ARC_SEAL),
-                default_policy={"rcpt": ("route", "verify", "greylist", "actions"),
+                default_policy={"rcpt": ("route", "verify", "actions", "greylist"),
                                 "end_of_data": ("antivirus", "spf", "dkim", "arc", "dmarc", "auth_results",
-                                                "actions", "dkim_sign", "arc_seal")},
+                                                "actions", "greylist", "dkim_sign", "arc_seal")},
                 component=Filter)

@@ -51,8 +51,9 @@ class CheckType:
     symbols: dict[str, tuple[float, str]] | Callable[[Any, Settings], dict[str, tuple[float, str]]] = \
         field(default_factory=dict)
     # The checks whose results it reads, which a policy must list before it in a phase they
-    # share: names, "symbols" (every check that reports symbols) or "*" (every other check).
-    after: tuple[str, ...] = ()
+    # share: names, "symbols" (every check that reports symbols) or "*" (every other check);
+    # or {phase: those}, for a check that reads them in some of its phases only.
+    after: tuple[str, ...] | dict[str, tuple[str, ...]] = ()
 
     def own(self, settings: Settings, policy: str | None = None) -> Any:
         """Its settings object in `settings` (None: it has no section), with what `policy`'s

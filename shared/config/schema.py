@@ -894,7 +894,7 @@ def _finish_policies(ld: Loading) -> None:
                     raise ld.error(key, f"check {entry} runs at {' or '.join(check.phases)}, "
                                         f"not at {phase.replace('_', ' ')}")
             if phase != "relay":
-                _in_order(ld, f"policies.{name}.{phase}", policy[phase], checks)
+                _in_order(ld, f"policies.{name}.{phase}", phase, policy[phase], checks)
     for name, listener in ld.values["listeners"].items():
         if listener["policy"] not in policies:
             raise ld.error(f"listeners.{name}.policy", f"no policy {listener['policy']!r} "
@@ -904,14 +904,21 @@ def _finish_policies(ld: Loading) -> None:
             _client_certificates_reachable(ld, name)
 
 
-def _in_order(ld: Loading, key: str, entries: list[str], checks: dict) -> None:
+def _in_order(ld: Loading, key: str, phase: str, entries: list[str], checks: dict) -> None:
     """A check that reads others' results comes after them (CheckType.after: names, "symbols"
-    for every check that reports symbols, "*" for every other check of the phase)."""
+    for every check that reports symbols, "*" for every other check of the phase; or
+    {phase: those} for a check that reads them in some phases only).  A check that names
+    another in its own ``after`` may follow it though it reports symbols: greylisting by
+    score comes after the score."""
+    def reads(check) -> tuple:
+        after = getattr(check, "after", ())
+        return after.get(phase, ()) if isinstance(after, dict) else after
     for i, entry in enumerate(entries):
-        after = getattr(checks[entry], "after", ())
+        after = reads(checks[entry])
         for later in entries[i + 1:]:
             c = checks[later]
-            if later in after or "*" in after or ("symbols" in after and getattr(c, "symbols", None)):
+            if later in after or "*" in after or ("symbols" in after and getattr(c, "symbols", None)
+                                                  and entry not in reads(c)):
                 raise ld.error(key, f"{entry} reads what {later} finds: list {later} before {entry}")
 
 

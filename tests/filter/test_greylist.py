@@ -13,6 +13,7 @@ from filter.greylist import Greylist, GreylistSettings, LocalStore, RedisStore
 from shared.checks.core import Action, Request
 from shared.config import parse
 from shared.redisconn import RedisLink, RedisSettings
+from tests.dnsserver import dns_server  # noqa: F401  (the fixture)
 from tests.redisserver import redis_server  # noqa: F401  (the fixture)
 from tests.support import on_real_reactor
 
@@ -147,3 +148,94 @@ def test_an_ipv4_mapped_client_is_grouped_with_its_ipv4_network():
     assert answer(g, rcpt(client="::ffff:192.0.2.10")).action is Action.TEMPFAIL
     clock.advance(301)
     assert answer(g, rcpt(client="192.0.2.77")).action is Action.CONTINUE
+
+
+class _Listed:
+    allowlisted = True
+    log = "dnslists=allowlisted"
+
+
+def test_a_dns_allowlisted_client_is_not_greylisted():
+    from shared.checks.core import note
+    clock = Clock()
+    g = Greylist(OWN, LocalStore(clock), clock, ())
+    listed = {"dnslists": note(_Listed())}
+    assert answer(g, rcpt(results=listed)).result.detail == "DNS-allowlisted client"
+    assert answer(g, rcpt()).action is Action.TEMPFAIL
+
+
+def eod(score, recipients=("bob@example.test", "carol@example.test"), client="192.0.2.10", results=None):
+    from filter.actions import Scored
+    from shared.checks.core import note
+    found = {"actions": note(Scored(score, "no action"))} if score is not None else {}
+    return Request(phase="end_of_data", client_address=client, sender="a@sender.example",
+                   recipients=tuple(recipients), results={**found, **(results or {})})
+
+
+def test_with_min_score_only_a_message_scoring_that_much_is_greylisted_at_end_of_data():
+    clock = Clock()
+    clock.advance(1_000_000)
+    own = replace(OWN, min_score=4.0)
+    g = Greylist(own, LocalStore(clock), clock, ())
+    assert answer(g, rcpt()) is not None and answer(g, rcpt()).action is Action.CONTINUE    # not at RCPT
+    assert answer(g, rcpt()).result is None
+    low = answer(g, eod(3.9))
+    assert low.action is Action.CONTINUE and low.result.result == "skipped" and "3.9 < 4" in low.result.detail
+    high = answer(g, eod(4.0))
+    assert high.action is Action.TEMPFAIL and high.reply.code == 451 and "300 seconds" in high.reply.text
+    clock.advance(120)
+    again = answer(g, eod(6.0))                      # too early: the rest of the delay
+    assert again.action is Action.TEMPFAIL and "180 seconds" in again.reply.text
+    clock.advance(200)
+    passed = answer(g, eod(6.0))
+    assert passed.action is Action.CONTINUE and passed.result.result == "passed"
+    assert answer(g, eod(6.0)).result.detail == "known"
+    # one recipient new among known ones: the message waits for it
+    fresh = answer(g, eod(6.0, recipients=("bob@example.test", "dave@example.test")))
+    assert fresh.action is Action.TEMPFAIL
+    # without the actions check's score there is nothing to decide on: not greylisted
+    assert answer(g, eod(None)).action is Action.CONTINUE
+
+
+def test_without_min_score_the_rcpt_verdict_stands_at_end_of_data():
+    clock = Clock()
+    g = Greylist(OWN, LocalStore(clock), clock, ())
+    v = answer(g, rcpt(client="198.51.100.7", login="alice"))
+    assert answer(g, eod(99, results={"greylist": v})) is v
+
+
+def test_by_domain_keys_a_verified_domain_instead_of_the_network():
+    from filter.dmarc import DmarcResult
+    from shared.checks.core import note
+    clock = Clock()
+    clock.advance(1_000_000)
+    own = replace(OWN, min_score=1.0, by_domain=True)
+    g = Greylist(own, LocalStore(clock), clock, ())
+    dmarc = {"dmarc": note(DmarcResult("pass", "mail.bulk.example"))}
+    assert answer(g, eod(5, client="192.0.2.10", results=dmarc)).action is Action.TEMPFAIL
+    clock.advance(400)
+    # the retry comes from an address in another network: the domain is the key
+    assert answer(g, eod(5, client="203.0.113.77", results=dmarc)).result.result == "passed"
+    assert answer(g, eod(5, client="198.51.100.3", results=dmarc)).result.detail == "known"
+    # without a DMARC pass the network is the key again
+    assert answer(g, eod(5, client="198.51.100.3")).action is Action.TEMPFAIL
+
+
+def test_by_domain_at_rcpt_evaluates_the_senders_spf(dns_server):
+    from shared.resolver import Resolver
+    server = dns_server({"bulk.example": [("@", "TXT", "v=spf1 ip4:192.0.2.0/24 ip4:203.0.113.0/24 -all")]})
+
+    async def scenario(reactor):
+        resolver = Resolver(reactor=reactor, nameservers=server.nameservers, timeout=2)
+        own = replace(OWN, by_domain=True, delay=1)
+        g = Greylist(own, LocalStore(reactor), reactor, (), resolver, "filter.test")
+        first = await defer.maybeDeferred(g, rcpt(client="192.0.2.10", sender="news@bulk.example"))
+        await task.deferLater(reactor, 1.2, lambda: None)
+        moved = await defer.maybeDeferred(g, rcpt(client="203.0.113.5", sender="news@bulk.example"))
+        stranger = await defer.maybeDeferred(g, rcpt(client="198.51.100.5", sender="news@bulk.example"))
+        resolver.close()
+        return first, moved, stranger
+    first, moved, stranger = on_real_reactor(scenario)
+    assert first.action is Action.TEMPFAIL
+    assert moved.action is Action.CONTINUE and moved.result.result == "passed"     # same domain, SPF pass
+    assert stranger.action is Action.TEMPFAIL       # SPF fails there: keyed on its own network, new
