@@ -38,7 +38,7 @@ from shared.checks.registry import CheckType
 from shared.dns import client_ip
 from shared.config.schema import SECONDS, Section, bounded, choice, domain, network, setting
 from shared.netlist import NetworkList
-from shared.redisconn import shared_link
+from shared.redisconn import configured, shared_link
 from shared.resolver import resolver_for
 from filter.mailauth import organizational_domain
 from filter.spf import evaluate_async
@@ -308,6 +308,6 @@ GREYLIST = CheckType(
                             f"{own.auto_allow_count}"
                             + (f"; only at a score of {own.min_score:g} or more, at end of data" if own.min_score
                                else "") + ("; keyed by verified domain" if own.by_domain else "")
-                            + "; kept in " + ("redis" if s.has("redis") and (s.redis.servers or s.redis.sentinels)
+                            + "; kept in " + ("redis" if s.has("redis") and configured(s.redis)
                                               else "this process")),
     symbols={"GREYLIST_FAIL": (0.0, "the greylist store did not answer: not greylisted (fail open)")})

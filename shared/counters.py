@@ -41,7 +41,7 @@ from typing import Protocol
 from twisted.internet.defer import Deferred
 
 from shared.redisconn import describe as describe_redis
-from shared.redisconn import shared_link
+from shared.redisconn import configured, shared_link
 
 # KEYS[1]: the count; ARGV[1]: the window, ms.  A key found without an expiry (written by
 # something else) gets one, so that no count can outlive its window.
@@ -149,7 +149,7 @@ def counters(ctx) -> LocalCounters | RedisCounters:
 
 def describe(settings) -> str:
     """Where the counters of `settings` are, for check-config."""
-    if settings.has("redis") and settings.redis.servers:
+    if settings.has("redis") and configured(settings.redis):
         return (f"counters: in redis at {describe_redis(settings.redis)}, shared by every node using it; "
                 f"in this process while it does not answer")
     return "counters: in this process (no redis.servers): each node counts by itself"

@@ -5,9 +5,11 @@ rate counters of :mod:`shared.counters`).  The section is declared by the
 tiers that use it (the edge now, the filter with greylisting), not by the
 core: the domain tier keeps nothing in Redis, and a ``[redis]`` table in its
 file is refused as a setting of the tiers that have one.  ``servers`` empty
-(the default) means no Redis: everything is counted in the process.  One
-server for now; a list leaves room for Redis Sentinel, whose addresses it
-will hold.
+(the default) means no Redis: everything is counted in the process.  For
+failover, ``sentinels`` lists Redis Sentinel's addresses instead: redis-py asks
+them for the master of ``master_name`` and, after a failover, for the new one
+(its connections to the old master are dropped at their first error; the link's
+outage handling below covers the seconds Sentinel takes to promote a replica).
 
 A :class:`RedisLink` sends commands with redis-py from a small pool of its own
 threads (:data:`THREADS`), not from the tier's
@@ -69,8 +71,12 @@ def _key_prefix(value: str) -> str:
 @dataclass(frozen=True)
 class RedisSettings:
     """Redis, shared by the nodes of a tier (counters of rate_limits); empty servers: none"""
-    servers: tuple = setting((), "the Redis server, host:port (empty: no Redis, every node counts by "
-                                 "itself; one server for now: a list is for Redis Sentinel later)", hostport)
+    servers: tuple = setting((), "the Redis server, host:port (empty, and no sentinels: no Redis, every "
+                                 "node counts by itself)", hostport)
+    sentinels: tuple = setting((), "Redis Sentinel addresses, host:port, instead of servers: the master "
+                                   "they name for master_name is used, and the new one after a failover",
+                               hostport)
+    master_name: str = setting("mymaster", "the master's name in Sentinel (sentinel monitor NAME ...)")
     password: str = setting("", "the server's password (requirepass; empty: none); sent in the clear",
                             secret=True)
     db: int = setting(0, "the database number (0 to 65535)", bounded(0, 65535))
@@ -82,19 +88,35 @@ class RedisSettings:
 
 
 def _finish_redis(ld) -> None:
-    servers = ld.values["redis"]["servers"]
+    servers, sentinels = ld.values["redis"]["servers"], ld.values["redis"]["sentinels"]
     if len(servers) > 1:
-        raise ld.error("redis.servers", f"{len(servers)} servers given: one for now (a list is for Redis "
-                                        f"Sentinel, not supported yet)")
+        raise ld.error("redis.servers", f"{len(servers)} servers given: one (for failover, list Redis "
+                                        f"Sentinel's addresses in redis.sentinels instead)")
+    if servers and sentinels:
+        raise ld.error("redis.sentinels", "both servers and sentinels are set: the master comes from "
+                                          "Sentinel, leave servers empty")
+    if not ld.values["redis"]["master_name"].strip():
+        raise ld.error("redis.master_name", "empty: Sentinel knows its masters by name")
 
 
 REDIS = Section.of("redis", RedisSettings, finish=_finish_redis)
 
 
+def configured(own: RedisSettings | None) -> bool:
+    """Whether `own` names a Redis (a server, or Sentinels)."""
+    return own is not None and bool(own.servers or own.sentinels)
+
+
+def where(own: RedisSettings) -> str:
+    """The server, or the Sentinel master, in a line of the log."""
+    if own.sentinels:
+        return f"{own.master_name} (sentinels {','.join(hostport_text(h, p) for h, p in own.sentinels)})"
+    return hostport_text(*own.servers[0])
+
+
 def describe(own: RedisSettings) -> str:
     """Where the server is, for check-config."""
-    host, port = own.servers[0]
-    return f"{hostport_text(host, port)} db {own.db}, keys {own.key_prefix}*, timeout {own.timeout:g}s"
+    return f"{where(own)} db {own.db}, keys {own.key_prefix}*, timeout {own.timeout:g}s"
 
 
 class _Expired(Exception):
@@ -118,14 +140,20 @@ class RedisLink:
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
-        host, port = own.servers[0]
-        self.address = hostport_text(host, port)
+        self.address = where(own)
         self.reactor = reactor
         self.timeout = own.timeout
         self.fallback, self.restored = fallback, restored
-        self.client = redis.Redis(host=host, port=port, db=own.db, password=own.password or None,
-                                  socket_timeout=own.timeout, socket_connect_timeout=own.timeout,
-                                  retry=Retry(NoBackoff(), 0), max_connections=threads)
+        options = dict(db=own.db, password=own.password or None, socket_timeout=own.timeout,
+                       socket_connect_timeout=own.timeout, retry=Retry(NoBackoff(), 0), max_connections=threads)
+        if own.sentinels:
+            from redis.sentinel import Sentinel
+            sentinel = Sentinel(list(own.sentinels), sentinel_kwargs={"socket_timeout": own.timeout,
+                                                                      "socket_connect_timeout": own.timeout})
+            self.client = sentinel.master_for(own.master_name, **options)
+        else:
+            host, port = own.servers[0]
+            self.client = redis.Redis(host=host, port=port, **options)
         self.pool = WorkerPool(reactor, threads, name="redis")
         self.pending: list[tuple[tuple, defer.Deferred, float]] = []    # (command, its Deferred, deadline)
         self.sending = 0                          # batches in the threads
@@ -265,7 +293,7 @@ def shared_link(ctx, use: str, **texts: str) -> RedisLink | None:
     own), released when this configuration is retired; None when the tier has no Redis.
     `texts`: :class:`RedisLink`'s `fallback` and `restored`."""
     own = ctx.settings.redis if ctx.settings.has("redis") else None
-    if own is None or not own.servers:
+    if not configured(own):
         return None
     links = ctx.kept(f"redis.{use}", SharedLinks)
     link = links.acquire(own, ctx.reactor, **texts)

@@ -14,6 +14,8 @@ that stops every server it started when the test ends:
         server = redis_server()                  # or redis_server(password="s3cret")
         settings = {"redis": {"servers": [server.address]}}
         server.stop(); ...; server.start()
+        replica = redis_server(replica_of=server)     # for failover tests, with
+        sentinel = redis_server.sentinel(server)      # a Sentinel watching it as "mymaster"
 
 ``tests/run`` installs the package when it is missing.
 """
@@ -45,10 +47,12 @@ def _answers(host: str, port: int, timeout: float = 0.2) -> bool:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, host: str, port: int, password: str | None) -> None:
+    def __init__(self, directory: Path, host: str, port: int, password: str | None,
+                 args: tuple[str, ...] = ()) -> None:
         self.directory = directory
         self.host, self.port = host, port
         self.password = password
+        self.args = args
         self.log = directory / "redis.log"
         self.proc: subprocess.Popen | None = None
 
@@ -73,6 +77,7 @@ class RedisServer:
                "--logfile", str(self.log)]
         if self.password:
             cmd += ["--requirepass", self.password]
+        cmd += self.args
         with open(self.directory / "redis.stderr", "ab") as stderr:
             self.proc = subprocess.Popen(cmd, cwd=self.directory, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=stderr)
@@ -119,18 +124,60 @@ class RedisServer:
 
 
 def start_redis_server(directory: Path, *, host: str = "127.0.0.1", password: str | None = None,
-                       timeout: float = 10.0) -> RedisServer:
-    """A running redis-server in a new directory under `directory` (see the module docstring)."""
+                       timeout: float = 10.0, replica_of: "RedisServer | None" = None) -> RedisServer:
+    """A running redis-server in a new directory under `directory` (see the module docstring);
+    with `replica_of`, a replica of that server."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="redis-", dir=directory))
+    args = ("--replicaof", replica_of.host, str(replica_of.port)) if replica_of is not None else ()
     error = None
     for _ in range(3):               # a free port may be taken between the look and the bind
-        server = RedisServer(workdir, host, free_port(host), password)
+        server = RedisServer(workdir, host, free_port(host), password, args)
         try:
             return server.start(timeout)
         except RuntimeError as e:
             error = e
     raise error
+
+
+class RedisSentinel(RedisServer):
+    """``redis-server --sentinel`` watching one master as ``mymaster`` (quorum 1, a master
+    silent for half a second is down, so a test's failover takes a few seconds)."""
+
+    def __init__(self, directory: Path, host: str, port: int, master: RedisServer) -> None:
+        super().__init__(directory, host, port, None)
+        self.master = master
+
+    def start(self, timeout: float = 10.0) -> "RedisSentinel":
+        assert not self.running(), "already running"
+        conf = self.directory / "sentinel.conf"
+        conf.write_text(f"port {self.port}\nbind {self.host}\ndir {self.directory}\nlogfile {self.log}\n"
+                        f"sentinel monitor mymaster {self.master.host} {self.master.port} 1\n"
+                        f"sentinel down-after-milliseconds mymaster 500\n"
+                        f"sentinel failover-timeout mymaster 3000\n")
+        with open(self.directory / "redis.stderr", "ab") as stderr:
+            self.proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", str(conf), "--sentinel"],
+                                         cwd=self.directory, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=stderr)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.running():
+            if _answers(self.host, self.port):
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis sentinel did not answer on {self.address}:\n{self.log_tail()}")
+
+    def master_address(self) -> tuple[str, int] | None:
+        """The master Sentinel names now."""
+        import redis
+        reply = redis.Redis(host=self.host, port=self.port, socket_timeout=2).execute_command(
+            "SENTINEL", "get-master-addr-by-name", "mymaster")
+        return (reply[0].decode(), int(reply[1])) if reply else None
+
+
+def start_sentinel(directory: Path, master: RedisServer, *, host: str = "127.0.0.1") -> RedisSentinel:
+    workdir = Path(tempfile.mkdtemp(prefix="sentinel-", dir=directory))
+    return RedisSentinel(workdir, host, free_port(host), master).start()
 
 
 @pytest.fixture
@@ -143,6 +190,12 @@ def redis_server(tmp_path):
         started.append(server)
         return server
 
+    def sentinel(master: RedisServer) -> RedisSentinel:
+        server = start_sentinel(tmp_path, master)
+        started.append(server)
+        return server
+
+    start.sentinel = sentinel
     yield start
-    for server in started:
+    for server in reversed(started):
         server.stop()

@@ -239,3 +239,53 @@ def test_by_domain_at_rcpt_evaluates_the_senders_spf(dns_server):
     assert first.action is Action.TEMPFAIL
     assert moved.action is Action.CONTINUE and moved.result.result == "passed"     # same domain, SPF pass
     assert stranger.action is Action.TEMPFAIL       # SPF fails there: keyed on its own network, new
+
+
+def test_through_redis_sentinel_greylisting_survives_a_failover(redis_server):
+    import time
+    master = redis_server()
+    replica = redis_server(replica_of=master)
+    sentinel = redis_server.sentinel(master)
+    deadline = time.monotonic() + 10          # the replica in sync and known to Sentinel
+    while time.monotonic() < deadline and replica.client().info("replication").get("master_link_status") != "up":
+        time.sleep(0.05)
+
+    async def scenario(reactor):
+        own = RedisSettings(sentinels=((sentinel.host, sentinel.port),), master_name="mymaster", timeout=0.5)
+        link = RedisLink(own, reactor, fallback="greylisting fails open", restored="greylisting in redis",
+                         backoff=(0.2, 0.4))
+        g = Greylist(replace(OWN, delay=1.0), RedisStore(link, "smarthost:grey:"), reactor, ())
+        try:
+            first = await g(rcpt())
+            await task.deferLater(reactor, 0.3, lambda: None)      # replicated
+            master.kill()
+            during, promoted = [], None
+            for _ in range(100):                                   # Sentinel promotes the replica
+                await task.deferLater(reactor, 0.2, lambda: None)
+                v = await g(rcpt())
+                during.append(v)
+                if v.result is not None and v.result.result == "passed":
+                    promoted = sentinel.master_address()
+                    break
+            return first, during, promoted, link.address
+        finally:
+            await link.close()
+    first, during, promoted, address = on_real_reactor(scenario, timeout=40)
+    assert address.startswith("mymaster (sentinels 127.0.0.1:")
+    assert first.action is Action.TEMPFAIL
+    # while there is no master: fail open (never a refusal, never an error); then the new
+    # master has the triplet first seen on the old one, and the retry passes
+    assert all(v.action is Action.CONTINUE for v in during), [v.result for v in during]
+    assert during[-1].result.result == "passed", [v.result for v in during]
+    assert promoted == (replica.host, replica.port)
+
+
+def test_sentinels_and_servers_are_exclusive():
+    from shared.config import ConfigError
+    base = {"next_hop": {"hosts": ["127.0.0.1:1"]}, "queue": {"directory": "/tmp/x"}}
+    s = parse("filter", {**base, "redis": {"sentinels": ["10.0.0.1:26379", "10.0.0.2:26379"], "master_name": "m"}})
+    assert s.redis.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26379))
+    with pytest.raises(ConfigError, match="redis.sentinels"):
+        parse("filter", {**base, "redis": {"sentinels": ["10.0.0.1:26379"], "servers": ["10.0.0.3:6379"]}})
+    with pytest.raises(ConfigError, match="redis.servers.*sentinels"):
+        parse("filter", {**base, "redis": {"servers": ["10.0.0.3:6379", "10.0.0.4:6379"]}})

@@ -26,7 +26,10 @@ def test_defaults_mean_no_redis():
 @pytest.mark.parametrize("given, key, reason", [
     ({"servers": ["redis.internal"]}, "redis.servers", "'redis.internal' is not host:port"),
     ({"servers": ["10.0.0.1:6379", "10.0.0.2:6379"]}, "redis.servers",
-     "2 servers given: one for now (a list is for Redis Sentinel, not supported yet)"),
+     "2 servers given: one (for failover, list Redis Sentinel's addresses in redis.sentinels instead)"),
+    ({"servers": ["10.0.0.1:6379"], "sentinels": ["10.0.0.2:26379"]}, "redis.sentinels",
+     "both servers and sentinels are set"),
+    ({"sentinels": ["10.0.0.2:26379"], "master_name": " "}, "redis.master_name", "empty"),
     ({"timeout": 0}, "redis.timeout", "must be greater than 0 and at most 10, got 0"),
     ({"timeout": 30}, "redis.timeout", "must be greater than 0 and at most 10, got 30"),
     ({"db": 70000}, "redis.db", "must be at least 0 and at most 65535, got 70000"),
