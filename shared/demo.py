@@ -14,8 +14,11 @@ mechanism can be tried.
 The filter runs every check: the demo starts its own DNS server (base + 5: the hosted
 domain's SPF, DKIM key and DMARC p=reject) and, when clamav-daemon is installed (compose/demo
 installs it), its own clamd (base + 6) with the tests' signatures (EICAR and our own) and any
-ClamAV database already on the machine; demo.json lists them under "services".  Ctrl-C
-or SIGTERM stops every child (the tiers, the DNS server, clamd) with SIGTERM and waits for them.
+ClamAV database already on the machine, and, when redis-server is installed (compose/demo installs
+it too), its own redis-server (base + 7) for the filter's greylist; demo.json lists them under
+"services".  Greylisting is on for mail that scores 1 or more, with a delay of 10 s, printed
+with a command that shows it.  Ctrl-C or SIGTERM stops every child (the tiers, the DNS
+server, clamd, redis-server) with SIGTERM and waits for them.
 """
 from __future__ import annotations
 
@@ -49,12 +52,29 @@ def _demo_certificate(tls_dir: Path, hostname: str) -> tuple[str, str]:
 def demo_ports(base_port: int) -> dict[str, int]:
     return {"edge": base_port, "filter": base_port + 1, "domain": base_port + 2,
             "submission": base_port + 3, "submissions": base_port + 4, "dns": base_port + 5,
-            "clamd": base_port + 6}
+            "clamd": base_port + 6, "redis": base_port + 7}
 
 
 CLAMD = "/usr/sbin/clamd"
 SIGNATURES = Path(__file__).resolve().parents[1] / "tests" / "clamav"   # EICAR and our own test signature
 SYSTEM_DATABASE = Path("/var/lib/clamav")
+
+
+REDIS_SERVER = "/usr/bin/redis-server"
+GREYLIST_DELAY = 10          # seconds: short, so that the retry of the demo's greylisted message is quick
+GREYLIST_SCORE = 1.0         # greylisted: messages scoring this much (SPF softfail), not a plain swaks
+
+
+def redis_available() -> bool:
+    return os.path.exists(REDIS_SERVER)
+
+
+def redis_command(root: Path, port: int) -> list[str]:
+    """The demo's redis-server: on 127.0.0.1:port, its files in DIR/redis, its log in DIR/log."""
+    (root / "redis").mkdir(exist_ok=True)
+    return [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(root / "redis"),
+            "--daemonize", "no", "--save", "60 1", "--appendonly", "no", "--protected-mode", "yes",
+            "--logfile", str(root / "log" / "redis.log")]
 
 
 def clamd_available() -> bool:
@@ -103,7 +123,8 @@ def demo_dkim_key(root: Path) -> tuple[Path, str]:
 def demo_zone(dkim_record: str) -> str:
     """The hosted domain's zone for the demo's own DNS server (twisted.names' Python zone
     format): SPF allowing no host (the domain's mail is its users', submitted with AUTH and
-    DKIM-signed), the DKIM key, DMARC p=reject.  Names outside it get NXDOMAIN,
+    DKIM-signed), the DKIM key, DMARC p=reject; and softfail.DOMAIN, whose SPF says ~all
+    and DMARC p=none: its mail scores enough to be greylisted.  Names outside it get NXDOMAIN,
     so the filter's checks answer at once on a machine without Internet."""
     chunks = ", ".join(repr(dkim_record[i:i + 250].encode()) for i in range(0, len(dkim_record), 250))
     return f"""zone = [
@@ -113,13 +134,15 @@ def demo_zone(dkim_record: str) -> str:
     A('ns.{DOMAIN}', '127.0.0.1', ttl=300),
     TXT({DOMAIN!r}, b'v=spf1 -all', ttl=300),
     TXT('_dmarc.{DOMAIN}', b'v=DMARC1; p=reject; adkim=r; aspf=r', ttl=300),
+    TXT('softfail.{DOMAIN}', b'v=spf1 ~all', ttl=300),
+    TXT('_dmarc.softfail.{DOMAIN}', b'v=DMARC1; p=none', ttl=300),
     TXT('{DKIM_SELECTOR}._domainkey.{DOMAIN}', {chunks}, ttl=300),
 ]
 """
 
 
 def sections(root: Path, base_port: int, cert: str, key: str, nameserver: str | None = None,
-             dkim_key: Path | None = None, clamd: bool = False) -> dict[str, dict[str, dict]]:
+             dkim_key: Path | None = None, clamd: bool = False, redis: bool = False) -> dict[str, dict[str, dict]]:
     """The three tiers' settings for a one-machine pipeline on 127.0.0.1 (edge mx on
     base_port, filter on base_port + 1, domain on base_port + 2, the edge's submission
     and submissions on base_port + 3 and + 4); loopback clients get no reverse DNS
@@ -152,6 +175,8 @@ def sections(root: Path, base_port: int, cert: str, key: str, nameserver: str | 
             "dns": {"nameservers": [nameserver or f"127.0.0.1:{ports['dns']}"]},
             "dkim_sign": {"keys": [f"{DOMAIN} {DKIM_SELECTOR} {dkim_key}"] if dkim_key else []},
             "antivirus": {"servers": [f"127.0.0.1:{ports['clamd']}"] if clamd else []},
+            "greylist": {"enabled": True, "min_score": GREYLIST_SCORE, "delay": GREYLIST_DELAY},
+            "redis": {"servers": [f"127.0.0.1:{ports['redis']}"] if redis else []},
             "log": log("filter"),
         },
         "domain": {
@@ -187,7 +212,7 @@ def demo_users(root: Path) -> tuple[dict[str, str], bool]:
 
 
 def write_configs(root: Path, base_port: int, nameserver: str | None = None,
-                  clamd: bool = False) -> dict[str, Path]:
+                  clamd: bool = False, redis: bool = False) -> dict[str, Path]:
     """The three tiers' configuration files, written with the project's TOML writer (any
     path, quotes and backslashes included, comes out as valid TOML), and the demo's zone."""
     root.mkdir(parents=True, exist_ok=True)
@@ -200,7 +225,7 @@ def write_configs(root: Path, base_port: int, nameserver: str | None = None,
     paths = {}
     if clamd:
         demo_clamd(root, demo_ports(base_port)["clamd"])
-    for tier, values in sections(root, base_port, cert, key, nameserver, dkim_key, clamd).items():
+    for tier, values in sections(root, base_port, cert, key, nameserver, dkim_key, clamd, redis).items():
         p = root / f"{tier}.toml"
         p.write_text(dump(tier, values))
         paths[tier] = p
@@ -223,12 +248,17 @@ def run_demo(directory: str, base_port: int, nameserver: str | None = None) -> i
         ports.pop("clamd")
         print(f"smarthost demo: no antivirus: {CLAMD} (clamav-daemon) or the test signatures ({SIGNATURES}) "
               f"are missing", file=sys.stderr)
+    redis = redis_available()
+    if not redis:
+        ports.pop("redis")
+        print(f"smarthost demo: no {REDIS_SERVER} (redis-server): the filter keeps its greylist in its own "
+              f"process", file=sys.stderr)
     busy = [f"{t} {p}" for t, p in ports.items() if _port_open(p)]
     if busy:
         print(f"smarthost demo: port in use on 127.0.0.1 ({', '.join(busy)}); choose another --base-port",
               file=sys.stderr)
         return 1
-    configs = write_configs(root, base_port, nameserver, clamd)
+    configs = write_configs(root, base_port, nameserver, clamd, redis)
     users, new_users = demo_users(root)
     from shared.config import load
     children: dict[str, subprocess.Popen] = {}
@@ -246,6 +276,9 @@ def run_demo(directory: str, base_port: int, nameserver: str | None = None) -> i
     if clamd:                                        # the demo's own clamd: the shipped test signatures
         children["clamd"] = subprocess.Popen([CLAMD, "-c", str(root / "clamd" / "clamd.conf")],
                                              stdin=subprocess.DEVNULL)
+    if redis:                                        # the demo's own redis-server: the filter's greylist
+        children["redis"] = subprocess.Popen(redis_command(root, ports["redis"]), stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.DEVNULL)
     for tier in ("domain", "filter", "edge"):        # start downstream first
         children[tier] = subprocess.Popen([sys.executable, "-m", "shared.cli", tier, "--config", str(configs[tier])])
 
@@ -289,6 +322,9 @@ def run_demo(directory: str, base_port: int, nameserver: str | None = None) -> i
         info["services"]["dns"] = f"127.0.0.1:{ports['dns']}"
     if clamd:
         info["services"]["clamd"] = f"127.0.0.1:{ports['clamd']}"
+    if redis:
+        info["services"]["redis"] = f"127.0.0.1:{ports['redis']}"
+    info["greylist"] = {"delay": GREYLIST_DELAY, "min_score": GREYLIST_SCORE}
     (root / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
     if new_users:
         passwords = ", ".join(f"{u} {p}" for u, p in users.items())
@@ -314,6 +350,10 @@ Then look in {mailboxes[alice]}/new/ (the filter's Authentication-Results and X-
 are on top; mail submitted as alice is DKIM-signed for {DOMAIN}, selector {DKIM_SELECTOR})
 The filter checks SPF, DKIM, DMARC and ARC with DNS at {info['dns']}: {DOMAIN} publishes p=reject, so
   swaks --server 127.0.0.1:{ports['edge']} --from forger@{DOMAIN} --to bob@{DOMAIN}   gets 550 5.7.1
+Greylisting is on for mail that scores {GREYLIST_SCORE:g} or more (kept in {'redis at 127.0.0.1:' + str(ports['redis']) if redis else 'the filter'}),
+with a delay of {GREYLIST_DELAY} seconds. softfail.{DOMAIN} publishes SPF ~all, so
+  swaks --server 127.0.0.1:{ports['edge']} --from you@softfail.{DOMAIN} --to bob@{DOMAIN}
+gets 451 4.7.1 "Greylisted: please try again in {GREYLIST_DELAY} seconds"; the same command after that is delivered.
 {antivirus}After editing a tier's file: python3 -m shared.cli reload --config {configs['edge']}
 Press Ctrl-C to stop.""", flush=True)
 

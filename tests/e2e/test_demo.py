@@ -65,7 +65,7 @@ def running_demo(root: Path, *, argv=None, cwd: Path = REPO):
     proc = demo = None
     try:
         for _ in range(3):                       # another process may take the ports meanwhile
-            base = free_port_block(7)           # mx, filter, domain, submission, submissions, dns, clamd
+            base = free_port_block(8)           # mx, filter, domain, submission, submissions, dns, clamd, redis
             with open(root / "demo.out", "ab") as out:
                 proc = subprocess.Popen(argv(base), cwd=cwd, env=child_env(),
                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
@@ -279,7 +279,8 @@ def _demo_txt(demo):
 def test_demo_signs_submission_and_refuses_a_forged_sender(demo):
     import dkim
     assert demo.info["tiers"]["filter"]["checks"]["end_of_data"] == [
-        "antivirus", "spf", "dkim", "arc", "dmarc", "auth_results", "actions", "dkim_sign"]
+        "antivirus", "spf", "dkim", "arc", "dmarc", "auth_results", "actions", "greylist",
+        "dkim_sign"]
     host, port = demo.info["tiers"]["edge"]["listeners"]["submissions"].rsplit(":", 1)
     tag = f"demo-signed-{os.getpid()}"
     r = subprocess.run(["swaks", "--server", f"{host}:{port}", "--tlsc", "--auth", "PLAIN", "--auth-user", BOB,
@@ -306,3 +307,33 @@ def test_demo_runs_its_clamd_and_refuses_eicar(demo, tmp_path):
     r = subprocess.run(["swaks", "--server", f"{host}:{port}", "--to", ALICE, "--attach", str(eicar)],
                        capture_output=True, text=True, timeout=60)
     assert "554 5.7.1 Virus found: Eicar-Test-Signature" in r.stdout, r.stdout
+
+
+def test_demo_greylists_mail_that_scores_in_its_redis_and_delivers_the_retry(demo):
+    import time
+    import redis
+    address = demo.info["services"]["redis"]
+    assert address.startswith("127.0.0.1:")
+    assert demo.info["greylist"] == {"delay": 10, "min_score": 1.0}
+    assert "greylist" in demo.info["tiers"]["filter"]["checks"]["end_of_data"]
+    host, port = demo.info["tiers"]["edge"]["smtp"].rsplit(":", 1)
+    tag = f"demo-greylist-{os.getpid()}"
+
+    def send(sender, mid):
+        return subprocess.run(["swaks", "--server", f"{host}:{port}", "--from", sender, "--to", BOB,
+                               "--header", f"Message-Id: <{mid}@{DOMAIN}>"], capture_output=True, text=True,
+                              timeout=60)
+    plain = send(f"plain-{os.getpid()}@example.net", f"{tag}-plain")        # scores 0: never delayed
+    assert "queued as" in plain.stdout, plain.stdout
+    first = send(f"you-{os.getpid()}@softfail.{DOMAIN}", f"{tag}-first")    # SPF softfail: greylisted
+    assert "451 4.7.1 Greylisted: please try again in 10 seconds" in first.stdout, first.stdout
+    r_host, r_port = address.rsplit(":", 1)
+    assert redis.Redis(host=r_host, port=int(r_port), socket_timeout=2).keys("smarthost:grey:t:*"), \
+        "the triplet is not in the demo's redis"
+    time.sleep(10.5)
+    retry = send(f"you-{os.getpid()}@softfail.{DOMAIN}", f"{tag}-retry")
+    assert "queued as" in retry.stdout, retry.stdout
+    wait_for_message(demo.maildir(BOB), f"<{tag}-plain@{DOMAIN}>")
+    delivered = wait_for_message(demo.maildir(BOB), f"<{tag}-retry@{DOMAIN}>")
+    assert b"SPF_SOFTFAIL" in delivered
+    assert not find_by_message_id(demo.maildir(BOB), f"<{tag}-first@{DOMAIN}>")
