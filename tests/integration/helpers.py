@@ -24,9 +24,11 @@ import ssl
 import subprocess
 import sys
 import time
+import threading
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from shared.config import dump
 from tests.support import free_port, test_nameserver, wait_until  # noqa: F401  (the tests take them from here)
@@ -489,3 +491,89 @@ def received_by(path: Path, tier: str) -> str:
         if f" by {HOSTNAMES[tier]} " in text:
             return text
     raise AssertionError(f"no Received header by the {tier} tier in {path}")
+
+
+# -- an outside component stopped under load ----------------------------------------------
+
+@dataclass
+class Sent:
+    """One message of :func:`send_under_load`: its Message-ID and the client's last reply
+    (None: the connection failed), and whether it was sent after the outage began."""
+    mid: str
+    reply: Reply | None
+    after_outage: bool
+
+    @property
+    def code(self) -> int | None:
+        return self.reply.code if self.reply is not None else None
+
+
+def send_under_load(port: int, count: int, make: Callable[[int], tuple[str, list[str], bytes]], *,
+                    sessions: int = 6, outage: Callable[[], Any] | None = None, at: float = 0.4) -> list[Sent]:
+    """`count` messages through the tier at `port`, one per connection, `sessions` at once;
+    ``make(i)`` gives message i's (sender, recipients, data), whose Message-ID field names it.
+    Once `at` of them are answered, ``outage()`` runs (a real component stopped), while the
+    other sessions go on sending.  Every message's outcome, in order."""
+    lock = threading.Lock()
+    state = {"next": 0, "done": 0, "fired": outage is None, "outage": outage is None}
+    results: list[Sent | None] = [None] * count
+
+    def worker():
+        while True:
+            with lock:
+                i = state["next"]
+                if i >= count:
+                    return
+                state["next"] += 1
+                after = state["outage"]
+            sender, recipients, data = make(i)
+            mid = message_id(data)
+            try:
+                final = transaction(port, sender, recipients, data)[-1]
+            except (OSError, SMTPError):
+                final = None
+            with lock:
+                results[i] = Sent(mid, final, after)
+                state["done"] += 1
+                trigger = not state["fired"] and state["done"] >= count * at
+                if trigger:
+                    state["fired"] = True
+            if trigger:
+                outage()
+                with lock:
+                    state["outage"] = True      # messages begun from now on meet the outage whole
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(r is not None for r in results), "sessions did not finish"
+    return results
+
+
+def message_id(data: bytes) -> str:
+    m = re.search(rb"^Message-ID:[ \t]*(<[^>\r\n]+>)", data, re.IGNORECASE | re.MULTILINE)
+    assert m, "the message has no Message-ID"
+    return m.group(1).decode()
+
+
+def assert_nothing_lost(p: "Pipeline", user: str, sent: list[Sent], timeout: float = 30) -> None:
+    """Every message the client got 250 for is in `user`'s mailbox exactly once; every other
+    one is not there at all (a refused message must not arrive either)."""
+    accepted = {s.mid for s in sent if s.code == 250}
+
+    def delivered() -> dict[str, int] | None:
+        counts: dict[str, int] = {}
+        for path in p.messages(user):
+            raw = path.read_bytes()
+            m = re.search(rb"^Message-ID:[ \t]*(<[^>\r\n]+>)", raw, re.IGNORECASE | re.MULTILINE)
+            if m:
+                counts[m.group(1).decode()] = counts.get(m.group(1).decode(), 0) + 1
+        return counts if accepted <= set(counts) else None
+    counts = wait_until(delivered, timeout, f"the {len(accepted)} accepted messages in {user}'s Maildir")
+    time.sleep(0.3)
+    counts = delivered() or counts
+    assert {m for m, n in counts.items() if n > 1} == set(), "delivered twice"
+    refused = {s.mid for s in sent if s.code != 250}
+    assert not refused & set(counts), f"refused messages delivered: {sorted(refused & set(counts))}"
