@@ -6,8 +6,9 @@ envelope sender and the recipient -- is refused for now the first time it is see
 (300 s) and within ``retry_window`` (24 h), and remembered as passed for
 ``auto_allow_time`` (35 days).  A network whose triplets passed ``auto_allow_count``
 times (5) is let through without greylisting for as long, as postgrey's automatic
-allowlist does.  Not greylisted: authenticated submission, ``relay.mynetworks``, and
-the ``networks``, ``senders`` (domains, subdomains included) and ``recipients``
+allowlist does.  Not greylisted: authenticated submission, ``relay.mynetworks``, a client
+the DNS lists allowlist (:mod:`filter.dnslists`: a result whose ``allowlisted`` is
+true), and the ``networks``, ``senders`` (domains, subdomains included) and ``recipients``
 (addresses or @domains) listed.
 
 Where it is kept: in Redis when the filter's ``[redis] servers`` is set (every filter
@@ -152,6 +153,8 @@ class Greylist:
             return "authenticated"
         if request.client_address in self.skip_networks:
             return "allowlisted network"
+        if any(getattr(v.result, "allowlisted", False) for v in request.results.values()):
+            return "allowlisted by DNS lists"          # filter.dnslists, at MAIL
         sender_domain = (request.sender or "").rpartition("@")[2].lower()
         if sender_domain and any(sender_domain == d or sender_domain.endswith("." + d) for d in self.senders):
             return "allowlisted sender"

@@ -144,12 +144,25 @@ def test_ipv6_is_looked_up_as_nibbles_and_mapped_ipv4_as_ipv4(filt):
     assert results["dnslists"].result.hits == ("RBL_ZEN_XBL",)
 
 
-def test_an_allowlist_hit_has_a_negative_score_and_allowlists_the_client(filt):
-    _, results = filt.run(client="192.0.2.20")
-    r = results["dnslists"].result
-    assert r.hits == ("DNSWL_MED",) and r.score == -4 and r.allowlisted
-    assert results["actions"].result.score == pytest.approx(-4)
-    assert "DNSWL_MED(-4)" in added(results, "X-Spam-Status")[0]
+def test_an_allowlist_hit_has_a_negative_score_and_allowlists_the_client(real, dns, tmp_path):
+    f = lists(real, dns, tmp_path, greylist={"enabled": True})
+    try:
+        _, results = f.run(client="192.0.2.20")
+        r = results["dnslists"].result
+        assert r.hits == ("DNSWL_MED",) and r.score == -4 and r.allowlisted
+        assert results["actions"].result.score == pytest.approx(-4)
+        assert "DNSWL_MED(-4)" in added(results, "X-Spam-Status")[0]
+        # greylisting (at RCPT, after MAIL's checks) skips it
+        greylist = next(c.fn for c in f.chain.checks if c.name == "greylist")
+        rcpt = Request(phase="rcpt", client_address="192.0.2.20", sender=SENDER, recipient="bob@example.test",
+                       results=results)
+        v = f.real.wait(defer.maybeDeferred(greylist, rcpt))
+        assert v.action is Action.CONTINUE and v.result.detail == "allowlisted by DNS lists"
+        _, other = f.run(client="192.0.2.99")
+        v = f.real.wait(defer.maybeDeferred(greylist, rcpt.at("rcpt", client_address="192.0.2.99", results=other)))
+        assert v.action is Action.TEMPFAIL
+    finally:
+        f.close()
 
 
 def test_the_allowlist_threshold_and_actions_scores_decide_who_is_allowlisted(real, dns, tmp_path):
