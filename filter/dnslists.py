@@ -113,8 +113,10 @@ def default_symbol(zone: str, prefix: str) -> str:
 def parse_listing(text: str, kind: str) -> Listing:
     """A ``zones`` entry of the check `kind` (dnslists or urilists); ValueError naming the
     entry and what is wrong with it."""
-    entry, _, symbol = text.strip().partition(" ")
-    symbol = symbol.strip()
+    words = text.split()
+    if not 1 <= len(words) <= 2:
+        raise ValueError(f"{text!r} is not ZONE[=FILTER]*SCORE [SYMBOL], e.g. zen.example=127.0.0.[2..11]*5.5 RBL_ZEN")
+    entry, symbol = words[0], words[1] if len(words) == 2 else ""
     site = parse_site(entry, _score, "zen.example=127.0.0.[2..11]*5.5 RBL_ZEN")
     if not symbol:
         prefix = "URIBL_" if kind == "urilists" else "DNSWL_" if site.weight < 0 else "RBL_"
@@ -293,13 +295,15 @@ class ClientLists(Lists):
         self.exempt = NetworkList(list(ctx.settings.relay.mynetworks))
 
     def __call__(self, request: Request):
-        if request.login or request.client_address in self.exempt:
+        if request.login:
             return CONTINUE
         try:
             ip = client_ip(request.client_address)
         except ValueError:
             return CONTINUE
         subject = str(ip)
+        if subject in self.exempt:
+            return CONTINUE
         d = self.look_up({subject: ip})
         return d.addCallback(self._verdict, subject)
 
@@ -318,16 +322,19 @@ _URL = re.compile(
     r"(?:https?|ftp)://(?:[^\s/?#@<>\"'\\]*@)?(\[[0-9a-f:.]+\]|[^\s/?#:<>\"'\\()\[\]|,;]+)"
     r"|(?<![\w.@/-])(www\.[a-z0-9-]+(?:\.[a-z0-9-]+)+)", re.IGNORECASE)
 _HOST = re.compile(r"[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})+\Z")
+_DOTTED = re.compile(r"[0-9.]+\Z")
 _TEXT_TYPES = ("text/plain", "text/html")
+MAX_HOSTS = 10_000          # distinct hosts of one message examined, at most
 
 
 def _host(raw: str):
-    """The URL's host as an IP address or a lower-case name (None: neither)."""
-    host = raw.strip("[]").rstrip(".").lower()
-    try:
-        return client_ip(host)
-    except ValueError:
-        pass
+    """The URL's host (lower case) as an IP address or a name (None: neither)."""
+    host = raw.strip("[]").rstrip(".")
+    if raw.startswith("[") or _DOTTED.match(host):
+        try:
+            return client_ip(host)
+        except ValueError:
+            return None
     if not host.isascii():
         try:
             host = host.encode("idna").decode("ascii")
@@ -362,11 +369,19 @@ def texts(message: bytes, scan_size: int):
 
 def url_subjects(message: bytes, scan_size: int, max_domains: int, skip=frozenset()) -> dict[str, object]:
     """The registered domains (and IP addresses) of the message's URLs, in the order they
-    first occur, at most `max_domains`: {text: domain or address}."""
+    first occur, at most `max_domains`, from its first MAX_HOSTS distinct hosts: {text:
+    domain or address}."""
     out: dict[str, object] = {}
+    seen: set[str] = set()
     for text in texts(message, scan_size):
         for m in _URL.finditer(text):
-            host = _host(m.group(1) or m.group(2))
+            raw = (m.group(1) or m.group(2)).lower()
+            if raw in seen or len(raw) > 255:
+                continue
+            if len(seen) >= MAX_HOSTS:
+                return out
+            seen.add(raw)
+            host = _host(raw)
             if host is None:
                 continue
             if isinstance(host, str):

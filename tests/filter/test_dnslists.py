@@ -11,7 +11,7 @@ import socket
 import pytest
 from twisted.internet import defer
 
-from filter.dnslists import url_subjects
+from filter.dnslists import MAX_HOSTS, url_subjects
 from shared.checks.core import Action, Request
 from shared.checks.dnsbl import query_name
 from shared.config import ConfigError
@@ -316,6 +316,12 @@ def test_a_large_message_is_scanned_only_up_to_scan_size():
     msg = f"Subject: big\r\nContent-Type: text/plain\r\n\r\nhttp://early.test/\r\n{body}".encode()
     assert list(url_subjects(msg, 1 << 20, 20)) == ["early.test"]
     assert list(url_subjects(msg, 8 << 20, 20)) == ["early.test", "late.test"]
+    # hosts that are no names count towards the hosts examined (MAX_HOSTS), so the work is bounded
+    junk = " ".join(f"http://{n}.{n}.{n}.{n}.{n}/" for n in range(MAX_HOSTS))
+    msg = f"Subject: many\r\n\r\n{junk} http://after.test/\r\n".encode()
+    assert url_subjects(msg, 8 << 20, 20) == {}
+    assert list(url_subjects(msg.replace(b"http://0.0.0.0.0/", b"http://first.test/"), 8 << 20, 20)) == \
+        ["first.test"]
 
 
 def test_actions_scores_override_a_configured_symbol_and_check_config_prints_them(real, dns, tmp_path):
@@ -356,6 +362,7 @@ def test_unknown_symbols_and_bad_entries_are_refused_at_load(dns, tmp_path):
            "zen.example*lots": "is not a number",
            "zen.example=128.0.0.2*3": "never matches",
            "zen.example*3 lower_case": "is not a symbol name",
+           "zen.example*3 RBL_A RBL_B": "is not ZONE[=FILTER]*SCORE [SYMBOL]",
            "zen.example*3 SPF_FAIL": "a symbol of another check"}
     for entry, why in bad.items():
         with pytest.raises(ConfigError, match="dnslists.zones") as e:
