@@ -38,9 +38,9 @@ urilists (phase ``end_of_data``): the hosts of the ``http://``, ``https://`` and
 decoded (base64, quoted-printable, their charset); each host is looked up by its
 registered domain by the Public Suffix List (``a.b.example.co.uk`` as
 ``example.co.uk.ZONE``), an IP-literal URL as its reversed address.  At most
-``max_domains`` distinct names a message (in the order they occur), none of
-``skip_domains``; at most ``scan_size`` octets of decoded text, from the first
-4 x ``scan_size`` octets of the message.  A URI list's symbol counts once a message
+``max_domains`` distinct names a message (in the order they occur, from its first
+:data:`MAX_HOSTS` distinct hosts), none of ``skip_domains``; at most ``scan_size``
+octets of decoded text, from the first 4 x ``scan_size`` octets of the message.  A URI list's symbol counts once a message
 however many of its domains are listed; its detail names them.
 
 Every lookup goes through the tier's resolver (:mod:`shared.resolver`): on the
