@@ -18,6 +18,7 @@ from filter.arcseal import ARC_SEAL
 from filter.authresults import AUTH_RESULTS
 from filter.dkim import DKIM
 from filter.dkimsign import DKIM_SIGN
+from filter.dnslists import DNSLISTS, URILISTS
 from filter.dmarc import DMARC
 from filter.greylist import GREYLIST
 from filter.spf import SPF
@@ -72,16 +73,18 @@ class Filter(Component):
         return d
 
 
-# The default chain: recipients verified at RCPT, then greylisted (when enabled); at end of
-# data the antivirus (when clamd servers are set: a virus ends the chain), the
-# sender-authentication checks (dmarc after spf and dkim, whose results it reads), the
-# Authentication-Results field of all of them, the score and its action, greylisting when it
-# depends on the score, the signature of our users' mail, and (when configured) our ARC seal
-# over it all.
+# The default chain: the client's address in the DNS lists at MAIL (when zones are set; its
+# symbols are scored at end of data); recipients verified at RCPT, then greylisted (when
+# enabled); at end of data the antivirus (when clamd servers are set: a virus ends the chain),
+# the URI lists, the sender-authentication checks (dmarc after spf and dkim, whose results it
+# reads), the Authentication-Results field of all of them, the score and its action,
+# greylisting when it depends on the score, the signature of our users' mail, and (when
+# configured) our ARC seal over it all.
 TIER = TierSpec("filter", sections=(NEXT_HOP, QUEUE, REDIS),
                 checks=(ROUTE, VERIFY, GREYLIST, HELO_NAME, ANTIVIRUS, SPF, DKIM, ARC, DMARC, AUTH_RESULTS, ACTIONS_CHECK,
-                        DKIM_SIGN, ARC_SEAL),
-                default_policy={"rcpt": ("route", "verify", "actions", "greylist"),
-                                "end_of_data": ("antivirus", "spf", "dkim", "arc", "dmarc", "auth_results",
+                        DKIM_SIGN, ARC_SEAL, DNSLISTS, URILISTS),
+                default_policy={"mail": ("dnslists",),
+                                "rcpt": ("route", "verify", "actions", "greylist"),
+                                "end_of_data": ("antivirus", "urilists", "spf", "dkim", "arc", "dmarc", "auth_results",
                                                 "actions", "greylist", "dkim_sign", "arc_seal")},
                 component=Filter)

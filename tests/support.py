@@ -1,6 +1,7 @@
 """Small helpers the integration and end-to-end tests share."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from typing import Any, Callable
@@ -58,6 +59,23 @@ def on_real_reactor(scenario: Callable[[Any], Any], timeout: float = 30) -> Any:
     if isinstance(out[0], Failure):
         out[0].raiseException()
     return out[0]
+
+
+@contextlib.contextmanager
+def logged(namespace: str):
+    """The text of every log event of `namespace` while the block runs (a list, filled as
+    the events come)."""
+    from twisted.logger import formatEvent, globalLogPublisher
+    seen: list[str] = []
+
+    def observe(event):
+        if event.get("log_namespace") == namespace:
+            seen.append(formatEvent(event))
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield seen
+    finally:
+        globalLogPublisher.removeObserver(observe)
 
 
 class RealReactor:

@@ -70,6 +70,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, replace
+from typing import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -98,7 +99,7 @@ class Site:
     """One ``zones`` entry: the zone, the answers that count (None: all) and its weight."""
     zone: str
     codes: tuple[Octet, Octet, Octet, Octet] | None
-    weight: int
+    weight: int                             # the edge's; a score (float) in the filter's lists
     text: str                               # as written, for the log and check-config
 
     def matches(self, addresses: tuple[str, ...]) -> bool:
@@ -115,24 +116,32 @@ _NUMBER = re.compile(r"[0-9]{1,3}\Z")
 _WEIGHT = re.compile(r"[+-]?[0-9]{1,6}\Z")
 
 
-def parse_site(text: str) -> Site:
-    """A ``zones`` entry; ValueError naming the entry and what is wrong with it."""
+def _integer_weight(given: str | None, text: str) -> int:
+    """The edge's weight: an integer, 1 when left out, never 0."""
+    if given is None:
+        return 1
+    if not _WEIGHT.match(given):
+        raise ValueError(f"{text!r}: the weight {given!r} is not an integer (negative for an allowlist)")
+    weight = int(given)
+    if weight == 0:
+        raise ValueError(f"{text!r}: a weight of 0 would make the zone count for nothing")
+    return weight
+
+
+def parse_site(text: str, weight: Callable[[str | None, str], float] = _integer_weight,
+               example: str = "bl.example=127.0.0.[2..11]*2") -> Site:
+    """A ``zones`` entry; ValueError naming the entry and what is wrong with it.  `weight`
+    reads what follows ``*`` (None when there is nothing): the edge's integer weights by
+    default, the filter's scores (:mod:`filter.dnslists`) otherwise."""
     m = _ENTRY.match(text.strip())
     if m is None:
-        raise ValueError(f"{text!r} is not ZONE[=FILTER][*WEIGHT], e.g. bl.example=127.0.0.[2..11]*2")
+        raise ValueError(f"{text!r} is not ZONE[=FILTER][*WEIGHT], e.g. {example}")
     try:
         zone = domain(m["zone"])
     except ValueError:
         raise ValueError(f"{text!r}: {m['zone']!r} is not a domain name") from None
     codes = None if m["filter"] is None else _parse_filter(m["filter"], text)
-    weight = 1
-    if m["weight"] is not None:
-        if not _WEIGHT.match(m["weight"]):
-            raise ValueError(f"{text!r}: the weight {m['weight']!r} is not an integer (negative for an allowlist)")
-        weight = int(m["weight"])
-        if weight == 0:
-            raise ValueError(f"{text!r}: a weight of 0 would make the zone count for nothing")
-    return Site(zone, codes, weight, text.strip())
+    return Site(zone, codes, weight(m["weight"], text), text.strip())
 
 
 def _parse_filter(pattern: str, text: str):
@@ -267,6 +276,29 @@ class DnsblState:
         return self.passes
 
 
+def listing_problem(addresses) -> str | None:
+    """Why a list's answer (its A records' addresses) is no listing, or None when it is one:
+    an address in 127.255.255.0/24 is the list's error code, one outside 127.0.0.0/8 is
+    not a list's answer at all (a resolver that rewrites NXDOMAIN, a wildcard)."""
+    for a in addresses:
+        ip = ipaddress.IPv4Address(a)
+        if ip in ERROR_CODES:
+            return f"answered {a}, an error code (queries refused, or over quota)"
+        if ip not in LISTINGS:
+            return f"answered {a}, outside 127.0.0.0/8: not a listing"
+    return None
+
+
+def report_due(reported: dict[str, float], zone: str, now: float) -> bool:
+    """Whether a failure of `zone` is to be logged now (once per REPORT_INTERVAL at most;
+    `reported` keeps when each zone's was last)."""
+    last = reported.get(zone)
+    if last is not None and now - last < REPORT_INTERVAL:
+        return False
+    reported[zone] = now
+    return True
+
+
 def query_name(ip, zone: str) -> str:
     """The name that asks `zone` about `ip`: reversed octets or nibbles, then the zone."""
     return f"{ip.reverse_pointer.rsplit('.', 2)[0]}.{zone}"
@@ -367,12 +399,9 @@ class Dnsbl:
             self._keep(name, (), _negative_ttl(result[1]))
             return Answer()
         addresses = tuple(sorted({payload.dottedQuad() for payload, _ in records}))
-        for a in addresses:
-            ip = ipaddress.IPv4Address(a)
-            if ip in ERROR_CODES:
-                return Answer(problem=f"answered {a}, an error code (queries refused, or over quota)")
-            if ip not in LISTINGS:
-                return Answer(problem=f"answered {a}, outside 127.0.0.0/8: not a listing")
+        problem = listing_problem(addresses)
+        if problem is not None:
+            return Answer(problem=problem)
         self._keep(name, addresses, min(ttl for _, ttl in records))
         return Answer(addresses)
 
@@ -422,11 +451,8 @@ class Dnsbl:
 
     def _report(self, zone: str, problem: str) -> None:
         """Log a zone's failure, once per REPORT_INTERVAL at most."""
-        now = self.reactor.seconds()
-        last = self.state.reported.get(zone)
-        if last is not None and now - last < REPORT_INTERVAL:
+        if not report_due(self.state.reported, zone, self.reactor.seconds()):
             return
-        self.state.reported[zone] = now
         log.warn("dnsbl: zone {zone}: {problem}; counted as not listing (reported once a minute at most)",
                  zone=zone, problem=problem)
 

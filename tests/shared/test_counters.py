@@ -12,7 +12,6 @@ import time
 import pytest
 from twisted.internet import defer, task
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
 
 from shared.blocking import InlinePool
 from shared.checks.registry import BuildContext
@@ -21,7 +20,7 @@ from shared.counters import LocalCounters, RedisCounters, counters
 from shared.daemon import close_all
 from shared.redisconn import RedisLink, RedisSettings
 from tests.redisserver import redis_server  # noqa: F401  (the fixture)
-from tests.support import on_real_reactor
+from tests.support import logged, on_real_reactor
 
 EDGE = {"server": {"hostname": "mx.example.org"}, "next_hop": {"hosts": ["127.0.0.1:10025"]}}
 
@@ -87,14 +86,8 @@ def node(reactor, server, *, timeout: float = 0.5, backoff=(0.3, 0.6), password:
 @pytest.fixture
 def redis_log():
     """The text of every smarthost.redis log event while the test runs."""
-    seen: list = []
-
-    def observe(event):
-        if event.get("log_namespace") == "smarthost.redis":
-            seen.append(formatEvent(event))
-    globalLogPublisher.addObserver(observe)
-    yield seen
-    globalLogPublisher.removeObserver(observe)
+    with logged("smarthost.redis") as seen:
+        yield seen
 
 
 # -- redis --------------------------------------------------------------------------------
