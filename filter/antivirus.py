@@ -7,7 +7,9 @@ FOUND`` or ``... ERROR``).  clamd itself decodes MIME parts and unpacks archives
 (its ScanMail and ScanArchive settings).  The client is this module's Twisted
 protocol, on the reactor: a hand-off to a thread for clamd's ``clamd`` package
 would cost more than the few writes a message takes, and could not be cancelled
-at the timeout.
+at the timeout.  The message is streamed from the one copy the end-of-data checks
+share (:meth:`shared.message.MessageView.read_body`), chunk by chunk as the socket
+takes them, never copied whole.
 
 - Infected: 554 5.7.1 naming the signature, to the original client at end of data
   (through the edge, in its transaction); nothing is queued.  Symbol AV_VIRUS.
@@ -25,7 +27,9 @@ import struct
 from dataclasses import dataclass
 
 from twisted.internet import defer, endpoints, protocol
+from twisted.internet.interfaces import IPullProducer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from shared.checks.core import Request, Symbol, Verdict, note, reject, tempfail
 from shared.checks.registry import CheckType
@@ -74,23 +78,39 @@ class AvResult:
         return f"antivirus={self.result}" + (f" ({self.detail})" if self.detail else "")
 
 
+@implementer(IPullProducer)
 class _Instream(protocol.Protocol):
-    """One INSTREAM exchange: the message out, the one NUL-ended answer in."""
+    """One INSTREAM exchange: the message out, the one NUL-ended answer in.
+
+    The message is streamed, not copied: the protocol is the transport's pull producer,
+    asked for the next chunk (a slice of a memoryview of the message, sent with its
+    length) each time the socket has taken the last one, so at most one chunk is held
+    beside the message however large it is."""
 
     def __init__(self, message: bytes, answered: defer.Deferred) -> None:
-        self.message = message
+        self.view: memoryview | None = memoryview(message)
+        self.offset = 0
         self.answered = answered
         self.buf = b""
 
     def connectionMade(self) -> None:
-        m = self.message
-        parts = [b"zINSTREAM\0"]
-        for i in range(0, len(m), CHUNK):
-            piece = m[i:i + CHUNK]
-            parts += [struct.pack(">I", len(piece)), piece]
-        parts.append(b"\0\0\0\0")
-        self.message = None
-        self.transport.writeSequence(parts)
+        self.transport.write(b"zINSTREAM\0")
+        self.transport.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        if self.view is None:
+            return
+        piece = self.view[self.offset:self.offset + CHUNK]
+        if not piece:                         # the end: a zero length
+            self.view = None
+            self.transport.unregisterProducer()
+            self.transport.write(b"\0\0\0\0")
+            return
+        self.offset += len(piece)
+        self.transport.write(struct.pack(">I", len(piece)) + piece)
+
+    def stopProducing(self) -> None:
+        self.view = None
 
     def dataReceived(self, data: bytes) -> None:
         self.buf += data
@@ -101,6 +121,7 @@ class _Instream(protocol.Protocol):
                 self.answered.callback(answer)
 
     def connectionLost(self, reason) -> None:
+        self.view = None
         if not self.answered.called:
             self.answered.errback(ClamdError(f"connection closed before the answer ({reason.getErrorMessage()})"))
 

@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from twisted.internet import defer
+
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}\Z")      # RFC 5322 ftext, bounded
 _LINE_ENDS = re.compile(r"\r\n|\r|\n")
 
@@ -167,6 +169,40 @@ class HeaderRemover:
 _UNFOLD = re.compile(rb"\r?\n(?=[ \t])")
 
 
+class ReadOnce:
+    """`reader` (a function giving a Deferred of the message) called at most once: every
+    caller gets a Deferred of the same bytes object, so the checks of one message share
+    one copy of it (a failed read fails every caller waiting on it, and is tried again
+    by the next)."""
+
+    def __init__(self, reader: Callable[[], Any]) -> None:
+        self.reader = reader
+        self.body: bytes | None = None
+        self.waiting: list[defer.Deferred] | None = None
+
+    def __call__(self) -> defer.Deferred:
+        if self.body is not None:
+            return defer.succeed(self.body)
+        d: defer.Deferred = defer.Deferred()
+        if self.waiting is not None:
+            self.waiting.append(d)
+            return d
+        self.waiting = [d]
+        defer.maybeDeferred(self.reader).addCallbacks(self._read, self._failed)
+        return d
+
+    def _read(self, body: bytes) -> None:
+        self.body = body
+        waiting, self.waiting = self.waiting or [], None
+        for d in waiting:
+            d.callback(body)
+
+    def _failed(self, failure) -> None:
+        waiting, self.waiting = self.waiting or [], None
+        for d in waiting:
+            d.errback(failure)
+
+
 @dataclass
 class MessageView:
     """A read-only view of the message at end of data.
@@ -175,7 +211,8 @@ class MessageView:
     parses it once into ``(name, value)`` pairs, values unfolded and decoded as UTF-8
     (invalid bytes replaced).  ``read_body()`` gives a Deferred of the whole message
     as received (our Received field first), read off the reactor; None when the sink
-    keeps no copy (the edge streams the message on and holds none).
+    keeps no copy (the edge streams the message on and holds none).  Wrapped in
+    :class:`ReadOnce`, every check that asks gets the same bytes, read once.
     """
     header_section: bytes
     size: int

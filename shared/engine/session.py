@@ -52,7 +52,7 @@ from shared.checks.relay import RelayControl
 from shared.engine.received import HeaderScanner, received_header, with_protocol
 from shared.envelope import ClientInfo, Envelope, Recipient
 from shared.ids import new_queue_id
-from shared.message import HeaderEdits, MessageView
+from shared.message import HeaderEdits, MessageView, ReadOnce
 from shared.smtp import events as ev
 from shared.smtp.reply import TOO_MANY_HOPS, Reply
 from shared.smtp.server import AUTH_OK, challenge
@@ -472,7 +472,7 @@ class EngineSession:
                                 recipients=tuple(r.address for r in txn.envelope.recipients),
                                 size=txn.size, received_count=count,
                                 message=MessageView(bytes(txn.scanner.buf[1:]), txn.size,
-                                                    self.sink_session.body_reader(txn)))
+                                                    _shared_body(self.sink_session.body_reader(txn))))
 
         def checked(v: Verdict):
             if v.final and v.action is not Action.ACCEPT:
@@ -597,3 +597,8 @@ def _call(fn, *args, then):
 def _copy_client(c: ClientInfo) -> ClientInfo:
     return ClientInfo(addr=c.addr, port=c.port, name=c.name, helo=c.helo, proto=c.proto,
                       login=c.login, tls=c.tls)
+
+
+def _shared_body(reader):
+    """The end-of-data checks' reader of the message: one read, one copy, for all of them."""
+    return ReadOnce(reader) if reader is not None else None

@@ -129,3 +129,38 @@ def test_clamd_stopped_mid_load_gives_451s_never_a_pass(real, dns, tmp_path):
     finally:
         f.close()
         server.stop()
+
+
+def test_a_large_message_is_streamed_in_chunks_and_scanned_whole(av):
+    """5 MB with the virus at the end: every chunk reached clamd (a lost or reordered one would
+    hide the signature or break the stream)."""
+    filler = b"".join(b"line %07d of a long report, nothing to see\r\n" % i for i in range(110_000))
+    msg = attachment(filler + TEST_VIRUS, "report.txt")
+    assert len(msg) > 5 * 1024 * 1024
+    verdict, results = av.run(msg)
+    assert verdict.action is Action.REJECT and "Smarthost-Test-Signature" in verdict.reply.text, results
+    clean, results = av.run(attachment(filler, "report.txt"))
+    assert clean.action is Action.CONTINUE and results["antivirus"].result.result == "clean"
+
+
+def test_the_checks_of_one_message_share_one_read_of_it():
+    from twisted.internet import defer
+    from shared.message import ReadOnce
+    calls, pending = [], defer.Deferred()
+
+    def reader():
+        calls.append(1)
+        return pending
+    read = ReadOnce(reader)
+    got = []
+    read().addCallback(got.append)
+    read().addCallback(got.append)
+    assert calls == [1] and got == []
+    body = b"x" * 100
+    pending.callback(body)
+    read().addCallback(got.append)
+    assert len(calls) == 1 and len(got) == 3 and all(g is body for g in got)
+    failing = ReadOnce(lambda: defer.fail(OSError("gone")))
+    errors = []
+    failing().addErrback(errors.append)
+    assert errors and errors[0].check(OSError)
