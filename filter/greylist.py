@@ -272,7 +272,7 @@ class Greylist:
         d = defer.gatherResults([self.store.set(k, repr(now).encode(), own.retry_window) for k in new],
                                 consumeErrors=True) if new else defer.succeed(None)
         seconds = max(1, math.ceil(max(waits)))
-        v = tempfail(451, "4.7.1", f"Greylisted: please try again in {seconds} seconds")
+        v = tempfail(451, "4.7.1", f"Greylisted: please try again in {seconds} second{'s' if seconds != 1 else ''}")
         return d.addCallback(lambda _: Verdict(v.action, v.reply, result=Greylisted("greylisted",
                                                                                    f"retry in {seconds}s")))
 
