@@ -20,6 +20,7 @@ from filter.dkim import DKIM
 from filter.dkimsign import DKIM_SIGN
 from filter.dmarc import DMARC
 from filter.greylist import GREYLIST
+from filter.scanners import RSPAMD, SPAMD
 from filter.spf import SPF
 from filter.verify import VERIFY
 from shared.checks.helo import HELO_NAME
@@ -75,12 +76,14 @@ class Filter(Component):
 # The default chain: recipients verified at RCPT; at end of data the antivirus (when clamd
 # servers are set: a virus ends the chain), the sender-authentication
 # checks (dmarc after spf and dkim, whose results it reads), the Authentication-Results
-# field of all of them, the score and its action, the signature of our users' mail, and (when
+# field of all of them, the outside spam scanners (when their servers are set: spamd, rspamd;
+# after the checks that may refuse outright, so they are asked only about mail still in
+# question), the score and its action, the signature of our users' mail, and (when
 # configured) our ARC seal over it all.
 TIER = TierSpec("filter", sections=(NEXT_HOP, QUEUE, REDIS),
-                checks=(ROUTE, VERIFY, GREYLIST, HELO_NAME, ANTIVIRUS, SPF, DKIM, ARC, DMARC, AUTH_RESULTS, ACTIONS_CHECK,
-                        DKIM_SIGN, ARC_SEAL),
+                checks=(ROUTE, VERIFY, GREYLIST, HELO_NAME, ANTIVIRUS, SPF, DKIM, ARC, DMARC, AUTH_RESULTS, SPAMD, RSPAMD,
+                        ACTIONS_CHECK, DKIM_SIGN, ARC_SEAL),
                 default_policy={"rcpt": ("route", "verify", "greylist", "actions"),
                                 "end_of_data": ("antivirus", "spf", "dkim", "arc", "dmarc", "auth_results",
-                                                "actions", "dkim_sign", "arc_seal")},
+                                                "spamd", "rspamd", "actions", "dkim_sign", "arc_seal")},
                 component=Filter)
