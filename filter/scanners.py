@@ -21,11 +21,15 @@ reject" 451 4.7.1 whatever our score.
 - A message over ``max_size`` is not sent (spamc's own limit is 500 KB): logged, symbol
   SPAMD_SKIPPED / RSPAMD_SKIPPED, accepted.
 - Down (connection refused), slow (``timeout`` per server) or answering garbage: the next
-  of ``servers``; when none answers, ``on_failure``: ``accept`` (the default: an optional
-  content scanner fails open, as Postfix's milter_default_action and rspamd's own proxy
-  do; logged, symbol SPAMD_FAIL / RSPAMD_FAIL) or ``tempfail`` (451 4.7.1, the client
-  retries).  Never a traceback to the client: a bug in this code is the chain's 451.
+  of ``servers``; when none answers, ``on_failure``: ``accept`` (the default: a spam
+  scanner's outage should not stop the mail our own checks already score, what Postfix's
+  ``milter_default_action = accept`` says for such a milter; logged, symbol SPAMD_FAIL /
+  RSPAMD_FAIL) or ``tempfail`` (451 4.7.1, the client retries).  Never a traceback to the
+  client: a bug in this code is the chain's 451.
 
+Sends the message and its envelope (rspamd: with the password) to the configured servers
+only, in the clear: put them on a trusted network or a local socket.  Trusts their answer
+as a score (and, with use_action, a verdict), nothing else: no header of theirs is copied.
 The clients are :mod:`filter.scanclient` protocols on the reactor, no thread.
 """
 from __future__ import annotations

@@ -6,10 +6,11 @@ writes under its own directory) with the ``normal`` worker, which answers HTTP `
 /checkv2``; its DNS is the tests' DNS server.  ``start_rspamd(directory, dns_port)``
 returns once the worker listens (rspamd compiles its regular expressions first: up to
 half a minute on a busy machine).  ``.stop()`` ends it by its pid (SIGTERM, then SIGKILL
-for every process it left), ``.kill()`` SIGKILLs them all at once.  It runs as _rspamd, so its directory is one of its own
-under the system's temporary directory (pytest's are private to root), removed when it
-stops; its log is copied to DIRECTORY then.  The ``rspamd`` fixture
-is a factory that stops every rspamd it started.  tests/run installs Debian's rspamd.
+for every process it left), ``.kill()`` SIGKILLs them all at once.  It runs as _rspamd, so
+its directory is one of its own under the system's temporary directory (pytest's are
+private to root), removed when it stops; its log is copied to DIRECTORY then.  The
+``rspamd`` fixture is a factory that stops every rspamd it started.  tests/run installs
+Debian's rspamd.
 """
 from __future__ import annotations
 
