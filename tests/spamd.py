@@ -70,10 +70,8 @@ class Spamd(Daemon):
         shutil.rmtree(self.confdir, ignore_errors=True)
 
     def kill(self) -> None:
-        """Gone at once, children and all (SIGKILL to its process group): a crash."""
-        if self.proc.poll() is None:
-            self._kill(signal.SIGKILL)
-            self.proc.wait(5)
+        """Gone at once, children and all (its process group): a crash."""
+        super().kill()
         shutil.rmtree(self.confdir, ignore_errors=True)
 
 

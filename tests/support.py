@@ -58,6 +58,12 @@ class Daemon:
                 self._kill(signal.SIGKILL)
                 self.proc.wait(5)
 
+    def kill(self) -> None:
+        """SIGKILL (to its process group when it leads one): a crash."""
+        if self.proc.poll() is None:
+            self._kill(signal.SIGKILL)
+            self.proc.wait(5)
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])

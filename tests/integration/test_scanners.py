@@ -1,7 +1,7 @@
-"""spamd and rspamd killed in the middle of a load through the three tiers: every message the
-edge's clients sent got 250 or the declared 451, and every 250 was delivered, once.
+"""clamd, spamd and rspamd killed in the middle of a load through the three tiers: every
+message the edge's clients sent got 250 or the declared 451, and every 250 was delivered, once.
 
-The model for any outside component a check asks at end of data (clamd too): senders in
+The model for any outside component a check asks at end of data: senders in
 threads keep the pipeline busy, the daemon is SIGKILLed (children and all) once a third of
 the replies are in, and the load runs on.  Then each message's final reply is held against
 the mailbox: a 250 must be there exactly once (nothing acknowledged is lost), anything else
@@ -13,6 +13,7 @@ import threading
 
 from tests.integration.helpers import DOMAIN, message, parse_mail, transaction
 from tests.integration.helpers import test_nameserver as nameserver
+from tests.clamd import clamd  # noqa: F401  (the fixture)
 from tests.rspamd import rspamd  # noqa: F401  (the fixture)
 from tests.spamd import spamd  # noqa: F401  (the fixture)
 
@@ -98,3 +99,12 @@ def test_rspamd_killed_mid_load_fails_open_and_loses_nothing(make_pipeline, rspa
     statuses = [status for copies in mailbox.values() for status in copies]
     assert any("RSPAMD(" in s for s in statuses) and any("RSPAMD_FAIL(" in s for s in statuses), statuses
     p.filter.wait_log(r"rspamd: no server answered .*; accepted unscanned")
+
+
+def test_clamd_killed_mid_load_tempfails_and_loses_nothing(make_pipeline, clamd):
+    server = clamd()
+    p = make_pipeline(filter={"antivirus": {"servers": [server.address], "timeout": 5}})
+    replies = load(p.edge.port, server.kill)
+    mailbox = check_nothing_lost(p, replies, tempfail_ok=True)
+    assert mailbox and any(getattr(r, "code", None) == 451 for r in replies.values()), replies
+    p.filter.wait_log(r"antivirus: no clamd answered .*; tempfail")
