@@ -15,7 +15,7 @@ from tests.filter.mailauth import message
 from tests.filter.test_mailauth import Filter, added, dns, settings, symbols  # noqa: F401  (dns: the fixture)
 from tests.rspamd import start_rspamd
 from tests.spamd import GTUBE, start_spamd
-from tests.support import free_port, real  # noqa: F401  (the fixture)
+from tests.support import free_port, real, wait_until  # noqa: F401  (real: the fixture)
 
 SCANNERS = ("spamd", "rspamd")
 
@@ -100,8 +100,10 @@ class Garbage:
 # -- against the real daemons -------------------------------------------------------------------
 
 def test_spamd_gtube_is_over_our_reject_threshold(real, dns, tmp_path, spamd_server):
-    verdict, results = run(real, dns, tmp_path, "spamd", gtube(), servers=[spamd_server.address])
+    verdict, results = run(real, dns, tmp_path, "spamd", gtube(), servers=[spamd_server.address], user="scanuser")
     r = results["spamd"].result
+    wait_until(lambda: "identified spam" in spamd_server.log_tail(40) and " for scanuser:" in spamd_server.log_tail(40),
+               10, "spamd's log of the scan for User scanuser")
     assert r.result == "scanned" and r.score >= 990 and r.required == 5.0     # GTUBE is 1000
     assert "GTUBE" in dict(r.rules)
     assert r.log.startswith(f"spamd={r.score:g}/5 (") and "GTUBE" in r.log
@@ -265,3 +267,21 @@ def test_checkv2_headers_carry_the_envelope_and_nothing_unsafe():
                  "Hostname: mx.example", "Password: secret"):
         assert line in lines
     assert "Password" not in checkv2_head(req, 1, "h").decode()
+
+
+def test_rspamd_is_given_the_original_client_and_the_envelope(real, dns, tmp_path, rspamd_server):
+    f = Filter(real, settings(dns, tmp_path, rspamd={"servers": [rspamd_server.address]}))
+    try:
+        verdict, results = f.run(message(), sender="", client="192.0.2.77", helo="client.example", login="alice",
+                                 recipients=("bob@example.test", "carol@example.test"))
+    finally:
+        f.close()
+    assert results["rspamd"].result.result == "scanned"
+
+    def logged():
+        lines = [ln for ln in rspamd_server.daemon.log.read_text(errors="replace").splitlines()
+                 if "ip: 192.0.2.77" in ln]
+        return lines[-1] if lines else None
+    line = wait_until(logged, 10, "rspamd's log line of the scan")
+    assert "qid: <Q1>" in line and "user: alice" in line, line
+    assert "rcpts: <bob@example.test,carol@example.test>" in line and "from: <" not in line, line   # <>: none
