@@ -35,6 +35,7 @@ The clients are :mod:`filter.scanclient` protocols on the reactor, no thread.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -112,6 +113,13 @@ class ScanResult:
         return f"{self.scanner}={self.score:g}/{self.required:g}" + (f" ({rules[:300]})" if rules else "")
 
 
+def _finite(score: float, what: str) -> float:
+    """A score that can count in ours (JSON allows NaN and Infinity; a sum with them decides nothing)."""
+    if not math.isfinite(score):
+        raise ScannerError(f"{what} answered the score {score}")
+    return score
+
+
 def _header_value(value) -> str:
     return _CONTROL.sub("", str(value))[:998]
 
@@ -166,7 +174,7 @@ def parse_spamd(answer: bytes) -> ScanResult:
     except ValueError:
         raise ScannerError(f"spamd's Spam line is not a score: {spam.group(0)!r}") from None
     rules = tuple((r, None) for r in (x.strip() for x in body.strip().split(",")) if re.fullmatch(r"[\w.-]{1,64}", r))
-    return ScanResult("spamd", "scanned", score, required, rules)
+    return ScanResult("spamd", "scanned", _finite(score, "spamd"), required, rules)
 
 
 # -- rspamd -----------------------------------------------------------------------------------
@@ -225,7 +233,8 @@ def parse_rspamd(answer: bytes) -> ScanResult:
                        key=lambda r: (-abs(r[1]), r[0]))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ScannerError(f"rspamd's answer is not its JSON reply ({e.__class__.__name__}: {body[:100]!r})") from None
-    return ScanResult("rspamd", "scanned", score, required, tuple(rules), str(reply.get("action", ""))[:40])
+    return ScanResult("rspamd", "scanned", _finite(score, "rspamd"), required, tuple(rules),
+                      str(reply.get("action", ""))[:40])
 
 
 # -- the checks -------------------------------------------------------------------------------

@@ -250,7 +250,7 @@ def test_parse_rspamd():
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     assert parse_rspamd(chunked) == r
     for bad in (b"", b"HTTP/1.1 200 OK\r\n\r\n[]", b"HTTP/1.1 200 OK\r\n\r\n{\"score\": \"x\"}",
-                b"HTTP/1.1 403 Forbidden\r\n\r\n"):
+                b"HTTP/1.1 403 Forbidden\r\n\r\n", b'HTTP/1.1 200 OK\r\n\r\n{"score": NaN}'):
         with pytest.raises(ScannerError):
             parse_rspamd(bad)
 
