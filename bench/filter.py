@@ -202,11 +202,39 @@ def rspamd_version() -> str:
     return m.group(1) if m else (out.strip() or "unknown")
 
 
-def rspamd_config(root: Path, port: int, dns_port: int) -> str:
+def _rspamd_worker(kind: str, port: int) -> str:
+    """The one worker of :func:`rspamd_config`: ``milter``, the proxy speaking the milter
+    protocol and scanning itself (what Postfix's smtpd_milters talks to); ``normal``, the
+    scanning worker's HTTP protocol (``POST /checkv2``, what smarthost's rspamd check sends)."""
+    if kind == "normal":
+        return f'''worker "normal" {{
+    bind_socket = "127.0.0.1:{port}";
+    count = 1;
+}}'''
+    if kind != "milter":
+        raise ValueError(f"rspamd worker {kind!r}: milter or normal")
+    return f'''worker "rspamd_proxy" {{
+    bind_socket = "127.0.0.1:{port}";
+    milter = yes;              # speaks the milter protocol to Postfix's smtpd
+    timeout = 120s;
+    count = 1;                 # Debian's worker-proxy.inc: one process
+    upstream "local" {{
+        default = yes;
+        self_scan = yes;       # scan in this worker: no normal worker behind the proxy
+    }}
+    max_retries = 5;
+    discard_on_reject = false;
+    quarantine_on_reject = false;
+    reject_message = "Spam message rejected";
+}}'''
+
+
+def rspamd_config(root: Path, port: int, dns_port: int, worker: str = "milter") -> str:
     """Our own top-level rspamd.conf (not Debian's rspamd.conf, which loads every module and its
     rules): Debian's options for what is not set here, its metric, actions and symbol groups
-    (scores only), the proxy worker, and sections for the modules that are to run."""
-    return f'''# Written by bench/filter.py: rspamd as the Postfix filter instance's milter.
+    (scores only), one worker (see :func:`_rspamd_worker`) on 127.0.0.1:PORT, and sections for
+    the modules that are to run."""
+    return f'''# Written by bench/filter.py: rspamd with one {worker} worker.
 options {{
     pidfile = "{root}/run/rspamd.pid";
     # As Debian's options.inc, with every file rspamd writes under {root}.
@@ -252,20 +280,7 @@ logging {{
 .include "$CONFDIR/actions.conf"
 .include "$CONFDIR/groups.conf"
 
-worker "rspamd_proxy" {{
-    bind_socket = "127.0.0.1:{port}";
-    milter = yes;              # speaks the milter protocol to Postfix's smtpd
-    timeout = 120s;
-    count = 1;                 # Debian's worker-proxy.inc: one process
-    upstream "local" {{
-        default = yes;
-        self_scan = yes;       # scan in this worker: no normal worker behind the proxy
-    }}
-    max_retries = 5;
-    discard_on_reject = false;
-    quarantine_on_reject = false;
-    reject_message = "Spam message rejected";
-}}
+{_rspamd_worker(worker, port)}
 
 modules {{
     path = "{RSPAMD_SHAREDIR}/plugins";
@@ -309,23 +324,24 @@ class Rspamd:
     """rspamd in the foreground (``rspamd -f``) as root dropping to _rspamd, its own process
     session, with the configuration of :func:`rspamd_config` under ROOT; stopped by pid."""
 
-    def __init__(self, root: Path, port: int, dns_port: int) -> None:
+    def __init__(self, root: Path, port: int, dns_port: int, worker: str = "milter") -> None:
         self.root = Path(root).resolve()
         self.port = port
         self.dns_port = dns_port
+        self.worker = worker
         self.conf = self.root / "rspamd.conf"
         self.log = self.root / "log" / "rspamd.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> None:
         if not port_free(self.port):
-            raise RuntimeError(f"port {self.port} in use on 127.0.0.1 (rspamd's milter)")
+            raise RuntimeError(f"port {self.port} in use on 127.0.0.1 (rspamd's {self.worker} worker)")
         user = pwd.getpwnam(RSPAMD_USER)
         for sub in ("", "run", "log", "db", "tmp", "local"):
             d = self.root / sub
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, user.pw_uid, user.pw_gid)
-        self.conf.write_text(rspamd_config(self.root, self.port, self.dns_port))
+        self.conf.write_text(rspamd_config(self.root, self.port, self.dns_port, self.worker))
         argv = [str(RSPAMD), "-f", "-c", str(self.conf), "-u", RSPAMD_USER, "-g", RSPAMD_USER,
                 f"--var=CONFDIR={RSPAMD_CONFDIR}", f"--var=LOCAL_CONFDIR={self.root / 'local'}",
                 f"--var=DBDIR={self.root / 'db'}", f"--var=RUNDIR={self.root / 'run'}",

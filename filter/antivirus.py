@@ -8,8 +8,8 @@ FOUND`` or ``... ERROR``).  clamd itself decodes MIME parts and unpacks archives
 protocol, on the reactor: a hand-off to a thread for clamd's ``clamd`` package
 would cost more than the few writes a message takes, and could not be cancelled
 at the timeout.  The message is streamed from the one copy the end-of-data checks
-share (:meth:`shared.message.MessageView.read_body`), chunk by chunk as the socket
-takes them, never copied whole.
+share (:class:`shared.message.ReadOnce`), chunk by chunk as the socket takes them
+(:class:`filter.scanclient.Exchange`), never copied whole.
 
 - Infected: 554 5.7.1 naming the signature, to the original client at end of data
   (through the edge, in its transaction); nothing is queued.  Symbol AV_VIRUS.
@@ -22,18 +22,15 @@ takes them, never copied whole.
 """
 from __future__ import annotations
 
-import ipaddress
 import struct
 from dataclasses import dataclass
 
-from twisted.internet import defer, endpoints, protocol
-from twisted.internet.interfaces import IPullProducer
 from twisted.logger import Logger
-from zope.interface import implementer
 
+from filter.scanclient import Exchange, ScannerError, Servers, server_setting, server_text
 from shared.checks.core import Request, Symbol, Verdict, note, reject, tempfail
 from shared.checks.registry import CheckType
-from shared.config.schema import SECONDS, Section, bounded, choice, hostport, hostport_text, path, setting
+from shared.config.schema import SECONDS, Section, bounded, choice, setting
 
 log = Logger(namespace="smarthost.antivirus")
 
@@ -41,16 +38,11 @@ CHUNK = 64 * 1024
 MIB = 1024 * 1024
 
 
-def _server(value: str):
-    """host:port, or the absolute path of clamd's local (UNIX) socket."""
-    return path(value) if value.startswith("/") else hostport(value)
-
-
 @dataclass(frozen=True)
 class AntivirusSettings:
     """antivirus through clamd at end of data (the check `antivirus`)"""
     servers: tuple = setting((), "clamd servers, host:port or the absolute path of its local socket, tried in "
-                                 "turn (empty: no scanning)", _server)
+                                 "turn (empty: no scanning)", server_setting)
     timeout: float = setting(30.0, "seconds one server may take for one message, then the next is tried", SECONDS)
     max_size: int = setting(25 * MIB, "messages larger than this are not scanned (clamd's StreamMaxLength must "
                                       "be at least this)", bounded(1, 1 << 40))
@@ -60,7 +52,7 @@ class AntivirusSettings:
                                           "(fail open: logged, symbol AV_FAIL)", choice("tempfail", "accept"))
 
 
-class ClamdError(Exception):
+class ClamdError(ScannerError):
     pass
 
 
@@ -78,52 +70,25 @@ class AvResult:
         return f"antivirus={self.result}" + (f" ({self.detail})" if self.detail else "")
 
 
-@implementer(IPullProducer)
-class _Instream(protocol.Protocol):
-    """One INSTREAM exchange: the message out, the one NUL-ended answer in.
+class _Instream(Exchange):
+    """One INSTREAM exchange: the message out in chunks, each led by its length, the one
+    NUL-ended answer in."""
 
-    The message is streamed, not copied: the protocol is the transport's pull producer,
-    asked for the next chunk (a slice of a memoryview of the message, sent with its
-    length) each time the socket has taken the last one, so at most one chunk is held
-    beside the message however large it is."""
+    max_answer = 4096
 
-    def __init__(self, message: bytes, answered: defer.Deferred) -> None:
-        self.view: memoryview | None = memoryview(message)
-        self.offset = 0
-        self.answered = answered
-        self.buf = b""
+    def __init__(self, message: bytes, answered) -> None:
+        super().__init__([message], answered)
 
-    def connectionMade(self) -> None:
-        self.transport.write(b"zINSTREAM\0")
-        self.transport.registerProducer(self, False)
+    def pieces(self):
+        message = memoryview(self.request[0])
+        yield b"zINSTREAM\0"
+        for i in range(0, len(message), CHUNK):
+            piece = message[i:i + CHUNK]
+            yield struct.pack(">I", len(piece)) + piece
+        yield b"\0\0\0\0"
 
-    def resumeProducing(self) -> None:
-        if self.view is None:
-            return
-        piece = self.view[self.offset:self.offset + CHUNK]
-        if not piece:                         # the end: a zero length
-            self.view = None
-            self.transport.unregisterProducer()
-            self.transport.write(b"\0\0\0\0")
-            return
-        self.offset += len(piece)
-        self.transport.write(struct.pack(">I", len(piece)) + piece)
-
-    def stopProducing(self) -> None:
-        self.view = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buf += data
-        if b"\0" in self.buf or len(self.buf) > 4096:
-            answer = self.buf.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
-            self.transport.loseConnection()
-            if not self.answered.called:
-                self.answered.callback(answer)
-
-    def connectionLost(self, reason) -> None:
-        self.view = None
-        if not self.answered.called:
-            self.answered.errback(ClamdError(f"connection closed before the answer ({reason.getErrorMessage()})"))
+    def complete(self, buf: bytes, closed: bool) -> bytes | None:
+        return buf.split(b"\0", 1)[0] if b"\0" in buf else None
 
 
 def parse_answer(answer: str) -> AvResult:
@@ -144,60 +109,13 @@ class Antivirus:
     def __init__(self, own: AntivirusSettings, reactor) -> None:
         self.own = own
         self.reactor = reactor
+        self.servers = Servers(reactor, own.servers, own.timeout, "clamd")
 
-    def _endpoint(self, server):
-        if isinstance(server, str):
-            return endpoints.UNIXClientEndpoint(self.reactor, server, timeout=self.own.timeout)
-        host, port = server
-        try:
-            family = ipaddress.ip_address(host).version
-        except ValueError:
-            return endpoints.HostnameEndpoint(self.reactor, host, port, timeout=self.own.timeout)
-        endpoint = endpoints.TCP4ClientEndpoint if family == 4 else endpoints.TCP6ClientEndpoint
-        return endpoint(self.reactor, host, port, timeout=self.own.timeout)
-
-    def scan_with(self, server, message: bytes) -> defer.Deferred:
-        """One server's answer, within `timeout` (the connection aborted past it)."""
-        answered: defer.Deferred = defer.Deferred()
-        factory = protocol.Factory.forProtocol(lambda: _Instream(message, answered))
-        connecting = self._endpoint(server).connect(factory)
-        state = {}
-
-        def connected(proto):
-            state["proto"] = proto
-        connecting.addCallbacks(connected, lambda f: answered.called or answered.errback(f))
-
-        def expired():
-            proto = state.get("proto")
-            if proto is not None and proto.transport is not None:
-                proto.transport.abortConnection()
-            elif not connecting.called:
-                connecting.cancel()
-            if not answered.called:
-                answered.errback(ClamdError(f"no answer in {self.own.timeout:g}s"))
-        timer = self.reactor.callLater(self.own.timeout, expired)
-
-        def done(result):
-            if timer.active():
-                timer.cancel()
-            return result
-        return answered.addBoth(done)
-
-    @defer.inlineCallbacks
     def scan(self, message: bytes):
         """The first answer of the servers in turn (AvResult), or the last failure raised."""
-        failures = []
-        for server in self.own.servers:
-            where = server if isinstance(server, str) else hostport_text(*server)
-            try:
-                answer = yield self.scan_with(server, message)
-                return parse_answer(answer)
-            except _TooBig:
-                raise
-            except Exception as e:          # down, slow, an error answer: the next server
-                failures.append(f"{where}: {e}")
-                log.warn("antivirus: clamd {where} failed: {why}", where=where, why=str(e))
-        raise ClamdError("; ".join(failures) or "no clamd server configured")
+        return self.servers.first(lambda server, answered: _Instream(message, answered),
+                                  lambda answer: parse_answer(answer.decode("utf-8", "replace").strip()),
+                                  final=(_TooBig,))
 
     def __call__(self, request: Request):
         message = request.message
@@ -229,7 +147,7 @@ class Antivirus:
     def _failed(self, failure) -> Verdict:
         if failure.check(_TooBig):
             return self._oversize(str(failure.value))
-        failure.trap(ClamdError)
+        failure.trap(ScannerError)
         why = str(failure.value)
         result = AvResult("unavailable", why[:300])
         log.error("antivirus: no clamd answered ({why}); {what}", why=why,
@@ -251,7 +169,7 @@ ANTIVIRUS = CheckType(
     timeout=lambda s: s.antivirus.timeout * max(1, len(s.antivirus.servers)) + 5,
     active=lambda own, s: bool(own.servers),
     doc="scan the message with clamd (INSTREAM); a virus is refused 554 5.7.1",
-    summary=lambda own, s: "clamd: " + ", ".join(x if isinstance(x, str) else hostport_text(*x) for x in own.servers),
+    summary=lambda own, s: "clamd: " + ", ".join(server_text(x) for x in own.servers),
     symbols={"AV_VIRUS": (20.0, "clamd found a virus (the message is refused)"),
              "AV_SKIPPED": (0.0, "not scanned: over max_size"),
              "AV_FAIL": (0.0, "no clamd answered and on_failure = accept: not scanned")})

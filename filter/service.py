@@ -21,6 +21,7 @@ from filter.dkimsign import DKIM_SIGN
 from filter.dnslists import DNSLISTS, URILISTS
 from filter.dmarc import DMARC
 from filter.greylist import GREYLIST
+from filter.scanners import RSPAMD, SPAMD
 from filter.spf import SPF
 from filter.verify import VERIFY
 from shared.checks.helo import HELO_NAME
@@ -77,14 +78,16 @@ class Filter(Component):
 # symbols are scored at end of data); recipients verified at RCPT, then greylisted (when
 # enabled); at end of data the antivirus (when clamd servers are set: a virus ends the chain),
 # the URI lists, the sender-authentication checks (dmarc after spf and dkim, whose results it
-# reads), the Authentication-Results field of all of them, the score and its action,
-# greylisting when it depends on the score, the signature of our users' mail, and (when
-# configured) our ARC seal over it all.
+# reads), the Authentication-Results field of all of them, the outside spam scanners (when
+# their servers are set: spamd, rspamd; after the checks that may refuse outright, so they are
+# asked only about mail still in question), the score and its action, greylisting when it
+# depends on the score, the signature of our users' mail, and (when configured) our ARC seal
+# over it all.
 TIER = TierSpec("filter", sections=(NEXT_HOP, QUEUE, REDIS),
-                checks=(ROUTE, VERIFY, GREYLIST, HELO_NAME, ANTIVIRUS, SPF, DKIM, ARC, DMARC, AUTH_RESULTS, ACTIONS_CHECK,
-                        DKIM_SIGN, ARC_SEAL, DNSLISTS, URILISTS),
+                checks=(ROUTE, VERIFY, GREYLIST, HELO_NAME, ANTIVIRUS, SPF, DKIM, ARC, DMARC, AUTH_RESULTS, SPAMD, RSPAMD,
+                        ACTIONS_CHECK, DKIM_SIGN, ARC_SEAL, DNSLISTS, URILISTS),
                 default_policy={"mail": ("dnslists",),
                                 "rcpt": ("route", "verify", "actions", "greylist"),
                                 "end_of_data": ("antivirus", "urilists", "spf", "dkim", "arc", "dmarc", "auth_results",
-                                                "actions", "greylist", "dkim_sign", "arc_seal")},
+                                                "spamd", "rspamd", "actions", "greylist", "dkim_sign", "arc_seal")},
                 component=Filter)

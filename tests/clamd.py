@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from tests.support import free_port
+from tests.support import Daemon, daemon_factory, free_port
 
 CLAMD = "/usr/sbin/clamd"
 SIGNATURES = Path(__file__).parent / "clamav"
@@ -40,29 +36,12 @@ def ping(port: int, timeout: float = 0.5) -> bool:
 
 
 @dataclass
-class Clamd:
-    port: int
+class Clamd(Daemon):
     workdir: Path
-    proc: subprocess.Popen
 
     @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join((self.workdir / "clamd.log").read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+    def log_file(self) -> Path:
+        return self.workdir / "clamd.log"
 
 
 def start_clamd(directory: Path, timeout: float = 60.0) -> Clamd:
@@ -83,27 +62,11 @@ def start_clamd(directory: Path, timeout: float = 60.0) -> Clamd:
     with open(workdir / "clamd.out", "wb") as out:
         proc = subprocess.Popen([CLAMD, "-c", str(workdir / "clamd.conf")], stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT)
-    server = Clamd(port, workdir, proc)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        if ping(port):
-            return server
-        time.sleep(0.1)
-    server.stop()
+    server = Clamd(port, proc, workdir)
+    if server.ready(ping, timeout):
+        return server
     raise RuntimeError(f"clamd did not answer on 127.0.0.1:{port}:\n"
                        f"{(workdir / 'clamd.out').read_text(errors='replace')[-2000:]}\n{server.log_tail()}")
 
 
-@pytest.fixture
-def clamd(tmp_path):
-    started: list[Clamd] = []
-
-    def start() -> Clamd:
-        server = start_clamd(tmp_path)
-        started.append(server)
-        return server
-    yield start
-    for server in started:
-        server.stop()
+clamd = daemon_factory(start_clamd, "clamd")

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -21,6 +26,78 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+@dataclass
+class Daemon:
+    """A daemon a test started as a child, listening on 127.0.0.1:`port`: stopped by its pid
+    (SIGTERM, then SIGKILL after `timeout`; to its process group when it leads one), its
+    log's tail for a failure's message (``log_file``, given by each kind)."""
+    port: int
+    proc: subprocess.Popen
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        raise NotImplementedError
+
+    def _kill(self, sig: int) -> None:
+        if os.getpgid(self.proc.pid) == self.proc.pid:
+            os.killpg(self.proc.pid, sig)
+        else:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._kill(signal.SIGKILL)
+                self.proc.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL (to its process group when it leads one): a crash."""
+        if self.proc.poll() is None:
+            self._kill(signal.SIGKILL)
+            self.proc.wait(5)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def ready(self, answers: Callable[[int], bool], timeout: float, interval: float = 0.1) -> bool:
+        """Whether `answers(port)` came true before the process exited or `timeout` passed;
+        if not, the daemon is stopped."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if answers(self.port):
+                return True
+            time.sleep(interval)
+        self.stop()
+        return False
+
+
+def daemon_factory(start: Callable[[Path], Daemon], name: str):
+    """The fixture `name`: a factory of daemons (``start(tmp_path)``), each stopped when the
+    test ends."""
+    @pytest.fixture(name=name)
+    def factory(tmp_path):
+        started: list[Daemon] = []
+
+        def make() -> Daemon:
+            server = start(tmp_path)
+            started.append(server)
+            return server
+        yield make
+        for server in started:
+            server.stop()
+    return factory
 
 
 _handed_out: set[int] = set()

@@ -466,8 +466,8 @@ def test_check_config_lists_each_check_with_its_symbols_scores_and_the_threshold
     text = describe(s, tier_spec("filter"))
     lines = text.splitlines()
     order = [ln.split(". ", 1)[1].split(" (")[0] for ln in lines if "end_of_data" in ln and ". " in ln]
-    assert order == ["antivirus", "urilists", "spf", "dkim", "arc", "dmarc", "auth_results", "actions",
-                     "greylist", "dkim_sign", "arc_seal"]
+    assert order == ["antivirus", "urilists", "spf", "dkim", "arc", "dmarc", "auth_results", "spamd", "rspamd",
+                     "actions", "greylist", "dkim_sign", "arc_seal"]
     assert any("symbols: SPF_PASS -0.2, SPF_FAIL 4.5, SPF_SOFTFAIL 1" in ln for ln in lines), text
     assert any("symbols: DKIM_VALID -0.5, DKIM_INVALID 1" in ln for ln in lines)
     assert any("thresholds: reject 15, add_header 6; scores: SPF_FAIL 4.5" in ln for ln in lines)

@@ -5,7 +5,9 @@ for is lost, nothing refused is delivered.
 clamd: fails closed (451 4.7.1) unless ``antivirus.on_failure = "accept"``.  Redis:
 greylisting fails open (GREYLIST_FAIL) unless ``greylist.on_failure = "tempfail"``.  DNS:
 what was cached still decides; a new domain's DMARC cannot be decided, 451 4.7.1
-(``dmarc.temperror``)."""
+(``dmarc.temperror``).  spamd and rspamd: fail open (SPAMD_FAIL, RSPAMD_FAIL) unless
+``on_failure = "tempfail"``.  Each daemon is killed (SIGKILL, its children too) once 40 % of the
+replies are in, while the other sessions go on sending."""
 from __future__ import annotations
 
 import pytest
@@ -14,8 +16,11 @@ from tests.clamd import clamd  # noqa: F401  (the fixture)
 from tests.clamd import EICAR
 from tests.dnsserver import dns_server  # noqa: F401  (the fixture)
 from tests.filter.mailauth import attachment
-from tests.integration.helpers import DOMAIN, assert_nothing_lost, message, send_under_load
+from tests.integration.helpers import DOMAIN, assert_nothing_lost, message, parse_mail, send_under_load
+from tests.integration.helpers import test_nameserver as nameserver
 from tests.redisserver import redis_server  # noqa: F401  (the fixture)
+from tests.rspamd import rspamd  # noqa: F401  (the fixture)
+from tests.spamd import spamd  # noqa: F401  (the fixture)
 
 BOB = f"bob@{DOMAIN}"
 COUNT = 40
@@ -38,7 +43,7 @@ def test_clamd_stopped_under_load(make_pipeline, clamd, on_failure):
                 b"@sender.test", b"@example.net")      # no DMARC policy: only the antivirus judges it
             return "v@example.net", [BOB], data
         return plain(i)
-    sent = send_under_load(p.edge.port, COUNT, make, outage=av.stop)
+    sent = send_under_load(p.edge.port, COUNT, make, outage=av.kill)
     codes = {s.code for s in sent}
     before = [s for s in sent if not s.after_outage]
     after = [s for s in sent if s.after_outage]
@@ -94,3 +99,31 @@ def test_dns_stopped_under_load(make_pipeline, dns_server):
     assert all(s.code == 451 and s.reply.enhanced == "4.7.1" for s in after), [s.reply for s in after]
     p.filter.wait_log(r"dmarc=temperror")
     assert_nothing_lost(p, BOB, sent)
+
+
+def spam_status(p) -> list[str]:
+    return [" ".join(str(parse_mail(f).get("X-Spam-Status", "")).split()) for f in p.messages(BOB)]
+
+
+def test_spamd_killed_under_load_tempfails_when_so_configured(make_pipeline, spamd):
+    server = spamd()
+    p = make_pipeline(filter={"spamd": {"servers": [server.address], "timeout": 5, "on_failure": "tempfail"}})
+    sent = send_under_load(p.edge.port, 30, plain, sessions=3, outage=server.kill, at=0.34)
+    after = [s for s in sent if s.after_outage]
+    assert after and all(s.code == 451 and s.reply.enhanced == "4.7.1" for s in after), [s.reply for s in after]
+    assert {s.code for s in sent} <= {250, 451}
+    assert_nothing_lost(p, BOB, sent)
+    assert any("SPAMD(" in status for status in spam_status(p))
+    p.filter.wait_log(r"spamd=-?[0-9.]+/5 \(")                     # a scanned message's log line
+    p.filter.wait_log(r"spamd: no server answered .*; tempfail")
+
+
+def test_rspamd_killed_under_load_fails_open(make_pipeline, rspamd):
+    server = rspamd(int(nameserver().rsplit(":", 1)[1]))
+    p = make_pipeline(filter={"rspamd": {"servers": [server.address], "timeout": 5}})
+    sent = send_under_load(p.edge.port, 30, plain, sessions=3, outage=server.kill, at=0.34)
+    assert all(s.code == 250 for s in sent), [s.reply for s in sent if s.code != 250]
+    assert_nothing_lost(p, BOB, sent)
+    statuses = spam_status(p)
+    assert any("RSPAMD(" in s for s in statuses) and any("RSPAMD_FAIL(" in s for s in statuses), statuses
+    p.filter.wait_log(r"rspamd: no server answered .*; accepted unscanned")
