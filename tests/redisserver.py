@@ -69,15 +69,18 @@ class RedisServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
-        """Run the server (again, on the same port); return once it answers PING."""
-        assert not self.running(), "already running"
+    def command(self) -> list[str]:
         cmd = [shutil.which("redis-server") or "redis-server", "--bind", self.host, "--port", str(self.port),
                "--dir", str(self.directory), "--save", "", "--appendonly", "no", "--daemonize", "no",
                "--logfile", str(self.log)]
         if self.password:
             cmd += ["--requirepass", self.password]
-        cmd += self.args
+        return cmd + list(self.args)
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        """Run the server (again, on the same port); return once it answers PING."""
+        assert not self.running(), "already running"
+        cmd = self.command()
         with open(self.directory / "redis.stderr", "ab") as stderr:
             self.proc = subprocess.Popen(cmd, cwd=self.directory, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=stderr)
@@ -148,24 +151,13 @@ class RedisSentinel(RedisServer):
         super().__init__(directory, host, port, None)
         self.master = master
 
-    def start(self, timeout: float = 10.0) -> "RedisSentinel":
-        assert not self.running(), "already running"
+    def command(self) -> list[str]:
         conf = self.directory / "sentinel.conf"
         conf.write_text(f"port {self.port}\nbind {self.host}\ndir {self.directory}\nlogfile {self.log}\n"
                         f"sentinel monitor mymaster {self.master.host} {self.master.port} 1\n"
                         f"sentinel down-after-milliseconds mymaster 500\n"
                         f"sentinel failover-timeout mymaster 3000\n")
-        with open(self.directory / "redis.stderr", "ab") as stderr:
-            self.proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", str(conf), "--sentinel"],
-                                         cwd=self.directory, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=stderr)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.running():
-            if _answers(self.host, self.port):
-                return self
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"redis sentinel did not answer on {self.address}:\n{self.log_tail()}")
+        return [shutil.which("redis-server") or "redis-server", str(conf), "--sentinel"]
 
     def master_address(self) -> tuple[str, int] | None:
         """The master Sentinel names now."""
