@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,3 +215,45 @@ def test_nameserver() -> str:
         atexit.register(_nameserver.stop)
     host, port = _nameserver.address
     return f"{host}:{port}"
+
+
+class GarbageServer:
+    """A TCP server on a free loopback port, in a thread: every connection gets `answer`
+    (after the request is read), then is closed; with `answer` None it is held, silent.
+    What an outside component that is broken, or something else on its port, looks like."""
+
+    def __init__(self, answer: bytes | None) -> None:
+        self.answer = answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            if self.answer is None:
+                self.held.append(conn)
+                continue
+            conn.settimeout(1)
+            try:
+                conn.recv(65536)
+                conn.sendall(self.answer)
+            except OSError:
+                pass
+            conn.close()
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(5)
+        for c in self.held:
+            c.close()
+        self.sock.close()

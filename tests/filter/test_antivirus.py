@@ -164,3 +164,27 @@ def test_the_checks_of_one_message_share_one_read_of_it():
     errors = []
     failing().addErrback(errors.append)
     assert errors and errors[0].check(OSError)
+
+
+@pytest.mark.parametrize("answer", [b"HELLO THERE\r\n", b"stream: something odd\0", b"x" * 5000])
+def test_garbage_from_clamd_is_a_failure_never_a_pass(real, dns, tmp_path, answer):
+    """Something that is not clamd on its port: an answer cut short, one that is neither OK
+    nor FOUND, one far too long; tempfail by default, fail open when configured."""
+    from tests.support import GarbageServer
+    server = GarbageServer(answer)
+    try:
+        for on_failure, action in (("tempfail", Action.TEMPFAIL), ("accept", Action.CONTINUE)):
+            f = Filter(real, settings(dns, tmp_path, antivirus={"servers": [server.address], "timeout": 3,
+                                                                "on_failure": on_failure}))
+            try:
+                verdict, results = f.run(attachment(EICAR, "eicar.com"))
+            finally:
+                f.close()
+            assert verdict.action is action, (answer, on_failure, verdict)
+            assert results["antivirus"].result.result == "unavailable"
+            if on_failure == "accept":
+                assert "AV_FAIL" in symbols(results)
+            else:
+                assert (verdict.reply.code, verdict.reply.enhanced) == (451, "4.7.1")
+    finally:
+        server.close()

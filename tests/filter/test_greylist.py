@@ -289,3 +289,29 @@ def test_sentinels_and_servers_are_exclusive():
         parse("filter", {**base, "redis": {"sentinels": ["10.0.0.1:26379"], "servers": ["10.0.0.3:6379"]}})
     with pytest.raises(ConfigError, match="redis.servers.*sentinels"):
         parse("filter", {**base, "redis": {"servers": ["10.0.0.3:6379", "10.0.0.4:6379"]}})
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.0 200 OK\r\n\r\n", b"-ERR unknown command\r\n", None])
+def test_something_else_on_redis_port_fails_open_or_tempfails(answer):
+    """Not Redis on the port (another protocol, errors, or silence): never a crash, never a
+    refusal unless on_failure says tempfail."""
+    from tests.support import GarbageServer
+    server = GarbageServer(answer)
+    host, port = server.address.rsplit(":", 1)
+
+    async def scenario(reactor):
+        link = RedisLink(RedisSettings(servers=((host, int(port)),), timeout=0.5), reactor,
+                         fallback="greylisting fails open", restored="greylisting in redis")
+        try:
+            opened = await Greylist(OWN, RedisStore(link, "smarthost:grey:"), reactor, ())(rcpt())
+            closed = await Greylist(replace(OWN, on_failure="tempfail"), RedisStore(link, "smarthost:grey:"),
+                                    reactor, ())(rcpt(recipient="other@example.test"))
+            return opened, closed
+        finally:
+            await link.close()
+    try:
+        opened, closed = on_real_reactor(scenario)
+    finally:
+        server.close()
+    assert opened.action is Action.CONTINUE and [s.name for s in opened.symbols] == ["GREYLIST_FAIL"]
+    assert closed.action is Action.TEMPFAIL and closed.reply.code == 451

@@ -3,8 +3,6 @@ score folded into ours, the size cap, and each failure -- down, garbage, silent,
 servers down -- with its declared mode.  Also the parsers on their own."""
 from __future__ import annotations
 
-import socket
-import threading
 
 import pytest
 
@@ -15,7 +13,7 @@ from tests.filter.mailauth import message
 from tests.filter.test_mailauth import Filter, added, dns, settings, symbols  # noqa: F401  (dns: the fixture)
 from tests.rspamd import start_rspamd
 from tests.spamd import GTUBE, start_spamd
-from tests.support import free_port, real, wait_until  # noqa: F401  (real: the fixture)
+from tests.support import GarbageServer, free_port, real, wait_until  # noqa: F401  (real: the fixture)
 
 SCANNERS = ("spamd", "rspamd")
 
@@ -54,47 +52,6 @@ def run(real, dns, tmp_path, scanner: str, msg: bytes, **own):
 
 def scored(results, name):
     return {n: s for n, s, _ in results["actions"].result.symbols}.get(name)
-
-
-class Garbage:
-    """A TCP server on a free loopback port, in a thread: every connection gets `answer`
-    (after the request is read), then is closed; with `answer` None it is held, silent."""
-
-    def __init__(self, answer: bytes | None) -> None:
-        self.answer = answer
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.held: list[socket.socket] = []
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.done.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            if self.answer is None:
-                self.held.append(conn)
-                continue
-            conn.settimeout(1)
-            try:
-                conn.recv(65536)
-                conn.sendall(self.answer)
-            except OSError:
-                pass
-            conn.close()
-
-    def close(self) -> None:
-        self.done.set()
-        self.thread.join(5)
-        for c in self.held:
-            c.close()
-        self.sock.close()
 
 
 # -- against the real daemons -------------------------------------------------------------------
@@ -191,7 +148,7 @@ GARBAGE = {"spamd": [b"HELLO THERE\r\n", b"SPAMD/1.1 76 EX_PROTOCOL Bad header l
 @pytest.mark.parametrize("scanner,answer", [(s, a) for s, answers in GARBAGE.items() for a in answers])
 @pytest.mark.parametrize("on_failure", ["accept", "tempfail"])
 def test_garbage_is_a_failure_of_that_server(real, dns, tmp_path, scanner, answer, on_failure):
-    server = Garbage(answer)
+    server = GarbageServer(answer)
     try:
         verdict, results = run(real, dns, tmp_path, scanner, message(), servers=[server.address], timeout=3,
                                on_failure=on_failure)
@@ -206,7 +163,7 @@ def test_garbage_is_a_failure_of_that_server(real, dns, tmp_path, scanner, answe
 
 @pytest.mark.parametrize("scanner", SCANNERS)
 def test_a_server_that_never_answers_times_out(real, dns, tmp_path, scanner):
-    server = Garbage(None)
+    server = GarbageServer(None)
     try:
         verdict, results = run(real, dns, tmp_path, scanner, message(), servers=[server.address], timeout=1,
                                on_failure="tempfail")
@@ -219,7 +176,7 @@ def test_a_server_that_never_answers_times_out(real, dns, tmp_path, scanner):
 @pytest.mark.parametrize("daemon", SCANNERS, indirect=True)
 def test_a_silent_server_then_the_real_one(real, dns, tmp_path, daemon, request):
     scanner = request.node.callspec.params["daemon"]
-    silent = Garbage(None)
+    silent = GarbageServer(None)
     try:
         verdict, results = run(real, dns, tmp_path, scanner, gtube(), servers=[silent.address, daemon.address],
                                timeout=1)
