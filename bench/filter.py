@@ -103,6 +103,15 @@ RSPAMD_SHAREDIR = Path("/usr/share/rspamd")
 # What runs in rspamd: the one C module (options.filters) and the Lua plugins given a section.
 RSPAMD_C_MODULES = ("dkim",)
 RSPAMD_LUA_MODULES = ("spf", "dmarc", "arc", "milter_headers")
+# The full chain (--chain full, the default) adds, on both sides, with the same daemons: the
+# antivirus with one clamd (the tests' signatures), greylisting in one Redis (passing: the load's
+# network is known), and the same DNS lists (a client list and a URI list on the local server).
+FULL_LUA_MODULES = ("antivirus", "greylist", "rbl")
+CHAINS = ("full", "auth")
+RBL_ZONE, URIBL_ZONE = "rbl.bench.test", "uribl.bench.test"
+# URLs in every message's body: two registered domains for the URI lists to look up
+BODY_URLS = (b"Read it online: https://www.sender.test/newsletter/2026-02 or at "
+             b"http://news.example.org/a/1?from=bench\r\n\r\n")
 
 
 # -- keys, zones, messages ----------------------------------------------------------------------
@@ -146,6 +155,9 @@ def zones(keys: dict) -> dict:
             ("_dmarc", "TXT", DMARC),
         ],
         "0.0.127.in-addr.arpa": [("1", "PTR", HELO)],
+        # the lists list their test entries only (127.0.0.2, listed.test): the load is not listed
+        RBL_ZONE: [("2.0.0.127", "A", "127.0.0.2")],
+        URIBL_ZONE: [("listed.test", "A", "127.0.0.2")],
     }
 
 
@@ -162,7 +174,7 @@ def signed_message(size: int, pem: bytes) -> bytes:
             "MIME-Version: 1.0\r\n"
             "Content-Type: text/plain; charset=us-ascii\r\n").encode()
     # about 500 bytes of DKIM-Signature and 120 of X-Bench-Id + Message-ID come on top
-    message = head + b"\r\n" + body_lines(size, len(head) + 620)
+    message = head + b"\r\n" + BODY_URLS + body_lines(size, len(head) + 620 + len(BODY_URLS))
     sig = dkim.sign(message, SELECTOR.encode(), SENDER_DOMAIN.encode(), pem,
                     canonicalize=(b"relaxed", b"relaxed"))
     return sig + message
@@ -229,7 +241,73 @@ def _rspamd_worker(kind: str, port: int) -> str:
 }}'''
 
 
-def rspamd_config(root: Path, port: int, dns_port: int, worker: str = "milter") -> str:
+def full_chain_modules(clamd: str, redis: str) -> str:
+    """rspamd's sections for the full chain: its antivirus with the same clamd (the whole
+    message to clamd, as smarthost sends it, not its MIME parts one by one), its greylisting in
+    the same Redis (local clients too), and the same two DNS lists."""
+    return f'''
+redis {{
+    servers = "{redis}";
+}}
+antivirus {{
+    clamav {{
+        type = "clamav";
+        servers = "{clamd}";
+        symbol = "CLAM_VIRUS";
+        action = "reject";
+        scan_mime_parts = false;     # the message whole, as smarthost's antivirus sends it
+        max_size = 26214400;
+        timeout = 30s;
+        retransmits = 1;
+        log_clean = true;
+    }}
+}}
+greylist {{
+    check_local = true;          # the load comes from 127.0.0.1
+    check_authed = true;
+}}
+rbl {{
+    rbls {{
+        bench_rbl {{
+            symbol = "BENCH_RBL";
+            rbl = "{RBL_ZONE}";
+            checks = ["from"];
+            ignore_defaults = true;
+            exclude_local = false;
+            exclude_private_ips = false;
+            disable_monitoring = true;
+        }}
+        bench_uribl {{
+            symbol = "BENCH_URIBL";
+            rbl = "{URIBL_ZONE}";
+            checks = ["urls"];
+            ignore_defaults = true;
+            exclude_local = false;
+            disable_monitoring = true;
+        }}
+    }}
+}}
+'''
+
+
+def smarthost_full_chain(clamd: str, redis: str) -> dict[str, dict]:
+    """The smarthost filter tier's tables for the full chain: the same clamd, greylisting at RCPT
+    in the same Redis (the load's network auto-allowed beforehand, see :func:`allow_network`),
+    the same DNS lists."""
+    return {"antivirus": {"servers": [clamd]},
+            "redis": {"servers": [redis]},
+            "greylist": {"enabled": True, "min_score": 0},
+            "dnslists": {"zones": [f"{RBL_ZONE}=127.0.0.[2..11]*3 BENCH_RBL"]},
+            "urilists": {"zones": [f"{URIBL_ZONE}*4 BENCH_URIBL"]}}
+
+
+def allow_network(redis_client) -> None:
+    """Greylisting set to pass on the smarthost side: the load's network (127.0.0.0/24) counted
+    as passed often enough, as a network that delivers every day is."""
+    redis_client.set("smarthost:grey:a:127.0.0.0/24", 1_000_000)
+
+
+def rspamd_config(root: Path, port: int, dns_port: int, worker: str = "milter", modules: str = "") -> str:
     """Our own top-level rspamd.conf (not Debian's rspamd.conf, which loads every module and its
     rules): Debian's options for what is not set here, its metric, actions and symbol groups
     (scores only), one worker (see :func:`_rspamd_worker`) on 127.0.0.1:PORT, and sections for
@@ -317,18 +395,19 @@ milter_headers {{
     skip_local = false;          # 127.0.0.1 would otherwise get no header
     skip_authenticated = false;
 }}
-'''
+{modules}'''
 
 
 class Rspamd:
     """rspamd in the foreground (``rspamd -f``) as root dropping to _rspamd, its own process
     session, with the configuration of :func:`rspamd_config` under ROOT; stopped by pid."""
 
-    def __init__(self, root: Path, port: int, dns_port: int, worker: str = "milter") -> None:
+    def __init__(self, root: Path, port: int, dns_port: int, worker: str = "milter", modules: str = "") -> None:
         self.root = Path(root).resolve()
         self.port = port
         self.dns_port = dns_port
         self.worker = worker
+        self.modules = modules
         self.conf = self.root / "rspamd.conf"
         self.log = self.root / "log" / "rspamd.log"
         self.proc: subprocess.Popen | None = None
@@ -341,7 +420,7 @@ class Rspamd:
             d = self.root / sub
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, user.pw_uid, user.pw_gid)
-        self.conf.write_text(rspamd_config(self.root, self.port, self.dns_port, self.worker))
+        self.conf.write_text(rspamd_config(self.root, self.port, self.dns_port, self.worker, self.modules))
         argv = [str(RSPAMD), "-f", "-c", str(self.conf), "-u", RSPAMD_USER, "-g", RSPAMD_USER,
                 f"--var=CONFDIR={RSPAMD_CONFDIR}", f"--var=LOCAL_CONFDIR={self.root / 'local'}",
                 f"--var=DBDIR={self.root / 'db'}", f"--var=RUNDIR={self.root / 'run'}",
@@ -400,8 +479,10 @@ class Rspamd:
                 text = f.read().decode(errors="replace")
         except OSError:
             return {}
-        counts = {"scans": 0, "all_pass": 0, "spf_pass": 0, "dkim_pass": 0, "dmarc_pass": 0}
+        counts = {"scans": 0, "all_pass": 0, "spf_pass": 0, "dkim_pass": 0, "dmarc_pass": 0, "av_clean": 0}
         for line in text.splitlines():
+            if "message or mime_part is clean" in line:       # its antivirus asked clamd (full chain)
+                counts["av_clean"] += 1
             if "(default: " not in line:
                 continue
             counts["scans"] += 1
@@ -417,7 +498,7 @@ class PostfixWithRspamd:
     """A PostfixChain whose filter instance has rspamd's proxy as its milter; the interface
     bench.run's measured_run uses, with rspamd's processes as a fourth tier "rspamd"."""
 
-    def __init__(self, root: Path, base_port: int, milter_port: int, dns_port: int) -> None:
+    def __init__(self, root: Path, base_port: int, milter_port: int, dns_port: int, modules: str = "") -> None:
         root = Path(root).resolve()
         milter = [
             ("smtpd_milters", f"inet:127.0.0.1:{milter_port}",
@@ -427,7 +508,7 @@ class PostfixWithRspamd:
              "and the message waits in the edge's queue (shows as undelivered)"),
         ]
         self.chain = PostfixChain(root / "postfix", base_port, settings={"filter": milter})
-        self.rspamd = Rspamd(root / "rspamd", milter_port, dns_port)
+        self.rspamd = Rspamd(root / "rspamd", milter_port, dns_port, modules=modules)
         self.ports = self.chain.ports
         self.domain = self.chain.domain
 
@@ -483,14 +564,17 @@ class FilterBench(Bench):
         super().__init__(args)
         self.results = {"meta": {}, "samples": {}, "points": []}
         self.dns = None
+        self.clamd = self.redis = None            # the full chain's, shared by both sides
         self.tiers: dict[str, tuple[str, ...]] = {}
         self.messages: dict[str, Path] = {}
 
     def stop_all(self) -> None:
         super().stop_all()
-        if self.dns is not None:
-            self.dns.stop()
-            self.dns = None
+        for name in ("dns", "clamd", "redis"):
+            daemon = getattr(self, name)
+            if daemon is not None:
+                daemon.stop()
+                setattr(self, name, None)
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -526,6 +610,16 @@ class FilterBench(Bench):
                     "authentication_results": ar,
                     "headers": data.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode(errors="replace")}
                 clear_maildir(maildir)
+                if self.args.chain == "full" and name == "smarthost":
+                    text = system.log_path("filter").read_text(errors="replace")
+                    missing = [w for w in ("antivirus=clean", "greylist=allowed", "dnslists=none", "urilists=none")
+                               if w not in text]
+                    if missing:
+                        raise RuntimeError(f"smarthost: the full chain's checks did not run ({', '.join(missing)} "
+                                           f"not in {system.log_path('filter')})")
+                if name == "postfix+rspamd" and self.args.chain == "full" and \
+                        not system.rspamd.scans_since(0).get("av_clean"):
+                    raise RuntimeError(f"postfix+rspamd: its antivirus never asked clamd; see {system.rspamd.log}")
                 if name == "postfix+rspamd" and not passes(ar):
                     raise RuntimeError(f"postfix+rspamd: the delivered message's Authentication-Results "
                                        f"do not say spf=pass dkim=pass dmarc=pass: {ar or 'none'}; see "
@@ -575,9 +669,22 @@ class FilterBench(Bench):
 
         extra = json.loads(json.dumps(SMARTHOST_EXTRA))     # a copy
         extra.setdefault("dns", {})["nameservers"] = [dns_addr]
+        modules = ""
+        meta["chain"] = a.chain
+        if a.chain == "full":
+            from tests.clamd import start_clamd
+            from tests.redisserver import start_redis_server
+            self.clamd = start_clamd(self.work / "clamd")
+            self.redis = start_redis_server(self.work / "redis")
+            allow_network(self.redis.client())
+            extra.update(smarthost_full_chain(self.clamd.address, self.redis.address))
+            modules = full_chain_modules(self.clamd.address, self.redis.address)
+            meta["services"] = {"clamd": self.clamd.address, "redis": self.redis.address}
+            log(f"filter: clamd on {self.clamd.address}, redis on {self.redis.address}")
         meta["smarthost_extra"] = {"filter": extra}
         meta["rspamd"] = {"config": str(self.work / "postfix+rspamd" / "rspamd" / "rspamd.conf"),
-                          "c_modules": list(RSPAMD_C_MODULES), "lua_modules": list(RSPAMD_LUA_MODULES)}
+                          "c_modules": list(RSPAMD_C_MODULES),
+                          "lua_modules": list(RSPAMD_LUA_MODULES) + (list(FULL_LUA_MODULES) if modules else [])}
 
         systems = {}
         log(f"filter: starting {', '.join(wanted)}")
@@ -585,7 +692,8 @@ class FilterBench(Bench):
             systems["postfix"] = self.start(PostfixChain(self.work / "postfix", ports["postfix"]))
         if "postfix+rspamd" in wanted:
             systems["postfix+rspamd"] = self.start(PostfixWithRspamd(
-                self.work / "postfix+rspamd", ports["postfix+rspamd"], ports["rspamd_milter"], self.dns.port))
+                self.work / "postfix+rspamd", ports["postfix+rspamd"], ports["rspamd_milter"], self.dns.port,
+                modules=modules))
         if "smarthost" in wanted:
             systems["smarthost"] = self.start(SmarthostChain(self.work / "smarthost", ports["smarthost"],
                                                              extra={"filter": extra}))
@@ -625,7 +733,8 @@ class FilterBench(Bench):
                     extra_log = ""
                     if "rspamd_log" in r:
                         c = r["rspamd_log"]
-                        extra_log = f"; rspamd: {c.get('all_pass')}/{c.get('scans')} scans spf+dkim+dmarc pass"
+                        extra_log = (f"; rspamd: {c.get('all_pass')}/{c.get('scans')} scans spf+dkim+dmarc pass"
+                                     + (f", {c.get('av_clean')} clamd scans" if a.chain == "full" else ""))
                     log(f"  {SIZE_LABEL[size]:>5} run {k + 1}/{runs} {name:14}: delivered "
                         f"{fmt(r['delivered_per_s'])}/s ({r['delivered']}/{n}), 250 p50 "
                         f"{fmt(r['latency_250_ms']['p50'], 1)} ms; others {r['others_cpus']:.2f} CPUs, "
@@ -710,6 +819,10 @@ def main(argv=None) -> int:
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help=f"which, comma-separated (default {','.join(SYSTEMS)}; also smarthost-nochecks: the "
                         f"filter's end-of-data checks off, to see what they cost)")
+    p.add_argument("--chain", choices=CHAINS, default="full",
+                   help="full (the default): sender authentication, antivirus (one clamd), greylisting (one "
+                        "Redis, passing) and DNS lists on both sides; auth: sender authentication only (the "
+                        "first comparison's chain)")
     p.add_argument("--base-port", type=int, default=24200,
                    help="smarthost N..N+2, Postfix N+10..N+12, Postfix with rspamd N+20..N+22, "
                         "rspamd's milter N+25 (bench.run's default is 24000)")

@@ -4,7 +4,8 @@ At end of data the message goes to clamd as it is, over clamd's INSTREAM protoco
 ("zINSTREAM\\0", then chunks each led by its length as 4 octets, big-endian, then a
 zero length; the answer is one NUL-ended line: ``stream: OK``, ``stream: NAME
 FOUND`` or ``... ERROR``).  clamd itself decodes MIME parts and unpacks archives
-(its ScanMail and ScanArchive settings).  The client is this module's Twisted
+(its ScanMail and ScanArchive settings); with ``scan = "parts"`` the filter decodes
+each MIME part itself and sends the parts one by one, for a clamd that does not.  The client is this module's Twisted
 protocol, on the reactor: a hand-off to a thread for clamd's ``clamd`` package
 would cost more than the few writes a message takes, and could not be cancelled
 at the timeout.  The message is streamed from the one copy the end-of-data checks
@@ -22,11 +23,16 @@ share (:class:`shared.message.ReadOnce`), chunk by chunk as the socket takes the
 """
 from __future__ import annotations
 
+import email
+import email.policy
 import struct
 from dataclasses import dataclass
 
+from twisted.internet import defer
+
 from twisted.logger import Logger
 
+from filter.mailauth import checks_pool, compute
 from filter.scanclient import Exchange, ScannerError, Servers, server_setting, server_text
 from shared.checks.core import Request, Symbol, Verdict, note, reject, tempfail
 from shared.checks.registry import CheckType
@@ -48,6 +54,9 @@ class AntivirusSettings:
                                       "be at least this)", bounded(1, 1 << 40))
     oversize: str = setting("accept", "a message over max_size: accept (logged, symbol AV_SKIPPED), tempfail "
                                       "(451 4.7.1) or reject (552 5.3.4)", choice("accept", "tempfail", "reject"))
+    scan: str = setting("message", "what goes to clamd: message (whole, as received: clamd decodes MIME itself "
+                                   "with its ScanMail) or parts (each MIME part decoded here, sent on its own: "
+                                   "for a clamd whose ScanMail is off)", choice("message", "parts"))
     on_failure: str = setting("tempfail", "no server answered: tempfail (451 4.7.1: the client retries) or accept "
                                           "(fail open: logged, symbol AV_FAIL)", choice("tempfail", "accept"))
 
@@ -103,12 +112,33 @@ def parse_answer(answer: str) -> AvResult:
     raise ClamdError(f"clamd answered {answer[:200]!r}")
 
 
+MAX_PARTS = 200           # scan = "parts": parts sent at most (a message of more is sent whole too)
+
+
+def decoded_parts(message: bytes) -> list[bytes]:
+    """scan = "parts": every leaf MIME part with content, its transfer encoding (base64,
+    quoted-printable) undone, in order; the message itself when it has no parts to decode
+    or more than MAX_PARTS (then the rest goes whole, clamd decoding it)."""
+    parsed = email.message_from_bytes(message, policy=email.policy.compat32)
+    out = []
+    for part in parsed.walk():
+        if part.is_multipart():
+            continue
+        payload = part.get_payload(decode=True)
+        if payload:
+            out.append(payload)
+        if len(out) > MAX_PARTS:
+            return out[:MAX_PARTS] + [message]
+    return out or [message]
+
+
 class Antivirus:
     name = "antivirus"
 
-    def __init__(self, own: AntivirusSettings, reactor) -> None:
+    def __init__(self, own: AntivirusSettings, reactor, pool=None) -> None:
         self.own = own
         self.reactor = reactor
+        self.pool = pool
         self.servers = Servers(reactor, own.servers, own.timeout, "clamd")
 
     def scan(self, message: bytes):
@@ -117,6 +147,17 @@ class Antivirus:
                                   lambda answer: parse_answer(answer.decode("utf-8", "replace").strip()),
                                   final=(_TooBig,))
 
+    @defer.inlineCallbacks
+    def scan_parts(self, message: bytes):
+        """scan = "parts": each decoded part in turn; the first virus ends it."""
+        parts = yield defer.maybeDeferred(compute, self.pool, len(message), decoded_parts, message)
+        result = AvResult("clean")
+        for part in parts:
+            result = yield self.scan(part)
+            if result.result == "infected":
+                return result
+        return result
+
     def __call__(self, request: Request):
         message = request.message
         if message is None or message.read_body is None:
@@ -124,7 +165,7 @@ class Antivirus:
         if message.size > self.own.max_size:
             return self._oversize(f"{message.size} octets, over {self.own.max_size}")
         d = message.read_body()
-        d.addCallback(self.scan)
+        d.addCallback(self.scan_parts if self.own.scan == "parts" else self.scan)
         return d.addCallbacks(self._verdict, self._failed)
 
     def _verdict(self, result: AvResult) -> Verdict:
@@ -161,7 +202,7 @@ class Antivirus:
 def _build(own: AntivirusSettings, ctx):
     if not own.servers:
         return None
-    return Antivirus(own, ctx.reactor)
+    return Antivirus(own, ctx.reactor, checks_pool(ctx) if own.scan == "parts" else None)
 
 
 ANTIVIRUS = CheckType(

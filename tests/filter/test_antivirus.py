@@ -188,3 +188,22 @@ def test_garbage_from_clamd_is_a_failure_never_a_pass(real, dns, tmp_path, answe
                 assert (verdict.reply.code, verdict.reply.enhanced) == (451, "4.7.1")
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("shape", ["base64", "nested", "zip", "own"])
+def test_with_scan_parts_each_decoded_part_goes_to_clamd(real, dns, clamav, tmp_path, shape):
+    msg = {"base64": lambda: attachment(EICAR, "eicar.com"),
+           "nested": lambda: attachment(EICAR, "eicar.com", nested=True),
+           "zip": lambda: attachment(zipped(EICAR), "eicar.zip"),
+           "own": lambda: attachment(b"text before " + TEST_VIRUS + b" and after", "note.txt")}[shape]()
+    from filter.antivirus import decoded_parts
+    assert EICAR in decoded_parts(msg) or shape in ("zip", "own")
+    f = Filter(real, settings(dns, tmp_path, antivirus={"servers": [clamav.address], "scan": "parts"}))
+    try:
+        verdict, results = f.run(msg)
+        clean, _ = f.run(attachment(b"just a report", "report.txt"))
+    finally:
+        f.close()
+    assert verdict.action is Action.REJECT and (verdict.reply.code, verdict.reply.enhanced) == (554, "5.7.1")
+    assert ("Smarthost-Test-Signature" if shape == "own" else "Eicar-Test-Signature") in verdict.reply.text
+    assert clean.action is Action.CONTINUE
