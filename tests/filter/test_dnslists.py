@@ -381,3 +381,22 @@ def test_unknown_symbols_and_bad_entries_are_refused_at_load(dns, tmp_path):
 def capture_log():
     with logged("smarthost.dnslists") as seen:
         yield seen
+
+
+def test_a_plain_message_read_without_a_mime_parse_finds_what_the_parse_finds():
+    """The fast path (single-part text/plain, no transfer encoding) against the MIME parse of the
+    same text as a part of a multipart: the same hosts, in the same order."""
+    import random
+    from filter.dnslists import _plain, url_subjects
+    rng = random.Random(7)
+    words = ["see", "https://a.example.com/x", "http://WWW.Shop.Example.co.uk/?q=1", "www.bare.example.net",
+             "ftp://files.example.org:21/f", "mailto:x@y.example", "http://[2001:db8::1]/p", "xwww.no.example",
+             "/www.slash.example", "https://user:pw@login.example.io/", "http://192.0.2.7/a", ",", "\r\n"]
+    for _ in range(200):
+        body = " ".join(rng.choice(words) for _ in range(rng.randint(1, 40))).encode()
+        plain = b"From: a@b.example\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + body
+        assert _plain(plain, 1 << 20) is not None
+        multipart = (b"From: a@b.example\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=Q\r\n\r\n"
+                     b"--Q\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + body + b"\r\n--Q--\r\n")
+        assert _plain(multipart, 1 << 20) is None
+        assert list(url_subjects(plain, 1 << 20, 50)) == list(url_subjects(multipart, 1 << 20, 50)), body
