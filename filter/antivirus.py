@@ -93,7 +93,8 @@ class _Instream(Exchange):
         yield b"zINSTREAM\0"
         for i in range(0, len(message), CHUNK):
             piece = message[i:i + CHUNK]
-            yield struct.pack(">I", len(piece)) + piece
+            yield struct.pack(">I", len(piece))
+            yield piece
         yield b"\0\0\0\0"
 
     def complete(self, buf: bytes, closed: bool) -> bytes | None:

@@ -374,6 +374,7 @@ def url_hosts(text: str):
 
 _SIMPLE_TYPE = re.compile(rb"^content-type:(?![ \t]*text/plain\b)", re.IGNORECASE | re.MULTILINE)
 _ENCODED = re.compile(rb"^content-transfer-encoding:(?![ \t]*(?:7bit|8bit)\b)", re.IGNORECASE | re.MULTILINE)
+_FOLDED = re.compile(rb"\r?\n[ \t]")
 _CHARSET = re.compile(rb"^content-type:[^\r\n]*charset=\"?([a-z0-9_.:-]+)", re.IGNORECASE | re.MULTILINE)
 
 
@@ -383,9 +384,9 @@ def _plain(message: bytes, scan_size: int) -> str | None:
     end = message.find(b"\r\n\r\n")
     if end < 0:
         return None
-    head = message[:end + 2]
-    if _SIMPLE_TYPE.search(head) or _ENCODED.search(head) or re.search(rb"^[ \t]", head, re.MULTILINE):
-        return None                       # another type, an encoding, or folded fields: parse it
+    head = _FOLDED.sub(b" ", message[:end + 2])          # unfolded (a DKIM-Signature is folded)
+    if _SIMPLE_TYPE.search(head) or _ENCODED.search(head):
+        return None                       # another type, or an encoding: parse it
     m = _CHARSET.search(head)
     charset = m.group(1).decode() if m else "utf-8"
     body = message[end + 4:end + 4 + scan_size]

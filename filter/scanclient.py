@@ -61,7 +61,18 @@ class Exchange(protocol.Protocol):
         for part in self.request:
             view = memoryview(part)
             for i in range(0, len(view), CHUNK):
-                yield bytes(view[i:i + CHUNK])
+                yield view[i:i + CHUNK]
+
+    def _next(self) -> bytes | None:
+        """The next write: pieces joined up to :data:`CHUNK` octets (a small message goes in
+        one write, its framing with it); None at the end."""
+        out, size = [], 0
+        for piece in self.sending:
+            out.append(piece)
+            size += len(piece)
+            if size >= CHUNK:
+                break
+        return b"".join(out) if out else None
 
     def connectionMade(self) -> None:
         self.sending = self.pieces()
@@ -70,7 +81,7 @@ class Exchange(protocol.Protocol):
     def resumeProducing(self) -> None:
         if self.sending is None:
             return
-        piece = next(self.sending, None)
+        piece = self._next()
         if piece is None:
             self.sending = self.request = None
             self.transport.unregisterProducer()
@@ -133,6 +144,7 @@ class Servers:
         connection aborted past it)."""
         answered: defer.Deferred = defer.Deferred()
         factory = protocol.Factory.forProtocol(lambda: make(answered))
+        factory.noisy = False                 # no "Starting factory" line per message
         connecting = self.endpoint(server).connect(factory)
         state = {}
 

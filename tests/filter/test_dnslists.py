@@ -400,3 +400,12 @@ def test_a_plain_message_read_without_a_mime_parse_finds_what_the_parse_finds():
                      b"--Q\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + body + b"\r\n--Q--\r\n")
         assert _plain(multipart, 1 << 20) is None
         assert list(url_subjects(plain, 1 << 20, 50)) == list(url_subjects(multipart, 1 << 20, 50)), body
+
+
+def test_folded_fields_do_not_hide_a_type_or_an_encoding():
+    from filter.dnslists import _plain
+    signed = b"DKIM-Signature: v=1; a=rsa-sha256;\r\n\tb=abc\r\nContent-Type: text/plain\r\n\r\nbody"
+    assert _plain(signed, 100) == "body"
+    folded_type = b"Content-Type:\r\n text/html\r\n\r\n<a href=x>"
+    folded_cte = b"Content-Type: text/plain\r\nContent-Transfer-Encoding:\r\n base64\r\n\r\naGk="
+    assert _plain(folded_type, 100) is None and _plain(folded_cte, 100) is None
