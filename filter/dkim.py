@@ -46,7 +46,6 @@ from filter.mailauth import ContentCheck, MethodResult, compute, tags
 # what changes, and skip the trailing-space pass when no line ends in white space.  Tested
 # equal to the library's on generated input (tests/filter/test_dkim_canon.py).
 _RUNS = re.compile(rb"\t[\t ]*| [\t ]+")
-_TRAILING = re.compile(rb"[\t ]+\r\n")
 
 
 def compress_whitespace(content: bytes) -> bytes:
@@ -54,9 +53,16 @@ def compress_whitespace(content: bytes) -> bytes:
 
 
 def strip_trailing_whitespace(content: bytes) -> bytes:
+    """White space before each CRLF removed (what follows the last CRLF is left as it is).
+    Line by line with rstrip: a regular expression tried at every space of a 50 KB body
+    costs ten times as much."""
     if b" \r\n" not in content and b"\t\r\n" not in content:
         return content
-    return _TRAILING.sub(b"\r\n", content)
+    lines = content.split(b"\r\n")
+    last = lines.pop()
+    lines = [line.rstrip(b" \t") for line in lines]
+    lines.append(last)
+    return b"\r\n".join(lines)
 
 
 # Its RSA code turns integers into bytes one byte at a time in Python; int's own methods do
