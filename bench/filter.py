@@ -309,7 +309,8 @@ def allow_network(redis_client) -> None:
     redis_client.set("smarthost:grey:a:127.0.0.0/24", 1_000_000)
 
 
-def rspamd_config(root: Path, port: int, dns_port: int, worker: str = "milter", modules: str = "") -> str:
+def rspamd_config(root: Path, port: int, dns_port: int, worker: str = "milter", modules: str = "",
+                  url_tld: Path = RSPAMD_SHAREDIR / "effective_tld_names.dat") -> str:
     """Our own top-level rspamd.conf (not Debian's rspamd.conf, which loads every module and its
     rules): Debian's options for what is not set here, its metric, actions and symbol groups
     (scores only), one worker (see :func:`_rspamd_worker`) on 127.0.0.1:PORT, and sections for
@@ -324,7 +325,7 @@ options {{
     max_lua_urls = 1024;
     max_urls = 10240;
     max_recipients = 1024;
-    url_tld = "{RSPAMD_SHAREDIR}/effective_tld_names.dat";
+    url_tld = "{url_tld}";
     allow_raw_input = true;
     words_decay = 600;
     task_timeout = 8s;
@@ -404,8 +405,10 @@ class Rspamd:
     """rspamd in the foreground (``rspamd -f``) as root dropping to _rspamd, its own process
     session, with the configuration of :func:`rspamd_config` under ROOT; stopped by pid."""
 
-    def __init__(self, root: Path, port: int, dns_port: int, worker: str = "milter", modules: str = "") -> None:
+    def __init__(self, root: Path, port: int, dns_port: int, worker: str = "milter", modules: str = "",
+                 url_tld: Path | None = None) -> None:
         self.root = Path(root).resolve()
+        self.url_tld = url_tld
         self.port = port
         self.dns_port = dns_port
         self.worker = worker
@@ -422,7 +425,8 @@ class Rspamd:
             d = self.root / sub
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, user.pw_uid, user.pw_gid)
-        self.conf.write_text(rspamd_config(self.root, self.port, self.dns_port, self.worker, self.modules))
+        tld = {"url_tld": self.url_tld} if self.url_tld is not None else {}
+        self.conf.write_text(rspamd_config(self.root, self.port, self.dns_port, self.worker, self.modules, **tld))
         argv = [str(RSPAMD), "-f", "-c", str(self.conf), "-u", RSPAMD_USER, "-g", RSPAMD_USER,
                 f"--var=CONFDIR={RSPAMD_CONFDIR}", f"--var=LOCAL_CONFDIR={self.root / 'local'}",
                 f"--var=DBDIR={self.root / 'db'}", f"--var=RUNDIR={self.root / 'run'}",
