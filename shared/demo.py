@@ -275,7 +275,7 @@ def run_demo(directory: str, base_port: int, nameserver: str | None = None) -> i
             cwd=root / "dns", stdin=subprocess.DEVNULL)
     if clamd:                                        # the demo's own clamd: the shipped test signatures
         children["clamd"] = subprocess.Popen([CLAMD, "-c", str(root / "clamd" / "clamd.conf")],
-                                             stdin=subprocess.DEVNULL)
+                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)   # logs in DIR/log
     if redis:                                        # the demo's own redis-server: the filter's greylist
         children["redis"] = subprocess.Popen(redis_command(root, ports["redis"]), stdin=subprocess.DEVNULL,
                                              stdout=subprocess.DEVNULL)

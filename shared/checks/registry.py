@@ -194,8 +194,10 @@ def describe(settings: Settings, spec: TierSpec) -> str:
 
 
 def active_checks(settings: Settings, spec: TierSpec, policy: str = "default") -> dict[str, list[str]]:
-    """{phase: [check names]} of the checks `policy` runs (those switched off left out)."""
+    """{phase: [check names]} of the checks `policy` runs (those switched off left out, and
+    a phase none of whose checks is on)."""
     types = {c.name: c for c in spec.checks}
     p = settings.policies[policy]
-    return {phase: [c for c in getattr(p, phase) if types[c].is_active(settings, policy)]
-            for phase in PHASE_KEYS if phase != "relay" and getattr(p, phase)}
+    active = {phase: [c for c in getattr(p, phase) if types[c].is_active(settings, policy)]
+              for phase in PHASE_KEYS if phase != "relay"}
+    return {phase: names for phase, names in active.items() if names}
