@@ -24,6 +24,7 @@ from shared.checks.core import Chain, Check, CheckFn
 from shared.checks.relay import PERMITS, PermitRule, RelayControl
 from shared.config.schema import PHASE_KEYS, Section, Settings, TierSpec
 from shared.counters import describe as counters_where
+from shared.redisconn import configured, describe as describe_redis
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,10 @@ def describe(settings: Settings, spec: TierSpec) -> str:
         for r in policy.relay:
             lines.append(f"           {r}: {permits[r].doc}")
     if settings.has("redis"):
-        lines.append(counters_where(settings))
+        if any(c.name == "rate_limits" for c in spec.checks):
+            lines.append(counters_where(settings))
+        elif configured(settings.redis):
+            lines.append(f"redis: {describe_redis(settings.redis)}, shared by every node using it")
     return "\n".join(lines)
 
 
