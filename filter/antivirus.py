@@ -33,14 +33,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from filter.mailauth import checks_pool, compute
-from filter.scanclient import Exchange, ScannerError, Servers, server_setting, server_text
+from filter.scanclient import CHUNK, Exchange, ScannerError, Servers, server_setting, server_text
 from shared.checks.core import Request, Symbol, Verdict, note, reject, tempfail
 from shared.checks.registry import CheckType
 from shared.config.schema import SECONDS, Section, bounded, choice, setting
 
 log = Logger(namespace="smarthost.antivirus")
 
-CHUNK = 64 * 1024
 MIB = 1024 * 1024
 
 

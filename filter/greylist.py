@@ -205,8 +205,8 @@ class Greylist:
             return CONTINUE
         keyed = self._domain_key(request)
         if isinstance(keyed, defer.Deferred):
-            return keyed.addCallback(lambda k: self._look(request, recipients, k or net, net))
-        return self._look(request, recipients, keyed or net, net)
+            return keyed.addCallback(lambda k: self._look(request, recipients, k or net))
+        return self._look(request, recipients, keyed or net)
 
     def _domain_key(self, request: Request):
         """With ``by_domain``: the client's verified domain ("spf:example.org" or, at end of
@@ -234,7 +234,7 @@ class Greylist:
             return done.addCallbacks(passed, lambda f: None)
         return passed(done)
 
-    def _look(self, request: Request, recipients: list[str], client: str, net: str):
+    def _look(self, request: Request, recipients: list[str], client: str):
         sender = (request.sender or "").lower()
         triplets = ["t:" + hashlib.sha1(f"{client}|{sender}|{r.lower()}".encode()).hexdigest() for r in recipients]
         allowed = "a:" + client
